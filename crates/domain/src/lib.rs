@@ -1,0 +1,15 @@
+//! Steward's vocabulary. Everything here is plain data and pure functions: no I/O, no async.
+
+pub mod clock;
+pub mod ids;
+pub mod run;
+pub mod spec;
+pub mod state;
+pub mod stop;
+
+pub use clock::{Clock, SystemClock, Timestamp};
+pub use ids::{NodeId, RunId};
+pub use run::{BlockStatus, JobKey, JobStatus, Run, RunSummary};
+pub use spec::{BlockSpec, FieldError, HumanDuration, JobSpec, RetrySpec, SpecError, WorkflowSpec};
+pub use state::{JobState, RunState};
+pub use stop::StopCause;

@@ -1,0 +1,474 @@
+//! The embedded SQLite backend.
+//!
+//! One writer thread owns the write connection and commits whatever has queued up while the
+//! previous commit was being fsynced: one transaction (and one fsync) per batch, each request
+//! in its own savepoint so that one failing request does not undo the others (group commit).
+//! Reads go to a small pool of WAL reader connections on the blocking thread pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use store::{
+    CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore, Submitted,
+    Transition,
+};
+use tokio::sync::{mpsc, oneshot};
+
+mod rows;
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MAX_BATCH: usize = 1024;
+const READERS: usize = 4;
+
+type Finish = Box<dyn FnOnce(Result<()>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+pub(crate) fn db_err(e: rusqlite::Error) -> Error {
+    use rusqlite::ffi::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            Error::Unavailable(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            Error::Corrupt(e.to_string())
+        }
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
+            Error::Corrupt(e.to_string())
+        }
+        _ => Error::Unavailable(e.to_string()),
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(db_err)?
+        .try_into()
+        .unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        return Err(Error::Corrupt(format!(
+            "database schema version {current} is newer than this steward ({}); upgrade steward",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteJob>) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
+    while let Some(job) = rx.blocking_recv() {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = db_err(e);
+            for job in batch.drain(..) {
+                let (_, fin) = job(&conn);
+                fin(Err(e.clone()));
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            let sp = conn.execute_batch("SAVEPOINT op");
+            let (ok, fin) = job(&conn);
+            if sp.is_ok() {
+                let end = if ok { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+                if let Err(e) = conn.execute_batch(end) {
+                    tracing::error!(error = %e, "closing a savepoint failed");
+                }
+            }
+            finishers.push(fin);
+        }
+        let res = conn.execute_batch("COMMIT").map_err(db_err);
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "committing a batch failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for fin in finishers.drain(..) {
+            fin(res.clone());
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        configure(&conn).map_err(db_err)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| Error::Unavailable(format!("starting the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: RwLock::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, job: WriteJob) -> Result<()> {
+        let guard = self.writer.read().map_err(|_| Error::Closed)?;
+        let tx = guard.as_ref().ok_or(Error::Closed)?;
+        tx.send(job).map_err(|_| Error::Closed)
+    }
+
+    /// Runs `f` in the next batch; resolves once the batch is durable.
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            let fin: Finish = Box::new(move |committed| {
+                let _ = tx.send(committed.and(r));
+            });
+            (ok, fin)
+        });
+        self.send(job)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn write_nowait<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&Connection) -> Result<()> + Send + 'static,
+    {
+        let job: WriteJob = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            let fin: Finish = Box::new(move |committed| {
+                if let Err(e) = committed.and(r) {
+                    tracing::warn!(error = %e, what, "a queued write failed");
+                }
+            });
+            (ok, fin)
+        });
+        if let Err(e) = self.send(job) {
+            tracing::warn!(error = %e, what, "could not queue a write");
+        }
+    }
+
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(db_err)?;
+                    c.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+                    c
+                }
+            };
+            let r = f(&conn);
+            if let Ok(mut p) = pool.lock() {
+                if p.len() < READERS {
+                    p.push(conn);
+                }
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+const EXECUTING: &str = "('queued','running','paused')";
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        self.write(move |c| {
+            if let Some(key) = &run.spec.idempotency_key {
+                let existing: Option<String> = c
+                    .prepare_cached("SELECT id FROM runs WHERE idempotency_key = ?1")
+                    .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+                    .map_err(db_err)?;
+                if let Some(id) = existing {
+                    let id = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
+                    return Ok(Submitted { id, created: false });
+                }
+            }
+            let id = run.id.to_string();
+            c.prepare_cached(
+                "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at, cloned_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    run.spec.name,
+                    to_json(&run.spec.labels),
+                    run.spec.idempotency_key,
+                    to_json(&run.spec),
+                    run.created_at.0,
+                    run.expires_at.0,
+                    run.cloned_from.map(|c| c.to_string()),
+                ])
+            })
+            .map_err(db_err)?;
+            let mut block = c
+                .prepare_cached("INSERT INTO blocks (run_id, idx, state) VALUES (?1, ?2, 'pending')")
+                .map_err(db_err)?;
+            let mut job = c
+                .prepare_cached("INSERT INTO jobs (run_id, block_idx, idx, state) VALUES (?1, ?2, ?3, 'pending')")
+                .map_err(db_err)?;
+            for (bi, b) in (0_i64..).zip(run.spec.blocks.iter()) {
+                block.execute(params![id, bi]).map_err(db_err)?;
+                for ji in 0..b.jobs.len() as i64 {
+                    job.execute(params![id, bi, ji]).map_err(db_err)?;
+                }
+            }
+            Ok(Submitted { id: run.id, created: true })
+        })
+        .await
+    }
+
+    async fn get(&self, id: RunId) -> Result<Run> {
+        self.read(move |c| rows::load_run(c, id)).await
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<RunPage> {
+        let filter = filter.clone();
+        self.read(move |c| rows::list_runs(c, &filter)).await
+    }
+
+    async fn exec(&self, id: RunId, node: &NodeId, now: Timestamp, lease_until: Timestamp) -> Result<ExecOutcome> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            let row: Option<(String, Option<i64>, i64)> = c
+                .prepare_cached("SELECT state, expires_at, created_at FROM runs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+                .map_err(db_err)?;
+            let (state, expires_at, created_at) = row.ok_or(Error::NotFound(id))?;
+            let state = rows::parse_run_state(&state)?;
+            if state != RunState::Submitted {
+                return Ok(ExecOutcome::AlreadyStarted(state));
+            }
+            if expires_at.is_some_and(|e| e <= now.0) {
+                let ttl_secs = u64::try_from((expires_at.unwrap_or(now.0) - created_at) / 1000).unwrap_or(0);
+                rows::finish_unstarted(c, id, RunState::Expired, now, &StopCause::Expired { ttl_secs })?;
+                return Ok(ExecOutcome::Expired);
+            }
+            c.prepare_cached(
+                "UPDATE runs SET state = 'queued', lease_owner = ?2, lease_expires_at = ?3, version = version + 1
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id.to_string(), node, lease_until.0]))
+            .map_err(db_err)?;
+            Ok(ExecOutcome::Queued)
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome> {
+        self.write(move |c| {
+            let row: Option<(String, Option<String>)> = c
+                .prepare_cached("SELECT state, lease_owner FROM runs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(db_err)?;
+            let (state, owner) = row.ok_or(Error::NotFound(id))?;
+            let state = rows::parse_run_state(&state)?;
+            if state.is_terminal() {
+                return Ok(CancelOutcome::AlreadyFinished(state));
+            }
+            if state == RunState::Submitted {
+                rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause)?;
+                return Ok(CancelOutcome::Cancelled);
+            }
+            c.prepare_cached(
+                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?2), version = version + 1 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id.to_string(), to_json(&cause)]))
+            .map_err(db_err)?;
+            Ok(CancelOutcome::Requested { lease_owner: owner.map(NodeId) })
+        })
+        .await
+    }
+
+    async fn expire_submitted(&self, now: Timestamp) -> Result<Vec<RunId>> {
+        self.write(move |c| {
+            let due: Vec<(String, i64, i64)> = c
+                .prepare_cached(
+                    "SELECT id, expires_at, created_at FROM runs
+                     WHERE state = 'submitted' AND expires_at <= ?1 LIMIT 10000",
+                )
+                .and_then(|mut s| {
+                    s.query_map([now.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(db_err)?;
+            let mut ids = Vec::with_capacity(due.len());
+            for (id, expires_at, created_at) in due {
+                let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
+                let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
+                rows::finish_unstarted(c, id, RunState::Expired, now, &StopCause::Expired { ttl_secs })?;
+                ids.push(id);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn recover(&self, node: &NodeId, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            let sql = format!(
+                "UPDATE runs SET lease_expires_at = ?2
+                 WHERE id IN (SELECT id FROM runs WHERE lease_owner = ?1 AND state IN {EXECUTING} ORDER BY id LIMIT ?3)
+                 RETURNING id"
+            );
+            rows::collect_ids(c, &sql, params![node, lease_until.0, limit])
+        })
+        .await
+    }
+
+    async fn claim_orphans(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            let sql = format!(
+                "UPDATE runs SET lease_owner = ?1, lease_expires_at = ?3, version = version + 1
+                 WHERE id IN (SELECT id FROM runs WHERE state IN {EXECUTING}
+                              AND (lease_owner IS NULL OR lease_expires_at < ?2) ORDER BY id LIMIT ?4)
+                 RETURNING id"
+            );
+            rows::collect_ids(c, &sql, params![node, now.0, lease_until.0, limit])
+        })
+        .await
+    }
+
+    async fn renew_leases(&self, node: &NodeId, held: &[RunId], lease_until: Timestamp) -> Result<LeaseRenewal> {
+        let node = node.0.clone();
+        let held = held.to_vec();
+        self.write(move |c| {
+            c.prepare_cached(&format!(
+                "UPDATE runs SET lease_expires_at = ?2 WHERE lease_owner = ?1 AND state IN {EXECUTING}"
+            ))
+            .and_then(|mut s| s.execute(params![node, lease_until.0]))
+            .map_err(db_err)?;
+            let mut ours = std::collections::HashSet::new();
+            let mut renewal = LeaseRenewal::default();
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT id, cancel_requested FROM runs WHERE lease_owner = ?1 AND state IN {EXECUTING}"
+                ))
+                .map_err(db_err)?;
+            let mut q = stmt.query([&node]).map_err(db_err)?;
+            while let Some(r) = q.next().map_err(db_err)? {
+                let id: String = r.get(0).map_err(db_err)?;
+                let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
+                let cancel: Option<String> = r.get(1).map_err(db_err)?;
+                if let Some(cause) = cancel {
+                    renewal.cancel_requested.push((id, rows::parse_json(&cause)?));
+                }
+                ours.insert(id);
+            }
+            renewal.lost = held.into_iter().filter(|id| !ours.contains(id)).collect();
+            Ok(renewal)
+        })
+        .await
+    }
+
+    async fn release(&self, node: &NodeId, id: RunId) -> Result<()> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, version = version + 1
+                 WHERE id = ?1 AND lease_owner = ?2",
+            )
+            .and_then(|mut s| s.execute(params![id.to_string(), node]))
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()> {
+        let node = node.0.clone();
+        self.write(move |c| rows::apply(c, &node, id, &transitions)).await
+    }
+
+    fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) {
+        let node = node.0.clone();
+        self.write_nowait("apply", move |c| rows::apply(c, &node, id, &transitions));
+    }
+
+    async fn close(&self) -> Result<()> {
+        let sender = self.writer.write().ok().and_then(|mut w| w.take());
+        drop(sender);
+        let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            tokio::task::spawn_blocking(move || t.join())
+                .await
+                .map_err(|e| Error::Unavailable(format!("joining the writer: {e}")))?
+                .map_err(|_| Error::Unavailable("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+}

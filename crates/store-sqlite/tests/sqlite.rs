@@ -1,0 +1,52 @@
+use std::sync::Arc;
+
+use store::RunStore;
+use store_sqlite::SqliteStore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    store::conformance::run_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.path().join(format!("db{i}.sqlite"));
+        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn RunStore> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reopening_keeps_runs_and_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steward.db");
+    let nr = store::conformance::new_run(store::conformance::spec("hello", 1, 2));
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        s.submit(nr.clone()).await.unwrap();
+        s.close().await.unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.spec, nr.spec);
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steward.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+    }
+    let err = SqliteStore::open(&path).err().unwrap();
+    assert!(err.to_string().contains("newer than this steward"), "{err}");
+}
+
+#[tokio::test]
+async fn writes_after_close_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("steward.db")).unwrap();
+    s.close().await.unwrap();
+    let nr = store::conformance::new_run(store::conformance::spec("hello", 1, 1));
+    assert_eq!(s.submit(nr).await.unwrap_err(), store::Error::Closed);
+}

@@ -1,0 +1,449 @@
+//! The conformance suite: every backend runs [`run_all`] against fresh, empty stores.
+//!
+//! ```ignore
+//! store::conformance::run_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn RunStore> }).await;
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp, WorkflowSpec};
+
+use crate::{CancelOutcome, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition};
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+const HOUR: i64 = 3_600_000;
+
+fn node(n: &str) -> NodeId {
+    NodeId(n.to_owned())
+}
+
+/// A spec with `jobs` jobs in each of `blocks` blocks.
+pub fn spec(name: &str, blocks: usize, jobs: usize) -> WorkflowSpec {
+    let mut s = WorkflowSpec {
+        name: name.to_owned(),
+        ..Default::default()
+    };
+    for _ in 0..blocks {
+        let mut b = domain::BlockSpec::default();
+        for _ in 0..jobs {
+            b.jobs.push(domain::JobSpec {
+                action: "noop".into(),
+                ..Default::default()
+            });
+        }
+        s.blocks.push(b);
+    }
+    s
+}
+
+pub fn new_run(spec: WorkflowSpec) -> NewRun {
+    NewRun {
+        id: RunId::new_v7(),
+        spec,
+        created_at: T0,
+        expires_at: Timestamp(T0.0 + HOUR),
+        cloned_from: None,
+    }
+}
+
+/// Runs every check, each on a fresh store from `make`.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn RunStore>>,
+{
+    submit_stores_a_pending_run(make().await).await;
+    idempotency_key_returns_the_first_run(make().await).await;
+    exec_moves_submitted_to_queued_once(make().await).await;
+    exec_after_ttl_expires(make().await).await;
+    expire_sweeps_only_due_runs(make().await).await;
+    cancel_by_state(make().await).await;
+    transitions_record_progress(make().await).await;
+    run_finished_settles_leftovers(make().await).await;
+    leases_fence_writes(make().await).await;
+    recover_and_claim(make().await).await;
+    renew_reports_cancel_and_lost(make().await).await;
+    list_filters_and_pages(make().await).await;
+    nowait_writes_land_before_the_next_awaited_write(make().await).await;
+    unknown_runs_are_not_found(make().await).await;
+}
+
+pub async fn submit_stores_a_pending_run(s: Arc<dyn RunStore>) {
+    let mut sp = spec("hello", 2, 3);
+    sp.labels.insert("site".into(), "aap".into());
+    let nr = new_run(sp.clone());
+    let got = s.submit(nr.clone()).await.unwrap();
+    assert!(got.created);
+    assert_eq!(got.id, nr.id);
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.state, RunState::Submitted);
+    assert_eq!(run.spec, sp);
+    assert_eq!(run.created_at, T0);
+    assert_eq!(run.expires_at, Some(Timestamp(T0.0 + HOUR)));
+    assert_eq!(run.blocks.len(), 2);
+    for b in &run.blocks {
+        assert_eq!(b.state, JobState::Pending);
+        assert_eq!(b.jobs.len(), 3);
+        assert!(b.jobs.iter().all(|j| j.state == JobState::Pending && j.attempts == 0));
+    }
+    assert_eq!(run.lease_owner, None);
+}
+
+pub async fn idempotency_key_returns_the_first_run(s: Arc<dyn RunStore>) {
+    let mut sp = spec("hello", 1, 1);
+    sp.idempotency_key = Some("erase-aap-1".into());
+    let first = s.submit(new_run(sp.clone())).await.unwrap();
+    let again = s.submit(new_run(sp)).await.unwrap();
+    assert_eq!(again.id, first.id);
+    assert!(!again.created);
+    let page = s.list(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 1, "the second submit must store nothing");
+}
+
+pub async fn exec_moves_submitted_to_queued_once(s: Arc<dyn RunStore>) {
+    let nr = new_run(spec("hello", 1, 1));
+    s.submit(nr.clone()).await.unwrap();
+    let until = Timestamp(T0.0 + 30_000);
+    assert_eq!(s.exec(nr.id, &node("a"), T0, until).await.unwrap(), ExecOutcome::Queued);
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.state, RunState::Queued);
+    assert_eq!(run.lease_owner, Some(node("a")));
+    assert_eq!(run.lease_expires_at, Some(until));
+    assert_eq!(
+        s.exec(nr.id, &node("b"), T0, until).await.unwrap(),
+        ExecOutcome::AlreadyStarted(RunState::Queued)
+    );
+    assert_eq!(s.get(nr.id).await.unwrap().lease_owner, Some(node("a")));
+}
+
+pub async fn exec_after_ttl_expires(s: Arc<dyn RunStore>) {
+    let nr = new_run(spec("hello", 1, 2));
+    s.submit(nr.clone()).await.unwrap();
+    let late = Timestamp(T0.0 + HOUR);
+    assert_eq!(s.exec(nr.id, &node("a"), late, late).await.unwrap(), ExecOutcome::Expired);
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.state, RunState::Expired);
+    assert_eq!(run.stop_cause, Some(StopCause::Expired { ttl_secs: 3600 }));
+    assert!(run.blocks[0].jobs.iter().all(|j| j.state == JobState::Skipped));
+    assert_eq!(
+        s.exec(nr.id, &node("a"), late, late).await.unwrap(),
+        ExecOutcome::AlreadyStarted(RunState::Expired)
+    );
+}
+
+pub async fn expire_sweeps_only_due_runs(s: Arc<dyn RunStore>) {
+    let due = new_run(spec("hello", 1, 1));
+    let mut fresh = new_run(spec("hello", 1, 1));
+    fresh.expires_at = Timestamp(T0.0 + 2 * HOUR);
+    s.submit(due.clone()).await.unwrap();
+    s.submit(fresh.clone()).await.unwrap();
+    let swept = s.expire_submitted(Timestamp(T0.0 + HOUR + 1)).await.unwrap();
+    assert_eq!(swept, vec![due.id]);
+    assert_eq!(s.get(due.id).await.unwrap().state, RunState::Expired);
+    assert_eq!(s.get(fresh.id).await.unwrap().state, RunState::Submitted);
+}
+
+pub async fn cancel_by_state(s: Arc<dyn RunStore>) {
+    let cause = StopCause::Cancelled {
+        by: "ana".into(),
+        reason: "wrong site".into(),
+    };
+    let idle = new_run(spec("hello", 1, 1));
+    s.submit(idle.clone()).await.unwrap();
+    assert_eq!(s.cancel(idle.id, cause.clone(), T0).await.unwrap(), CancelOutcome::Cancelled);
+    let run = s.get(idle.id).await.unwrap();
+    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.stop_cause, Some(cause.clone()));
+    assert_eq!(
+        s.cancel(idle.id, cause.clone(), T0).await.unwrap(),
+        CancelOutcome::AlreadyFinished(RunState::Cancelled)
+    );
+
+    let busy = new_run(spec("hello", 1, 1));
+    s.submit(busy.clone()).await.unwrap();
+    s.exec(busy.id, &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    assert_eq!(
+        s.cancel(busy.id, cause.clone(), T0).await.unwrap(),
+        CancelOutcome::Requested {
+            lease_owner: Some(node("a"))
+        }
+    );
+    let run = s.get(busy.id).await.unwrap();
+    assert_eq!(run.state, RunState::Queued, "the owning node carries the cancel out");
+    assert_eq!(run.cancel_requested, Some(cause));
+}
+
+pub async fn transitions_record_progress(s: Arc<dyn RunStore>) {
+    let nr = new_run(spec("hello", 2, 2));
+    let a = node("a");
+    s.submit(nr.clone()).await.unwrap();
+    s.exec(nr.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    let k = JobKey { block: 0, job: 1 };
+    let t1 = Timestamp(T0.0 + 1);
+    let t2 = Timestamp(T0.0 + 2);
+    s.apply(
+        &a,
+        nr.id,
+        vec![
+            Transition::RunRunning { at: t1 },
+            Transition::BlockStarted { block: 0, at: t1 },
+            Transition::JobStarted { key: k, attempt: 1, at: t1 },
+        ],
+    )
+    .await
+    .unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.state, RunState::Running);
+    assert_eq!(run.started_at, Some(t1));
+    assert_eq!(run.blocks[0].state, JobState::Running);
+    assert_eq!(run.blocks[0].jobs[1].state, JobState::Running);
+    assert_eq!(run.blocks[0].jobs[1].attempts, 1);
+
+    s.apply(
+        &a,
+        nr.id,
+        vec![
+            Transition::JobFinished {
+                key: k,
+                state: JobState::Failed,
+                at: t2,
+                error: Some("exit status 3".into()),
+                exit_code: Some(3),
+                output: "boom\n".into(),
+            },
+            Transition::BlockFinished {
+                block: 0,
+                state: JobState::Failed,
+                at: t2,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    let job = &run.blocks[0].jobs[1];
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error.as_deref(), Some("exit status 3"));
+    assert_eq!(job.exit_code, Some(3));
+    assert_eq!(job.output, "boom\n");
+    assert_eq!(job.started_at, Some(t1));
+    assert_eq!(job.ended_at, Some(t2));
+    assert_eq!(run.blocks[0].state, JobState::Failed);
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Skipped, "pending jobs of a finished block are skipped");
+    assert_eq!(run.blocks[1].state, JobState::Pending);
+
+    // A job interrupted by a shutdown goes back to pending, keeping its attempt count.
+    let k2 = JobKey { block: 1, job: 0 };
+    s.apply(&a, nr.id, vec![Transition::JobStarted { key: k2, attempt: 1, at: t2 }]).await.unwrap();
+    s.apply(&a, nr.id, vec![Transition::JobInterrupted { key: k2, error: "drained".into() }])
+        .await
+        .unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.blocks[1].jobs[0].state, JobState::Pending);
+    assert_eq!(run.blocks[1].jobs[0].attempts, 1);
+}
+
+pub async fn run_finished_settles_leftovers(s: Arc<dyn RunStore>) {
+    let nr = new_run(spec("hello", 2, 2));
+    let a = node("a");
+    s.submit(nr.clone()).await.unwrap();
+    s.exec(nr.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    let k = JobKey { block: 0, job: 0 };
+    let cause = StopCause::Cancelled {
+        by: "ana".into(),
+        reason: String::new(),
+    };
+    s.apply(
+        &a,
+        nr.id,
+        vec![
+            Transition::RunRunning { at: T0 },
+            Transition::BlockStarted { block: 0, at: T0 },
+            Transition::JobStarted { key: k, attempt: 1, at: T0 },
+            Transition::RunFinished {
+                state: RunState::Cancelled,
+                at: Timestamp(T0.0 + 5),
+                error: Some("cancelled".into()),
+                stop_cause: Some(cause.clone()),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.ended_at, Some(Timestamp(T0.0 + 5)));
+    assert_eq!(run.stop_cause, Some(cause));
+    assert_eq!(run.lease_owner, None);
+    assert_eq!(run.blocks[0].state, JobState::Cancelled);
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Cancelled);
+    assert_eq!(run.blocks[0].jobs[1].state, JobState::Skipped);
+    assert_eq!(run.blocks[1].state, JobState::Skipped);
+    let err = s
+        .apply(&a, nr.id, vec![Transition::RunRunning { at: T0 }])
+        .await
+        .unwrap_err();
+    assert_eq!(err, Error::LeaseLost { run: nr.id }, "a finished run is leased to nobody");
+}
+
+pub async fn leases_fence_writes(s: Arc<dyn RunStore>) {
+    let nr = new_run(spec("hello", 1, 1));
+    s.submit(nr.clone()).await.unwrap();
+    s.exec(nr.id, &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    let err = s
+        .apply(&node("b"), nr.id, vec![Transition::RunRunning { at: T0 }])
+        .await
+        .unwrap_err();
+    assert_eq!(err, Error::LeaseLost { run: nr.id });
+    assert_eq!(s.get(nr.id).await.unwrap().state, RunState::Queued, "a fenced write changes nothing");
+}
+
+pub async fn recover_and_claim(s: Arc<dyn RunStore>) {
+    let (a, b) = (node("a"), node("b"));
+    let mine = new_run(spec("hello", 1, 1));
+    let theirs = new_run(spec("hello", 1, 1));
+    let idle = new_run(spec("hello", 1, 1));
+    for r in [&mine, &theirs, &idle] {
+        s.submit(r.clone()).await.unwrap();
+    }
+    s.exec(mine.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    s.exec(theirs.id, &b, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+
+    let later = Timestamp(T0.0 + 60_000);
+    assert_eq!(s.recover(&a, later, 100).await.unwrap(), vec![mine.id]);
+    assert_eq!(s.get(mine.id).await.unwrap().lease_expires_at, Some(later));
+
+    // b's lease is still live at T0 + 500: nothing to claim.
+    assert!(s.claim_orphans(&a, Timestamp(T0.0 + 500), later, 100).await.unwrap().is_empty());
+    // ... and expired at T0 + 2000: a takes it over; submitted runs are never claimed.
+    let claimed = s.claim_orphans(&a, Timestamp(T0.0 + 2000), later, 100).await.unwrap();
+    assert_eq!(claimed, vec![theirs.id]);
+    assert_eq!(s.get(theirs.id).await.unwrap().lease_owner, Some(a.clone()));
+    assert_eq!(s.get(idle.id).await.unwrap().lease_owner, None);
+
+    // A released run is free for anyone at once.
+    s.release(&a, mine.id).await.unwrap();
+    assert_eq!(s.get(mine.id).await.unwrap().lease_owner, None);
+    let claimed = s.claim_orphans(&b, Timestamp(T0.0 + 2000), later, 100).await.unwrap();
+    assert_eq!(claimed, vec![mine.id]);
+}
+
+pub async fn renew_reports_cancel_and_lost(s: Arc<dyn RunStore>) {
+    let a = node("a");
+    let r1 = new_run(spec("hello", 1, 1));
+    let r2 = new_run(spec("hello", 1, 1));
+    for r in [&r1, &r2] {
+        s.submit(r.clone()).await.unwrap();
+        s.exec(r.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    }
+    let cause = StopCause::Cancelled {
+        by: "ana".into(),
+        reason: "x".into(),
+    };
+    s.cancel(r1.id, cause.clone(), T0).await.unwrap();
+    s.release(&a, r2.id).await.unwrap();
+    let until = Timestamp(T0.0 + 9000);
+    let renewal = s.renew_leases(&a, &[r1.id, r2.id], until).await.unwrap();
+    assert_eq!(renewal.cancel_requested, vec![(r1.id, cause)]);
+    assert_eq!(renewal.lost, vec![r2.id]);
+    assert_eq!(s.get(r1.id).await.unwrap().lease_expires_at, Some(until));
+}
+
+pub async fn list_filters_and_pages(s: Arc<dyn RunStore>) {
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut sp = spec(if i % 2 == 0 { "even" } else { "odd" }, 1, 1);
+        sp.labels = BTreeMap::from([("site".to_owned(), format!("s{}", i % 3))]);
+        sp.desc = format!("run {i}");
+        let nr = new_run(sp);
+        ids.push(nr.id);
+        s.submit(nr).await.unwrap();
+    }
+    s.exec(ids[0], &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+
+    let all = s.list(&RunFilter::default()).await.unwrap();
+    let listed: Vec<RunId> = all.runs.iter().map(|r| r.id).collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+    assert_eq!(all.runs.last().map(|r| r.desc.as_str()), Some("run 0"));
+    assert!(all.next_page_token.is_none());
+
+    let even = s
+        .list(&RunFilter {
+            name: Some("even".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(even.runs.len(), 4);
+
+    let site1 = s
+        .list(&RunFilter {
+            labels: BTreeMap::from([("site".to_owned(), "s1".to_owned())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(site1.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[1]]);
+
+    let queued = s
+        .list(&RunFilter {
+            states: vec![RunState::Queued],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(queued.runs.len(), 1);
+    assert_eq!(queued.runs[0].id, ids[0]);
+
+    let mut seen = Vec::new();
+    let mut token = None;
+    loop {
+        let page = s
+            .list(&RunFilter {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.runs.len() <= 3);
+        seen.extend(page.runs.iter().map(|r| r.id));
+        token = page.next_page_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, newest_first, "paging visits every run once, in order");
+}
+
+pub async fn nowait_writes_land_before_the_next_awaited_write(s: Arc<dyn RunStore>) {
+    let a = node("a");
+    let nr = new_run(spec("hello", 1, 1));
+    s.submit(nr.clone()).await.unwrap();
+    s.exec(nr.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    let k = JobKey { block: 0, job: 0 };
+    s.apply_nowait(&a, nr.id, vec![Transition::JobStarted { key: k, attempt: 1, at: T0 }]);
+    s.apply(&a, nr.id, vec![Transition::RunRunning { at: T0 }]).await.unwrap();
+    let run = s.get(nr.id).await.unwrap();
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Running);
+    assert_eq!(run.blocks[0].jobs[0].attempts, 1);
+}
+
+pub async fn unknown_runs_are_not_found(s: Arc<dyn RunStore>) {
+    let id = RunId::new_v7();
+    assert_eq!(s.get(id).await.unwrap_err(), Error::NotFound(id));
+    assert_eq!(s.exec(id, &node("a"), T0, T0).await.unwrap_err(), Error::NotFound(id));
+    let cause = StopCause::Cancelled {
+        by: String::new(),
+        reason: String::new(),
+    };
+    assert_eq!(s.cancel(id, cause, T0).await.unwrap_err(), Error::NotFound(id));
+    assert_eq!(
+        s.apply(&node("a"), id, vec![Transition::RunRunning { at: T0 }]).await.unwrap_err(),
+        Error::NotFound(id)
+    );
+}

@@ -1,0 +1,185 @@
+//! The storage contract. Backends (`store-sqlite`, later `store-postgres`) implement
+//! [`RunStore`] and pass [`conformance`]. Nothing here knows SQL.
+//!
+//! Durability contract: when a method's future resolves `Ok`, the change is durable (fsynced).
+//! [`RunStore::apply_nowait`] queues transitions that are committed, in order, no later than
+//! the next change made through an awaited method of the same store handle.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use domain::{JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec};
+
+pub mod conformance;
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// The run is driven by another node now; drop it.
+    #[error("run {run} is not leased to this node")]
+    LeaseLost { run: RunId },
+    /// A passing fault (busy database, lost connection): try again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data that cannot be read: a bug or a damaged database.
+    #[error("store holds data it cannot read: {0}")]
+    Corrupt(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A run to store, as Submit or Clone makes it.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub id: RunId,
+    pub spec: WorkflowSpec,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub cloned_from: Option<RunId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: RunId,
+    /// False when the idempotency key named a run stored before: nothing new was stored.
+    pub created: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExecOutcome {
+    /// Moved from `submitted` to `queued`, leased to the caller.
+    Queued,
+    /// Exec came after the submit TTL: the run is now `expired`.
+    Expired,
+    /// The run was executing or finished already; nothing changed.
+    AlreadyStarted(RunState),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CancelOutcome {
+    /// The run had not started: it is `cancelled` now.
+    Cancelled,
+    /// The run is executing: its node will stop it (`lease_owner`, if any, drives it).
+    Requested { lease_owner: Option<NodeId> },
+    /// Already finished; nothing changed.
+    AlreadyFinished(RunState),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    pub states: Vec<RunState>,
+    pub name: Option<String>,
+    /// Every pair must be among the run's labels.
+    pub labels: BTreeMap<String, String>,
+    /// 1..=1000; 0 means 100.
+    pub page_size: u32,
+    /// From a previous page's `next_page_token`.
+    pub page_token: Option<String>,
+}
+
+pub const MAX_PAGE_SIZE: u32 = 1000;
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+impl RunFilter {
+    pub fn effective_page_size(&self) -> u32 {
+        match self.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunPage {
+    /// Newest first.
+    pub runs: Vec<RunSummary>,
+    pub next_page_token: Option<String>,
+}
+
+/// A change the engine makes to a run it holds the lease of.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transition {
+    /// `queued`/`paused` → `running` (sets `started_at` the first time).
+    RunRunning { at: Timestamp },
+    RunPaused { at: Timestamp },
+    BlockStarted { block: u32, at: Timestamp },
+    /// A job attempt starts: state `running`, `attempts` = `attempt`.
+    JobStarted { key: JobKey, attempt: u32, at: Timestamp },
+    JobFinished {
+        key: JobKey,
+        state: JobState,
+        at: Timestamp,
+        error: Option<String>,
+        exit_code: Option<i32>,
+        output: String,
+    },
+    /// An in-flight job was interrupted (shutdown) and must run again: back to `pending`.
+    JobInterrupted { key: JobKey, error: String },
+    /// Ends a block; its `pending` jobs become `skipped`.
+    BlockFinished { block: u32, state: JobState, at: Timestamp },
+    /// Ends the run: terminal state, lease released; unfinished blocks and jobs become `skipped`.
+    RunFinished {
+        state: RunState,
+        at: Timestamp,
+        error: Option<String>,
+        stop_cause: Option<StopCause>,
+    },
+    /// Records why the run was interrupted without ending it (e.g. a shutdown).
+    RunInterrupted { cause: StopCause },
+}
+
+/// What the engine learns when it renews its leases.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseRenewal {
+    /// Runs of this node that a client asked to cancel.
+    pub cancel_requested: Vec<(RunId, StopCause)>,
+    /// Runs this node believed it held that are no longer leased to it.
+    pub lost: Vec<RunId>,
+}
+
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    // ---- used by the API through the engine ----
+
+    /// Stores a run in `submitted`, or returns the run already stored under its idempotency key.
+    async fn submit(&self, run: NewRun) -> Result<Submitted>;
+
+    async fn get(&self, id: RunId) -> Result<Run>;
+
+    async fn list(&self, filter: &RunFilter) -> Result<RunPage>;
+
+    /// `submitted` → `queued` leased to `node` until `lease_until`, unless it expired at `now`.
+    async fn exec(&self, id: RunId, node: &NodeId, now: Timestamp, lease_until: Timestamp) -> Result<ExecOutcome>;
+
+    /// Cancels a run that has not started, or records the request for the node driving it.
+    async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome>;
+
+    /// Marks every `submitted` run whose TTL passed before `now` as `expired`.
+    async fn expire_submitted(&self, now: Timestamp) -> Result<Vec<RunId>>;
+
+    // ---- used by the engine ----
+
+    /// Executing runs leased to `node` (say, before a restart), with their leases extended.
+    async fn recover(&self, node: &NodeId, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>>;
+
+    /// Executing runs with no lease or an expired one, now leased to `node`.
+    async fn claim_orphans(&self, node: &NodeId, now: Timestamp, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>>;
+
+    /// Extends every lease `node` holds; reports cancel requests and leases it lost.
+    async fn renew_leases(&self, node: &NodeId, held: &[RunId], lease_until: Timestamp) -> Result<LeaseRenewal>;
+
+    /// Gives up the lease on a run that stays unfinished (drain), so any node may resume it.
+    async fn release(&self, node: &NodeId, id: RunId) -> Result<()>;
+
+    /// Applies transitions to a run leased to `node`, durably.
+    async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()>;
+
+    /// Queues transitions without waiting for them to be durable (see the crate docs).
+    fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>);
+
+    /// Lets go of resources (the SQLite writer thread) after pending writes are committed.
+    async fn close(&self) -> Result<()>;
+}
