@@ -1,0 +1,458 @@
+//! One task per executing run: blocks in order, the jobs of a block concurrently.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use actions::{ActionCall, ActionError, JobContext, JobOutput};
+use domain::{JobKey, JobSpec, JobState, Run, RunId, RunState, StopCause};
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
+use store::Transition;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::failpoints::crash_point;
+use crate::{ActiveRun, Halt, Inner};
+
+/// Starts driving `id` unless this node drives it already.
+pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
+    let token = inner.token.child_token();
+    let halt = Arc::new(Mutex::new(None));
+    {
+        let Ok(mut active) = inner.active.lock() else { return };
+        if active.contains_key(&id) {
+            return;
+        }
+        active.insert(
+            id,
+            ActiveRun {
+                token: token.clone(),
+                halt: halt.clone(),
+            },
+        );
+    }
+    let task_inner = inner.clone();
+    let span = tracing::info_span!("run", run_id = %id);
+    inner.tracker.spawn(
+        async move {
+            let driver = Driver {
+                inner: &task_inner,
+                id,
+                token,
+                halt,
+                marked_running: AtomicBool::new(false),
+            };
+            if let Err(e) = driver.drive().await {
+                match e {
+                    store::Error::LeaseLost { .. } => tracing::warn!("another node holds this run now; letting go"),
+                    e => tracing::error!(error = %e, "driving the run failed; it resumes when its lease expires or on restart"),
+                }
+            }
+            if let Ok(mut active) = task_inner.active.lock() {
+                active.remove(&id);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+enum Outcome {
+    Completed(JobOutput),
+    Failed {
+        error: String,
+        exit_code: Option<i32>,
+        output: String,
+    },
+    /// Cancelled while running: the halt decides what it becomes.
+    Cancelled { output: String },
+    /// Never started (cancelled or drained while waiting for a slot).
+    NotStarted,
+}
+
+struct JobResult {
+    key: JobKey,
+    outcome: Outcome,
+}
+
+enum Flow {
+    /// The block completed; go on with the next.
+    Next,
+    /// The run was finished (failed, or completed on its last block) and committed.
+    Finished,
+    /// The run must stop here without finishing.
+    Halted,
+}
+
+struct Driver<'a> {
+    inner: &'a Arc<Inner>,
+    id: RunId,
+    token: CancellationToken,
+    halt: Arc<Mutex<Option<Halt>>>,
+    marked_running: AtomicBool,
+}
+
+impl Driver<'_> {
+    fn node(&self) -> &domain::NodeId {
+        &self.inner.opts.node_id
+    }
+
+    async fn drive(&self) -> store::Result<()> {
+        let run = self.inner.store.get(self.id).await?;
+        if !run.state.is_executing() || run.lease_owner.as_ref() != Some(self.node()) {
+            return Ok(());
+        }
+        self.marked_running.store(run.state == RunState::Running, Ordering::SeqCst);
+        if let Some(cause) = run.cancel_requested.clone() {
+            return self.end(RunState::Cancelled, cause).await;
+        }
+        let calls = match actions::validate_spec(&run.spec) {
+            Ok(c) => c,
+            Err(e) => {
+                // Specs are validated at submit; this means the actions changed under a stored run.
+                let error = format!("the stored spec is no longer valid: {e}");
+                tracing::error!(%error, "failing the run");
+                return self.finish(RunState::Failed, Some(error), None, vec![]).await;
+            }
+        };
+        let Some(first) = run.first_unfinished_block() else {
+            return self.finish(RunState::Completed, None, None, vec![]).await;
+        };
+        for bi in first..run.blocks.len() {
+            let fresh = run.blocks[bi].state == JobState::Pending;
+            if fresh && (self.inner.no_new_blocks.is_cancelled() || self.inner.no_new_jobs.is_cancelled()) {
+                return self.interrupt().await;
+            }
+            let last = bi + 1 == run.blocks.len();
+            match self.drive_block(&run, bi, &calls[bi], last).await? {
+                Flow::Next => {}
+                Flow::Finished => return Ok(()),
+                Flow::Halted => return self.halted().await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn drive_block(&self, run: &Run, bi: usize, calls: &[ActionCall], last: bool) -> store::Result<Flow> {
+        let block = &run.blocks[bi];
+        let spec = &run.spec.blocks[bi];
+        let b = u32::try_from(bi).unwrap_or(u32::MAX);
+        let mut queue: VecDeque<usize> = block
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| matches!(j.state, JobState::Pending | JobState::Running))
+            .map(|(i, _)| i)
+            .collect();
+        let mut failures = block.jobs.iter().filter(|j| j.state == JobState::Failed).count();
+        let budget = spec.max_failures as usize;
+        let mut first_error = block.jobs.iter().enumerate().find_map(|(ji, j)| {
+            (j.state == JobState::Failed).then(|| job_error(bi, ji, spec.jobs[ji].desc.as_str(), j.error.as_deref()))
+        });
+        if block.state == JobState::Pending {
+            let at = self.inner.now();
+            self.inner.store.apply_nowait(self.node(), self.id, vec![Transition::BlockStarted { block: b, at }]);
+        }
+        if queue.is_empty() || failures > budget {
+            // Everything was done before a restart: only the block's end is left to record.
+            let mut ts = Vec::new();
+            let at = self.inner.now();
+            let finished = self.settle(&mut ts, bi, failures, budget, first_error, last, at);
+            self.inner.store.apply(self.node(), self.id, ts).await?;
+            return Ok(match finished {
+                Some(Some(state)) => {
+                    self.inner.emit(self.id, state);
+                    Flow::Finished
+                }
+                _ => Flow::Next,
+            });
+        }
+        let concurrency = spec.concurrency.max(1) as usize;
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while failures <= budget
+                && in_flight.len() < concurrency
+                && !self.token.is_cancelled()
+                && !self.inner.no_new_jobs.is_cancelled()
+            {
+                let Some(ji) = queue.pop_front() else { break };
+                let key = JobKey {
+                    block: b,
+                    job: u32::try_from(ji).unwrap_or(u32::MAX),
+                };
+                in_flight.push(self.run_job(key, &calls[ji], &spec.jobs[ji], block.jobs[ji].attempts));
+            }
+            let Some(first) = in_flight.next().await else { break };
+            let mut results = vec![first];
+            while let Some(Some(r)) = in_flight.next().now_or_never() {
+                results.push(r);
+            }
+            let at = self.inner.now();
+            let mut ts = Vec::with_capacity(results.len() + 2);
+            for r in results {
+                let ji = r.key.job as usize;
+                match r.outcome {
+                    Outcome::Completed(out) => ts.push(Transition::JobFinished {
+                        key: r.key,
+                        state: JobState::Completed,
+                        at,
+                        error: None,
+                        exit_code: out.exit_code,
+                        output: out.output,
+                    }),
+                    Outcome::Failed { error, exit_code, output } => {
+                        failures += 1;
+                        tracing::warn!(job = %r.key.idempotency_key(self.id), %error, failures, budget, "job failed");
+                        if first_error.is_none() {
+                            first_error = Some(job_error(bi, ji, &spec.jobs[ji].desc, Some(&error)));
+                        }
+                        ts.push(Transition::JobFinished {
+                            key: r.key,
+                            state: JobState::Failed,
+                            at,
+                            error: Some(error),
+                            exit_code,
+                            output,
+                        });
+                    }
+                    Outcome::Cancelled { output } => ts.push(self.cancelled_job(r.key, at, output)),
+                    Outcome::NotStarted => {}
+                }
+            }
+            let settled = in_flight.is_empty() && !self.token.is_cancelled();
+            let mut finished = None;
+            if settled && (failures > budget || queue.is_empty()) {
+                finished = self.settle(&mut ts, bi, failures, budget, first_error.clone(), last, at);
+            }
+            if ts.is_empty() {
+                continue;
+            }
+            crash_point!("engine::job_before_commit");
+            self.inner.store.apply(self.node(), self.id, ts).await?;
+            crash_point!("engine::job_after_commit");
+            match finished {
+                Some(Some(state)) => {
+                    self.inner.emit(self.id, state);
+                    tracing::info!(%state, "run finished");
+                    return Ok(Flow::Finished);
+                }
+                Some(None) => {
+                    self.inner.emit(self.id, RunState::Running);
+                    return Ok(Flow::Next);
+                }
+                None => self.inner.emit(self.id, RunState::Running),
+            }
+        }
+        // Nothing in flight and the block is not done: cancelled or draining.
+        Ok(Flow::Halted)
+    }
+
+    /// Ends block `bi`: pushes its end (and the run's, if it failed or was the last block).
+    /// Returns `Some(Some(state))` when the run ended, `Some(None)` when the next block is due.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        ts: &mut Vec<Transition>,
+        bi: usize,
+        failures: usize,
+        budget: usize,
+        first_error: Option<String>,
+        last: bool,
+        at: domain::Timestamp,
+    ) -> Option<Option<RunState>> {
+        let block = u32::try_from(bi).unwrap_or(u32::MAX);
+        if failures > budget {
+            ts.push(Transition::BlockFinished { block, state: JobState::Failed, at });
+            let error = first_error.unwrap_or_else(|| format!("blocks[{bi}] failed"));
+            let error = if budget > 0 {
+                format!("{error} ({failures} failures, over the block's budget of {budget})")
+            } else {
+                error
+            };
+            ts.push(Transition::RunFinished { state: RunState::Failed, at, error: Some(error), stop_cause: None });
+            return Some(Some(RunState::Failed));
+        }
+        ts.push(Transition::BlockFinished { block, state: JobState::Completed, at });
+        if last {
+            ts.push(Transition::RunFinished { state: RunState::Completed, at, error: None, stop_cause: None });
+            return Some(Some(RunState::Completed));
+        }
+        Some(None)
+    }
+
+    /// One job, with its retries; returns without committing its outcome.
+    async fn run_job(&self, key: JobKey, call: &ActionCall, spec: &JobSpec, prior_attempts: u32) -> JobResult {
+        let outcome = self.attempts(key, call, spec, prior_attempts).await;
+        JobResult { key, outcome }
+    }
+
+    async fn attempts(&self, key: JobKey, call: &ActionCall, spec: &JobSpec, prior_attempts: u32) -> Outcome {
+        let inner = self.inner;
+        let retry = spec.retry.clone().unwrap_or_default();
+        let idempotency_key = key.idempotency_key(self.id);
+        let mut attempt = prior_attempts;
+        let mut failed = 0u32;
+        loop {
+            let permit = tokio::select! {
+                p = inner.job_slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return Outcome::NotStarted,
+                },
+                () = self.token.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
+                () = inner.no_new_jobs.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
+            };
+            if inner.no_new_jobs.is_cancelled() || self.token.is_cancelled() {
+                return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } };
+            }
+            attempt += 1;
+            let at = inner.now();
+            let mut ts = Vec::with_capacity(2);
+            let first_start = !self.marked_running.swap(true, Ordering::SeqCst);
+            if first_start {
+                ts.push(Transition::RunRunning { at });
+            }
+            ts.push(Transition::JobStarted { key, attempt, at });
+            inner.store.apply_nowait(self.node(), self.id, ts);
+            if first_start {
+                inner.emit(self.id, RunState::Running);
+            }
+            crash_point!("engine::job_started");
+            let ctx = JobContext {
+                run_id: self.id,
+                idempotency_key: idempotency_key.clone(),
+                attempt,
+                cancel: self.token.child_token(),
+                kill_grace: inner.opts.kill_grace,
+                output_limit: inner.opts.output_limit,
+            };
+            let mut timed_out = false;
+            let result = {
+                let fut = call.run(&ctx);
+                tokio::pin!(fut);
+                match spec.timeout {
+                    Some(t) => tokio::select! {
+                        r = &mut fut => r,
+                        () = tokio::time::sleep(t.0) => {
+                            timed_out = true;
+                            ctx.cancel.cancel();
+                            fut.await
+                        }
+                    },
+                    None => fut.await,
+                }
+            };
+            drop(permit);
+            let (error, exit_code, output) = match result {
+                Ok(out) => return Outcome::Completed(out),
+                Err(ActionError::Cancelled { output }) if timed_out => {
+                    let t = spec.timeout.map(|t| t.to_string()).unwrap_or_default();
+                    (format!("timed out after {t}"), None, output)
+                }
+                Err(ActionError::Cancelled { output }) => return Outcome::Cancelled { output },
+                Err(ActionError::Fatal { message, output }) => {
+                    return Outcome::Failed { error: message, exit_code: None, output };
+                }
+                Err(ActionError::Failed { message, exit_code, output }) => (message, exit_code, output),
+            };
+            failed += 1;
+            if failed >= retry.attempts {
+                let error = if retry.attempts > 1 {
+                    format!("{error} (attempt {failed} of {})", retry.attempts)
+                } else {
+                    error
+                };
+                return Outcome::Failed { error, exit_code, output };
+            }
+            let backoff = retry.backoff_before(failed + 1);
+            tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.token.cancelled() => return Outcome::Cancelled { output },
+                () = inner.no_new_jobs.cancelled() => return Outcome::Cancelled { output },
+            }
+        }
+    }
+
+    /// What an in-flight job that was cancelled becomes, given why.
+    fn cancelled_job(&self, key: JobKey, at: domain::Timestamp, output: String) -> Transition {
+        let halt = self.halt.lock().ok().and_then(|h| h.clone());
+        match halt {
+            Some(Halt::End { state, cause }) => Transition::JobFinished {
+                key,
+                state: if state == RunState::Stopped { JobState::Stopped } else { JobState::Cancelled },
+                at,
+                error: Some(cause.to_string()),
+                exit_code: None,
+                output,
+            },
+            _ => Transition::JobInterrupted {
+                key,
+                error: format!("interrupted: {}", self.shutdown_cause()),
+            },
+        }
+    }
+
+    fn shutdown_cause(&self) -> StopCause {
+        self.inner
+            .shutdown_cause
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+            .unwrap_or(StopCause::Fatal {
+                component: "engine".into(),
+                message: "stopped".into(),
+            })
+    }
+
+    /// The block loop ended early: act on the halt (or the shutdown).
+    async fn halted(&self) -> store::Result<()> {
+        let halt = self.halt.lock().ok().and_then(|h| h.clone());
+        match halt {
+            Some(Halt::End { state, cause }) => self.end(state, cause).await,
+            Some(Halt::Abandon) => Ok(()),
+            Some(Halt::Interrupt { .. }) | None => self.interrupt().await,
+        }
+    }
+
+    async fn end(&self, state: RunState, cause: StopCause) -> store::Result<()> {
+        self.finish(state, Some(cause.to_string()), Some(cause), vec![]).await
+    }
+
+    async fn finish(
+        &self,
+        state: RunState,
+        error: Option<String>,
+        stop_cause: Option<StopCause>,
+        mut ts: Vec<Transition>,
+    ) -> store::Result<()> {
+        let at = self.inner.now();
+        ts.push(Transition::RunFinished { state, at, error, stop_cause });
+        self.inner.store.apply(self.node(), self.id, ts).await?;
+        self.inner.emit(self.id, state);
+        tracing::info!(%state, "run finished");
+        Ok(())
+    }
+
+    /// Leaves the run unfinished, for this or another node to resume.
+    async fn interrupt(&self) -> store::Result<()> {
+        if !self.marked_running.load(Ordering::SeqCst) {
+            // Never started a job: leave it queued, untouched, for any node to take.
+            return self.inner.store.release(self.node(), self.id).await;
+        }
+        let cause = match self.halt.lock().ok().and_then(|h| h.clone()) {
+            Some(Halt::Interrupt { cause }) => cause,
+            _ => self.shutdown_cause(),
+        };
+        tracing::info!(%cause, "run interrupted; it resumes at its first unfinished job");
+        self.inner
+            .store
+            .apply(self.node(), self.id, vec![Transition::RunInterrupted { cause }])
+            .await?;
+        self.inner.store.release(self.node(), self.id).await
+    }
+}
+
+fn job_error(bi: usize, ji: usize, desc: &str, error: Option<&str>) -> String {
+    let what = if desc.is_empty() { String::new() } else { format!(" ({desc})") };
+    format!("blocks[{bi}].jobs[{ji}]{what} failed: {}", error.unwrap_or("unknown error"))
+}

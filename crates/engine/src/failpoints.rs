@@ -1,0 +1,18 @@
+//! Crash windows. With the `failpoints` feature, `FAILPOINTS=name=return` (see the `fail`
+//! crate for counts such as `3*off->return`) kills the process with SIGKILL at that line,
+//! exactly like `kill -9` from outside.
+
+/// Marks a crash window.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| $crate::failpoints::die($name))
+    };
+}
+pub(crate) use crash_point;
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub(crate) fn die(name: &str) -> ! {
+    tracing::error!(failpoint = name, "fail point reached: killing this process with SIGKILL");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}

@@ -1,0 +1,332 @@
+//! The engine: drives runs. It never sees SQL, gRPC or HTTP: it talks to a [`store::RunStore`]
+//! and is called by the API layer through the cheap-clone [`Engine`] handle.
+//!
+//! Each executing run is driven by one task (spawned on the engine's `TaskTracker`), which runs
+//! its blocks in order and the jobs of a block concurrently. A job's outcome is committed
+//! durably before anything that depends on it starts; job starts are queued without waiting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::{Clock, NodeId, Run, RunId, RunState, SpecError, StopCause, Timestamp, WorkflowSpec};
+use store::{CancelOutcome, ExecOutcome, NewRun, RunFilter, RunPage, RunStore};
+use tokio::sync::{Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod driver;
+mod failpoints;
+mod maintenance;
+
+pub use domain::stop::ShutdownMode;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub node_id: NodeId,
+    /// Jobs running at once on this node, over all runs.
+    pub max_running_jobs: usize,
+    /// A submitted run not executed within this becomes `expired`.
+    pub submit_ttl: Duration,
+    /// How long a node holds a run without renewing; renewed every third of it.
+    pub lease_ttl: Duration,
+    /// Between SIGTERM and SIGKILL for a cancelled job's process group.
+    pub kill_grace: Duration,
+    /// Bytes of output kept per job.
+    pub output_limit: usize,
+    /// How often to look for unleased runs (Exec on another node, a dead node's runs).
+    pub claim_interval: Duration,
+    /// How often to expire submitted runs past their TTL.
+    pub expire_interval: Duration,
+}
+
+impl EngineOptions {
+    pub fn new(node_id: NodeId) -> EngineOptions {
+        EngineOptions {
+            node_id,
+            max_running_jobs: 256,
+            submit_ttl: Duration::from_secs(3600),
+            lease_ttl: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(10),
+            output_limit: 16 * 1024,
+            claim_interval: Duration::from_secs(2),
+            expire_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the API layer can get back; each variant says what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(SpecError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// Exec of a run that is executing or finished: nothing was done.
+    #[error("run {id} is already {state}; nothing was done")]
+    AlreadyExists { id: RunId, state: RunState },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Shutting down or the store is unreachable: try again (elsewhere).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<store::Error> for EngineError {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::NotFound(id) => EngineError::NotFound(id),
+            store::Error::Unavailable(_) | store::Error::Closed => EngineError::Unavailable(e.to_string()),
+            store::Error::LeaseLost { .. } | store::Error::Corrupt(_) => EngineError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// A change clients may want to hear about (Watch).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEvent {
+    pub id: RunId,
+    pub state: RunState,
+}
+
+/// Why a run task must let go of its run before it is done.
+#[derive(Clone, Debug)]
+pub(crate) enum Halt {
+    /// End the run now (cancel, e-stop): in-flight jobs are cancelled, the run is terminal.
+    End { state: RunState, cause: StopCause },
+    /// Leave the run unfinished for later (shutdown): in-flight jobs are interrupted.
+    Interrupt { cause: StopCause },
+    /// Another node holds the run now: touch nothing.
+    Abandon,
+}
+
+pub(crate) struct ActiveRun {
+    token: CancellationToken,
+    halt: Arc<Mutex<Option<Halt>>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) opts: EngineOptions,
+    pub(crate) store: Arc<dyn RunStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) job_slots: Arc<Semaphore>,
+    pub(crate) active: Mutex<HashMap<RunId, ActiveRun>>,
+    pub(crate) events: broadcast::Sender<RunEvent>,
+    pub(crate) tracker: TaskTracker,
+    /// Cancels every task of the engine: the last step of a shutdown.
+    pub(crate) token: CancellationToken,
+    /// Fired when a shutdown begins: start no new jobs.
+    pub(crate) no_new_jobs: CancellationToken,
+    /// Fired on end-of-round: start no new blocks.
+    pub(crate) no_new_blocks: CancellationToken,
+    pub(crate) accepting: AtomicBool,
+    pub(crate) shutdown_cause: Mutex<Option<StopCause>>,
+}
+
+/// The cheap-clone handle to the engine.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn new(opts: EngineOptions, store: Arc<dyn RunStore>, clock: Arc<dyn Clock>) -> Engine {
+        let (events, _) = broadcast::channel(4096);
+        Engine {
+            inner: Arc::new(Inner {
+                job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
+                opts,
+                store,
+                clock,
+                active: Mutex::new(HashMap::new()),
+                events,
+                tracker: TaskTracker::new(),
+                token: CancellationToken::new(),
+                no_new_jobs: CancellationToken::new(),
+                no_new_blocks: CancellationToken::new(),
+                accepting: AtomicBool::new(true),
+                shutdown_cause: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.opts
+    }
+
+    /// Starts recovery and the background loops (leases, orphans, expiry).
+    pub fn start(&self) {
+        maintenance::start(&self.inner);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// True until a shutdown begins.
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Runs this node is driving now.
+    pub fn active_runs(&self) -> usize {
+        self.inner.active.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    fn check_accepting(&self) -> Result<(), EngineError> {
+        if self.is_accepting() {
+            Ok(())
+        } else {
+            let cause = self.inner.shutdown_cause.lock().ok().and_then(|c| c.clone());
+            Err(EngineError::Unavailable(match cause {
+                Some(c) => format!("steward is shutting down ({c}); try again on another node or after the restart"),
+                None => "steward is shutting down; try again later".into(),
+            }))
+        }
+    }
+
+    /// Validates and stores a spec; runs nothing (handshake step 1).
+    pub async fn submit(&self, spec: WorkflowSpec) -> Result<store::Submitted, EngineError> {
+        self.submit_inner(spec, None).await
+    }
+
+    async fn submit_inner(&self, spec: WorkflowSpec, cloned_from: Option<RunId>) -> Result<store::Submitted, EngineError> {
+        self.check_accepting()?;
+        actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
+        let now = self.inner.clock.now();
+        let submitted = self
+            .inner
+            .store
+            .submit(NewRun {
+                id: RunId::new_v7(),
+                spec,
+                created_at: now,
+                expires_at: now.add(self.inner.opts.submit_ttl),
+                cloned_from,
+            })
+            .await?;
+        if submitted.created {
+            self.inner.emit(submitted.id, RunState::Submitted);
+            tracing::info!(run_id = %submitted.id, "run submitted");
+        }
+        Ok(submitted)
+    }
+
+    /// Starts a submitted run (handshake step 2).
+    pub async fn exec(&self, id: RunId) -> Result<(), EngineError> {
+        self.check_accepting()?;
+        let now = self.inner.clock.now();
+        let lease = now.add(self.inner.opts.lease_ttl);
+        match self.inner.store.exec(id, &self.inner.opts.node_id, now, lease).await? {
+            ExecOutcome::Queued => {
+                self.inner.emit(id, RunState::Queued);
+                tracing::info!(run_id = %id, "run queued");
+                driver::spawn_run(&self.inner, id);
+                Ok(())
+            }
+            ExecOutcome::Expired => {
+                self.inner.emit(id, RunState::Expired);
+                Err(EngineError::FailedPrecondition(format!(
+                    "run {id} was not executed within the submit TTL ({}) and has expired; clone it to run it",
+                    domain::HumanDuration(self.inner.opts.submit_ttl)
+                )))
+            }
+            ExecOutcome::AlreadyStarted(state) => Err(EngineError::AlreadyExists { id, state }),
+        }
+    }
+
+    pub async fn status(&self, id: RunId) -> Result<Run, EngineError> {
+        Ok(self.inner.store.get(id).await?)
+    }
+
+    pub async fn list(&self, filter: &RunFilter) -> Result<RunPage, EngineError> {
+        if let Some(t) = &filter.page_token {
+            t.parse::<RunId>()
+                .map_err(|_| EngineError::InvalidArgument(format!("page_token {t:?} is not one this server gave out")))?;
+        }
+        if filter.page_size > store::MAX_PAGE_SIZE {
+            return Err(EngineError::InvalidArgument(format!(
+                "page_size {} is over the limit of {}",
+                filter.page_size,
+                store::MAX_PAGE_SIZE
+            )));
+        }
+        Ok(self.inner.store.list(filter).await?)
+    }
+
+    /// Cancels a run: at once if it has not started, else through the node that drives it.
+    pub async fn cancel(&self, id: RunId, by: &str, reason: &str) -> Result<RunState, EngineError> {
+        let cause = StopCause::Cancelled {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let now = self.inner.clock.now();
+        match self.inner.store.cancel(id, cause.clone(), now).await? {
+            CancelOutcome::Cancelled => {
+                self.inner.emit(id, RunState::Cancelled);
+                Ok(RunState::Cancelled)
+            }
+            CancelOutcome::Requested { .. } => {
+                // The run may be ours; if not, its node hears of it when it renews its leases.
+                self.inner.halt_run(
+                    id,
+                    Halt::End {
+                        state: RunState::Cancelled,
+                        cause,
+                    },
+                );
+                Ok(self.inner.store.get(id).await?.state)
+            }
+            CancelOutcome::AlreadyFinished(state) => Err(EngineError::FailedPrecondition(format!(
+                "run {id} already finished ({state}); nothing to cancel"
+            ))),
+        }
+    }
+
+    /// Submits a new run with the spec of an old one (its idempotency key dropped).
+    pub async fn clone_run(&self, id: RunId) -> Result<RunId, EngineError> {
+        let run = self.inner.store.get(id).await?;
+        let mut spec = run.spec;
+        spec.idempotency_key = None;
+        Ok(self.submit_inner(spec, Some(id)).await?.id)
+    }
+
+    /// Stops the engine (PRODUCT.md §7). The first cause wins; calling again with `Now`
+    /// escalates a drain in progress. Returns when every task has ended.
+    pub async fn shutdown(&self, mode: ShutdownMode, cause: StopCause, grace: Duration) {
+        maintenance::shutdown(&self.inner, mode, cause, grace).await;
+    }
+
+    /// Escalates a shutdown in progress to `now`: in-flight jobs are cancelled at once.
+    pub fn stop_now(&self, cause: StopCause) {
+        maintenance::stop_now(&self.inner, cause);
+    }
+}
+
+impl Inner {
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub(crate) fn emit(&self, id: RunId, state: RunState) {
+        let _ = self.events.send(RunEvent { id, state });
+    }
+
+    /// Tells the task driving `id` (if it is ours) to let go. The first halt wins.
+    pub(crate) fn halt_run(&self, id: RunId, halt: Halt) -> bool {
+        let Ok(active) = self.active.lock() else { return false };
+        let Some(run) = active.get(&id) else { return false };
+        if let Ok(mut h) = run.halt.lock() {
+            if h.is_none() {
+                *h = Some(halt);
+            }
+        }
+        run.token.cancel();
+        true
+    }
+}

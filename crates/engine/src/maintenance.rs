@@ -1,0 +1,174 @@
+//! Recovery at start, the background loops (leases, orphans, expiry), and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use domain::{RunId, RunState, StopCause};
+use tokio::time::Instant;
+
+use crate::driver::spawn_run;
+use crate::{Halt, Inner, ShutdownMode};
+
+pub(crate) fn start(inner: &Arc<Inner>) {
+    let i = inner.clone();
+    inner.tracker.spawn(async move { recover(&i).await });
+    let i = inner.clone();
+    inner.tracker.spawn(async move { renew_loop(&i).await });
+    let i = inner.clone();
+    inner.tracker.spawn(async move { claim_loop(&i).await });
+    let i = inner.clone();
+    inner.tracker.spawn(async move { expire_loop(&i).await });
+}
+
+/// Resumes every unfinished run this node held before it stopped (or crashed).
+async fn recover(inner: &Arc<Inner>) {
+    let started = Instant::now();
+    let until = inner.now().add(inner.opts.lease_ttl);
+    match inner.store.recover(&inner.opts.node_id, until, u32::MAX).await {
+        Ok(ids) => {
+            let n = ids.len();
+            for id in ids {
+                spawn_run(inner, id);
+            }
+            if n > 0 {
+                tracing::info!(runs = n, elapsed = ?started.elapsed(), "resuming unfinished runs");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "recovering unfinished runs failed; the orphan claimer retries"),
+    }
+}
+
+/// Waits `period`, or returns false when the engine stops.
+async fn tick(inner: &Inner, period: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(period) => true,
+        () = inner.token.cancelled() => false,
+    }
+}
+
+fn held_runs(inner: &Inner) -> Vec<RunId> {
+    inner.active.lock().map(|a| a.keys().copied().collect()).unwrap_or_default()
+}
+
+async fn renew_loop(inner: &Arc<Inner>) {
+    let period = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
+    while tick(inner, period).await {
+        let held = held_runs(inner);
+        let until = inner.now().add(inner.opts.lease_ttl);
+        match inner.store.renew_leases(&inner.opts.node_id, &held, until).await {
+            Ok(renewal) => {
+                for (id, cause) in renewal.cancel_requested {
+                    inner.halt_run(
+                        id,
+                        Halt::End {
+                            state: RunState::Cancelled,
+                            cause,
+                        },
+                    );
+                }
+                for id in renewal.lost {
+                    tracing::warn!(run_id = %id, "lease lost to another node; letting go of the run");
+                    inner.halt_run(id, Halt::Abandon);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing leases failed; retrying"),
+        }
+    }
+}
+
+async fn claim_loop(inner: &Arc<Inner>) {
+    while tick(inner, inner.opts.claim_interval).await {
+        if inner.no_new_jobs.is_cancelled() {
+            return;
+        }
+        let now = inner.now();
+        let until = now.add(inner.opts.lease_ttl);
+        match inner.store.claim_orphans(&inner.opts.node_id, now, until, 1000).await {
+            Ok(ids) => {
+                if !ids.is_empty() {
+                    tracing::info!(runs = ids.len(), "claimed runs with no live lease");
+                }
+                for id in ids {
+                    spawn_run(inner, id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "claiming orphaned runs failed; retrying"),
+        }
+    }
+}
+
+async fn expire_loop(inner: &Arc<Inner>) {
+    while tick(inner, inner.opts.expire_interval).await {
+        match inner.store.expire_submitted(inner.now()).await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(run_id = %id, "run expired: never executed within the submit TTL");
+                    inner.emit(id, RunState::Expired);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring submitted runs failed; retrying"),
+        }
+    }
+}
+
+fn record_cause(inner: &Inner, cause: StopCause) {
+    if let Ok(mut c) = inner.shutdown_cause.lock() {
+        if c.is_none() {
+            tracing::info!(%cause, kind = cause.kind(), "shutdown begins");
+            *c = Some(cause);
+        }
+    }
+    inner.accepting.store(false, Ordering::SeqCst);
+}
+
+fn interrupt_all(inner: &Inner, cause: &StopCause) {
+    for id in held_runs(inner) {
+        inner.halt_run(id, Halt::Interrupt { cause: cause.clone() });
+    }
+}
+
+pub(crate) fn stop_now(inner: &Inner, cause: StopCause) {
+    record_cause(inner, cause.clone());
+    inner.no_new_jobs.cancel();
+    inner.no_new_blocks.cancel();
+    interrupt_all(inner, &cause);
+}
+
+pub(crate) async fn shutdown(inner: &Arc<Inner>, mode: ShutdownMode, cause: StopCause, grace: Duration) {
+    record_cause(inner, cause.clone());
+    match mode {
+        ShutdownMode::Now => stop_now(inner, cause.clone()),
+        ShutdownMode::Drain => {
+            inner.no_new_jobs.cancel();
+            inner.no_new_blocks.cancel();
+        }
+        ShutdownMode::EndOfRound => inner.no_new_blocks.cancel(),
+    }
+    let started = Instant::now();
+    let deadline = (mode == ShutdownMode::Drain).then(|| started + grace);
+    let mut last_report = started;
+    let mut escalated = mode == ShutdownMode::Now;
+    loop {
+        let active = held_runs(inner);
+        if active.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if !escalated && deadline.is_some_and(|d| now >= d) {
+            tracing::warn!(runs = active.len(), grace = ?grace, "grace period over; interrupting in-flight jobs");
+            interrupt_all(inner, &cause);
+            escalated = true;
+        }
+        if now.duration_since(last_report) >= Duration::from_secs(5) {
+            let running_jobs = inner.opts.max_running_jobs - inner.job_slots.available_permits();
+            tracing::info!(runs = active.len(), running_jobs, waited = ?now.duration_since(started), "still waiting for in-flight work");
+            last_report = now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    inner.token.cancel();
+    inner.tracker.close();
+    inner.tracker.wait().await;
+    tracing::info!(elapsed = ?started.elapsed(), "engine stopped");
+}

@@ -1,0 +1,199 @@
+//! The engine in process, on a real SQLite file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::{JobState, NodeId, RunId, RunState, SystemClock, WorkflowSpec};
+use engine::{Engine, EngineError, EngineOptions, ShutdownMode};
+use store::RunStore;
+use store_sqlite::SqliteStore;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    engine: Engine,
+}
+
+fn fixture(tweak: impl FnOnce(&mut EngineOptions)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn RunStore> = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
+    let mut opts = EngineOptions::new(NodeId("test".into()));
+    opts.kill_grace = Duration::from_millis(200);
+    tweak(&mut opts);
+    let engine = Engine::new(opts, store, Arc::new(SystemClock));
+    engine.start();
+    Fixture { _dir: dir, engine }
+}
+
+fn spec(yaml: &str) -> WorkflowSpec {
+    WorkflowSpec::parse(yaml).unwrap()
+}
+
+async fn wait_terminal(engine: &Engine, id: RunId) -> domain::Run {
+    for _ in 0..1000 {
+        let run = engine.status(id).await.unwrap();
+        if run.state.is_terminal() {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("run {id} did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_run_in_order_and_complete() {
+    let f = fixture(|_| {});
+    let s = spec(
+        "name: hello\nblocks:\n  - jobs: [{action: noop}]\n  - concurrency: 3\n    jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
+    );
+    let sub = f.engine.submit(s).await.unwrap();
+    assert_eq!(f.engine.status(sub.id).await.unwrap().state, RunState::Submitted);
+    f.engine.exec(sub.id).await.unwrap();
+    let run = wait_terminal(&f.engine, sub.id).await;
+    assert_eq!(run.state, RunState::Completed);
+    assert!(run.started_at.is_some() && run.ended_at.is_some());
+    for b in &run.blocks {
+        assert_eq!(b.state, JobState::Completed);
+        assert!(b.jobs.iter().all(|j| j.state == JobState::Completed && j.attempts == 1));
+    }
+    assert!(run.blocks[0].ended_at <= run.blocks[1].started_at, "blocks run one after another");
+    assert!(matches!(f.engine.exec(sub.id).await, Err(EngineError::AlreadyExists { state: RunState::Completed, .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_fails_its_block_and_run_and_skips_the_rest() {
+    let f = fixture(|_| {});
+    let s = spec(
+        "name: hello\nblocks:\n  - jobs:\n      - {action: shell, args: {argv: [sh, -c, 'echo oops; exit 3']}}\n      - {action: noop}\n  - jobs: [{action: noop}]\n",
+    );
+    let id = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Failed);
+    let job = &run.blocks[0].jobs[0];
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.exit_code, Some(3));
+    assert!(job.output.contains("oops"));
+    assert!(run.error.as_deref().unwrap().contains("blocks[0].jobs[0]"), "{:?}", run.error);
+    assert_eq!(run.blocks[0].jobs[1].state, JobState::Skipped);
+    assert_eq!(run.blocks[1].state, JobState::Skipped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_then_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("tries");
+    let f = fixture(|_| {});
+    let script = format!("echo x >> {m}; test $(wc -l < {m}) -ge 3", m = marker.display());
+    let s = spec(&format!(
+        "name: hello\nblocks:\n  - jobs:\n      - action: shell\n        args: {{argv: [sh, -c, '{script}']}}\n        retry: {{attempts: 5, initial_backoff: 10ms, max_backoff: 20ms}}\n"
+    ));
+    let id = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Completed);
+    assert_eq!(run.blocks[0].jobs[0].attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_fails_the_job() {
+    let f = fixture(|_| {});
+    let s = spec("name: hello\nblocks:\n  - jobs:\n      - {action: sleep, args: {duration: 60s}, timeout: 50ms}\n");
+    let id = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert!(run.blocks[0].jobs[0].error.as_deref().unwrap().contains("timed out"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_running_run_and_a_submitted_one() {
+    let f = fixture(|_| {});
+    let s = spec("name: hello\nblocks:\n  - jobs: [{action: sleep, args: {duration: 60s}}]\n  - jobs: [{action: noop}]\n");
+    let id = f.engine.submit(s.clone()).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    for _ in 0..500 {
+        if f.engine.status(id).await.unwrap().blocks[0].jobs[0].state == JobState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f.engine.cancel(id, "ana", "wrong site").await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Cancelled);
+    assert_eq!(run.blocks[1].jobs[0].state, JobState::Skipped);
+    assert!(run.error.unwrap().contains("wrong site"));
+
+    let idle = f.engine.submit(s).await.unwrap().id;
+    assert_eq!(f.engine.cancel(idle, "ana", "").await.unwrap(), RunState::Cancelled);
+    assert!(matches!(f.engine.exec(idle).await, Err(EngineError::AlreadyExists { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_cap_limits_jobs_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = fixture(|o| o.max_running_jobs = 2);
+    // Each job records how many jobs are running when it starts (via a counter directory).
+    let counter = dir.path().join("running");
+    std::fs::create_dir(&counter).unwrap();
+    let script = format!(
+        "touch {c}/$$; ls {c} | wc -l >> {l}; sleep 0.2; rm {c}/$$",
+        c = counter.display(),
+        l = log.display()
+    );
+    let s = spec(&format!(
+        "name: hello\nblocks:\n  - concurrency: 5\n    jobs: [{j}, {j}, {j}]\n",
+        j = format!("{{action: shell, args: {{argv: [sh, -c, '{script}']}}}}")
+    ));
+    let a = f.engine.submit(s.clone()).await.unwrap().id;
+    let b = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(a).await.unwrap();
+    f.engine.exec(b).await.unwrap();
+    assert_eq!(wait_terminal(&f.engine, a).await.state, RunState::Completed);
+    assert_eq!(wait_terminal(&f.engine, b).await.state, RunState::Completed);
+    let seen: Vec<u32> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(seen.len(), 6);
+    assert!(seen.iter().all(|&n| n <= 2), "never more than 2 jobs at once: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_submissions_are_refused() {
+    let f = fixture(|o| o.submit_ttl = Duration::from_millis(50));
+    let id = f.engine.submit(spec("name: hello\nblocks:\n  - jobs: [{action: noop}]\n")).await.unwrap().id;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(matches!(f.engine.exec(id).await, Err(EngineError::FailedPrecondition(_))));
+    assert_eq!(f.engine.status(id).await.unwrap().state, RunState::Expired);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_in_flight_jobs_finish_and_leaves_the_rest_unfinished() {
+    let f = fixture(|_| {});
+    let s = spec(
+        "name: hello\nblocks:\n  - jobs: [{action: sleep, args: {duration: 300ms}}]\n  - jobs: [{action: noop}]\n",
+    );
+    let id = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    for _ in 0..500 {
+        if f.engine.status(id).await.unwrap().blocks[0].jobs[0].state == JobState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cause = domain::StopCause::Signal {
+        signal: "SIGTERM".into(),
+        mode: ShutdownMode::Drain,
+    };
+    f.engine.shutdown(ShutdownMode::Drain, cause.clone(), Duration::from_secs(10)).await;
+    let run = f.engine.status(id).await.unwrap();
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Completed, "the in-flight job finished");
+    assert_eq!(run.blocks[1].jobs[0].state, JobState::Pending, "nothing new started");
+    assert_eq!(run.state, RunState::Running);
+    assert_eq!(run.stop_cause, Some(cause));
+    assert_eq!(run.lease_owner, None, "released for any node to resume");
+    assert!(matches!(f.engine.submit(spec("name: x\nblocks: [{jobs: [{action: noop}]}]")).await, Err(EngineError::Unavailable(_))));
+}
