@@ -15,8 +15,11 @@ impl Timestamp {
         self.0
     }
 
-    pub fn add(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    pub fn plus(self, d: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
     }
 
     /// RFC 3339 with milliseconds, e.g. `2026-11-21T10:00:00.000Z`.

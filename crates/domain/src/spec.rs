@@ -108,9 +108,13 @@ pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
     pub fn parse(s: &str) -> Result<HumanDuration, String> {
-        humantime::parse_duration(s.trim()).map(HumanDuration).map_err(|_| {
-            format!("invalid duration {s:?}: expected a number and a unit, such as 30s, 10m or 1h")
-        })
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|_| {
+                format!(
+                    "invalid duration {s:?}: expected a number and a unit, such as 30s, 10m or 1h"
+                )
+            })
     }
 }
 
@@ -180,8 +184,12 @@ impl WorkflowSpec {
                 format!("is {} bytes; the limit is {MAX_SPEC_BYTES}", text.len()),
             )]));
         }
-        let value: serde_json::Value = serde_norway::from_str(text)
-            .map_err(|e| SpecError(vec![FieldError::new("spec", format!("not valid YAML or JSON: {e}"))]))?;
+        let value: serde_json::Value = serde_norway::from_str(text).map_err(|e| {
+            SpecError(vec![FieldError::new(
+                "spec",
+                format!("not valid YAML or JSON: {e}"),
+            )])
+        })?;
         let spec = WorkflowSpec::from_value(value)?;
         spec.validate()?;
         Ok(spec)
@@ -210,7 +218,11 @@ impl WorkflowSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut errs = Vec::new();
         self.validate_into(&mut errs);
-        if errs.is_empty() { Ok(()) } else { Err(SpecError(errs)) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError(errs))
+        }
     }
 
     pub fn validate_into(&self, errs: &mut Vec<FieldError>) {
@@ -221,39 +233,78 @@ impl WorkflowSpec {
             err("name".into(), m);
         }
         if self.desc.len() > MAX_DESC_LEN {
-            err("desc".into(), format!("is {} bytes; the limit is {MAX_DESC_LEN}", self.desc.len()));
+            err(
+                "desc".into(),
+                format!("is {} bytes; the limit is {MAX_DESC_LEN}", self.desc.len()),
+            );
         }
         if self.labels.len() > MAX_LABELS {
-            err("labels".into(), format!("has {} entries; the limit is {MAX_LABELS}", self.labels.len()));
+            err(
+                "labels".into(),
+                format!(
+                    "has {} entries; the limit is {MAX_LABELS}",
+                    self.labels.len()
+                ),
+            );
         }
         for (k, v) in &self.labels {
             if let Some(m) = check_label_key(k) {
                 err(format!("labels.{k}"), m);
             }
             if v.len() > MAX_LABEL_VALUE_LEN {
-                err(format!("labels.{k}"), format!("value is {} bytes; the limit is {MAX_LABEL_VALUE_LEN}", v.len()));
+                err(
+                    format!("labels.{k}"),
+                    format!(
+                        "value is {} bytes; the limit is {MAX_LABEL_VALUE_LEN}",
+                        v.len()
+                    ),
+                );
             } else if v.chars().any(|c| c.is_control()) {
-                err(format!("labels.{k}"), "value must not contain control characters".into());
+                err(
+                    format!("labels.{k}"),
+                    "value must not contain control characters".into(),
+                );
             }
         }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() {
-                err("idempotency_key".into(), "must not be empty when given".into());
+                err(
+                    "idempotency_key".into(),
+                    "must not be empty when given".into(),
+                );
             } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-                err("idempotency_key".into(), format!("is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_LEN}", key.len()));
+                err(
+                    "idempotency_key".into(),
+                    format!(
+                        "is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_LEN}",
+                        key.len()
+                    ),
+                );
             } else if key.chars().any(|c| c.is_control()) {
-                err("idempotency_key".into(), "must not contain control characters".into());
+                err(
+                    "idempotency_key".into(),
+                    "must not contain control characters".into(),
+                );
             }
         }
         if self.blocks.is_empty() {
             err("blocks".into(), "required: at least one block".into());
         }
         if self.blocks.len() > MAX_BLOCKS {
-            err("blocks".into(), format!("has {} blocks; the limit is {MAX_BLOCKS}", self.blocks.len()));
+            err(
+                "blocks".into(),
+                format!(
+                    "has {} blocks; the limit is {MAX_BLOCKS}",
+                    self.blocks.len()
+                ),
+            );
         }
         let total = self.job_count();
         if total > MAX_JOBS {
-            err("blocks".into(), format!("have {total} jobs in all; the limit is {MAX_JOBS}"));
+            err(
+                "blocks".into(),
+                format!("have {total} jobs in all; the limit is {MAX_JOBS}"),
+            );
         }
         for (bi, b) in self.blocks.iter().enumerate() {
             let bp = format!("blocks[{bi}]");
@@ -261,15 +312,27 @@ impl WorkflowSpec {
                 err(format!("{bp}.jobs"), "required: at least one job".into());
             }
             if b.jobs.len() > MAX_JOBS_PER_BLOCK {
-                err(format!("{bp}.jobs"), format!("has {} jobs; the limit is {MAX_JOBS_PER_BLOCK}", b.jobs.len()));
+                err(
+                    format!("{bp}.jobs"),
+                    format!(
+                        "has {} jobs; the limit is {MAX_JOBS_PER_BLOCK}",
+                        b.jobs.len()
+                    ),
+                );
             }
             if b.concurrency == 0 {
                 err(format!("{bp}.concurrency"), "must be at least 1".into());
             } else if b.concurrency > MAX_CONCURRENCY {
-                err(format!("{bp}.concurrency"), format!("is {}; the limit is {MAX_CONCURRENCY}", b.concurrency));
+                err(
+                    format!("{bp}.concurrency"),
+                    format!("is {}; the limit is {MAX_CONCURRENCY}", b.concurrency),
+                );
             }
             if b.desc.len() > MAX_DESC_LEN {
-                err(format!("{bp}.desc"), format!("is {} bytes; the limit is {MAX_DESC_LEN}", b.desc.len()));
+                err(
+                    format!("{bp}.desc"),
+                    format!("is {} bytes; the limit is {MAX_DESC_LEN}", b.desc.len()),
+                );
             }
             for (ji, j) in b.jobs.iter().enumerate() {
                 let jp = format!("{bp}.jobs[{ji}]");
@@ -277,23 +340,33 @@ impl WorkflowSpec {
                     err(format!("{jp}.action"), "required".into());
                 }
                 if j.desc.len() > MAX_DESC_LEN {
-                    err(format!("{jp}.desc"), format!("is {} bytes; the limit is {MAX_DESC_LEN}", j.desc.len()));
+                    err(
+                        format!("{jp}.desc"),
+                        format!("is {} bytes; the limit is {MAX_DESC_LEN}", j.desc.len()),
+                    );
                 }
-                if let Some(t) = j.timeout {
-                    if t.0.is_zero() {
-                        err(format!("{jp}.timeout"), "must be greater than 0".into());
-                    }
+                if j.timeout.is_some_and(|t| t.0.is_zero()) {
+                    err(format!("{jp}.timeout"), "must be greater than 0".into());
                 }
                 if let Some(r) = &j.retry {
                     if r.attempts == 0 {
-                        err(format!("{jp}.retry.attempts"), "must be at least 1 (the first attempt counts)".into());
+                        err(
+                            format!("{jp}.retry.attempts"),
+                            "must be at least 1 (the first attempt counts)".into(),
+                        );
                     } else if r.attempts > MAX_RETRY_ATTEMPTS {
-                        err(format!("{jp}.retry.attempts"), format!("is {}; the limit is {MAX_RETRY_ATTEMPTS}", r.attempts));
+                        err(
+                            format!("{jp}.retry.attempts"),
+                            format!("is {}; the limit is {MAX_RETRY_ATTEMPTS}", r.attempts),
+                        );
                     }
                     if r.max_backoff < r.initial_backoff {
                         err(
                             format!("{jp}.retry.max_backoff"),
-                            format!("({}) must not be less than initial_backoff ({})", r.max_backoff, r.initial_backoff),
+                            format!(
+                                "({}) must not be less than initial_backoff ({})",
+                                r.max_backoff, r.initial_backoff
+                            ),
                         );
                     }
                 }
@@ -304,11 +377,18 @@ impl WorkflowSpec {
 
 fn check_name(name: &str) -> Option<String> {
     if name.len() > MAX_NAME_LEN {
-        return Some(format!("is {} bytes; the limit is {MAX_NAME_LEN}", name.len()));
+        return Some(format!(
+            "is {} bytes; the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
     }
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
-    if !first_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
         return Some(format!(
             "{name:?} is not a valid workflow name: start with a letter, then letters, digits, '_', '-' or '.'"
         ));
@@ -321,10 +401,18 @@ fn check_label_key(key: &str) -> Option<String> {
         return Some("label keys must not be empty".into());
     }
     if key.len() > MAX_LABEL_KEY_LEN {
-        return Some(format!("key is {} bytes; the limit is {MAX_LABEL_KEY_LEN}", key.len()));
+        return Some(format!(
+            "key is {} bytes; the limit is {MAX_LABEL_KEY_LEN}",
+            key.len()
+        ));
     }
-    if !key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')) {
-        return Some(format!("key {key:?} may hold only letters, digits, '_', '-', '.' and '/'"));
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+    {
+        return Some(format!(
+            "key {key:?} may hold only letters, digits, '_', '-', '.' and '/'"
+        ));
     }
     None
 }
@@ -340,7 +428,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.blocks[0].concurrency, 1);
-        assert_eq!(spec.blocks[0].jobs[0].timeout, Some(HumanDuration(Duration::from_secs(600))));
+        assert_eq!(
+            spec.blocks[0].jobs[0].timeout,
+            Some(HumanDuration(Duration::from_secs(600)))
+        );
     }
 
     #[test]
@@ -358,7 +449,8 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_field() {
-        let e = WorkflowSpec::parse("name: x\nblocks:\n  - concurrency: five\n    jobs: []\n").unwrap_err();
+        let e = WorkflowSpec::parse("name: x\nblocks:\n  - concurrency: five\n    jobs: []\n")
+            .unwrap_err();
         assert_eq!(e.0[0].path, "blocks[0].concurrency");
     }
 }

@@ -83,7 +83,10 @@ impl RunState {
 
     /// Exec was accepted and the run has not finished: a node must drive it.
     pub fn is_executing(self) -> bool {
-        matches!(self, RunState::Queued | RunState::Running | RunState::Paused)
+        matches!(
+            self,
+            RunState::Queued | RunState::Running | RunState::Paused
+        )
     }
 }
 
@@ -128,6 +131,11 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(s.as_str().parse::<JobState>(), Ok(*s));
         }
-        assert!("nope".parse::<RunState>().unwrap_err().contains("submitted"));
+        assert!(
+            "nope"
+                .parse::<RunState>()
+                .unwrap_err()
+                .contains("submitted")
+        );
     }
 }

@@ -81,7 +81,11 @@ impl fmt::Display for StopCause {
                 f,
                 "e-stop entry {target:?} = {state} (set by {}: {})",
                 if set_by.is_empty() { "unknown" } else { set_by },
-                if reason.is_empty() { "no reason given" } else { reason }
+                if reason.is_empty() {
+                    "no reason given"
+                } else {
+                    reason
+                }
             ),
             StopCause::Fatal { component, message } => {
                 write!(f, "fatal error in {component}: {message}")

@@ -20,7 +20,9 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
     let token = inner.token.child_token();
     let halt = Arc::new(Mutex::new(None));
     {
-        let Ok(mut active) = inner.active.lock() else { return };
+        let Ok(mut active) = inner.active.lock() else {
+            return;
+        };
         if active.contains_key(&id) {
             return;
         }
@@ -65,7 +67,9 @@ enum Outcome {
         output: String,
     },
     /// Cancelled while running: the halt decides what it becomes.
-    Cancelled { output: String },
+    Cancelled {
+        output: String,
+    },
     /// Never started (cancelled or drained while waiting for a slot).
     NotStarted,
 }
@@ -102,7 +106,8 @@ impl Driver<'_> {
         if !run.state.is_executing() || run.lease_owner.as_ref() != Some(self.node()) {
             return Ok(());
         }
-        self.marked_running.store(run.state == RunState::Running, Ordering::SeqCst);
+        self.marked_running
+            .store(run.state == RunState::Running, Ordering::SeqCst);
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
         }
@@ -112,19 +117,24 @@ impl Driver<'_> {
                 // Specs are validated at submit; this means the actions changed under a stored run.
                 let error = format!("the stored spec is no longer valid: {e}");
                 tracing::error!(%error, "failing the run");
-                return self.finish(RunState::Failed, Some(error), None, vec![]).await;
+                return self
+                    .finish(RunState::Failed, Some(error), None, vec![])
+                    .await;
             }
         };
         let Some(first) = run.first_unfinished_block() else {
             return self.finish(RunState::Completed, None, None, vec![]).await;
         };
-        for bi in first..run.blocks.len() {
+        for (bi, block_calls) in calls.iter().enumerate().skip(first) {
             let fresh = run.blocks[bi].state == JobState::Pending;
-            if fresh && (self.inner.no_new_blocks.is_cancelled() || self.inner.no_new_jobs.is_cancelled()) {
+            if fresh
+                && (self.inner.no_new_blocks.is_cancelled()
+                    || self.inner.no_new_jobs.is_cancelled())
+            {
                 return self.interrupt().await;
             }
             let last = bi + 1 == run.blocks.len();
-            match self.drive_block(&run, bi, &calls[bi], last).await? {
+            match self.drive_block(&run, bi, block_calls, last).await? {
                 Flow::Next => {}
                 Flow::Finished => return Ok(()),
                 Flow::Halted => return self.halted().await,
@@ -133,7 +143,13 @@ impl Driver<'_> {
         Ok(())
     }
 
-    async fn drive_block(&self, run: &Run, bi: usize, calls: &[ActionCall], last: bool) -> store::Result<Flow> {
+    async fn drive_block(
+        &self,
+        run: &Run,
+        bi: usize,
+        calls: &[ActionCall],
+        last: bool,
+    ) -> store::Result<Flow> {
         let block = &run.blocks[bi];
         let spec = &run.spec.blocks[bi];
         let b = u32::try_from(bi).unwrap_or(u32::MAX);
@@ -144,14 +160,23 @@ impl Driver<'_> {
             .filter(|(_, j)| matches!(j.state, JobState::Pending | JobState::Running))
             .map(|(i, _)| i)
             .collect();
-        let mut failures = block.jobs.iter().filter(|j| j.state == JobState::Failed).count();
+        let mut failures = block
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Failed)
+            .count();
         let budget = spec.max_failures as usize;
         let mut first_error = block.jobs.iter().enumerate().find_map(|(ji, j)| {
-            (j.state == JobState::Failed).then(|| job_error(bi, ji, spec.jobs[ji].desc.as_str(), j.error.as_deref()))
+            (j.state == JobState::Failed)
+                .then(|| job_error(bi, ji, spec.jobs[ji].desc.as_str(), j.error.as_deref()))
         });
         if block.state == JobState::Pending {
             let at = self.inner.now();
-            self.inner.store.apply_nowait(self.node(), self.id, vec![Transition::BlockStarted { block: b, at }]);
+            self.inner.store.apply_nowait(
+                self.node(),
+                self.id,
+                vec![Transition::BlockStarted { block: b, at }],
+            );
         }
         if queue.is_empty() || failures > budget {
             // Everything was done before a restart: only the block's end is left to record.
@@ -180,9 +205,16 @@ impl Driver<'_> {
                     block: b,
                     job: u32::try_from(ji).unwrap_or(u32::MAX),
                 };
-                in_flight.push(self.run_job(key, &calls[ji], &spec.jobs[ji], block.jobs[ji].attempts));
+                in_flight.push(self.run_job(
+                    key,
+                    &calls[ji],
+                    &spec.jobs[ji],
+                    block.jobs[ji].attempts,
+                ));
             }
-            let Some(first) = in_flight.next().await else { break };
+            let Some(first) = in_flight.next().await else {
+                break;
+            };
             let mut results = vec![first];
             while let Some(Some(r)) = in_flight.next().now_or_never() {
                 results.push(r);
@@ -200,11 +232,16 @@ impl Driver<'_> {
                         exit_code: out.exit_code,
                         output: out.output,
                     }),
-                    Outcome::Failed { error, exit_code, output } => {
+                    Outcome::Failed {
+                        error,
+                        exit_code,
+                        output,
+                    } => {
                         failures += 1;
                         tracing::warn!(job = %r.key.idempotency_key(self.id), %error, failures, budget, "job failed");
                         if first_error.is_none() {
-                            first_error = Some(job_error(bi, ji, &spec.jobs[ji].desc, Some(&error)));
+                            first_error =
+                                Some(job_error(bi, ji, &spec.jobs[ji].desc, Some(&error)));
                         }
                         ts.push(Transition::JobFinished {
                             key: r.key,
@@ -222,7 +259,8 @@ impl Driver<'_> {
             let settled = in_flight.is_empty() && !self.token.is_cancelled();
             let mut finished = None;
             if settled && (failures > budget || queue.is_empty()) {
-                finished = self.settle(&mut ts, bi, failures, budget, first_error.clone(), last, at);
+                finished =
+                    self.settle(&mut ts, bi, failures, budget, first_error.clone(), last, at);
             }
             if ts.is_empty() {
                 continue;
@@ -262,31 +300,61 @@ impl Driver<'_> {
     ) -> Option<Option<RunState>> {
         let block = u32::try_from(bi).unwrap_or(u32::MAX);
         if failures > budget {
-            ts.push(Transition::BlockFinished { block, state: JobState::Failed, at });
+            ts.push(Transition::BlockFinished {
+                block,
+                state: JobState::Failed,
+                at,
+            });
             let error = first_error.unwrap_or_else(|| format!("blocks[{bi}] failed"));
             let error = if budget > 0 {
                 format!("{error} ({failures} failures, over the block's budget of {budget})")
             } else {
                 error
             };
-            ts.push(Transition::RunFinished { state: RunState::Failed, at, error: Some(error), stop_cause: None });
+            ts.push(Transition::RunFinished {
+                state: RunState::Failed,
+                at,
+                error: Some(error),
+                stop_cause: None,
+            });
             return Some(Some(RunState::Failed));
         }
-        ts.push(Transition::BlockFinished { block, state: JobState::Completed, at });
+        ts.push(Transition::BlockFinished {
+            block,
+            state: JobState::Completed,
+            at,
+        });
         if last {
-            ts.push(Transition::RunFinished { state: RunState::Completed, at, error: None, stop_cause: None });
+            ts.push(Transition::RunFinished {
+                state: RunState::Completed,
+                at,
+                error: None,
+                stop_cause: None,
+            });
             return Some(Some(RunState::Completed));
         }
         Some(None)
     }
 
     /// One job, with its retries; returns without committing its outcome.
-    async fn run_job(&self, key: JobKey, call: &ActionCall, spec: &JobSpec, prior_attempts: u32) -> JobResult {
+    async fn run_job(
+        &self,
+        key: JobKey,
+        call: &ActionCall,
+        spec: &JobSpec,
+        prior_attempts: u32,
+    ) -> JobResult {
         let outcome = self.attempts(key, call, spec, prior_attempts).await;
         JobResult { key, outcome }
     }
 
-    async fn attempts(&self, key: JobKey, call: &ActionCall, spec: &JobSpec, prior_attempts: u32) -> Outcome {
+    async fn attempts(
+        &self,
+        key: JobKey,
+        call: &ActionCall,
+        spec: &JobSpec,
+        prior_attempts: u32,
+    ) -> Outcome {
         let inner = self.inner;
         let retry = spec.retry.clone().unwrap_or_default();
         let idempotency_key = key.idempotency_key(self.id);
@@ -302,7 +370,13 @@ impl Driver<'_> {
                 () = inner.no_new_jobs.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
             };
             if inner.no_new_jobs.is_cancelled() || self.token.is_cancelled() {
-                return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } };
+                return if failed == 0 {
+                    Outcome::NotStarted
+                } else {
+                    Outcome::Cancelled {
+                        output: String::new(),
+                    }
+                };
             }
             attempt += 1;
             let at = inner.now();
@@ -350,9 +424,17 @@ impl Driver<'_> {
                 }
                 Err(ActionError::Cancelled { output }) => return Outcome::Cancelled { output },
                 Err(ActionError::Fatal { message, output }) => {
-                    return Outcome::Failed { error: message, exit_code: None, output };
+                    return Outcome::Failed {
+                        error: message,
+                        exit_code: None,
+                        output,
+                    };
                 }
-                Err(ActionError::Failed { message, exit_code, output }) => (message, exit_code, output),
+                Err(ActionError::Failed {
+                    message,
+                    exit_code,
+                    output,
+                }) => (message, exit_code, output),
             };
             failed += 1;
             if failed >= retry.attempts {
@@ -361,7 +443,11 @@ impl Driver<'_> {
                 } else {
                     error
                 };
-                return Outcome::Failed { error, exit_code, output };
+                return Outcome::Failed {
+                    error,
+                    exit_code,
+                    output,
+                };
             }
             let backoff = retry.backoff_before(failed + 1);
             tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
@@ -379,7 +465,11 @@ impl Driver<'_> {
         match halt {
             Some(Halt::End { state, cause }) => Transition::JobFinished {
                 key,
-                state: if state == RunState::Stopped { JobState::Stopped } else { JobState::Cancelled },
+                state: if state == RunState::Stopped {
+                    JobState::Stopped
+                } else {
+                    JobState::Cancelled
+                },
                 at,
                 error: Some(cause.to_string()),
                 exit_code: None,
@@ -415,7 +505,8 @@ impl Driver<'_> {
     }
 
     async fn end(&self, state: RunState, cause: StopCause) -> store::Result<()> {
-        self.finish(state, Some(cause.to_string()), Some(cause), vec![]).await
+        self.finish(state, Some(cause.to_string()), Some(cause), vec![])
+            .await
     }
 
     async fn finish(
@@ -426,7 +517,12 @@ impl Driver<'_> {
         mut ts: Vec<Transition>,
     ) -> store::Result<()> {
         let at = self.inner.now();
-        ts.push(Transition::RunFinished { state, at, error, stop_cause });
+        ts.push(Transition::RunFinished {
+            state,
+            at,
+            error,
+            stop_cause,
+        });
         self.inner.store.apply(self.node(), self.id, ts).await?;
         self.inner.emit(self.id, state);
         tracing::info!(%state, "run finished");
@@ -446,13 +542,24 @@ impl Driver<'_> {
         tracing::info!(%cause, "run interrupted; it resumes at its first unfinished job");
         self.inner
             .store
-            .apply(self.node(), self.id, vec![Transition::RunInterrupted { cause }])
+            .apply(
+                self.node(),
+                self.id,
+                vec![Transition::RunInterrupted { cause }],
+            )
             .await?;
         self.inner.store.release(self.node(), self.id).await
     }
 }
 
 fn job_error(bi: usize, ji: usize, desc: &str, error: Option<&str>) -> String {
-    let what = if desc.is_empty() { String::new() } else { format!(" ({desc})") };
-    format!("blocks[{bi}].jobs[{ji}]{what} failed: {}", error.unwrap_or("unknown error"))
+    let what = if desc.is_empty() {
+        String::new()
+    } else {
+        format!(" ({desc})")
+    };
+    format!(
+        "blocks[{bi}].jobs[{ji}]{what} failed: {}",
+        error.unwrap_or("unknown error")
+    )
 }

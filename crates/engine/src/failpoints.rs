@@ -12,7 +12,10 @@ pub(crate) use crash_point;
 
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub(crate) fn die(name: &str) -> ! {
-    tracing::error!(failpoint = name, "fail point reached: killing this process with SIGKILL");
+    tracing::error!(
+        failpoint = name,
+        "fail point reached: killing this process with SIGKILL"
+    );
     let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     std::process::abort()
 }

@@ -81,8 +81,12 @@ impl From<store::Error> for EngineError {
     fn from(e: store::Error) -> Self {
         match e {
             store::Error::NotFound(id) => EngineError::NotFound(id),
-            store::Error::Unavailable(_) | store::Error::Closed => EngineError::Unavailable(e.to_string()),
-            store::Error::LeaseLost { .. } | store::Error::Corrupt(_) => EngineError::Internal(e.to_string()),
+            store::Error::Unavailable(_) | store::Error::Closed => {
+                EngineError::Unavailable(e.to_string())
+            }
+            store::Error::LeaseLost { .. } | store::Error::Corrupt(_) => {
+                EngineError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -182,9 +186,16 @@ impl Engine {
         if self.is_accepting() {
             Ok(())
         } else {
-            let cause = self.inner.shutdown_cause.lock().ok().and_then(|c| c.clone());
+            let cause = self
+                .inner
+                .shutdown_cause
+                .lock()
+                .ok()
+                .and_then(|c| c.clone());
             Err(EngineError::Unavailable(match cause {
-                Some(c) => format!("steward is shutting down ({c}); try again on another node or after the restart"),
+                Some(c) => format!(
+                    "steward is shutting down ({c}); try again on another node or after the restart"
+                ),
                 None => "steward is shutting down; try again later".into(),
             }))
         }
@@ -195,7 +206,11 @@ impl Engine {
         self.submit_inner(spec, None).await
     }
 
-    async fn submit_inner(&self, spec: WorkflowSpec, cloned_from: Option<RunId>) -> Result<store::Submitted, EngineError> {
+    async fn submit_inner(
+        &self,
+        spec: WorkflowSpec,
+        cloned_from: Option<RunId>,
+    ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
         actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
         let now = self.inner.clock.now();
@@ -206,7 +221,7 @@ impl Engine {
                 id: RunId::new_v7(),
                 spec,
                 created_at: now,
-                expires_at: now.add(self.inner.opts.submit_ttl),
+                expires_at: now.plus(self.inner.opts.submit_ttl),
                 cloned_from,
             })
             .await?;
@@ -221,8 +236,13 @@ impl Engine {
     pub async fn exec(&self, id: RunId) -> Result<(), EngineError> {
         self.check_accepting()?;
         let now = self.inner.clock.now();
-        let lease = now.add(self.inner.opts.lease_ttl);
-        match self.inner.store.exec(id, &self.inner.opts.node_id, now, lease).await? {
+        let lease = now.plus(self.inner.opts.lease_ttl);
+        match self
+            .inner
+            .store
+            .exec(id, &self.inner.opts.node_id, now, lease)
+            .await?
+        {
             ExecOutcome::Queued => {
                 self.inner.emit(id, RunState::Queued);
                 tracing::info!(run_id = %id, "run queued");
@@ -246,8 +266,11 @@ impl Engine {
 
     pub async fn list(&self, filter: &RunFilter) -> Result<RunPage, EngineError> {
         if let Some(t) = &filter.page_token {
-            t.parse::<RunId>()
-                .map_err(|_| EngineError::InvalidArgument(format!("page_token {t:?} is not one this server gave out")))?;
+            t.parse::<RunId>().map_err(|_| {
+                EngineError::InvalidArgument(format!(
+                    "page_token {t:?} is not one this server gave out"
+                ))
+            })?;
         }
         if filter.page_size > store::MAX_PAGE_SIZE {
             return Err(EngineError::InvalidArgument(format!(
@@ -319,12 +342,16 @@ impl Inner {
 
     /// Tells the task driving `id` (if it is ours) to let go. The first halt wins.
     pub(crate) fn halt_run(&self, id: RunId, halt: Halt) -> bool {
-        let Ok(active) = self.active.lock() else { return false };
-        let Some(run) = active.get(&id) else { return false };
-        if let Ok(mut h) = run.halt.lock() {
-            if h.is_none() {
-                *h = Some(halt);
-            }
+        let Ok(active) = self.active.lock() else {
+            return false;
+        };
+        let Some(run) = active.get(&id) else {
+            return false;
+        };
+        if let Ok(mut h) = run.halt.lock()
+            && h.is_none()
+        {
+            *h = Some(halt);
         }
         run.token.cancel();
         true

@@ -24,8 +24,12 @@ pub(crate) fn start(inner: &Arc<Inner>) {
 /// Resumes every unfinished run this node held before it stopped (or crashed).
 async fn recover(inner: &Arc<Inner>) {
     let started = Instant::now();
-    let until = inner.now().add(inner.opts.lease_ttl);
-    match inner.store.recover(&inner.opts.node_id, until, u32::MAX).await {
+    let until = inner.now().plus(inner.opts.lease_ttl);
+    match inner
+        .store
+        .recover(&inner.opts.node_id, until, u32::MAX)
+        .await
+    {
         Ok(ids) => {
             let n = ids.len();
             for id in ids {
@@ -35,7 +39,9 @@ async fn recover(inner: &Arc<Inner>) {
                 tracing::info!(runs = n, elapsed = ?started.elapsed(), "resuming unfinished runs");
             }
         }
-        Err(e) => tracing::error!(error = %e, "recovering unfinished runs failed; the orphan claimer retries"),
+        Err(e) => {
+            tracing::error!(error = %e, "recovering unfinished runs failed; the orphan claimer retries")
+        }
     }
 }
 
@@ -48,15 +54,23 @@ async fn tick(inner: &Inner, period: Duration) -> bool {
 }
 
 fn held_runs(inner: &Inner) -> Vec<RunId> {
-    inner.active.lock().map(|a| a.keys().copied().collect()).unwrap_or_default()
+    inner
+        .active
+        .lock()
+        .map(|a| a.keys().copied().collect())
+        .unwrap_or_default()
 }
 
 async fn renew_loop(inner: &Arc<Inner>) {
     let period = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
     while tick(inner, period).await {
         let held = held_runs(inner);
-        let until = inner.now().add(inner.opts.lease_ttl);
-        match inner.store.renew_leases(&inner.opts.node_id, &held, until).await {
+        let until = inner.now().plus(inner.opts.lease_ttl);
+        match inner
+            .store
+            .renew_leases(&inner.opts.node_id, &held, until)
+            .await
+        {
             Ok(renewal) => {
                 for (id, cause) in renewal.cancel_requested {
                     inner.halt_run(
@@ -83,8 +97,12 @@ async fn claim_loop(inner: &Arc<Inner>) {
             return;
         }
         let now = inner.now();
-        let until = now.add(inner.opts.lease_ttl);
-        match inner.store.claim_orphans(&inner.opts.node_id, now, until, 1000).await {
+        let until = now.plus(inner.opts.lease_ttl);
+        match inner
+            .store
+            .claim_orphans(&inner.opts.node_id, now, until, 1000)
+            .await
+        {
             Ok(ids) => {
                 if !ids.is_empty() {
                     tracing::info!(runs = ids.len(), "claimed runs with no live lease");
@@ -113,18 +131,23 @@ async fn expire_loop(inner: &Arc<Inner>) {
 }
 
 fn record_cause(inner: &Inner, cause: StopCause) {
-    if let Ok(mut c) = inner.shutdown_cause.lock() {
-        if c.is_none() {
-            tracing::info!(%cause, kind = cause.kind(), "shutdown begins");
-            *c = Some(cause);
-        }
+    if let Ok(mut c) = inner.shutdown_cause.lock()
+        && c.is_none()
+    {
+        tracing::info!(%cause, kind = cause.kind(), "shutdown begins");
+        *c = Some(cause);
     }
     inner.accepting.store(false, Ordering::SeqCst);
 }
 
 fn interrupt_all(inner: &Inner, cause: &StopCause) {
     for id in held_runs(inner) {
-        inner.halt_run(id, Halt::Interrupt { cause: cause.clone() });
+        inner.halt_run(
+            id,
+            Halt::Interrupt {
+                cause: cause.clone(),
+            },
+        );
     }
 }
 
@@ -135,7 +158,12 @@ pub(crate) fn stop_now(inner: &Inner, cause: StopCause) {
     interrupt_all(inner, &cause);
 }
 
-pub(crate) async fn shutdown(inner: &Arc<Inner>, mode: ShutdownMode, cause: StopCause, grace: Duration) {
+pub(crate) async fn shutdown(
+    inner: &Arc<Inner>,
+    mode: ShutdownMode,
+    cause: StopCause,
+    grace: Duration,
+) {
     record_cause(inner, cause.clone());
     match mode {
         ShutdownMode::Now => stop_now(inner, cause.clone()),

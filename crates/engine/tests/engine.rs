@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! The engine in process, on a real SQLite file.
 
 use std::sync::Arc;
@@ -15,7 +17,8 @@ struct Fixture {
 
 fn fixture(tweak: impl FnOnce(&mut EngineOptions)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn RunStore> = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
+    let store: Arc<dyn RunStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
     let mut opts = EngineOptions::new(NodeId("test".into()));
     opts.kill_grace = Duration::from_millis(200);
     tweak(&mut opts);
@@ -46,17 +49,33 @@ async fn blocks_run_in_order_and_complete() {
         "name: hello\nblocks:\n  - jobs: [{action: noop}]\n  - concurrency: 3\n    jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
     );
     let sub = f.engine.submit(s).await.unwrap();
-    assert_eq!(f.engine.status(sub.id).await.unwrap().state, RunState::Submitted);
+    assert_eq!(
+        f.engine.status(sub.id).await.unwrap().state,
+        RunState::Submitted
+    );
     f.engine.exec(sub.id).await.unwrap();
     let run = wait_terminal(&f.engine, sub.id).await;
     assert_eq!(run.state, RunState::Completed);
     assert!(run.started_at.is_some() && run.ended_at.is_some());
     for b in &run.blocks {
         assert_eq!(b.state, JobState::Completed);
-        assert!(b.jobs.iter().all(|j| j.state == JobState::Completed && j.attempts == 1));
+        assert!(
+            b.jobs
+                .iter()
+                .all(|j| j.state == JobState::Completed && j.attempts == 1)
+        );
     }
-    assert!(run.blocks[0].ended_at <= run.blocks[1].started_at, "blocks run one after another");
-    assert!(matches!(f.engine.exec(sub.id).await, Err(EngineError::AlreadyExists { state: RunState::Completed, .. })));
+    assert!(
+        run.blocks[0].ended_at <= run.blocks[1].started_at,
+        "blocks run one after another"
+    );
+    assert!(matches!(
+        f.engine.exec(sub.id).await,
+        Err(EngineError::AlreadyExists {
+            state: RunState::Completed,
+            ..
+        })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +92,11 @@ async fn a_failed_job_fails_its_block_and_run_and_skips_the_rest() {
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.exit_code, Some(3));
     assert!(job.output.contains("oops"));
-    assert!(run.error.as_deref().unwrap().contains("blocks[0].jobs[0]"), "{:?}", run.error);
+    assert!(
+        run.error.as_deref().unwrap().contains("blocks[0].jobs[0]"),
+        "{:?}",
+        run.error
+    );
     assert_eq!(run.blocks[0].jobs[1].state, JobState::Skipped);
     assert_eq!(run.blocks[1].state, JobState::Skipped);
 }
@@ -83,7 +106,10 @@ async fn retries_back_off_then_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("tries");
     let f = fixture(|_| {});
-    let script = format!("echo x >> {m}; test $(wc -l < {m}) -ge 3", m = marker.display());
+    let script = format!(
+        "echo x >> {m}; test $(wc -l < {m}) -ge 3",
+        m = marker.display()
+    );
     let s = spec(&format!(
         "name: hello\nblocks:\n  - jobs:\n      - action: shell\n        args: {{argv: [sh, -c, '{script}']}}\n        retry: {{attempts: 5, initial_backoff: 10ms, max_backoff: 20ms}}\n"
     ));
@@ -97,18 +123,28 @@ async fn retries_back_off_then_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_fails_the_job() {
     let f = fixture(|_| {});
-    let s = spec("name: hello\nblocks:\n  - jobs:\n      - {action: sleep, args: {duration: 60s}, timeout: 50ms}\n");
+    let s = spec(
+        "name: hello\nblocks:\n  - jobs:\n      - {action: sleep, args: {duration: 60s}, timeout: 50ms}\n",
+    );
     let id = f.engine.submit(s).await.unwrap().id;
     f.engine.exec(id).await.unwrap();
     let run = wait_terminal(&f.engine, id).await;
     assert_eq!(run.state, RunState::Failed);
-    assert!(run.blocks[0].jobs[0].error.as_deref().unwrap().contains("timed out"));
+    assert!(
+        run.blocks[0].jobs[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("timed out")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_running_run_and_a_submitted_one() {
     let f = fixture(|_| {});
-    let s = spec("name: hello\nblocks:\n  - jobs: [{action: sleep, args: {duration: 60s}}]\n  - jobs: [{action: noop}]\n");
+    let s = spec(
+        "name: hello\nblocks:\n  - jobs: [{action: sleep, args: {duration: 60s}}]\n  - jobs: [{action: noop}]\n",
+    );
     let id = f.engine.submit(s.clone()).await.unwrap().id;
     f.engine.exec(id).await.unwrap();
     for _ in 0..500 {
@@ -125,8 +161,14 @@ async fn cancel_ends_a_running_run_and_a_submitted_one() {
     assert!(run.error.unwrap().contains("wrong site"));
 
     let idle = f.engine.submit(s).await.unwrap().id;
-    assert_eq!(f.engine.cancel(idle, "ana", "").await.unwrap(), RunState::Cancelled);
-    assert!(matches!(f.engine.exec(idle).await, Err(EngineError::AlreadyExists { .. })));
+    assert_eq!(
+        f.engine.cancel(idle, "ana", "").await.unwrap(),
+        RunState::Cancelled
+    );
+    assert!(matches!(
+        f.engine.exec(idle).await,
+        Err(EngineError::AlreadyExists { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,15 +200,26 @@ async fn the_global_cap_limits_jobs_across_runs() {
         .map(|l| l.trim().parse().unwrap())
         .collect();
     assert_eq!(seen.len(), 6);
-    assert!(seen.iter().all(|&n| n <= 2), "never more than 2 jobs at once: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n <= 2),
+        "never more than 2 jobs at once: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_submissions_are_refused() {
     let f = fixture(|o| o.submit_ttl = Duration::from_millis(50));
-    let id = f.engine.submit(spec("name: hello\nblocks:\n  - jobs: [{action: noop}]\n")).await.unwrap().id;
+    let id = f
+        .engine
+        .submit(spec("name: hello\nblocks:\n  - jobs: [{action: noop}]\n"))
+        .await
+        .unwrap()
+        .id;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(matches!(f.engine.exec(id).await, Err(EngineError::FailedPrecondition(_))));
+    assert!(matches!(
+        f.engine.exec(id).await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
     assert_eq!(f.engine.status(id).await.unwrap().state, RunState::Expired);
 }
 
@@ -188,12 +241,27 @@ async fn drain_lets_in_flight_jobs_finish_and_leaves_the_rest_unfinished() {
         signal: "SIGTERM".into(),
         mode: ShutdownMode::Drain,
     };
-    f.engine.shutdown(ShutdownMode::Drain, cause.clone(), Duration::from_secs(10)).await;
+    f.engine
+        .shutdown(ShutdownMode::Drain, cause.clone(), Duration::from_secs(10))
+        .await;
     let run = f.engine.status(id).await.unwrap();
-    assert_eq!(run.blocks[0].jobs[0].state, JobState::Completed, "the in-flight job finished");
-    assert_eq!(run.blocks[1].jobs[0].state, JobState::Pending, "nothing new started");
+    assert_eq!(
+        run.blocks[0].jobs[0].state,
+        JobState::Completed,
+        "the in-flight job finished"
+    );
+    assert_eq!(
+        run.blocks[1].jobs[0].state,
+        JobState::Pending,
+        "nothing new started"
+    );
     assert_eq!(run.state, RunState::Running);
     assert_eq!(run.stop_cause, Some(cause));
     assert_eq!(run.lease_owner, None, "released for any node to resume");
-    assert!(matches!(f.engine.submit(spec("name: x\nblocks: [{jobs: [{action: noop}]}]")).await, Err(EngineError::Unavailable(_))));
+    assert!(matches!(
+        f.engine
+            .submit(spec("name: x\nblocks: [{jobs: [{action: noop}]}]"))
+            .await,
+        Err(EngineError::Unavailable(_))
+    ));
 }

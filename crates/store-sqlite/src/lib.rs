@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use store::{
-    CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore, Submitted,
-    Transition,
+    CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
+    Submitted, Transition,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -80,7 +80,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(db_err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         tracing::info!(version = i + 1, "applied database migration");
     }
@@ -110,7 +111,11 @@ fn writer_loop(conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteJob>) {
             let sp = conn.execute_batch("SAVEPOINT op");
             let (ok, fin) = job(&conn);
             if sp.is_ok() {
-                let end = if ok { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+                let end = if ok {
+                    "RELEASE op"
+                } else {
+                    "ROLLBACK TO op; RELEASE op"
+                };
                 if let Err(e) = conn.execute_batch(end) {
                     tracing::error!(error = %e, "closing a savepoint failed");
                 }
@@ -212,15 +217,16 @@ impl SqliteStore {
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )
                     .map_err(db_err)?;
-                    c.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+                    c.busy_timeout(std::time::Duration::from_secs(10))
+                        .map_err(db_err)?;
                     c
                 }
             };
             let r = f(&conn);
-            if let Ok(mut p) = pool.lock() {
-                if p.len() < READERS {
-                    p.push(conn);
-                }
+            if let Ok(mut p) = pool.lock()
+                && p.len() < READERS
+            {
+                p.push(conn);
             }
             r
         })
@@ -293,7 +299,13 @@ impl RunStore for SqliteStore {
         self.read(move |c| rows::list_runs(c, &filter)).await
     }
 
-    async fn exec(&self, id: RunId, node: &NodeId, now: Timestamp, lease_until: Timestamp) -> Result<ExecOutcome> {
+    async fn exec(
+        &self,
+        id: RunId,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<ExecOutcome> {
         let node = node.0.clone();
         self.write(move |c| {
             let row: Option<(String, Option<i64>, i64)> = c
@@ -362,7 +374,13 @@ impl RunStore for SqliteStore {
             for (id, expires_at, created_at) in due {
                 let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
                 let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
-                rows::finish_unstarted(c, id, RunState::Expired, now, &StopCause::Expired { ttl_secs })?;
+                rows::finish_unstarted(
+                    c,
+                    id,
+                    RunState::Expired,
+                    now,
+                    &StopCause::Expired { ttl_secs },
+                )?;
                 ids.push(id);
             }
             Ok(ids)
@@ -370,7 +388,12 @@ impl RunStore for SqliteStore {
         .await
     }
 
-    async fn recover(&self, node: &NodeId, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>> {
+    async fn recover(
+        &self,
+        node: &NodeId,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
         let node = node.0.clone();
         self.write(move |c| {
             let sql = format!(
@@ -403,7 +426,12 @@ impl RunStore for SqliteStore {
         .await
     }
 
-    async fn renew_leases(&self, node: &NodeId, held: &[RunId], lease_until: Timestamp) -> Result<LeaseRenewal> {
+    async fn renew_leases(
+        &self,
+        node: &NodeId,
+        held: &[RunId],
+        lease_until: Timestamp,
+    ) -> Result<LeaseRenewal> {
         let node = node.0.clone();
         let held = held.to_vec();
         self.write(move |c| {
@@ -451,7 +479,8 @@ impl RunStore for SqliteStore {
 
     async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()> {
         let node = node.0.clone();
-        self.write(move |c| rows::apply(c, &node, id, &transitions)).await
+        self.write(move |c| rows::apply(c, &node, id, &transitions))
+            .await
     }
 
     fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) {

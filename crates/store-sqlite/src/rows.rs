@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use domain::{BlockStatus, JobState, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp};
+use domain::{
+    BlockStatus, JobState, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause,
+    Timestamp,
+};
 use rusqlite::{Connection, OptionalExtension, Params, params};
 use store::{Error, Result, RunFilter, RunPage, Transition};
 
@@ -79,13 +82,27 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
             .optional()
         })
         .map_err(db_err)?;
-    let (spec, state, created, started, ended, expires, error, stop, cancel, owner, lease_exp, cloned) =
-        row.ok_or(Error::NotFound(id))?;
+    let (
+        spec,
+        state,
+        created,
+        started,
+        ended,
+        expires,
+        error,
+        stop,
+        cancel,
+        owner,
+        lease_exp,
+        cloned,
+    ) = row.ok_or(Error::NotFound(id))?;
 
     let mut blocks: Vec<BlockStatus> = Vec::new();
     {
         let mut stmt = c
-            .prepare_cached("SELECT state, started_at, ended_at FROM blocks WHERE run_id = ?1 ORDER BY idx")
+            .prepare_cached(
+                "SELECT state, started_at, ended_at FROM blocks WHERE run_id = ?1 ORDER BY idx",
+            )
             .map_err(db_err)?;
         let mut q = stmt.query([&key]).map_err(db_err)?;
         while let Some(r) = q.next().map_err(db_err)? {
@@ -174,7 +191,9 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
     let size = f.effective_page_size();
     let _ = write!(sql, " ORDER BY id DESC LIMIT {}", size + 1);
     let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-    let mut q = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
+    let mut q = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(db_err)?;
     let mut runs = Vec::new();
     while let Some(r) = q.next().map_err(db_err)? {
         let id: String = r.get(0).map_err(db_err)?;
@@ -184,7 +203,10 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
         runs.push(RunSummary {
             id: parse_id(&id)?,
             name: r.get(1).map_err(db_err)?,
-            desc: r.get::<_, Option<String>>(2).map_err(db_err)?.unwrap_or_default(),
+            desc: r
+                .get::<_, Option<String>>(2)
+                .map_err(db_err)?
+                .unwrap_or_default(),
             labels: parse_json(&labels)?,
             state: parse_run_state(&state)?,
             created_at: Timestamp(r.get(5).map_err(db_err)?),
@@ -200,11 +222,20 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
     } else {
         None
     };
-    Ok(RunPage { runs, next_page_token })
+    Ok(RunPage {
+        runs,
+        next_page_token,
+    })
 }
 
 /// Ends a run that never started (cancelled or expired before Exec).
-pub(crate) fn finish_unstarted(c: &Connection, id: RunId, state: RunState, now: Timestamp, cause: &StopCause) -> Result<()> {
+pub(crate) fn finish_unstarted(
+    c: &Connection,
+    id: RunId,
+    state: RunState,
+    now: Timestamp,
+    cause: &StopCause,
+) -> Result<()> {
     let key = id.to_string();
     c.prepare_cached(
         "UPDATE runs SET state = ?2, ended_at = ?3, stop_cause = ?4, error = ?5, version = version + 1 WHERE id = ?1",
@@ -229,7 +260,12 @@ fn leftover_state(state: RunState) -> &'static str {
     }
 }
 
-pub(crate) fn apply(c: &Connection, node: &str, id: RunId, transitions: &[Transition]) -> Result<()> {
+pub(crate) fn apply(
+    c: &Connection,
+    node: &str,
+    id: RunId,
+    transitions: &[Transition],
+) -> Result<()> {
     let key = id.to_string();
     let fenced = c
         .prepare_cached("UPDATE runs SET version = version + 1 WHERE id = ?1 AND lease_owner = ?2")
@@ -240,7 +276,11 @@ pub(crate) fn apply(c: &Connection, node: &str, id: RunId, transitions: &[Transi
             .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
             .and_then(|mut s| s.query_row([&key], |r| r.get(0)).optional())
             .map_err(db_err)?;
-        return Err(if exists.is_some() { Error::LeaseLost { run: id } } else { Error::NotFound(id) });
+        return Err(if exists.is_some() {
+            Error::LeaseLost { run: id }
+        } else {
+            Error::NotFound(id)
+        });
     }
     for t in transitions {
         let res = match t {

@@ -4,6 +4,8 @@
 //! store::conformance::run_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn RunStore> }).await;
 //! ```
 
+#![allow(clippy::unwrap_used)] // test code: a failed step should panic with its location
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -86,7 +88,11 @@ pub async fn submit_stores_a_pending_run(s: Arc<dyn RunStore>) {
     for b in &run.blocks {
         assert_eq!(b.state, JobState::Pending);
         assert_eq!(b.jobs.len(), 3);
-        assert!(b.jobs.iter().all(|j| j.state == JobState::Pending && j.attempts == 0));
+        assert!(
+            b.jobs
+                .iter()
+                .all(|j| j.state == JobState::Pending && j.attempts == 0)
+        );
     }
     assert_eq!(run.lease_owner, None);
 }
@@ -106,7 +112,10 @@ pub async fn exec_moves_submitted_to_queued_once(s: Arc<dyn RunStore>) {
     let nr = new_run(spec("hello", 1, 1));
     s.submit(nr.clone()).await.unwrap();
     let until = Timestamp(T0.0 + 30_000);
-    assert_eq!(s.exec(nr.id, &node("a"), T0, until).await.unwrap(), ExecOutcome::Queued);
+    assert_eq!(
+        s.exec(nr.id, &node("a"), T0, until).await.unwrap(),
+        ExecOutcome::Queued
+    );
     let run = s.get(nr.id).await.unwrap();
     assert_eq!(run.state, RunState::Queued);
     assert_eq!(run.lease_owner, Some(node("a")));
@@ -122,11 +131,19 @@ pub async fn exec_after_ttl_expires(s: Arc<dyn RunStore>) {
     let nr = new_run(spec("hello", 1, 2));
     s.submit(nr.clone()).await.unwrap();
     let late = Timestamp(T0.0 + HOUR);
-    assert_eq!(s.exec(nr.id, &node("a"), late, late).await.unwrap(), ExecOutcome::Expired);
+    assert_eq!(
+        s.exec(nr.id, &node("a"), late, late).await.unwrap(),
+        ExecOutcome::Expired
+    );
     let run = s.get(nr.id).await.unwrap();
     assert_eq!(run.state, RunState::Expired);
     assert_eq!(run.stop_cause, Some(StopCause::Expired { ttl_secs: 3600 }));
-    assert!(run.blocks[0].jobs.iter().all(|j| j.state == JobState::Skipped));
+    assert!(
+        run.blocks[0]
+            .jobs
+            .iter()
+            .all(|j| j.state == JobState::Skipped)
+    );
     assert_eq!(
         s.exec(nr.id, &node("a"), late, late).await.unwrap(),
         ExecOutcome::AlreadyStarted(RunState::Expired)
@@ -139,7 +156,10 @@ pub async fn expire_sweeps_only_due_runs(s: Arc<dyn RunStore>) {
     fresh.expires_at = Timestamp(T0.0 + 2 * HOUR);
     s.submit(due.clone()).await.unwrap();
     s.submit(fresh.clone()).await.unwrap();
-    let swept = s.expire_submitted(Timestamp(T0.0 + HOUR + 1)).await.unwrap();
+    let swept = s
+        .expire_submitted(Timestamp(T0.0 + HOUR + 1))
+        .await
+        .unwrap();
     assert_eq!(swept, vec![due.id]);
     assert_eq!(s.get(due.id).await.unwrap().state, RunState::Expired);
     assert_eq!(s.get(fresh.id).await.unwrap().state, RunState::Submitted);
@@ -152,7 +172,10 @@ pub async fn cancel_by_state(s: Arc<dyn RunStore>) {
     };
     let idle = new_run(spec("hello", 1, 1));
     s.submit(idle.clone()).await.unwrap();
-    assert_eq!(s.cancel(idle.id, cause.clone(), T0).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(
+        s.cancel(idle.id, cause.clone(), T0).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
     let run = s.get(idle.id).await.unwrap();
     assert_eq!(run.state, RunState::Cancelled);
     assert_eq!(run.stop_cause, Some(cause.clone()));
@@ -163,7 +186,9 @@ pub async fn cancel_by_state(s: Arc<dyn RunStore>) {
 
     let busy = new_run(spec("hello", 1, 1));
     s.submit(busy.clone()).await.unwrap();
-    s.exec(busy.id, &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    s.exec(busy.id, &node("a"), T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
     assert_eq!(
         s.cancel(busy.id, cause.clone(), T0).await.unwrap(),
         CancelOutcome::Requested {
@@ -171,7 +196,11 @@ pub async fn cancel_by_state(s: Arc<dyn RunStore>) {
         }
     );
     let run = s.get(busy.id).await.unwrap();
-    assert_eq!(run.state, RunState::Queued, "the owning node carries the cancel out");
+    assert_eq!(
+        run.state,
+        RunState::Queued,
+        "the owning node carries the cancel out"
+    );
     assert_eq!(run.cancel_requested, Some(cause));
 }
 
@@ -189,7 +218,11 @@ pub async fn transitions_record_progress(s: Arc<dyn RunStore>) {
         vec![
             Transition::RunRunning { at: t1 },
             Transition::BlockStarted { block: 0, at: t1 },
-            Transition::JobStarted { key: k, attempt: 1, at: t1 },
+            Transition::JobStarted {
+                key: k,
+                attempt: 1,
+                at: t1,
+            },
         ],
     )
     .await
@@ -231,15 +264,36 @@ pub async fn transitions_record_progress(s: Arc<dyn RunStore>) {
     assert_eq!(job.started_at, Some(t1));
     assert_eq!(job.ended_at, Some(t2));
     assert_eq!(run.blocks[0].state, JobState::Failed);
-    assert_eq!(run.blocks[0].jobs[0].state, JobState::Skipped, "pending jobs of a finished block are skipped");
+    assert_eq!(
+        run.blocks[0].jobs[0].state,
+        JobState::Skipped,
+        "pending jobs of a finished block are skipped"
+    );
     assert_eq!(run.blocks[1].state, JobState::Pending);
 
     // A job interrupted by a shutdown goes back to pending, keeping its attempt count.
     let k2 = JobKey { block: 1, job: 0 };
-    s.apply(&a, nr.id, vec![Transition::JobStarted { key: k2, attempt: 1, at: t2 }]).await.unwrap();
-    s.apply(&a, nr.id, vec![Transition::JobInterrupted { key: k2, error: "drained".into() }])
-        .await
-        .unwrap();
+    s.apply(
+        &a,
+        nr.id,
+        vec![Transition::JobStarted {
+            key: k2,
+            attempt: 1,
+            at: t2,
+        }],
+    )
+    .await
+    .unwrap();
+    s.apply(
+        &a,
+        nr.id,
+        vec![Transition::JobInterrupted {
+            key: k2,
+            error: "drained".into(),
+        }],
+    )
+    .await
+    .unwrap();
     let run = s.get(nr.id).await.unwrap();
     assert_eq!(run.blocks[1].jobs[0].state, JobState::Pending);
     assert_eq!(run.blocks[1].jobs[0].attempts, 1);
@@ -261,7 +315,11 @@ pub async fn run_finished_settles_leftovers(s: Arc<dyn RunStore>) {
         vec![
             Transition::RunRunning { at: T0 },
             Transition::BlockStarted { block: 0, at: T0 },
-            Transition::JobStarted { key: k, attempt: 1, at: T0 },
+            Transition::JobStarted {
+                key: k,
+                attempt: 1,
+                at: T0,
+            },
             Transition::RunFinished {
                 state: RunState::Cancelled,
                 at: Timestamp(T0.0 + 5),
@@ -285,19 +343,29 @@ pub async fn run_finished_settles_leftovers(s: Arc<dyn RunStore>) {
         .apply(&a, nr.id, vec![Transition::RunRunning { at: T0 }])
         .await
         .unwrap_err();
-    assert_eq!(err, Error::LeaseLost { run: nr.id }, "a finished run is leased to nobody");
+    assert_eq!(
+        err,
+        Error::LeaseLost { run: nr.id },
+        "a finished run is leased to nobody"
+    );
 }
 
 pub async fn leases_fence_writes(s: Arc<dyn RunStore>) {
     let nr = new_run(spec("hello", 1, 1));
     s.submit(nr.clone()).await.unwrap();
-    s.exec(nr.id, &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    s.exec(nr.id, &node("a"), T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
     let err = s
         .apply(&node("b"), nr.id, vec![Transition::RunRunning { at: T0 }])
         .await
         .unwrap_err();
     assert_eq!(err, Error::LeaseLost { run: nr.id });
-    assert_eq!(s.get(nr.id).await.unwrap().state, RunState::Queued, "a fenced write changes nothing");
+    assert_eq!(
+        s.get(nr.id).await.unwrap().state,
+        RunState::Queued,
+        "a fenced write changes nothing"
+    );
 }
 
 pub async fn recover_and_claim(s: Arc<dyn RunStore>) {
@@ -308,17 +376,29 @@ pub async fn recover_and_claim(s: Arc<dyn RunStore>) {
     for r in [&mine, &theirs, &idle] {
         s.submit(r.clone()).await.unwrap();
     }
-    s.exec(mine.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
-    s.exec(theirs.id, &b, T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    s.exec(mine.id, &a, T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
+    s.exec(theirs.id, &b, T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
 
     let later = Timestamp(T0.0 + 60_000);
     assert_eq!(s.recover(&a, later, 100).await.unwrap(), vec![mine.id]);
     assert_eq!(s.get(mine.id).await.unwrap().lease_expires_at, Some(later));
 
     // b's lease is still live at T0 + 500: nothing to claim.
-    assert!(s.claim_orphans(&a, Timestamp(T0.0 + 500), later, 100).await.unwrap().is_empty());
+    assert!(
+        s.claim_orphans(&a, Timestamp(T0.0 + 500), later, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // ... and expired at T0 + 2000: a takes it over; submitted runs are never claimed.
-    let claimed = s.claim_orphans(&a, Timestamp(T0.0 + 2000), later, 100).await.unwrap();
+    let claimed = s
+        .claim_orphans(&a, Timestamp(T0.0 + 2000), later, 100)
+        .await
+        .unwrap();
     assert_eq!(claimed, vec![theirs.id]);
     assert_eq!(s.get(theirs.id).await.unwrap().lease_owner, Some(a.clone()));
     assert_eq!(s.get(idle.id).await.unwrap().lease_owner, None);
@@ -326,7 +406,10 @@ pub async fn recover_and_claim(s: Arc<dyn RunStore>) {
     // A released run is free for anyone at once.
     s.release(&a, mine.id).await.unwrap();
     assert_eq!(s.get(mine.id).await.unwrap().lease_owner, None);
-    let claimed = s.claim_orphans(&b, Timestamp(T0.0 + 2000), later, 100).await.unwrap();
+    let claimed = s
+        .claim_orphans(&b, Timestamp(T0.0 + 2000), later, 100)
+        .await
+        .unwrap();
     assert_eq!(claimed, vec![mine.id]);
 }
 
@@ -361,7 +444,9 @@ pub async fn list_filters_and_pages(s: Arc<dyn RunStore>) {
         ids.push(nr.id);
         s.submit(nr).await.unwrap();
     }
-    s.exec(ids[0], &node("a"), T0, Timestamp(T0.0 + 1000)).await.unwrap();
+    s.exec(ids[0], &node("a"), T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
 
     let all = s.list(&RunFilter::default()).await.unwrap();
     let listed: Vec<RunId> = all.runs.iter().map(|r| r.id).collect();
@@ -387,7 +472,10 @@ pub async fn list_filters_and_pages(s: Arc<dyn RunStore>) {
         })
         .await
         .unwrap();
-    assert_eq!(site1.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[1]]);
+    assert_eq!(
+        site1.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[1]]
+    );
 
     let queued = s
         .list(&RunFilter {
@@ -426,8 +514,18 @@ pub async fn nowait_writes_land_before_the_next_awaited_write(s: Arc<dyn RunStor
     s.submit(nr.clone()).await.unwrap();
     s.exec(nr.id, &a, T0, Timestamp(T0.0 + 1000)).await.unwrap();
     let k = JobKey { block: 0, job: 0 };
-    s.apply_nowait(&a, nr.id, vec![Transition::JobStarted { key: k, attempt: 1, at: T0 }]);
-    s.apply(&a, nr.id, vec![Transition::RunRunning { at: T0 }]).await.unwrap();
+    s.apply_nowait(
+        &a,
+        nr.id,
+        vec![Transition::JobStarted {
+            key: k,
+            attempt: 1,
+            at: T0,
+        }],
+    );
+    s.apply(&a, nr.id, vec![Transition::RunRunning { at: T0 }])
+        .await
+        .unwrap();
     let run = s.get(nr.id).await.unwrap();
     assert_eq!(run.blocks[0].jobs[0].state, JobState::Running);
     assert_eq!(run.blocks[0].jobs[0].attempts, 1);
@@ -436,14 +534,22 @@ pub async fn nowait_writes_land_before_the_next_awaited_write(s: Arc<dyn RunStor
 pub async fn unknown_runs_are_not_found(s: Arc<dyn RunStore>) {
     let id = RunId::new_v7();
     assert_eq!(s.get(id).await.unwrap_err(), Error::NotFound(id));
-    assert_eq!(s.exec(id, &node("a"), T0, T0).await.unwrap_err(), Error::NotFound(id));
+    assert_eq!(
+        s.exec(id, &node("a"), T0, T0).await.unwrap_err(),
+        Error::NotFound(id)
+    );
     let cause = StopCause::Cancelled {
         by: String::new(),
         reason: String::new(),
     };
-    assert_eq!(s.cancel(id, cause, T0).await.unwrap_err(), Error::NotFound(id));
     assert_eq!(
-        s.apply(&node("a"), id, vec![Transition::RunRunning { at: T0 }]).await.unwrap_err(),
+        s.cancel(id, cause, T0).await.unwrap_err(),
+        Error::NotFound(id)
+    );
+    assert_eq!(
+        s.apply(&node("a"), id, vec![Transition::RunRunning { at: T0 }])
+            .await
+            .unwrap_err(),
         Error::NotFound(id)
     );
 }

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use domain::{JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec};
+use domain::{
+    JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec,
+};
 
 pub mod conformance;
 
@@ -103,11 +105,22 @@ pub struct RunPage {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transition {
     /// `queued`/`paused` → `running` (sets `started_at` the first time).
-    RunRunning { at: Timestamp },
-    RunPaused { at: Timestamp },
-    BlockStarted { block: u32, at: Timestamp },
+    RunRunning {
+        at: Timestamp,
+    },
+    RunPaused {
+        at: Timestamp,
+    },
+    BlockStarted {
+        block: u32,
+        at: Timestamp,
+    },
     /// A job attempt starts: state `running`, `attempts` = `attempt`.
-    JobStarted { key: JobKey, attempt: u32, at: Timestamp },
+    JobStarted {
+        key: JobKey,
+        attempt: u32,
+        at: Timestamp,
+    },
     JobFinished {
         key: JobKey,
         state: JobState,
@@ -117,9 +130,16 @@ pub enum Transition {
         output: String,
     },
     /// An in-flight job was interrupted (shutdown) and must run again: back to `pending`.
-    JobInterrupted { key: JobKey, error: String },
+    JobInterrupted {
+        key: JobKey,
+        error: String,
+    },
     /// Ends a block; its `pending` jobs become `skipped`.
-    BlockFinished { block: u32, state: JobState, at: Timestamp },
+    BlockFinished {
+        block: u32,
+        state: JobState,
+        at: Timestamp,
+    },
     /// Ends the run: terminal state, lease released; unfinished blocks and jobs become `skipped`.
     RunFinished {
         state: RunState,
@@ -128,7 +148,9 @@ pub enum Transition {
         stop_cause: Option<StopCause>,
     },
     /// Records why the run was interrupted without ending it (e.g. a shutdown).
-    RunInterrupted { cause: StopCause },
+    RunInterrupted {
+        cause: StopCause,
+    },
 }
 
 /// What the engine learns when it renews its leases.
@@ -152,7 +174,13 @@ pub trait RunStore: Send + Sync + 'static {
     async fn list(&self, filter: &RunFilter) -> Result<RunPage>;
 
     /// `submitted` → `queued` leased to `node` until `lease_until`, unless it expired at `now`.
-    async fn exec(&self, id: RunId, node: &NodeId, now: Timestamp, lease_until: Timestamp) -> Result<ExecOutcome>;
+    async fn exec(
+        &self,
+        id: RunId,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<ExecOutcome>;
 
     /// Cancels a run that has not started, or records the request for the node driving it.
     async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome>;
@@ -163,13 +191,29 @@ pub trait RunStore: Send + Sync + 'static {
     // ---- used by the engine ----
 
     /// Executing runs leased to `node` (say, before a restart), with their leases extended.
-    async fn recover(&self, node: &NodeId, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>>;
+    async fn recover(
+        &self,
+        node: &NodeId,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>>;
 
     /// Executing runs with no lease or an expired one, now leased to `node`.
-    async fn claim_orphans(&self, node: &NodeId, now: Timestamp, lease_until: Timestamp, limit: u32) -> Result<Vec<RunId>>;
+    async fn claim_orphans(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>>;
 
     /// Extends every lease `node` holds; reports cancel requests and leases it lost.
-    async fn renew_leases(&self, node: &NodeId, held: &[RunId], lease_until: Timestamp) -> Result<LeaseRenewal>;
+    async fn renew_leases(
+        &self,
+        node: &NodeId,
+        held: &[RunId],
+        lease_until: Timestamp,
+    ) -> Result<LeaseRenewal>;
 
     /// Gives up the lease on a run that stays unfinished (drain), so any node may resume it.
     async fn release(&self, node: &NodeId, id: RunId) -> Result<()>;

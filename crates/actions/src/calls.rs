@@ -1,0 +1,89 @@
+//! Parsing a job's `args` into a typed [`ActionCall`], and running it.
+
+use serde_json::{Map, Value};
+
+use crate::args::Args;
+use crate::*;
+
+/// One job's action with its checked, typed args.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActionCall {
+    Shell(ShellArgs),
+    Http(HttpArgs),
+    WriteFile(WriteFileArgs),
+    Sleep(SleepArgs),
+    /// Does nothing and succeeds at once (benchmarks, placeholders).
+    Noop,
+}
+
+impl ActionCall {
+    /// Checks `args` for `action`; every problem is reported, each at a path under
+    /// `{job_path}.args` (or `{job_path}.action` for an unknown action).
+    pub fn parse(
+        action: &str,
+        args: &Map<String, Value>,
+        job_path: &str,
+    ) -> Result<ActionCall, Vec<FieldError>> {
+        match action {
+            "shell" => ShellArgs::parse(args, job_path).map(ActionCall::Shell),
+            "http" => HttpArgs::parse(args, job_path).map(ActionCall::Http),
+            "write_file" => WriteFileArgs::parse(args, job_path).map(ActionCall::WriteFile),
+            "sleep" => SleepArgs::parse(args, job_path).map(ActionCall::Sleep),
+            "noop" => Args::new(args, job_path, &[]).finish(Some(ActionCall::Noop)),
+            other => Err(vec![FieldError::new(
+                format!("{job_path}.action"),
+                format!(
+                    "unknown action {other:?}; expected one of: {}",
+                    BUILTIN.join(", ")
+                ),
+            )]),
+        }
+    }
+
+    /// The action's name, as written in specs.
+    pub fn action(&self) -> &'static str {
+        match self {
+            ActionCall::Shell(_) => "shell",
+            ActionCall::Http(_) => "http",
+            ActionCall::WriteFile(_) => "write_file",
+            ActionCall::Sleep(_) => "sleep",
+            ActionCall::Noop => "noop",
+        }
+    }
+
+    /// Runs one attempt (see the crate docs for the contract).
+    pub async fn run(&self, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+        match self {
+            ActionCall::Shell(a) => shell::run(a, ctx).await,
+            ActionCall::Http(a) => http::run(a, ctx).await,
+            ActionCall::WriteFile(a) => write_file::run(a, ctx).await,
+            ActionCall::Sleep(a) => sleep::run(a, ctx).await,
+            ActionCall::Noop => Ok(JobOutput::default()),
+        }
+    }
+}
+
+/// Structural checks of `domain`, then every job's args; on success, each block's calls.
+pub fn validate_spec(spec: &WorkflowSpec) -> Result<Vec<Vec<ActionCall>>, SpecError> {
+    let mut errs = Vec::new();
+    spec.validate_into(&mut errs);
+    let mut calls = Vec::new();
+    for (bi, b) in spec.blocks.iter().enumerate() {
+        let mut row = Vec::new();
+        for (ji, j) in b.jobs.iter().enumerate() {
+            if j.action.is_empty() {
+                continue;
+            }
+            match ActionCall::parse(&j.action, &j.args, &format!("blocks[{bi}].jobs[{ji}]")) {
+                Ok(c) => row.push(c),
+                Err(e) => errs.extend(e),
+            }
+        }
+        calls.push(row);
+    }
+    if errs.is_empty() {
+        Ok(calls)
+    } else {
+        Err(SpecError(errs))
+    }
+}

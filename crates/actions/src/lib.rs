@@ -1,0 +1,74 @@
+//! Built-in job actions. The engine parses a job's `args` once at submit
+//! ([`ActionCall::parse`]) and runs it with [`ActionCall::run`].
+//!
+//! INTERFACE CONTRACT (the engine relies on exactly this):
+//! - `ActionCall::parse(action, args, job_path)` validates `args` and returns every problem as a
+//!   `FieldError` whose path starts with `job_path` (e.g. `blocks[1].jobs[0]` + `.args.argv`).
+//! - `ActionCall::run(&self, ctx)` runs one attempt. It returns when the work is done, failed,
+//!   or `ctx.cancel` fired (then it must have stopped the work: a shell job's whole process
+//!   group is gone) and returns `ActionError::Cancelled`. Timeouts are the engine's: it cancels
+//!   `ctx.cancel` when a job's timeout passes.
+//! - `validate_spec(spec)` = structural checks of `domain` + every job's args.
+
+use std::time::Duration;
+
+use domain::{FieldError, RunId, SpecError, WorkflowSpec};
+use tokio_util::sync::CancellationToken;
+
+/// The names of the built-in actions.
+pub const BUILTIN: &[&str] = &["shell", "http", "write_file", "sleep", "noop"];
+
+/// What one attempt of a job is given.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    pub run_id: RunId,
+    /// Stable across attempts and restarts; `STEWARD_IDEMPOTENCY_KEY` / `Idempotency-Key`.
+    pub idempotency_key: String,
+    /// 1-based.
+    pub attempt: u32,
+    /// Fires on cancel, e-stop, shutdown or timeout.
+    pub cancel: CancellationToken,
+    /// How long a cancelled process group gets between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Bytes of output kept (the tail).
+    pub output_limit: usize,
+}
+
+/// What a successful attempt produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobOutput {
+    pub exit_code: Option<i32>,
+    /// Tail of the output, at most `output_limit` bytes, lossy UTF-8.
+    pub output: String,
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ActionError {
+    /// The attempt failed; a retry may succeed.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        exit_code: Option<i32>,
+        output: String,
+    },
+    /// The attempt failed in a way no retry can fix.
+    #[error("{message}")]
+    Fatal { message: String, output: String },
+    /// `ctx.cancel` fired and the work was stopped.
+    #[error("cancelled")]
+    Cancelled { output: String },
+}
+
+pub use calls::*;
+pub use http::{ExpectStatus, HttpArgs, HttpMethod};
+pub use shell::ShellArgs;
+pub use sleep::SleepArgs;
+pub use write_file::WriteFileArgs;
+
+mod args;
+mod calls;
+mod http;
+mod shell;
+mod sleep;
+mod tail;
+mod write_file;

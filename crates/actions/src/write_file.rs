@@ -1,0 +1,235 @@
+//! The `write_file` action: idempotent, atomic file writes.
+
+use std::fmt;
+use std::fs::{self, File, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use domain::FieldError;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::args::{Args, kind, nul_check};
+use crate::{ActionError, JobContext, JobOutput};
+
+pub const DEFAULT_MODE: u32 = 0o644;
+
+/// `write_file` args: `{path: /abs/file, content: text, mode: "0644"}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriteFileArgs {
+    /// Absolute; its directory must exist.
+    pub path: PathBuf,
+    pub content: String,
+    /// Permission bits (at most `0o7777`).
+    pub mode: u32,
+}
+
+/// The content may be a secret: only its size and hash are shown.
+impl fmt::Debug for WriteFileArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteFileArgs")
+            .field("path", &self.path)
+            .field("content_len", &self.content.len())
+            .field("content_sha256", &sha256_hex(self.content.as_bytes()))
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .finish()
+    }
+}
+
+impl WriteFileArgs {
+    pub(crate) fn parse(
+        map: &Map<String, Value>,
+        job_path: &str,
+    ) -> Result<WriteFileArgs, Vec<FieldError>> {
+        let mut a = Args::new(map, job_path, &["path", "content", "mode"]);
+        let path = a.string("path", true).map(PathBuf::from);
+        if let Some(p) = &path {
+            if let Some(m) = nul_check("the path", &p.to_string_lossy()) {
+                a.error("path", m);
+            } else if !p.is_absolute() {
+                a.error("path", "must be an absolute path");
+            } else if p.file_name().is_none() || p.to_string_lossy().ends_with('/') {
+                a.error("path", "must name a file, not a directory");
+            }
+        }
+        let content = a.string("content", true).map(str::to_owned);
+        let mode = match a.get("mode") {
+            None => Some(DEFAULT_MODE),
+            Some(Value::String(s)) => {
+                let m = parse_mode(s);
+                if m.is_none() {
+                    a.error("mode", format!("{s:?} is not a file mode: expected octal digits such as \"0644\" or \"600\""));
+                }
+                m
+            }
+            Some(other) => {
+                a.error(
+                    "mode",
+                    format!(
+                        "must be a quoted octal string such as \"0644\", not {}",
+                        kind(other)
+                    ),
+                );
+                None
+            }
+        };
+        let args = match (path, content, mode) {
+            (Some(path), Some(content), Some(mode)) => Some(WriteFileArgs {
+                path,
+                content,
+                mode,
+            }),
+            _ => None,
+        };
+        a.finish(args)
+    }
+}
+
+/// `"0644"`, `"644"`, `"0o644"`, `"4755"` → bits; at most `0o7777`.
+fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Writes the file unless it already holds this content with this mode. The write is atomic
+/// and durable: a temporary file in the same directory is written, given its mode, fsynced,
+/// renamed over the target, and the directory is fsynced. A crash leaves the old file or the
+/// new one, never a mix. A symlink at `path` is replaced by a regular file.
+///
+/// The work is short and not interrupted once started: `ctx.cancel` is only checked before.
+pub(crate) async fn run(args: &WriteFileArgs, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+    if ctx.cancel.is_cancelled() {
+        return Err(ActionError::Cancelled {
+            output: String::new(),
+        });
+    }
+    let args = args.clone();
+    let path = args.path.display().to_string();
+    let outcome = tokio::task::spawn_blocking(move || write(&args)).await;
+    let failed = |message: String| ActionError::Failed {
+        message,
+        exit_code: None,
+        output: String::new(),
+    };
+    match outcome {
+        Ok(Ok(output)) => Ok(JobOutput {
+            exit_code: None,
+            output,
+        }),
+        Ok(Err(e)) => Err(failed(format!("cannot write {path}: {e}"))),
+        Err(e) => Err(failed(format!("writing {path} did not complete: {e}"))),
+    }
+}
+
+fn write(args: &WriteFileArgs) -> io::Result<String> {
+    let path = &args.path;
+    let digest = sha256_hex(args.content.as_bytes());
+    if is_unchanged(path, args.content.len(), &digest, args.mode)? {
+        return Ok(format!("unchanged {} (sha256 {digest})", path.display()));
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".steward-tmp")
+        .permissions(Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound && !dir.is_dir() {
+                io::Error::new(
+                    e.kind(),
+                    format!("directory {} does not exist", dir.display()),
+                )
+            } else {
+                e
+            }
+        })?;
+    tmp.write_all(args.content.as_bytes())?;
+    // fchmod is not subject to the umask.
+    tmp.as_file()
+        .set_permissions(Permissions::from_mode(args.mode))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()?;
+    Ok(format!(
+        "wrote {} bytes to {} (sha256 {digest})",
+        args.content.len(),
+        path.display()
+    ))
+}
+
+/// Whether `path` is a regular file with this length, sha256 and mode. Any other file type is
+/// replaced, except a directory, which is an error.
+fn is_unchanged(path: &Path, len: usize, digest: &str, mode: u32) -> io::Result<bool> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "it is a directory",
+        ));
+    }
+    if !meta.is_file() || meta.len() != len as u64 || meta.permissions().mode() & 0o7777 != mode {
+        return Ok(false);
+    }
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()) == digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0644"), Some(0o644));
+        assert_eq!(parse_mode("644"), Some(0o644));
+        assert_eq!(parse_mode("0o600"), Some(0o600));
+        assert_eq!(parse_mode("4755"), Some(0o4755));
+        for bad in ["", "0o", "888", "07777x", "17777", "-644", "rw-r--r--"] {
+            assert_eq!(parse_mode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sha256_is_hex() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
