@@ -182,6 +182,11 @@ impl Engine {
         self.inner.active.lock().map(|a| a.len()).unwrap_or(0)
     }
 
+    /// Jobs running on this node now.
+    pub fn running_jobs(&self) -> usize {
+        self.inner.opts.max_running_jobs.max(1) - self.inner.job_slots.available_permits()
+    }
+
     fn check_accepting(&self) -> Result<(), EngineError> {
         if self.is_accepting() {
             Ok(())

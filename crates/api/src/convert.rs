@@ -1,0 +1,233 @@
+//! Wire <-> domain, by hand, in one place.
+
+use std::collections::BTreeMap;
+
+use domain::{
+    BlockSpec, FieldError, HumanDuration, JobSpec, RetrySpec, Run, RunSummary, SpecError,
+    StopCause, Timestamp, WorkflowSpec,
+};
+use proto::v1 as pb;
+
+fn ts(t: Option<Timestamp>) -> String {
+    t.map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+fn duration(s: &str, path: String, errs: &mut Vec<FieldError>) -> Option<HumanDuration> {
+    if s.is_empty() {
+        return None;
+    }
+    match HumanDuration::parse(s) {
+        Ok(d) => Some(d),
+        Err(m) => {
+            errs.push(FieldError::new(path, m));
+            None
+        }
+    }
+}
+
+/// A `WorkReq` as a domain spec; durations that do not parse are reported by field path.
+pub fn spec_from_wire(w: pb::WorkReq) -> Result<WorkflowSpec, SpecError> {
+    let mut errs = Vec::new();
+    let mut blocks = Vec::with_capacity(w.blocks.len());
+    for (bi, b) in w.blocks.into_iter().enumerate() {
+        let mut jobs = Vec::with_capacity(b.jobs.len());
+        for (ji, j) in b.jobs.into_iter().enumerate() {
+            let jp = format!("blocks[{bi}].jobs[{ji}]");
+            let args = match j.args {
+                None => serde_json::Map::new(),
+                Some(s) => match serde_json::to_value(&s) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => {
+                        errs.push(FieldError::new(format!("{jp}.args"), "must be a mapping"));
+                        serde_json::Map::new()
+                    }
+                },
+            };
+            let retry = j.retry.map(|r| {
+                let d = RetrySpec::default();
+                RetrySpec {
+                    attempts: r.attempts,
+                    initial_backoff: duration(
+                        &r.initial_backoff,
+                        format!("{jp}.retry.initial_backoff"),
+                        &mut errs,
+                    )
+                    .unwrap_or(d.initial_backoff),
+                    max_backoff: duration(
+                        &r.max_backoff,
+                        format!("{jp}.retry.max_backoff"),
+                        &mut errs,
+                    )
+                    .unwrap_or(d.max_backoff),
+                }
+            });
+            jobs.push(JobSpec {
+                action: j.action,
+                desc: j.desc,
+                args,
+                retry,
+                timeout: duration(&j.timeout, format!("{jp}.timeout"), &mut errs),
+            });
+        }
+        blocks.push(BlockSpec {
+            desc: b.desc,
+            concurrency: b.concurrency.unwrap_or(1),
+            max_failures: b.max_failures,
+            jobs,
+        });
+    }
+    let spec = WorkflowSpec {
+        name: w.name,
+        desc: w.desc,
+        labels: w.labels.into_iter().collect(),
+        idempotency_key: (!w.idempotency_key.is_empty()).then_some(w.idempotency_key),
+        blocks,
+    };
+    if errs.is_empty() {
+        Ok(spec)
+    } else {
+        Err(SpecError(errs))
+    }
+}
+
+pub fn spec_to_wire(s: &WorkflowSpec) -> pb::WorkReq {
+    pb::WorkReq {
+        name: s.name.clone(),
+        desc: s.desc.clone(),
+        labels: s.labels.clone().into_iter().collect(),
+        idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
+        blocks: s
+            .blocks
+            .iter()
+            .map(|b| pb::Block {
+                desc: b.desc.clone(),
+                concurrency: Some(b.concurrency),
+                max_failures: b.max_failures,
+                jobs: b
+                    .jobs
+                    .iter()
+                    .map(|j| pb::Job {
+                        action: j.action.clone(),
+                        desc: j.desc.clone(),
+                        args: if j.args.is_empty() {
+                            None
+                        } else {
+                            serde_json::from_value(serde_json::Value::Object(j.args.clone())).ok()
+                        },
+                        retry: j.retry.as_ref().map(|r| pb::Retry {
+                            attempts: r.attempts,
+                            initial_backoff: r.initial_backoff.to_string(),
+                            max_backoff: r.max_backoff.to_string(),
+                        }),
+                        timeout: j.timeout.map(|t| t.to_string()).unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+pub fn stop_cause_to_wire(c: &StopCause) -> pb::StopCause {
+    let mut details = BTreeMap::new();
+    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(c) {
+        for (k, v) in m {
+            if k == "kind" {
+                continue;
+            }
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            details.insert(k, v);
+        }
+    }
+    pb::StopCause {
+        kind: c.kind().to_owned(),
+        message: c.to_string(),
+        details: details.into_iter().collect(),
+    }
+}
+
+pub fn run_to_wire(r: &Run) -> pb::Run {
+    pb::Run {
+        id: r.id.to_string(),
+        name: r.spec.name.clone(),
+        desc: r.spec.desc.clone(),
+        labels: r.spec.labels.clone().into_iter().collect(),
+        state: r.state.to_string(),
+        created_at: r.created_at.to_rfc3339(),
+        started_at: ts(r.started_at),
+        ended_at: ts(r.ended_at),
+        expires_at: ts(r.expires_at),
+        error: r.error.clone().unwrap_or_default(),
+        stop_cause: r.stop_cause.as_ref().map(stop_cause_to_wire),
+        idempotency_key: r.spec.idempotency_key.clone().unwrap_or_default(),
+        cloned_from: r.cloned_from.map(|c| c.to_string()).unwrap_or_default(),
+        lease_owner: r
+            .lease_owner
+            .as_ref()
+            .map(|n| n.0.clone())
+            .unwrap_or_default(),
+        blocks: r
+            .blocks
+            .iter()
+            .zip(&r.spec.blocks)
+            .enumerate()
+            .map(|(bi, (b, bs))| pb::BlockStatus {
+                index: u32::try_from(bi).unwrap_or(u32::MAX),
+                desc: bs.desc.clone(),
+                state: b.state.to_string(),
+                started_at: ts(b.started_at),
+                ended_at: ts(b.ended_at),
+                jobs: b
+                    .jobs
+                    .iter()
+                    .zip(&bs.jobs)
+                    .enumerate()
+                    .map(|(ji, (j, js))| pb::JobStatus {
+                        index: u32::try_from(ji).unwrap_or(u32::MAX),
+                        action: js.action.clone(),
+                        desc: js.desc.clone(),
+                        state: j.state.to_string(),
+                        attempts: j.attempts,
+                        started_at: ts(j.started_at),
+                        ended_at: ts(j.ended_at),
+                        error: j.error.clone().unwrap_or_default(),
+                        exit_code: j.exit_code,
+                        output: j.output.clone(),
+                        idempotency_key: domain::JobKey {
+                            block: u32::try_from(bi).unwrap_or(u32::MAX),
+                            job: u32::try_from(ji).unwrap_or(u32::MAX),
+                        }
+                        .idempotency_key(r.id),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        spec: Some(spec_to_wire(&r.spec)),
+    }
+}
+
+pub fn summary_to_wire(r: &RunSummary) -> pb::RunSummary {
+    pb::RunSummary {
+        id: r.id.to_string(),
+        name: r.name.clone(),
+        desc: r.desc.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        state: r.state.to_string(),
+        created_at: r.created_at.to_rfc3339(),
+        started_at: ts(r.started_at),
+        ended_at: ts(r.ended_at),
+        error: r.error.clone().unwrap_or_default(),
+        stop_cause: r.stop_cause.as_ref().map(stop_cause_to_wire),
+    }
+}
+
+pub fn violations(e: &SpecError) -> Vec<pb::FieldViolation> {
+    e.0.iter()
+        .map(|f| pb::FieldViolation {
+            field: f.path.clone(),
+            description: f.message.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,91 @@
+//! The gRPC face of the API.
+
+use proto::v1 as pb;
+use proto::v1::steward_server::Steward;
+use tonic::{Request, Response, Status};
+
+use crate::service::{RunStream, Service};
+
+/// Who is calling, for audit fields (`x-steward-actor` metadata).
+fn actor<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-steward-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| "anonymous".to_owned(), |s| s.chars().take(128).collect())
+}
+
+#[tonic::async_trait]
+impl Steward for Service {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let spec = Service::wire_spec(req.into_inner().spec)?;
+        Ok(Response::new(Service::submit(self, spec).await?))
+    }
+
+    async fn exec(
+        &self,
+        req: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        Ok(Response::new(
+            Service::exec(self, &req.into_inner().id).await?,
+        ))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::Run>, Status> {
+        Ok(Response::new(
+            Service::status(self, &req.into_inner().id).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        Ok(Response::new(Service::list(self, req.into_inner()).await?))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Run, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        use futures::StreamExt;
+        let stream: RunStream = Service::watch(self, &req.into_inner().id).await?;
+        Ok(Response::new(Box::pin(
+            stream.map(|r| r.map_err(Status::from)),
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let who = actor(&req);
+        let r = req.into_inner();
+        Ok(Response::new(
+            Service::cancel(self, &r.id, &r.reason, &who).await?,
+        ))
+    }
+
+    async fn clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        Ok(Response::new(
+            Service::clone_run(self, &req.into_inner().id).await?,
+        ))
+    }
+
+    async fn validate(
+        &self,
+        req: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let spec = Service::wire_spec(req.into_inner().spec);
+        Ok(Response::new(Service::validate(self, spec)))
+    }
+}

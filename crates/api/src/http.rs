@@ -1,0 +1,236 @@
+//! The HTTP/JSON face of the API: the same calls and messages as gRPC (proto3 JSON mapping).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use domain::WorkflowSpec;
+use futures::StreamExt;
+use proto::v1 as pb;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::service::{ApiError, Service};
+
+pub fn http_status(code: tonic::Code) -> StatusCode {
+    use tonic::Code;
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// `{"code": "NOT_FOUND", "message": "...", "violations": [...]}`
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = format!("{:?}", self.code);
+        let code = screaming_snake(&code);
+        let body = serde_json::json!({
+            "code": code,
+            "message": self.message,
+            "violations": self.violations,
+        });
+        (http_status(self.code), Json(body)).into_response()
+    }
+}
+
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-steward-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| "anonymous".to_owned(), |s| s.chars().take(128).collect())
+}
+
+/// A spec from a request body: `{"spec": WorkReq}` (the SubmitRequest message), or a
+/// workflow file as is (YAML or JSON, the schema of PRODUCT.md §2).
+fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(body)
+        && m.contains_key("spec")
+    {
+        let req: pb::SubmitRequest = serde_json::from_str(body)
+            .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
+        return Service::wire_spec(req.spec);
+    }
+    WorkflowSpec::parse(body).map_err(|e| ApiError::invalid_spec(&e))
+}
+
+async fn submit(
+    State(st): State<AppState>,
+    body: String,
+) -> Result<Json<pb::SubmitResponse>, ApiError> {
+    let spec = spec_from_body(&body)?;
+    st.service.submit(spec).await.map(Json)
+}
+
+async fn validate(State(st): State<AppState>, body: String) -> Json<pb::ValidateResponse> {
+    Json(st.service.validate(spec_from_body(&body)))
+}
+
+async fn exec(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<pb::ExecResponse>, ApiError> {
+    st.service.exec(&id).await.map(Json)
+}
+
+async fn status(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<pb::Run>, ApiError> {
+    st.service.status(&id).await.map(Json)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Comma-separated states.
+    state: Option<String>,
+    name: Option<String>,
+    /// Comma-separated `key=value` pairs.
+    label: Option<String>,
+    page_size: Option<u32>,
+    page_token: Option<String>,
+}
+
+async fn list(
+    State(st): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<pb::ListResponse>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let mut labels = BTreeMap::new();
+    for pair in q
+        .label
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError::new(
+                tonic::Code::InvalidArgument,
+                format!("label: {pair:?} is not of the form key=value"),
+            )
+        })?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    let req = pb::ListRequest {
+        states: q
+            .state
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        name: q.name.unwrap_or_default(),
+        labels: labels.into_iter().collect(),
+        page_size: q.page_size.unwrap_or(0),
+        page_token: q.page_token.unwrap_or_default(),
+    };
+    st.service.list(req).await.map(Json)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn cancel(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<pb::CancelResponse>, ApiError> {
+    let body: CancelBody = if body.trim().is_empty() {
+        CancelBody::default()
+    } else {
+        serde_json::from_str(&body)
+            .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?
+    };
+    st.service
+        .cancel(&id, &body.reason, &actor(&headers))
+        .await
+        .map(Json)
+}
+
+async fn clone_run(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<pb::SubmitResponse>, ApiError> {
+    st.service.clone_run(&id).await.map(Json)
+}
+
+/// Server-sent events: one `run` event per change, the last when the run is terminal.
+async fn watch(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let stream = st.service.watch(&id).await?;
+    let events = stream.map(|r| {
+        let ev = match r {
+            Ok(run) => Event::default().event("run").json_data(run),
+            Err(e) => Event::default()
+                .event("error")
+                .json_data(serde_json::json!({"message": e.message})),
+        };
+        Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().event("error")))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let (code, body) = st.readiness();
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics_text(),
+    )
+        .into_response()
+}
+
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/runs", post(submit).get(list))
+        .route("/v1/runs/{id}", get(status))
+        .route("/v1/runs/{id}/exec", post(exec))
+        .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/clone", post(clone_run))
+        .route("/v1/runs/{id}/watch", get(watch))
+        .route("/v1/validate", post(validate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}

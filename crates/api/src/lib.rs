@@ -1,0 +1,114 @@
+//! Steward's API on one listener: gRPC `steward.v1` and `grpc.health.v1`, the same calls as
+//! HTTP/JSON under `/v1`, `/healthz`, `/readyz` and `/metrics`. This crate is the only place
+//! that converts between wire and domain types; it never sees SQL.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use engine::Engine;
+use tokio_util::sync::CancellationToken;
+
+pub mod convert;
+mod grpc;
+pub mod http;
+pub mod service;
+
+pub use service::{ApiError, Service};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Service,
+    health: tonic_health::server::HealthReporter,
+    started: Arc<std::time::Instant>,
+}
+
+impl AppState {
+    fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        if self.service.engine.is_accepting() {
+            (StatusCode::OK, serde_json::json!({"status": "ready"}))
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "shutting_down", "reason": "steward is draining and accepts no new work"}),
+            )
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let e = &self.service.engine;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP steward_up 1 while the process serves.\n# TYPE steward_up gauge\nsteward_up 1"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP steward_accepting_work 1 until a shutdown begins.\n# TYPE steward_accepting_work gauge\nsteward_accepting_work {}",
+            u8::from(e.is_accepting())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP steward_active_runs Runs this node is driving.\n# TYPE steward_active_runs gauge\nsteward_active_runs {}",
+            e.active_runs()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP steward_running_jobs Jobs running on this node.\n# TYPE steward_running_jobs gauge\nsteward_running_jobs {}",
+            e.running_jobs()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP steward_uptime_seconds Seconds since the API started.\n# TYPE steward_uptime_seconds gauge\nsteward_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+        out
+    }
+}
+
+/// The API, built and ready to be served.
+pub struct Api {
+    state: AppState,
+}
+
+impl Api {
+    pub async fn new(engine: Engine, shutdown: CancellationToken) -> Api {
+        let health = tonic_health::server::HealthReporter::new();
+        health
+            .set_serving::<proto::v1::steward_server::StewardServer<Service>>()
+            .await;
+        Api {
+            state: AppState {
+                service: Service { engine, shutdown },
+                health,
+                started: Arc::new(std::time::Instant::now()),
+            },
+        }
+    }
+
+    /// Marks the gRPC health service NOT_SERVING (`/readyz` follows the engine by itself).
+    pub async fn set_not_serving(&self) {
+        self.state
+            .health
+            .set_not_serving::<proto::v1::steward_server::StewardServer<Service>>()
+            .await;
+        self.state
+            .health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+
+    /// One router for everything: gRPC requests go to tonic, the rest to the HTTP routes.
+    pub fn router(&self) -> axum::Router {
+        let grpc = tonic::service::Routes::new(proto::v1::steward_server::StewardServer::new(
+            self.state.service.clone(),
+        ))
+        .add_service(tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.state.health.clone()),
+        ))
+        .prepare()
+        .into_axum_router();
+        http::router(self.state.clone()).merge(grpc)
+    }
+}

@@ -1,0 +1,243 @@
+//! The calls of the API, shared by gRPC and HTTP: wire in, wire out.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use domain::{RunId, RunState, WorkflowSpec};
+use engine::{Engine, EngineError};
+use futures::Stream;
+use proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::convert;
+
+/// An API error: a gRPC code, a message, and for bad specs every field violation.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: tonic::Code,
+    pub message: String,
+    pub violations: Vec<pb::FieldViolation>,
+}
+
+impl ApiError {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            violations: Vec::new(),
+        }
+    }
+
+    pub fn invalid_spec(e: &domain::SpecError) -> ApiError {
+        ApiError {
+            code: tonic::Code::InvalidArgument,
+            message: format!("invalid spec: {e}"),
+            violations: convert::violations(e),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use tonic::Code;
+        match &e {
+            EngineError::InvalidSpec(s) => ApiError::invalid_spec(s),
+            EngineError::InvalidArgument(_) => ApiError::new(Code::InvalidArgument, e.to_string()),
+            EngineError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
+            EngineError::AlreadyExists { .. } => ApiError::new(Code::AlreadyExists, e.to_string()),
+            EngineError::FailedPrecondition(_) => {
+                ApiError::new(Code::FailedPrecondition, e.to_string())
+            }
+            EngineError::Unavailable(_) => ApiError::new(Code::Unavailable, e.to_string()),
+            EngineError::Internal(_) => {
+                tracing::error!(error = %e, "internal error answering a request");
+                ApiError::new(Code::Internal, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(e.code, e.message)
+    }
+}
+
+pub type RunStream = Pin<Box<dyn Stream<Item = Result<pb::Run, ApiError>> + Send>>;
+
+/// The API's view of the engine.
+#[derive(Clone)]
+pub struct Service {
+    pub engine: Engine,
+    /// Fired at shutdown: ends Watch streams so the listener can close.
+    pub shutdown: CancellationToken,
+}
+
+pub fn parse_id(id: &str) -> Result<RunId, ApiError> {
+    id.parse().map_err(|e: domain::ids::ParseRunIdError| {
+        ApiError::new(tonic::Code::InvalidArgument, format!("id: {e}"))
+    })
+}
+
+impl Service {
+    pub fn wire_spec(spec: Option<pb::WorkReq>) -> Result<WorkflowSpec, ApiError> {
+        let spec = spec.ok_or_else(|| {
+            ApiError::invalid_spec(&domain::SpecError(vec![domain::FieldError::new(
+                "spec", "required",
+            )]))
+        })?;
+        convert::spec_from_wire(spec).map_err(|e| ApiError::invalid_spec(&e))
+    }
+
+    pub async fn submit(&self, spec: WorkflowSpec) -> Result<pb::SubmitResponse, ApiError> {
+        let s = self.engine.submit(spec).await?;
+        Ok(pb::SubmitResponse {
+            id: s.id.to_string(),
+            created: s.created,
+        })
+    }
+
+    pub async fn exec(&self, id: &str) -> Result<pb::ExecResponse, ApiError> {
+        let id = parse_id(id)?;
+        self.engine.exec(id).await?;
+        Ok(pb::ExecResponse {
+            id: id.to_string(),
+            state: RunState::Queued.to_string(),
+        })
+    }
+
+    pub async fn status(&self, id: &str) -> Result<pb::Run, ApiError> {
+        let run = self.engine.status(parse_id(id)?).await?;
+        Ok(convert::run_to_wire(&run))
+    }
+
+    pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
+        let mut states = Vec::with_capacity(req.states.len());
+        for s in &req.states {
+            states.push(s.parse::<RunState>().map_err(|e| {
+                ApiError::new(tonic::Code::InvalidArgument, format!("states: {e}"))
+            })?);
+        }
+        let filter = store::RunFilter {
+            states,
+            name: (!req.name.is_empty()).then_some(req.name),
+            labels: req.labels.into_iter().collect(),
+            page_size: req.page_size,
+            page_token: (!req.page_token.is_empty()).then_some(req.page_token),
+        };
+        let page = self.engine.list(&filter).await?;
+        Ok(pb::ListResponse {
+            runs: page.runs.iter().map(convert::summary_to_wire).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        })
+    }
+
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<pb::CancelResponse, ApiError> {
+        let id = parse_id(id)?;
+        let state = self.engine.cancel(id, actor, reason).await?;
+        Ok(pb::CancelResponse {
+            id: id.to_string(),
+            state: state.to_string(),
+        })
+    }
+
+    pub async fn clone_run(&self, id: &str) -> Result<pb::SubmitResponse, ApiError> {
+        let new = self.engine.clone_run(parse_id(id)?).await?;
+        Ok(pb::SubmitResponse {
+            id: new.to_string(),
+            created: true,
+        })
+    }
+
+    pub fn validate(&self, spec: Result<WorkflowSpec, ApiError>) -> pb::ValidateResponse {
+        let result = spec.and_then(|s| {
+            actions::validate_spec(&s)
+                .map(|_| ())
+                .map_err(|e| ApiError::invalid_spec(&e))
+        });
+        match result {
+            Ok(()) => pb::ValidateResponse {
+                valid: true,
+                violations: Vec::new(),
+            },
+            Err(e) => pb::ValidateResponse {
+                valid: false,
+                violations: if e.violations.is_empty() {
+                    vec![pb::FieldViolation {
+                        field: "spec".into(),
+                        description: e.message,
+                    }]
+                } else {
+                    e.violations
+                },
+            },
+        }
+    }
+
+    /// The run now, then on every change until it is terminal (or the server stops).
+    pub async fn watch(&self, id: &str) -> Result<RunStream, ApiError> {
+        let id = parse_id(id)?;
+        let first = self.engine.status(id).await?;
+        let rx = self.engine.subscribe();
+        struct State {
+            svc: Service,
+            id: RunId,
+            rx: tokio::sync::broadcast::Receiver<engine::RunEvent>,
+            last: Option<pb::Run>,
+            pending_first: Option<pb::Run>,
+            done: bool,
+        }
+        let state = State {
+            svc: self.clone(),
+            id,
+            rx,
+            last: None,
+            pending_first: Some(convert::run_to_wire(&first)),
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            if let Some(first) = st.pending_first.take() {
+                st.done = first
+                    .state
+                    .parse::<RunState>()
+                    .is_ok_and(|s| s.is_terminal());
+                st.last = Some(first.clone());
+                return Some((Ok(first), st));
+            }
+            loop {
+                // Wake on a change to this run, or poll now and then (changes made by other nodes).
+                tokio::select! {
+                    ev = st.rx.recv() => match ev {
+                        Ok(e) if e.id != st.id => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = st.svc.shutdown.cancelled() => return None,
+                }
+                let run = match st.svc.engine.status(st.id).await {
+                    Ok(r) => convert::run_to_wire(&r),
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(ApiError::from(e)), st));
+                    }
+                };
+                if st.last.as_ref() == Some(&run) {
+                    continue;
+                }
+                st.done = run.state.parse::<RunState>().is_ok_and(|s| s.is_terminal());
+                st.last = Some(run.clone());
+                return Some((Ok(run), st));
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}

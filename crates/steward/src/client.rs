@@ -1,0 +1,309 @@
+//! The client commands: one gRPC call each (Watch for --wait and --watch).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use proto::v1 as pb;
+use proto::v1::steward_client::StewardClient;
+use tonic::transport::Channel;
+
+use crate::ClientOpts;
+use crate::output;
+
+/// Exit code when `--wait` saw the run end other than `completed`.
+const EXIT_NOT_COMPLETED: u8 = 2;
+
+type Client = StewardClient<Channel>;
+
+async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
+    let url = if opts.addr.contains("://") {
+        opts.addr.clone()
+    } else {
+        format!("http://{}", opts.addr)
+    };
+    StewardClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    if let Ok(v) = actor.parse() {
+        req.metadata_mut().insert("x-steward-actor", v);
+    }
+    req
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match c {
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Internal => "INTERNAL",
+        _ => "ERROR",
+    }
+}
+
+pub fn read_spec(file: &Path) -> anyhow::Result<domain::WorkflowSpec> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    domain::WorkflowSpec::parse(&text).map_err(|e| anyhow!("{}: invalid spec: {e}", file.display()))
+}
+
+pub async fn submit(
+    opts: &ClientOpts,
+    file: &Path,
+    exec: bool,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let spec = read_spec(file)?;
+    let mut c = connect(opts).await?;
+    let resp = c
+        .submit(request(pb::SubmitRequest {
+            spec: Some(api::convert::spec_to_wire(&spec)),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json && !exec {
+        output::json(&resp);
+    } else if !opts.json {
+        output::line(&resp.id);
+    }
+    if !exec {
+        return Ok(ExitCode::SUCCESS);
+    }
+    exec_inner(opts, &mut c, &resp.id, wait, !resp.created).await
+}
+
+async fn exec_inner(
+    opts: &ClientOpts,
+    c: &mut Client,
+    id: &str,
+    wait: bool,
+    tolerate_started: bool,
+) -> anyhow::Result<ExitCode> {
+    match c.exec(request(pb::ExecRequest { id: id.to_owned() })).await {
+        Ok(r) => {
+            if opts.json && !wait {
+                output::json(&r.into_inner());
+            }
+        }
+        // Submitting the same idempotency key again finds the run started already: fine.
+        Err(s) if tolerate_started && s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => return Err(status_err(s)),
+    }
+    if wait {
+        watch(opts, c, id, false).await
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+pub async fn exec(opts: &ClientOpts, id: &str, wait: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(opts).await?;
+    exec_inner(opts, &mut c, id, wait, false).await
+}
+
+/// Follows a run to its end. `print_each` prints every change, else only the last.
+async fn watch(
+    opts: &ClientOpts,
+    c: &mut Client,
+    id: &str,
+    print_each: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut stream = c
+        .watch(request(pb::WatchRequest { id: id.to_owned() }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut last: Option<pb::Run> = None;
+    while let Some(run) = stream.message().await.map_err(status_err)? {
+        if print_each {
+            if opts.json {
+                output::json_line(&run);
+            } else {
+                let done = run
+                    .blocks
+                    .iter()
+                    .flat_map(|b| &b.jobs)
+                    .filter(|j| j.state == "completed")
+                    .count();
+                let total: usize = run.blocks.iter().map(|b| b.jobs.len()).sum();
+                output::line(&format!(
+                    "{}  {}  {done}/{total} jobs completed",
+                    run.id, run.state
+                ));
+            }
+        }
+        last = Some(run);
+    }
+    let run = last.ok_or_else(|| anyhow!("the server closed the watch without an answer"))?;
+    if !print_each {
+        if opts.json {
+            output::json(&run);
+        } else {
+            output::run(&run);
+        }
+    }
+    let terminal = matches!(
+        run.state.as_str(),
+        "completed" | "failed" | "stopped" | "cancelled" | "expired"
+    );
+    if !terminal {
+        return Err(anyhow!(
+            "the server stopped before run {id} finished (it is {})",
+            run.state
+        ));
+    }
+    Ok(if run.state == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_COMPLETED)
+    })
+}
+
+pub async fn status(opts: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(opts).await?;
+    if follow {
+        return watch(opts, &mut c, id, true).await;
+    }
+    let run = c
+        .status(request(pb::StatusRequest { id: id.to_owned() }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json {
+        output::json(&run);
+    } else {
+        output::run(&run);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(
+    opts: &ClientOpts,
+    states: Vec<String>,
+    name: Option<String>,
+    labels: Vec<String>,
+    limit: u32,
+    page_token: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut label_map = std::collections::HashMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--label {l:?}: expected KEY=VALUE"))?;
+        label_map.insert(k.to_owned(), v.to_owned());
+    }
+    let mut c = connect(opts).await?;
+    let resp = c
+        .list(request(pb::ListRequest {
+            states,
+            name: name.unwrap_or_default(),
+            labels: label_map,
+            page_size: limit,
+            page_token: page_token.unwrap_or_default(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json {
+        output::json(&resp);
+    } else {
+        output::runs(&resp);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(opts: &ClientOpts, id: &str, reason: &str) -> anyhow::Result<ExitCode> {
+    let mut c = connect(opts).await?;
+    let resp = c
+        .cancel(request(pb::CancelRequest {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json {
+        output::json(&resp);
+    } else {
+        output::line(&format!("{} {}", resp.id, resp.state));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn clone_run(opts: &ClientOpts, id: &str, exec: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(opts).await?;
+    // The generated `clone` call, not `Clone::clone`.
+    let resp = Client::clone(&mut c, request(pb::CloneRequest { id: id.to_owned() }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json {
+        output::json(&resp);
+    } else {
+        output::line(&resp.id);
+    }
+    if exec {
+        return exec_inner(opts, &mut c, &resp.id, false, false).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let local =
+        domain::WorkflowSpec::parse(&text).and_then(|s| actions::validate_spec(&s).map(|_| s));
+    let resp = match (&local, offline) {
+        (Err(e), _) => pb::ValidateResponse {
+            valid: false,
+            violations: api::convert::violations(e),
+        },
+        (Ok(_), true) => pb::ValidateResponse {
+            valid: true,
+            violations: vec![],
+        },
+        (Ok(spec), false) => {
+            let mut c = connect(opts).await?;
+            c.validate(request(pb::ValidateRequest {
+                spec: Some(api::convert::spec_to_wire(spec)),
+            }))
+            .await
+            .map_err(status_err)?
+            .into_inner()
+        }
+    };
+    if opts.json {
+        output::json(&resp);
+    } else if resp.valid {
+        output::line(&format!("{}: valid", file.display()));
+    } else {
+        for v in &resp.violations {
+            output::line(&format!(
+                "{}: {}: {}",
+                file.display(),
+                v.field,
+                v.description
+            ));
+        }
+    }
+    Ok(if resp.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

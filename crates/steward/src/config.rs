@@ -1,0 +1,239 @@
+//! Server configuration in stages: the raw file (serde, unknown keys refused) → `STEWARD_*`
+//! environment overrides → command-line flags → validated [`ServeConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const DEFAULT_DATA_DIR: &str = "./steward-data";
+
+/// `steward.toml` as written. Every key optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub node_id: Option<String>,
+    pub submit_ttl: Option<String>,
+    pub max_running_jobs: Option<usize>,
+    pub shutdown_grace: Option<String>,
+    pub kill_grace: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub output_limit: Option<usize>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+}
+
+/// The validated configuration `steward serve` runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub node_id: String,
+    #[serde(with = "humantime_serde_str")]
+    pub submit_ttl: Duration,
+    pub max_running_jobs: usize,
+    #[serde(with = "humantime_serde_str")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde_str")]
+    pub kill_grace: Duration,
+    #[serde(with = "humantime_serde_str")]
+    pub lease_ttl: Duration,
+    pub output_limit: usize,
+    pub log_json: bool,
+}
+
+mod humantime_serde_str {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+/// The server's environment overrides, by config key.
+const ENV_KEYS: &[(&str, &str)] = &[
+    ("STEWARD_LISTEN", "listen"),
+    ("STEWARD_NODE_ID", "node_id"),
+    ("STEWARD_SUBMIT_TTL", "submit_ttl"),
+    ("STEWARD_MAX_RUNNING_JOBS", "max_running_jobs"),
+    ("STEWARD_SHUTDOWN_GRACE", "shutdown_grace"),
+    ("STEWARD_KILL_GRACE", "kill_grace"),
+    ("STEWARD_LEASE_TTL", "lease_ttl"),
+    ("STEWARD_OUTPUT_LIMIT", "output_limit"),
+    ("STEWARD_LOG_FORMAT", "log_format"),
+];
+
+fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
+    match v {
+        None => Ok(default),
+        Some(s) => {
+            let d = humantime::parse_duration(s.trim()).map_err(|_| {
+                anyhow::anyhow!("{key}: invalid duration {s:?}: expected e.g. 30s, 10m or 1h")
+            })?;
+            if d.is_zero() {
+                bail!("{key}: must be greater than 0");
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn env_override(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    for (var, key) in ENV_KEYS {
+        let Some(v) = env(var) else { continue };
+        let num = |v: &str| -> anyhow::Result<usize> {
+            v.trim()
+                .parse()
+                .with_context(|| format!("{var}: {v:?} is not a whole number"))
+        };
+        match *key {
+            "listen" => raw.listen = Some(v),
+            "node_id" => raw.node_id = Some(v),
+            "submit_ttl" => raw.submit_ttl = Some(v),
+            "max_running_jobs" => raw.max_running_jobs = Some(num(&v)?),
+            "shutdown_grace" => raw.shutdown_grace = Some(v),
+            "kill_grace" => raw.kill_grace = Some(v),
+            "lease_ttl" => raw.lease_ttl = Some(v),
+            "output_limit" => raw.output_limit = Some(num(&v)?),
+            "log_format" => raw.log_format = Some(v),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Builds the server configuration from the file, the environment and the flags.
+pub fn load(
+    data_dir: &Path,
+    config_file: Option<&Path>,
+    listen_flag: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<ServeConfig> {
+    let default_file = data_dir.join("steward.toml");
+    let (path, required) = match config_file {
+        Some(p) => (p.to_owned(), true),
+        None => (default_file, false),
+    };
+    let mut raw = match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str::<RawConfig>(&text)
+            .with_context(|| format!("reading the config file {}", path.display()))?,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => RawConfig::default(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the config file {}", path.display()));
+        }
+    };
+    env_override(&mut raw, env)?;
+    if let Some(l) = listen_flag {
+        raw.listen = Some(l.to_owned());
+    }
+    let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen: SocketAddr = listen_s.parse().with_context(|| {
+        format!("listen: {listen_s:?} is not an address such as 127.0.0.1:7420")
+    })?;
+    let max_running_jobs = raw.max_running_jobs.unwrap_or(256);
+    if !(1..=100_000).contains(&max_running_jobs) {
+        bail!("max_running_jobs: {max_running_jobs} is out of range 1..=100000");
+    }
+    let output_limit = raw.output_limit.unwrap_or(16 * 1024);
+    if !(256..=16 * 1024 * 1024).contains(&output_limit) {
+        bail!("output_limit: {output_limit} bytes is out of range 256..=16777216");
+    }
+    let log_json = match raw.log_format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => bail!("log_format: {other:?} is not one of: text, json"),
+    };
+    let node_id = match raw.node_id {
+        Some(n) if n.trim().is_empty() => bail!("node_id: must not be empty"),
+        Some(n) => n,
+        None => String::new(), // filled from the data directory by `serve`
+    };
+    Ok(ServeConfig {
+        data_dir: data_dir.to_owned(),
+        listen,
+        node_id,
+        submit_ttl: duration("submit_ttl", raw.submit_ttl, Duration::from_secs(3600))?,
+        max_running_jobs,
+        shutdown_grace: duration(
+            "shutdown_grace",
+            raw.shutdown_grace,
+            Duration::from_secs(25),
+        )?,
+        kill_grace: duration("kill_grace", raw.kill_grace, Duration::from_secs(10))?,
+        lease_ttl: duration("lease_ttl", raw.lease_ttl, Duration::from_secs(30))?,
+        output_limit,
+        log_json,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(dir.path(), None, None, &no_env).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.submit_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("steward.toml"),
+            "submit_ttl = \"5m\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "STEWARD_SUBMIT_TTL").then(|| "7m".to_owned());
+        let c = load(dir.path(), None, Some("127.0.0.1:2"), &env).unwrap();
+        assert_eq!(c.submit_ttl, Duration::from_secs(420));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        for (text, want) in [
+            ("nope = 1\n", "unknown field `nope`"),
+            ("submit_ttl = \"soon\"\n", "submit_ttl: invalid duration"),
+            (
+                "shutdown_grace = \"0s\"\n",
+                "shutdown_grace: must be greater than 0",
+            ),
+            ("listen = \"here\"\n", "listen:"),
+            (
+                "max_running_jobs = 0\n",
+                "max_running_jobs: 0 is out of range",
+            ),
+            ("log_format = \"xml\"\n", "log_format:"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let err = format!(
+                "{:#}",
+                load(dir.path(), Some(&f), None, &no_env).unwrap_err()
+            );
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let env = |k: &str| (k == "STEWARD_MAX_RUNNING_JOBS").then(|| "many".to_owned());
+        let err = format!("{:#}", load(dir.path(), None, None, &env).unwrap_err());
+        assert!(err.contains("STEWARD_MAX_RUNNING_JOBS"), "{err}");
+        let missing = dir.path().join("missing.toml");
+        assert!(
+            load(dir.path(), Some(&missing), None, &no_env).is_err(),
+            "an explicit file must exist"
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! `steward`: the server and its command-line client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod client;
+mod config;
+mod output;
+mod pidfile;
+mod serve;
+mod stop;
+
+#[derive(Parser)]
+#[command(
+    name = "steward",
+    version,
+    about = "Runs infrastructure workflows safely."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientOpts {
+    /// The server's address.
+    #[arg(long, env = "STEWARD_ADDR", default_value = config::DEFAULT_LISTEN, global = true)]
+    pub addr: String,
+    /// Machine-readable output (the API's JSON).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server.
+    Serve {
+        /// Holds the database, the config, the e-stop list and the PID file.
+        #[arg(long, default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// HOST:PORT to serve gRPC, HTTP/JSON, health and metrics on.
+        #[arg(long)]
+        listen: Option<String>,
+        /// The config file (default: steward.toml in the data directory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Prints the effective configuration and exits.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Stores a workflow and prints its run ID; runs nothing unless --exec.
+    Submit {
+        file: PathBuf,
+        /// Execute it right after submitting.
+        #[arg(long)]
+        exec: bool,
+        /// Wait until it finishes (implies --exec); exit non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Executes a submitted run.
+    Exec {
+        id: String,
+        /// Wait until it finishes; exit non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Shows where a run stands.
+    Status {
+        id: String,
+        /// Keep printing changes until the run finishes.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Lists runs, newest first.
+    List {
+        /// Only runs in this state (repeatable).
+        #[arg(long = "state")]
+        states: Vec<String>,
+        /// Only runs of this workflow name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only runs with this label, KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Runs per page (1..=1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cancels a run.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Submits a new run with the spec of an old one.
+    Clone {
+        id: String,
+        #[arg(long)]
+        exec: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Checks a workflow file without storing anything.
+    Validate {
+        file: PathBuf,
+        /// Check locally only, without asking the server.
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Stops the server of a data directory and waits for it to exit.
+    Stop {
+        #[arg(long, default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Cancel in-flight jobs at once.
+        #[arg(long, conflicts_with = "end_of_round")]
+        now: bool,
+        /// Let each run finish its current block first.
+        #[arg(long)]
+        end_of_round: bool,
+        /// How long to wait for the exit.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            output::error(&format!("starting the runtime: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(&format!("{e:#}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            config,
+            print_config,
+        } => {
+            let env = |k: &str| std::env::var(k).ok();
+            let cfg = config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)?;
+            if print_config {
+                output::line(&toml::to_string_pretty(&cfg)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            init_logging(cfg.log_json);
+            let cause = serve::serve(cfg).await?;
+            Ok(match cause {
+                domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(1),
+            })
+        }
+        Command::Submit {
+            file,
+            exec,
+            wait,
+            client,
+        } => client::submit(&client, &file, exec || wait, wait).await,
+        Command::Exec { id, wait, client } => client::exec(&client, &id, wait).await,
+        Command::Status { id, watch, client } => client::status(&client, &id, watch).await,
+        Command::List {
+            states,
+            name,
+            labels,
+            limit,
+            page_token,
+            client,
+        } => client::list(&client, states, name, labels, limit, page_token).await,
+        Command::Cancel { id, reason, client } => client::cancel(&client, &id, &reason).await,
+        Command::Clone { id, exec, client } => client::clone_run(&client, &id, exec).await,
+        Command::Validate {
+            file,
+            offline,
+            client,
+        } => client::validate(&client, &file, offline).await,
+        Command::Stop {
+            data_dir,
+            now,
+            end_of_round,
+            timeout,
+        } => stop::stop(&data_dir, now, end_of_round, timeout).await,
+    }
+}

@@ -1,0 +1,108 @@
+//! What the CLI prints. stdout carries results; stderr carries errors.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)] // the CLI's one place to print
+
+use proto::v1 as pb;
+
+pub fn line(s: &str) {
+    println!("{s}");
+}
+
+pub fn error(s: &str) {
+    eprintln!("error: {s}");
+}
+
+pub fn json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => error(&format!("encoding JSON: {e}")),
+    }
+}
+
+/// One compact JSON document per line (for streams).
+pub fn json_line<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => error(&format!("encoding JSON: {e}")),
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+pub fn run(r: &pb::Run) {
+    println!("run      {}", r.id);
+    println!("name     {}", r.name);
+    if !r.desc.is_empty() {
+        println!("desc     {}", r.desc);
+    }
+    if !r.labels.is_empty() {
+        let mut labels: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!("labels   {}", labels.join(", "));
+    }
+    println!("state    {}", r.state);
+    println!(
+        "times    created {}  started {}  ended {}",
+        r.created_at,
+        or_dash(&r.started_at),
+        or_dash(&r.ended_at)
+    );
+    if r.state == "submitted" && !r.expires_at.is_empty() {
+        println!("expires  {} unless executed", r.expires_at);
+    }
+    if !r.error.is_empty() {
+        println!("error    {}", r.error);
+    }
+    if let Some(c) = &r.stop_cause {
+        println!("cause    {}", c.message);
+    }
+    if !r.cloned_from.is_empty() {
+        println!("clone of {}", r.cloned_from);
+    }
+    for b in &r.blocks {
+        let desc = if b.desc.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", b.desc)
+        };
+        println!("block {}{desc}: {}", b.index, b.state);
+        for j in &b.jobs {
+            let desc = if j.desc.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", j.desc)
+            };
+            let mut extra = String::new();
+            if j.attempts > 1 {
+                extra.push_str(&format!("  attempts {}", j.attempts));
+            }
+            if let Some(code) = j.exit_code {
+                if code != 0 {
+                    extra.push_str(&format!("  exit {code}"));
+                }
+            }
+            if !j.error.is_empty() {
+                extra.push_str(&format!("  error: {}", j.error));
+            }
+            println!(
+                "  job {:<3} {:<12} {:<10}{desc}{extra}",
+                j.index, j.action, j.state
+            );
+        }
+    }
+}
+
+pub fn runs(list: &pb::ListResponse) {
+    println!("{:<36}  {:<24}  {:<9}  CREATED", "ID", "NAME", "STATE");
+    for r in &list.runs {
+        println!(
+            "{:<36}  {:<24}  {:<9}  {}",
+            r.id, r.name, r.state, r.created_at
+        );
+    }
+    if !list.next_page_token.is_empty() {
+        println!("(more: --page-token {})", list.next_page_token);
+    }
+}

@@ -1,0 +1,173 @@
+//! `steward serve`: wiring, the listener, signals and the stop sequence.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use domain::stop::ShutdownMode;
+use domain::{NodeId, StopCause, SystemClock};
+use engine::{Engine, EngineOptions};
+use store::RunStore;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServeConfig;
+use crate::pidfile::{self, PidFile};
+
+fn node_id(cfg: &ServeConfig) -> anyhow::Result<String> {
+    if !cfg.node_id.is_empty() {
+        return Ok(cfg.node_id.clone());
+    }
+    let path = cfg.data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!("node-{}", uuid::Uuid::now_v7().simple());
+            std::fs::write(&path, format!("{id}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+/// Reads (and removes) the request `steward stop` left before signalling us.
+fn stop_request(cfg: &ServeConfig) -> Option<ShutdownMode> {
+    let path = cfg.data_dir.join(pidfile::STOP_REQUEST_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    match text.trim() {
+        "drain" => Some(ShutdownMode::Drain),
+        "end_of_round" => Some(ShutdownMode::EndOfRound),
+        "now" => Some(ShutdownMode::Now),
+        _ => None,
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+
+    /// The next signal, as its name and the stop mode it asks for.
+    async fn next(&mut self) -> (&'static str, ShutdownMode) {
+        tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", ShutdownMode::Drain),
+            _ = self.int.recv() => ("SIGINT", ShutdownMode::Drain),
+            _ = self.quit.recv() => ("SIGQUIT", ShutdownMode::Now),
+            _ = self.usr1.recv() => ("SIGUSR1", ShutdownMode::EndOfRound),
+        }
+    }
+}
+
+/// Serves until stopped; returns why it stopped.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+    let _pid = PidFile::acquire(&cfg.data_dir)?;
+    let _ = std::fs::remove_file(cfg.data_dir.join(pidfile::STOP_REQUEST_FILE));
+    let node = node_id(&cfg)?;
+    let db_path = cfg.data_dir.join("steward.db");
+    let store = Arc::new(
+        store_sqlite::SqliteStore::open(&db_path)
+            .with_context(|| format!("opening the database {}", db_path.display()))?,
+    );
+    let mut opts = EngineOptions::new(NodeId(node.clone()));
+    opts.max_running_jobs = cfg.max_running_jobs;
+    opts.submit_ttl = cfg.submit_ttl;
+    opts.lease_ttl = cfg.lease_ttl;
+    opts.kill_grace = cfg.kill_grace;
+    opts.output_limit = cfg.output_limit;
+    let engine = Engine::new(
+        opts,
+        store.clone() as Arc<dyn RunStore>,
+        Arc::new(SystemClock),
+    );
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let api_token = CancellationToken::new();
+    let api = api::Api::new(engine.clone(), api_token.clone()).await;
+    let router = api.router();
+    let tracker = TaskTracker::new();
+    let server_token = api_token.clone();
+    let server = tracker.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(server_token.cancelled_owned())
+            .await
+    });
+    let mut signals = Signals::new()?;
+    engine.start();
+    tracing::info!(
+        listen = %local,
+        data_dir = %cfg.data_dir.display(),
+        node_id = %node,
+        pid = std::process::id(),
+        startup = ?started.elapsed(),
+        "steward serving"
+    );
+
+    let cause = tokio::select! {
+        (name, mode) = signals.next() => match stop_request(&cfg) {
+            Some(mode) => StopCause::StopCommand { mode },
+            None => StopCause::Signal { signal: name.to_owned(), mode },
+        },
+        r = server => match r {
+            Ok(Ok(())) => StopCause::Fatal { component: "api".into(), message: "the listener stopped".into() },
+            Ok(Err(e)) => StopCause::Fatal { component: "api".into(), message: e.to_string() },
+            Err(e) => StopCause::Fatal { component: "api".into(), message: e.to_string() },
+        },
+    };
+    let mode = match &cause {
+        StopCause::Signal { mode, .. } | StopCause::StopCommand { mode } => *mode,
+        _ => ShutdownMode::Drain,
+    };
+    tracing::info!(%cause, kind = cause.kind(), %mode, "stopping");
+    api.set_not_serving().await;
+
+    let shutdown = engine.shutdown(mode, cause.clone(), cfg.shutdown_grace);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            (name, m) = signals.next() => {
+                if m == ShutdownMode::EndOfRound {
+                    tracing::info!(signal = name, "already stopping; ignoring");
+                    continue;
+                }
+                let now = match stop_request(&cfg) {
+                    Some(_) => StopCause::StopCommand { mode: ShutdownMode::Now },
+                    None => StopCause::Signal { signal: name.to_owned(), mode: ShutdownMode::Now },
+                };
+                tracing::warn!(cause = %now, "second stop request: cancelling in-flight jobs now");
+                engine.stop_now(now);
+            }
+        }
+    }
+    api_token.cancel();
+    tracker.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the listener did not close within 5s; exiting anyway");
+    }
+    store.close().await.context("closing the database")?;
+    tracing::info!(%cause, kind = cause.kind(), elapsed = ?started.elapsed(), "steward stopped");
+    Ok(cause)
+}
