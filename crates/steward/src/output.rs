@@ -78,10 +78,8 @@ pub fn run(r: &pb::Run) {
             if j.attempts > 1 {
                 extra.push_str(&format!("  attempts {}", j.attempts));
             }
-            if let Some(code) = j.exit_code {
-                if code != 0 {
-                    extra.push_str(&format!("  exit {code}"));
-                }
+            if let Some(code) = j.exit_code.filter(|c| *c != 0) {
+                extra.push_str(&format!("  exit {code}"));
             }
             if !j.error.is_empty() {
                 extra.push_str(&format!("  error: {}", j.error));

@@ -1,0 +1,227 @@
+//! Starts and stops the real `steward` binary on a free loopback port.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use proto::v1::steward_client::StewardClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_steward");
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `steward serve` on `data_dir` with extra environment, and waits until it is ready.
+    pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = data_dir.join(format!("server-{port}.log"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", &addr])
+            .env("RUST_LOG", "info")
+            .env_remove("FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut s = Server {
+            child,
+            data_dir: data_dir.to_owned(),
+            addr,
+            log,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("steward exited early ({status}); log:\n{}", self.log_text());
+            }
+            if http_get(&self.addr, "/readyz")
+                .await
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "steward not ready in 30s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> StewardClient<Channel> {
+        StewardClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap())
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "steward did not exit in {within:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(60)).await;
+        assert!(
+            status.success(),
+            "steward exited with {status}; log:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET over loopback: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+pub fn spec(yaml: &str) -> pb::WorkReq {
+    api::convert::spec_to_wire(&domain::WorkflowSpec::parse(yaml).unwrap())
+}
+
+pub async fn submit(c: &mut StewardClient<Channel>, yaml: &str) -> String {
+    c.submit(pb::SubmitRequest {
+        spec: Some(spec(yaml)),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .id
+}
+
+pub async fn status(c: &mut StewardClient<Channel>, id: &str) -> pb::Run {
+    c.status(pb::StatusRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn is_terminal(state: &str) -> bool {
+    matches!(
+        state,
+        "completed" | "failed" | "stopped" | "cancelled" | "expired"
+    )
+}
+
+/// Polls Status until the run is terminal.
+pub async fn wait_terminal(c: &mut StewardClient<Channel>, id: &str, within: Duration) -> pb::Run {
+    let deadline = Instant::now() + within;
+    loop {
+        let run = status(c, id).await;
+        if is_terminal(&run.state) {
+            return run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {id} still {} after {within:?}",
+            run.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `f` holds.
+pub async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True when no process `pid` exists any more (or only its zombie, which nothing here reaps).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A shell job as YAML flow text.
+pub fn sh(script: &str) -> String {
+    format!(
+        "{{action: shell, args: {{argv: [sh, -c, {}]}}}}",
+        serde_json::to_string(script).unwrap()
+    )
+}

@@ -1,0 +1,305 @@
+//! The real `steward` binary: the handshake across restarts, crashes at fail points, cancel.
+
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use harness::*;
+use proto::v1 as pb;
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_through_grpc_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("ran");
+    let job = sh(&format!(
+        "echo $STEWARD_IDEMPOTENCY_KEY >> {}",
+        log.display()
+    ));
+    let yaml = format!("name: hello\nidempotency_key: hello-1\nblocks:\n  - jobs: [{job}]\n");
+
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let first = c
+        .submit(pb::SubmitRequest {
+            spec: Some(spec(&yaml)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    // Submit stores and does not run.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&mut c, &first.id).await.state, "submitted");
+    assert!(!log.exists(), "Submit must not execute anything");
+
+    // The same idempotency key gives the same ID and stores nothing new.
+    let again = c
+        .submit(pb::SubmitRequest {
+            spec: Some(spec(&yaml)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, first.id);
+    assert!(!again.created);
+    let listed = c
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+
+    // Status answers across a restart, before and after Exec.
+    server.stop().await;
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    assert_eq!(status(&mut c, &first.id).await.state, "submitted");
+
+    c.exec(pb::ExecRequest {
+        id: first.id.clone(),
+    })
+    .await
+    .unwrap();
+    let run = wait_terminal(&mut c, &first.id, LONG).await;
+    assert_eq!(run.state, "completed");
+    let err = c
+        .exec(pb::ExecRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        1,
+        "ran exactly once"
+    );
+
+    server.stop().await;
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let run = status(&mut c, &first.id).await;
+    assert_eq!(run.state, "completed");
+    assert_eq!(run.blocks[0].jobs[0].state, "completed");
+    let err = c
+        .exec(pb::ExecRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_submission_answers_failed_precondition() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_SUBMIT_TTL", "500ms")]).await;
+    let mut c = server.client().await;
+    let id = submit(&mut c, "name: hello\nblocks:\n  - jobs: [{action: noop}]\n").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let err = c
+        .exec(pb::ExecRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("submit TTL"), "{}", err.message());
+    let run = status(&mut c, &id).await;
+    assert_eq!(run.state, "expired");
+    assert_eq!(run.stop_cause.unwrap().kind, "expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_a_shell_jobs_grandchildren() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("grandchild.pid");
+    let job = sh(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let id = submit(
+        &mut c,
+        &format!("name: hello\nblocks:\n  - jobs: [{job}]\n"),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("the grandchild to start", LONG, || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_gone(grandchild));
+
+    // Through the CLI, as an operator would.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "cancel",
+            &id,
+            "--reason",
+            "wrong site",
+            "--addr",
+            &server.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "cancelled");
+    assert_eq!(run.blocks[0].jobs[0].state, "cancelled");
+    let cause = run.stop_cause.unwrap();
+    assert_eq!(cause.kind, "cancelled");
+    assert_eq!(
+        cause.details.get("reason").map(String::as_str),
+        Some("wrong site")
+    );
+    eventually("the grandchild to be killed", LONG, || {
+        process_gone(grandchild)
+    })
+    .await;
+}
+
+/// One line per job start and end, written by the jobs themselves.
+fn job_log(path: &std::path::Path) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let mut starts = BTreeMap::new();
+    let mut dones = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((what, key)) = line.split_once(' ') {
+            let m = if what == "start" {
+                &mut starts
+            } else {
+                &mut dones
+            };
+            *m.entry(key.to_owned()).or_insert(0) += 1;
+        }
+    }
+    (starts, dones)
+}
+
+/// Jobs whose completion the database holds, read straight from the file.
+fn completed_in_db(db: &std::path::Path) -> BTreeSet<String> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = c
+        .prepare("SELECT run_id, block_idx, idx FROM jobs WHERE state = 'completed'")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok(format!(
+            "{}/b{}/j{}",
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?
+        ))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_block_resumes_at_the_first_unfinished_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("jobs.log");
+    let job = sh(&format!(
+        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        l = log.display()
+    ));
+    let yaml = format!(
+        "name: erase\nblocks:\n  - jobs: [{job}]\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+    );
+
+    // The process kills itself (SIGKILL) right after the 6th durable job commit.
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&mut c, &yaml).await);
+    }
+    server.stop().await;
+    let mut server = Server::start(
+        &data,
+        &[("FAILPOINTS", "engine::job_after_commit=5*off->return")],
+    )
+    .await;
+    let mut c = server.client().await;
+    for id in &ids {
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    }
+    let status = server.wait_exit(LONG).await;
+    assert!(
+        !status.success(),
+        "the fail point must have killed the process"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let done_before = completed_in_db(&data.join("steward.db"));
+    let (starts_before, _) = job_log(&log);
+    let in_flight: Vec<&String> = starts_before
+        .keys()
+        .filter(|k| !done_before.contains(*k))
+        .collect();
+    assert!(
+        !done_before.is_empty(),
+        "some jobs completed before the kill"
+    );
+    assert!(
+        !in_flight.is_empty(),
+        "some jobs were in flight at the kill"
+    );
+    let mid_block = ids.iter().any(|id| {
+        let in_block_1 = done_before
+            .iter()
+            .filter(|k| k.starts_with(&format!("{id}/b1/")))
+            .count();
+        (1..5).contains(&in_block_1)
+    });
+    assert!(mid_block, "the kill came mid-block: {done_before:?}");
+
+    drop(server);
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    for id in &ids {
+        let run = wait_terminal(&mut c, id, LONG).await;
+        assert_eq!(run.state, "completed", "run {id}: {run:?}");
+        for b in &run.blocks {
+            for j in &b.jobs {
+                assert_eq!(j.state, "completed");
+            }
+        }
+    }
+    let (starts, dones) = job_log(&log);
+    for key in &done_before {
+        assert_eq!(
+            starts.get(key),
+            Some(&1),
+            "{key} completed before the kill and must not run again"
+        );
+    }
+    for key in &in_flight {
+        assert_eq!(
+            starts.get(*key),
+            Some(&2),
+            "{key} was in flight: it runs again, with the same key"
+        );
+    }
+    assert_eq!(starts.len(), 3 * 7, "every job ran");
+    assert!(dones.len() == 3 * 7, "every job finished");
+}
