@@ -22,14 +22,14 @@ impl Timestamp {
         )
     }
 
-    /// RFC 3339 with milliseconds, e.g. `2026-11-21T10:00:00.000Z`.
+    /// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+    pub const MAX_RFC3339: Timestamp = Timestamp(253_402_300_799_999);
+
+    /// RFC 3339 with milliseconds, e.g. `2026-11-21T10:00:00.000Z`. Times outside the years
+    /// 1970 to 9999 are clamped, so any stored value can be shown.
     pub fn to_rfc3339(self) -> String {
-        let t = if self.0 >= 0 {
-            UNIX_EPOCH + Duration::from_millis(self.0.unsigned_abs())
-        } else {
-            UNIX_EPOCH
-        };
-        humantime::format_rfc3339_millis(t).to_string()
+        let ms = self.0.clamp(0, Self::MAX_RFC3339.0).unsigned_abs();
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
     }
 
     pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
@@ -73,5 +73,11 @@ mod tests {
         let t = Timestamp(1_795_000_000_123);
         let s = t.to_rfc3339();
         assert_eq!(Timestamp::parse_rfc3339(&s), Some(t));
+    }
+
+    #[test]
+    fn any_stored_value_formats() {
+        assert_eq!(Timestamp(i64::MAX).to_rfc3339(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(Timestamp(i64::MIN).to_rfc3339(), "1970-01-01T00:00:00.000Z");
     }
 }

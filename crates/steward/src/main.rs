@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod client;
 mod config;
 mod output;
@@ -125,6 +126,21 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
+    Bench {
+        /// Runs for the throughput figure.
+        #[arg(long, default_value_t = 10_000)]
+        runs: usize,
+        /// Concurrent gRPC clients for the throughput figure.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Runs for the latency figure (one at a time).
+        #[arg(long, default_value_t = 1000)]
+        latency_runs: usize,
+        /// Runs stored for the Status latency figure.
+        #[arg(long, default_value_t = 100_000)]
+        status_runs: usize,
+    },
     /// Stops the server of a data directory and waits for it to exit.
     Stop {
         #[arg(long, default_value = config::DEFAULT_DATA_DIR)]
@@ -224,6 +240,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             offline,
             client,
         } => client::validate(&client, &file, offline).await,
+        Command::Bench {
+            runs,
+            concurrency,
+            latency_runs,
+            status_runs,
+        } => {
+            init_logging(false);
+            bench::run(bench::BenchOpts {
+                runs,
+                concurrency: concurrency.max(1),
+                latency_runs: latency_runs.max(1),
+                status_runs: status_runs.max(1),
+                estop_entries: 0,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stop {
             data_dir,
             now,

@@ -106,11 +106,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let router = api.router();
     let tracker = TaskTracker::new();
     let server_token = api_token.clone();
-    let server = tracker.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(server_token.cancelled_owned())
-            .await
-    });
+    let server = tracker.spawn(api::serve(listener, router, server_token));
     let mut signals = Signals::new()?;
     engine.start();
     tracing::info!(

@@ -1,0 +1,346 @@
+//! `steward bench`: throughput and latency through the real API, on a durable SQLite file.
+//!
+//! The server runs in this process (engine + API on a loopback port, data in a temporary
+//! directory); clients are real gRPC clients over TCP. Completion is observed through the
+//! engine's event stream, so measuring adds no API load.
+
+#![allow(clippy::print_stdout)] // a benchmark prints its figures
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use domain::{NodeId, RunId, RunState, SystemClock};
+use engine::{Engine, EngineOptions};
+use proto::v1 as pb;
+use proto::v1::steward_client::StewardClient;
+use store::RunStore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct BenchOpts {
+    pub runs: usize,
+    pub concurrency: usize,
+    pub latency_runs: usize,
+    pub status_runs: usize,
+    pub estop_entries: usize,
+}
+
+struct Bench {
+    _dir: tempfile::TempDir,
+    engine: Engine,
+    store: Arc<store_sqlite::SqliteStore>,
+    addr: String,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(store_sqlite::SqliteStore::open(
+        &dir.path().join("steward.db"),
+    )?);
+    let mut opts = EngineOptions::new(NodeId("bench".into()));
+    opts.max_running_jobs = max_running_jobs;
+    let engine = Engine::new(
+        opts,
+        store.clone() as Arc<dyn RunStore>,
+        Arc::new(SystemClock),
+    );
+    engine.start();
+    let token = CancellationToken::new();
+    let api = api::Api::new(engine.clone(), token.clone()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let router = api.router();
+    let tracker = TaskTracker::new();
+    let t = token.clone();
+    tracker.spawn(api::serve(listener, router, t));
+    Ok(Bench {
+        _dir: dir,
+        engine,
+        store,
+        addr,
+        tracker,
+        token,
+    })
+}
+
+impl Bench {
+    async fn client(&self) -> anyhow::Result<StewardClient<tonic::transport::Channel>> {
+        Ok(StewardClient::connect(format!("http://{}", self.addr)).await?)
+    }
+
+    async fn stop(self) {
+        let cause = domain::StopCause::Signal {
+            signal: "bench".into(),
+            mode: domain::stop::ShutdownMode::Drain,
+        };
+        self.engine
+            .shutdown(
+                domain::stop::ShutdownMode::Drain,
+                cause,
+                Duration::from_secs(5),
+            )
+            .await;
+        self.token.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = self.store.close().await;
+    }
+}
+
+fn noop_spec(jobs: usize) -> pb::WorkReq {
+    let mut spec = domain::WorkflowSpec {
+        name: "bench".into(),
+        ..Default::default()
+    };
+    let mut block = domain::BlockSpec::default();
+    for _ in 0..jobs {
+        block.jobs.push(domain::JobSpec {
+            action: "noop".into(),
+            ..Default::default()
+        });
+    }
+    spec.blocks.push(block);
+    api::convert::spec_to_wire(&spec)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Submit + Exec `n` runs of `jobs` sequential no-op jobs from `concurrency` clients; time to all completed.
+async fn throughput(b: &Bench, n: usize, jobs: usize, concurrency: usize) -> anyhow::Result<f64> {
+    let mut events = b.engine.subscribe();
+    let spec = noop_spec(jobs);
+    let started = Instant::now();
+    let per = n.div_ceil(concurrency);
+    let mut clients = Vec::new();
+    for w in 0..concurrency {
+        let count = per.min(n.saturating_sub(w * per));
+        let mut c = b.client().await?;
+        let spec = spec.clone();
+        clients.push(async move {
+            for _ in 0..count {
+                let id = c
+                    .submit(pb::SubmitRequest {
+                        spec: Some(spec.clone()),
+                    })
+                    .await?
+                    .into_inner()
+                    .id;
+                c.exec(pb::ExecRequest { id }).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    let submit_all = futures::future::try_join_all(clients);
+    let count_done = async {
+        let mut done = 0usize;
+        while done < n {
+            match events.recv().await {
+                Ok(e) if e.state == RunState::Completed => done += 1,
+                Ok(e) if e.state.is_terminal() => anyhow::bail!("run {} ended {}", e.id, e.state),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                    anyhow::bail!("the event stream lagged by {k}; rerun with fewer runs")
+                }
+                Err(e) => anyhow::bail!("event stream: {e}"),
+            }
+        }
+        Ok(())
+    };
+    let (submitted, done) = tokio::join!(submit_all, count_done);
+    submitted.context("submitting")?;
+    done?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One client, one run at a time: Submit → Exec → completed.
+async fn latency(b: &Bench, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut c = b.client().await?;
+    let spec = noop_spec(1);
+    let mut events = b.engine.subscribe();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let id = c
+            .submit(pb::SubmitRequest {
+                spec: Some(spec.clone()),
+            })
+            .await?
+            .into_inner()
+            .id;
+        let run: RunId = id.parse()?;
+        c.exec(pb::ExecRequest { id }).await?;
+        loop {
+            let e = events.recv().await?;
+            if e.id == run && e.state.is_terminal() {
+                anyhow::ensure!(
+                    e.state == RunState::Completed,
+                    "run {run} ended {}",
+                    e.state
+                );
+                break;
+            }
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// Status p50 with `stored` runs in the database.
+async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration>> {
+    let spec = domain::WorkflowSpec::parse(
+        "name: bench\nblocks:\n  - jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
+    )?;
+    let now = domain::Clock::now(&SystemClock);
+    let mut ids = Vec::with_capacity(stored);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for _ in 0..stored {
+        let nr = store::NewRun {
+            id: RunId::new_v7(),
+            spec: spec.clone(),
+            created_at: now,
+            expires_at: now.plus(Duration::from_secs(3600)),
+            cloned_from: None,
+        };
+        ids.push(nr.id);
+        pending.push(b.store.submit(nr));
+        if pending.len() >= 1024 {
+            use futures::StreamExt;
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+    }
+    {
+        use futures::StreamExt;
+        while let Some(r) = pending.next().await {
+            r?;
+        }
+    }
+    let mut c = b.client().await?;
+    let mut samples = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        let id = ids[(i * 7919) % ids.len()].to_string();
+        let t = Instant::now();
+        c.status(pb::StatusRequest { id }).await?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// Starts the real binary, times start to ready, reads its idle RSS.
+async fn startup_and_rss() -> anyhow::Result<(Duration, u64)> {
+    let dir = tempfile::tempdir()?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", &addr])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = started + Duration::from_secs(30);
+    let ready = loop {
+        if let Ok(mut c) = StewardClient::connect(format!("http://{addr}")).await
+            && c.list(pb::ListRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server was not ready within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id().context("server pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    Ok((ready, rss_kb))
+}
+
+pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
+    println!(
+        "steward bench: SQLite WAL, synchronous=FULL, gRPC over loopback, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = o.estop_entries;
+
+    let b = start(256).await?;
+    // Warm up connections, caches and the page cache.
+    throughput(&b, 200, 3, o.concurrency).await?;
+    let rate = throughput(&b, o.runs, 3, o.concurrency).await?;
+    println!(
+        "throughput: {} runs x 3 sequential noop jobs, {} clients: {rate:.0} runs/s",
+        o.runs, o.concurrency
+    );
+    b.stop().await;
+
+    let b = start(256).await?;
+    latency(&b, 50).await?;
+    let lat = latency(&b, o.latency_runs).await?;
+    println!(
+        "latency: Submit->Exec->completed, 1 job, {} runs one at a time: p50 {}  p99 {}  max {}",
+        o.latency_runs,
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+        ms(percentile(&lat, 1.0))
+    );
+    b.stop().await;
+
+    let b = start(256).await?;
+    let st = status_latency(&b, o.status_runs).await?;
+    println!(
+        "status: {} runs stored, 2000 Status calls: p50 {}  p99 {}",
+        o.status_runs,
+        ms(percentile(&st, 0.5)),
+        ms(percentile(&st, 0.99))
+    );
+    b.stop().await;
+
+    let (ready, rss_kb) = startup_and_rss().await?;
+    println!(
+        "startup: start to ready {}; idle RSS {:.1} MiB",
+        ms(ready),
+        rss_kb as f64 / 1024.0
+    );
+    Ok(())
+}
