@@ -40,6 +40,11 @@ pub struct AppState {
     pub service: Service,
     health: tonic_health::server::HealthReporter,
     started: Arc<std::time::Instant>,
+    previous_stop: Option<Arc<domain::StopCause>>,
+}
+
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl AppState {
@@ -47,9 +52,10 @@ impl AppState {
         if self.service.engine.is_accepting() {
             (StatusCode::OK, serde_json::json!({"status": "ready"}))
         } else {
+            let cause = self.service.engine.shutdown_cause().map(|c| c.to_string()).unwrap_or_default();
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "shutting_down", "reason": "steward is draining and accepts no new work"}),
+                serde_json::json!({"status": "shutting_down", "reason": format!("steward is stopping ({cause}) and accepts no new work")}),
             )
         }
     }
@@ -81,6 +87,22 @@ impl AppState {
             "# HELP steward_uptime_seconds Seconds since the API started.\n# TYPE steward_uptime_seconds gauge\nsteward_uptime_seconds {}",
             self.started.elapsed().as_secs()
         );
+        if let Some(c) = e.shutdown_cause() {
+            let _ = writeln!(
+                out,
+                "# HELP steward_stopping 1 while the process stops, labelled with the cause.\n# TYPE steward_stopping gauge\nsteward_stopping{{kind=\"{}\",cause=\"{}\"}} 1",
+                c.kind(),
+                label_value(&c.to_string())
+            );
+        }
+        if let Some(c) = &self.previous_stop {
+            let _ = writeln!(
+                out,
+                "# HELP steward_previous_stop_info How the previous process of this data directory stopped.\n# TYPE steward_previous_stop_info gauge\nsteward_previous_stop_info{{kind=\"{}\",cause=\"{}\"}} 1",
+                c.kind(),
+                label_value(&c.to_string())
+            );
+        }
         out
     }
 }
@@ -101,8 +123,14 @@ impl Api {
                 service: Service { engine, shutdown },
                 health,
                 started: Arc::new(std::time::Instant::now()),
+                previous_stop: None,
             },
         }
+    }
+
+    /// How the previous process stopped, for `/metrics`.
+    pub fn set_previous_stop(&mut self, cause: Option<domain::StopCause>) {
+        self.state.previous_stop = cause.map(Arc::new);
     }
 
     /// Marks the gRPC health service NOT_SERVING (`/readyz` follows the engine by itself).

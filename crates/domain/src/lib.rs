@@ -1,6 +1,7 @@
 //! Steward's vocabulary. Everything here is plain data and pure functions: no I/O, no async.
 
 pub mod clock;
+pub mod estop;
 pub mod ids;
 pub mod run;
 pub mod spec;

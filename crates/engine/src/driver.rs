@@ -252,8 +252,12 @@ impl Driver<'_> {
                             output,
                         });
                     }
-                    Outcome::Cancelled { output } => ts.push(self.cancelled_job(r.key, at, output)),
-                    Outcome::NotStarted => {}
+                    Outcome::Cancelled { output } => {
+                        // Not done: it runs again when the run resumes.
+                        queue.push_front(ji);
+                        ts.push(self.cancelled_job(r.key, at, output));
+                    }
+                    Outcome::NotStarted => queue.push_front(ji),
                 }
             }
             let settled = in_flight.is_empty() && !self.token.is_cancelled();
@@ -474,6 +478,10 @@ impl Driver<'_> {
                 error: Some(cause.to_string()),
                 exit_code: None,
                 output,
+            },
+            Some(Halt::Interrupt { cause }) => Transition::JobInterrupted {
+                key,
+                error: format!("interrupted: {cause}"),
             },
             _ => Transition::JobInterrupted {
                 key,

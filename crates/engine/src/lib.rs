@@ -177,6 +177,15 @@ impl Engine {
         self.inner.accepting.load(Ordering::SeqCst)
     }
 
+    /// Why the engine is stopping, once a shutdown began.
+    pub fn shutdown_cause(&self) -> Option<StopCause> {
+        self.inner
+            .shutdown_cause
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+    }
+
     /// Runs this node is driving now.
     pub fn active_runs(&self) -> usize {
         self.inner.active.lock().map(|a| a.len()).unwrap_or(0)

@@ -43,6 +43,32 @@ async fn recover(inner: &Arc<Inner>) {
             tracing::error!(error = %e, "recovering unfinished runs failed; the orphan claimer retries")
         }
     }
+    // Runs a drain released (and runs of dead nodes) need not wait for the first claim tick.
+    loop {
+        let now = inner.now();
+        match inner
+            .store
+            .claim_orphans(
+                &inner.opts.node_id,
+                now,
+                now.plus(inner.opts.lease_ttl),
+                10_000,
+            )
+            .await
+        {
+            Ok(ids) if ids.is_empty() => break,
+            Ok(ids) => {
+                tracing::info!(runs = ids.len(), elapsed = ?started.elapsed(), "resuming runs with no live lease");
+                for id in ids {
+                    spawn_run(inner, id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming runs with no live lease failed; the claim loop retries");
+                break;
+            }
+        }
+    }
 }
 
 /// Waits `period`, or returns false when the engine stops.

@@ -265,3 +265,43 @@ async fn drain_lets_in_flight_jobs_finish_and_leaves_the_rest_unfinished() {
         Err(EngineError::Unavailable(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_leaves_runs_waiting_for_a_slot_queued_and_unrun() {
+    let f = fixture(|o| o.max_running_jobs = 1);
+    let s = spec("name: hello\nblocks:\n  - jobs: [{action: sleep, args: {duration: 300ms}}]\n");
+    let first = f.engine.submit(s.clone()).await.unwrap().id;
+    let waiting = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(first).await.unwrap();
+    for _ in 0..500 {
+        if f.engine.status(first).await.unwrap().blocks[0].jobs[0].state == JobState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.engine.exec(waiting).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cause = domain::StopCause::Signal {
+        signal: "SIGTERM".into(),
+        mode: ShutdownMode::Drain,
+    };
+    f.engine
+        .shutdown(ShutdownMode::Drain, cause, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        f.engine.status(first).await.unwrap().state,
+        RunState::Completed
+    );
+    let run = f.engine.status(waiting).await.unwrap();
+    assert_eq!(
+        run.state,
+        RunState::Queued,
+        "a run that never got a slot is left queued"
+    );
+    assert_eq!(
+        run.blocks[0].jobs[0].state,
+        JobState::Pending,
+        "and its job never ran"
+    );
+    assert_eq!(run.lease_owner, None);
+}

@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod output;
 mod pidfile;
+mod sdnotify;
 mod serve;
 mod stop;
 

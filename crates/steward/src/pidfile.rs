@@ -17,6 +17,8 @@ pub const STOP_REQUEST_FILE: &str = "stop-request";
 pub struct PidFile {
     path: PathBuf,
     _lock: Flock<File>,
+    /// The PID a previous process left behind: it ended without removing its file.
+    pub stale: Option<String>,
 }
 
 impl PidFile {
@@ -44,14 +46,19 @@ impl PidFile {
         };
         let mut stale = String::new();
         let _ = lock.read_to_string(&mut stale);
-        if !stale.trim().is_empty() {
-            tracing::info!(stale_pid = stale.trim(), "replacing a stale PID file");
+        let stale = Some(stale.trim().to_owned()).filter(|s| !s.is_empty());
+        if let Some(pid) = &stale {
+            tracing::warn!(stale_pid = %pid, "replacing a stale PID file: the previous steward did not stop cleanly");
         }
         lock.set_len(0)?;
         lock.rewind()?;
         writeln!(lock, "{}", std::process::id())?;
         lock.sync_all()?;
-        Ok(PidFile { path, _lock: lock })
+        Ok(PidFile {
+            path,
+            _lock: lock,
+            stale,
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServeConfig;
 use crate::pidfile::{self, PidFile};
+use crate::sdnotify;
 
 fn node_id(cfg: &ServeConfig) -> anyhow::Result<String> {
     if !cfg.node_id.is_empty() {
@@ -77,7 +78,8 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
-    let _pid = PidFile::acquire(&cfg.data_dir)?;
+    let pid = PidFile::acquire(&cfg.data_dir)?;
+    let previous = previous_stop(&cfg, pid.stale.as_deref());
     let _ = std::fs::remove_file(cfg.data_dir.join(pidfile::STOP_REQUEST_FILE));
     let node = node_id(&cfg)?;
     let db_path = cfg.data_dir.join("steward.db");
@@ -102,13 +104,18 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let api_token = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), api_token.clone()).await;
+    let mut api = api::Api::new(engine.clone(), api_token.clone()).await;
+    api.set_previous_stop(previous);
     let router = api.router();
     let tracker = TaskTracker::new();
     let server_token = api_token.clone();
     let server = tracker.spawn(api::serve(listener, router, server_token));
     let mut signals = Signals::new()?;
     engine.start();
+    sdnotify::notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving on {local}",
+        std::process::id()
+    ));
     tracing::info!(
         listen = %local,
         data_dir = %cfg.data_dir.display(),
@@ -134,13 +141,20 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         _ => ShutdownMode::Drain,
     };
     tracing::info!(%cause, kind = cause.kind(), %mode, "stopping");
+    sdnotify::notify(&format!("STOPPING=1\nSTATUS=stopping: {cause}"));
     api.set_not_serving().await;
+    let mut status_tick = tokio::time::interval(std::time::Duration::from_secs(2));
 
     let shutdown = engine.shutdown(mode, cause.clone(), cfg.shutdown_grace);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = status_tick.tick() => sdnotify::notify(&format!(
+                "STATUS=stopping ({cause}): waiting for {} runs, {} jobs running",
+                engine.active_runs(),
+                engine.running_jobs()
+            )),
             (name, m) = signals.next() => {
                 if m == ShutdownMode::EndOfRound {
                     tracing::info!(signal = name, "already stopping; ignoring");
@@ -164,6 +178,41 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         tracing::warn!("the listener did not close within 5s; exiting anyway");
     }
     store.close().await.context("closing the database")?;
+    record_stop(&cfg, &cause);
     tracing::info!(%cause, kind = cause.kind(), elapsed = ?started.elapsed(), "steward stopped");
+    drop(pid);
     Ok(cause)
+}
+
+const LAST_STOP_FILE: &str = "last-stop.json";
+
+/// How the previous process ended: its recorded cause, or a crash if it left its PID file.
+fn previous_stop(cfg: &ServeConfig, stale_pid: Option<&str>) -> Option<StopCause> {
+    let path = cfg.data_dir.join(LAST_STOP_FILE);
+    let recorded = std::fs::read_to_string(&path).ok();
+    let _ = std::fs::remove_file(&path);
+    let cause = match (stale_pid, recorded) {
+        (Some(pid), _) => Some(StopCause::Fatal {
+            component: "process".into(),
+            message: format!(
+                "the previous steward (pid {pid}) ended without a clean stop: killed or crashed"
+            ),
+        }),
+        (None, Some(text)) => serde_json::from_str(&text).ok(),
+        (None, None) => None,
+    };
+    if let Some(c) = &cause {
+        tracing::info!(cause = %c, kind = c.kind(), "previous stop");
+    }
+    cause
+}
+
+fn record_stop(cfg: &ServeConfig, cause: &StopCause) {
+    let path = cfg.data_dir.join(LAST_STOP_FILE);
+    if let Err(e) = serde_json::to_string(cause)
+        .map_err(std::io::Error::other)
+        .and_then(|s| std::fs::write(&path, s))
+    {
+        tracing::warn!(error = %e, path = %path.display(), "could not record the stop cause");
+    }
 }

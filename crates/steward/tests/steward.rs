@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
