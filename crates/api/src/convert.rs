@@ -25,6 +25,26 @@ fn duration(s: &str, path: String, errs: &mut Vec<FieldError>) -> Option<HumanDu
     }
 }
 
+/// `google.protobuf.Struct` carries every number as a double: give whole numbers back their
+/// integer form (`200.0` → `200`), at any depth, so args read the same as in a YAML file.
+fn whole_numbers(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+                #[allow(clippy::cast_possible_truncation)] // whole and within 2^53: exact
+                Value::from(f as i64)
+            }
+            _ => Value::Number(n),
+        },
+        Value::Array(a) => Value::Array(a.into_iter().map(whole_numbers).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k, whole_numbers(v))).collect())
+        }
+        other => other,
+    }
+}
+
 /// A `WorkReq` as a domain spec; durations that do not parse are reported by field path.
 pub fn spec_from_wire(w: pb::WorkReq) -> Result<WorkflowSpec, SpecError> {
     let mut errs = Vec::new();
@@ -35,7 +55,7 @@ pub fn spec_from_wire(w: pb::WorkReq) -> Result<WorkflowSpec, SpecError> {
             let jp = format!("blocks[{bi}].jobs[{ji}]");
             let args = match j.args {
                 None => serde_json::Map::new(),
-                Some(s) => match serde_json::to_value(&s) {
+                Some(s) => match serde_json::to_value(&s).map(whole_numbers) {
                     Ok(serde_json::Value::Object(m)) => m,
                     _ => {
                         errs.push(FieldError::new(format!("{jp}.args"), "must be a mapping"));

@@ -17,6 +17,9 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::service::{ApiError, Service};
 
+/// Room for the largest spec (`domain::spec::MAX_SPEC_BYTES`) and its envelope.
+pub const MAX_BODY_BYTES: usize = domain::spec::MAX_SPEC_BYTES + 1024 * 1024;
+
 pub fn http_status(code: tonic::Code) -> StatusCode {
     use tonic::Code;
     match code {
@@ -77,7 +80,7 @@ fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
             .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
         return Service::wire_spec(req.spec);
     }
-    WorkflowSpec::parse(body).map_err(|e| ApiError::invalid_spec(&e))
+    WorkflowSpec::parse_unchecked(body).map_err(|e| ApiError::invalid_spec(&e))
 }
 
 async fn submit(
@@ -232,5 +235,6 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

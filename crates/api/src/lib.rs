@@ -44,7 +44,9 @@ pub struct AppState {
 }
 
 fn label_value(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl AppState {
@@ -52,7 +54,12 @@ impl AppState {
         if self.service.engine.is_accepting() {
             (StatusCode::OK, serde_json::json!({"status": "ready"}))
         } else {
-            let cause = self.service.engine.shutdown_cause().map(|c| c.to_string()).unwrap_or_default();
+            let cause = self
+                .service
+                .engine
+                .shutdown_cause()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"status": "shutting_down", "reason": format!("steward is stopping ({cause}) and accepts no new work")}),

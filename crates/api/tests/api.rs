@@ -1,8 +1,10 @@
 #![allow(clippy::unwrap_used)]
 
 //! The API end to end, in process: a real engine on a real SQLite file in a temporary
-//! directory, `Api::router()` served by `axum::serve` on 127.0.0.1, a real gRPC client and a
-//! real HTTP client over TCP. No mocks.
+//! directory, and `Api::router()` served by `axum::serve` on 127.0.0.1:0. gRPC goes through a
+//! real tonic client over TCP; HTTP/JSON goes through the same router with
+//! `tower::ServiceExt::oneshot` (the workspace's reqwest is built without a TLS provider), and
+//! a plain HTTP/1.1 request over TCP checks that the one listener serves both. No mocks.
 //!
 //! Sections: the fixture; bad specs (a table, checked over gRPC, HTTP YAML and HTTP JSON);
 //! Validate; the three-way handshake over gRPC; HTTP/JSON; health, readiness and metrics;
@@ -33,12 +35,13 @@ const DEADLINE: Duration = Duration::from_secs(20);
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-/// One Steward API server on 127.0.0.1:<ephemeral>, with clients for both faces.
+/// One Steward API server on 127.0.0.1:<ephemeral>, with a gRPC client and its router.
 struct Server {
     dir: tempfile::TempDir,
     addr: SocketAddr,
     grpc: StewardClient<Channel>,
-    http: reqwest::Client,
+    /// The same router the listener serves, for HTTP calls through `tower::ServiceExt`.
+    router: axum::Router,
     /// Stops the listener and ends Watch streams when the test ends.
     stop: CancellationToken,
     _engine: Engine,
@@ -69,6 +72,7 @@ async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = api.router();
+    let http = api.router();
     let until = stop.clone();
     TaskTracker::new().spawn(async move {
         axum::serve(listener, router)
@@ -80,22 +84,17 @@ async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
     let grpc = StewardClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Server {
         dir,
         addr,
         grpc,
-        http,
+        router: http,
         stop,
         _engine: engine,
     }
 }
 
 impl Server {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
     fn grpc(&self) -> StewardClient<Channel> {
         self.grpc.clone()
     }
@@ -184,28 +183,77 @@ impl Server {
 
     // --- HTTP helpers ---
 
-    async fn http_send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let resp = req.send().await.unwrap();
+    /// One HTTP request through the router: status, headers and body text.
+    async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<String>,
+    ) -> (u16, axum::http::HeaderMap, String) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(axum::body::Body::from(body.into())).unwrap();
+        let resp = tokio::time::timeout(DEADLINE, self.router.clone().oneshot(req))
+            .await
+            .expect("an HTTP answer")
+            .unwrap();
         let code = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
+        let headers = resp.headers().clone();
+        let bytes = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+            .await
+            .expect("the whole HTTP body")
+            .unwrap()
+            .to_bytes();
+        (code, headers, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    async fn http_json(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<String>,
+    ) -> (u16, Value) {
+        let (code, _, text) = self.http(method, path, headers, body).await;
         let body = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("HTTP {code}: body is not JSON ({e}): {text:?}"));
         (code, body)
     }
 
     async fn post(&self, path: &str, body: impl Into<String>) -> (u16, Value) {
-        let body: String = body.into();
-        self.http_send(self.http.post(self.url(path)).body(body))
-            .await
+        self.http_json("POST", path, &[], body).await
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        self.http_send(self.http.get(self.url(path))).await
+        self.http_json("GET", path, &[], "").await
     }
 
-    async fn get_text(&self, path: &str) -> (u16, String) {
-        let resp = self.http.get(self.url(path)).send().await.unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
+    /// A plain HTTP/1.1 GET over TCP to the listener that also serves gRPC.
+    async fn get_over_tcp(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        tokio::time::timeout(DEADLINE, conn.read_to_string(&mut raw))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        let code = raw
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP/1.1 answer: {raw:?}"));
+        let (_, body) = raw.split_once("\r\n\r\n").unwrap();
+        (code, body.to_owned())
     }
 }
 
@@ -404,17 +452,17 @@ fn bad_specs() -> Vec<Bad> {
         bad_doc(
             "unknown top-level field",
             format!("name: t\nnmae: t\n{block}"),
-            "spec",
+            "nmae",
         ),
         bad_doc(
             "unknown block field",
             "name: t\nblocks:\n  - concurency: 2\n    jobs: [{action: noop}]\n",
-            "blocks[0]",
+            "blocks[0].concurency",
         ),
         bad_doc(
             "unknown job field",
             deep_job("{action: noop, arg: {x: y}}"),
-            "blocks[1].jobs[1]",
+            "blocks[1].jobs[1].arg",
         ),
         bad_doc(
             "wrong type: concurrency: five",
@@ -668,60 +716,124 @@ async fn type_and_unknown_field_errors_name_the_offending_key() {
     assert_eq!(s.run_count().await, 0);
 }
 
+/// A spec with structural errors (names, counts, retry, timeout) and errors in the `args`
+/// of several actions, and every path it must be rejected for.
+const MANY_ERRORS: &str = "name: 'no spaces allowed'\nlabels: {'bad key': x}\nblocks:\n  - concurrency: 0\n    jobs:\n      - {action: teleport}\n      - {action: noop, timeout: 0s, retry: {attempts: 0}}\n  - jobs:\n      - {action: shell, args: {cwd: rel}}\n      - {action: write_file, args: {path: rel, mode: '9'}}\n      - {action: http, args: {url: 'gopher://x', method: FETCH}}\n  - jobs: []\n";
+const MANY_ERRORS_STRUCTURAL: &[&str] = &[
+    "name",
+    "labels.bad key",
+    "blocks[0].concurrency",
+    "blocks[0].jobs[1].timeout",
+    "blocks[0].jobs[1].retry.attempts",
+    "blocks[2].jobs",
+];
+const MANY_ERRORS_ACTIONS: &[&str] = &[
+    "blocks[0].jobs[0].action",
+    "blocks[1].jobs[0].args.argv",
+    "blocks[1].jobs[0].args.cwd",
+    "blocks[1].jobs[1].args.path",
+    "blocks[1].jobs[1].args.content",
+    "blocks[1].jobs[1].args.mode",
+    "blocks[1].jobs[2].args.url",
+    "blocks[1].jobs[2].args.method",
+];
+
+fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> BTreeSet<String> {
+    items.into_iter().map(|s| s.as_ref().to_owned()).collect()
+}
+
+/// Submits `yaml` over HTTP (submit and validate) and answers the violated fields of each.
+async fn http_violations(s: &Server, yaml: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (code, body) = s.post("/v1/runs", yaml).await;
+    assert_eq!(code, 400, "{body}");
+    let message = body["message"].as_str().unwrap().to_owned();
+    let submit = set(json_fields(&body));
+    for f in &submit {
+        assert!(message.contains(f.as_str()), "{f} missing from {message:?}");
+    }
+    let (code, body) = s.post("/v1/validate", yaml).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["valid"], false);
+    (submit, set(json_fields(&body)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_of_a_spec_is_reported_at_once() {
     let s = server().await;
-    let yaml = "name: 'no spaces allowed'\nlabels: {'bad key': x}\nblocks:\n  - concurrency: 0\n    jobs:\n      - {action: teleport}\n      - {action: noop, timeout: 0s, retry: {attempts: 0}}\n  - jobs:\n      - {action: shell, args: {cwd: rel}}\n      - {action: write_file, args: {path: rel, mode: '9'}}\n      - {action: http, args: {url: 'gopher://x', method: FETCH}}\n  - jobs: []\n";
-    let want = [
-        "name",
-        "labels.bad key",
-        "blocks[0].concurrency",
-        "blocks[0].jobs[0].action",
-        "blocks[0].jobs[1].timeout",
-        "blocks[0].jobs[1].retry.attempts",
-        "blocks[1].jobs[0].args.argv",
-        "blocks[1].jobs[0].args.cwd",
-        "blocks[1].jobs[1].args.path",
-        "blocks[1].jobs[1].args.content",
-        "blocks[1].jobs[1].args.mode",
-        "blocks[1].jobs[2].args.url",
-        "blocks[1].jobs[2].args.method",
-        "blocks[2].jobs",
-    ];
+    let all = set(MANY_ERRORS_STRUCTURAL.iter().chain(MANY_ERRORS_ACTIONS));
 
-    let (code, body) = s.post("/v1/runs", yaml).await;
-    assert_eq!(code, 400, "{body}");
-    let got: BTreeSet<String> = json_fields(&body).into_iter().collect();
-    let want_set: BTreeSet<String> = want.iter().map(|&w| w.to_owned()).collect();
-    assert_eq!(got, want_set, "{body}");
-    let message = body["message"].as_str().unwrap();
-    for w in want {
-        assert!(message.contains(w), "{w} missing from {message:?}");
-    }
-
+    // gRPC: Submit names every field, Validate lists every one.
     let err = s
         .grpc()
         .submit(pb::SubmitRequest {
-            spec: Some(wire(yaml)),
+            spec: Some(wire(MANY_ERRORS)),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    for w in want {
-        assert!(err.message().contains(w), "{w} missing from {err:?}");
+    for w in &all {
+        assert!(
+            err.message().contains(w.as_str()),
+            "{w} missing from {err:?}"
+        );
     }
-
     let v = s
         .grpc()
         .validate(pb::ValidateRequest {
-            spec: Some(wire(yaml)),
+            spec: Some(wire(MANY_ERRORS)),
         })
         .await
         .unwrap()
         .into_inner();
     assert!(!v.valid);
-    let got: BTreeSet<String> = v.violations.iter().map(|v| v.field.clone()).collect();
-    assert_eq!(got, want_set);
+    assert_eq!(set(fields(&v.violations)), all);
+
+    // HTTP with the SubmitRequest message.
+    let msg = serde_json::to_string(&pb::SubmitRequest {
+        spec: Some(wire(MANY_ERRORS)),
+    })
+    .unwrap();
+    let (code, body) = s.post("/v1/runs", msg).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(set(json_fields(&body)), all);
+
+    // HTTP with a file: several structural errors at once...
+    let structural = "name: ''\nidempotency_key: ''\nblocks:\n  - concurrency: 0\n    jobs:\n      - {action: noop, retry: {attempts: 0, initial_backoff: 2s, max_backoff: 1s}}\n  - jobs: []\n";
+    let want = set([
+        "name",
+        "idempotency_key",
+        "blocks[0].concurrency",
+        "blocks[0].jobs[0].retry.attempts",
+        "blocks[0].jobs[0].retry.max_backoff",
+        "blocks[1].jobs",
+    ]);
+    assert_eq!(http_violations(&s, structural).await, (want.clone(), want));
+    // ...and several errors in the args of several jobs at once.
+    let args = "name: t\nblocks:\n  - jobs:\n      - {action: teleport}\n      - {action: shell, args: {cwd: rel}}\n      - {action: write_file, args: {path: rel, mode: '9'}}\n  - jobs:\n      - {action: http, args: {url: 'gopher://x', method: FETCH}}\n";
+    let want = set([
+        "blocks[0].jobs[0].action",
+        "blocks[0].jobs[1].args.argv",
+        "blocks[0].jobs[1].args.cwd",
+        "blocks[0].jobs[2].args.path",
+        "blocks[0].jobs[2].args.content",
+        "blocks[0].jobs[2].args.mode",
+        "blocks[1].jobs[0].args.url",
+        "blocks[1].jobs[0].args.method",
+    ]);
+    assert_eq!(http_violations(&s, args).await, (want.clone(), want));
+
+    assert_eq!(s.run_count().await, 0);
+}
+
+/// A spec file over HTTP must get the same complete list as the same spec over gRPC: errors
+/// in `args` must not be hidden until the structural ones are fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_reports_args_errors_alongside_structural_ones() {
+    let s = server().await;
+    let all = set(MANY_ERRORS_STRUCTURAL.iter().chain(MANY_ERRORS_ACTIONS));
+    let (submit, validate) = http_violations(&s, MANY_ERRORS).await;
+    assert_eq!(submit, all, "HTTP submit");
+    assert_eq!(validate, all, "HTTP validate");
     assert_eq!(s.run_count().await, 0);
 }
 
@@ -840,6 +952,13 @@ async fn integer_args_survive_the_wire() {
         })
         .await;
     assert!(sub.is_ok(), "{sub:?}");
+
+    // The same spec as an HTTP `{"spec": WorkReq}` body.
+    let msg = json!({"spec": {"name": "t", "blocks": [{"jobs": [{"action": "http",
+        "args": {"url": "http://127.0.0.1:9/", "expect_status": 204}}]}]}});
+    let (code, body) = s.post("/v1/validate", msg.to_string()).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["valid"], true, "{body}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1366,7 +1485,6 @@ async fn http_submit_exec_status_in_the_proto3_json_shape() {
     assert!(marker.exists());
     // snake_case field names, as in the .proto
     for key in [
-        "stop_cause",
         "created_at",
         "started_at",
         "ended_at",
@@ -1381,7 +1499,8 @@ async fn http_submit_exec_status_in_the_proto3_json_shape() {
     for camel in ["stopCause", "createdAt", "clonedFrom"] {
         assert!(run.get(camel).is_none(), "camelCase {camel:?} in {run}");
     }
-    assert!(run["stop_cause"].is_null(), "{run}");
+    // proto3 JSON: an unset message field may be left out; when given it is null.
+    assert!(run.get("stop_cause").is_none_or(Value::is_null), "{run}");
     let jobs = run["blocks"][0]["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["action"], "write_file");
@@ -1478,9 +1597,10 @@ async fn http_list_cancel_clone_and_errors() {
     assert_eq!(r["name"], "alpha");
     assert_eq!(r["state"], "completed");
     assert!(
-        r.get("stop_cause").is_some() && r.get("created_at").is_some(),
+        r["created_at"].as_str().is_some_and(|t| !t.is_empty()),
         "{r}"
     );
+    assert!(r.get("stop_cause").is_none_or(Value::is_null), "{r}");
 
     let (_, body) = s.get("/v1/runs?state=submitted,completed&name=alpha").await;
     assert_eq!(listed(&body), ids(&[&a, &b]));
@@ -1521,12 +1641,14 @@ async fn http_list_cancel_clone_and_errors() {
         r.blocks[0].jobs[0].state == "running"
     })
     .await;
-    let resp = s
-        .http
-        .post(s.url(&format!("/v1/runs/{long}/cancel")))
-        .header("x-steward-actor", "ana")
-        .body(r#"{"reason":"x"}"#);
-    let (code, body) = s.http_send(resp).await;
+    let (code, body) = s
+        .http_json(
+            "POST",
+            &format!("/v1/runs/{long}/cancel"),
+            &[("x-steward-actor", "ana")],
+            r#"{"reason":"x"}"#,
+        )
+        .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["id"], long.as_str());
     let run = s.wait_terminal(&long).await;
@@ -1536,6 +1658,10 @@ async fn http_list_cancel_clone_and_errors() {
     assert_eq!(run["stop_cause"]["kind"], "cancelled", "{run}");
     assert_eq!(run["stop_cause"]["details"]["reason"], "x", "{run}");
     assert_eq!(run["stop_cause"]["details"]["by"], "ana", "{run}");
+    assert!(run["stop_cause"]["message"].as_str().unwrap().contains('x'));
+    let (_, body) = s.get("/v1/runs?state=cancelled").await;
+    assert_eq!(body["runs"][0]["id"], long.as_str(), "{body}");
+    assert_eq!(body["runs"][0]["stop_cause"]["kind"], "cancelled", "{body}");
 
     // Cancel a submitted run with an empty body; cancel a finished one: 409.
     let (code, body) = s.post(&format!("/v1/runs/{c}/cancel"), "").await;
@@ -1583,24 +1709,12 @@ async fn http_watch_sends_server_sent_events_until_terminal() {
     let id = s.submit_id(NOOP).await;
     s.exec(&id).await.unwrap();
     s.wait_terminal(&id).await;
-    let fetch = async {
-        let resp = s
-            .http
-            .get(s.url(&format!("/v1/runs/{id}/watch")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let ct = resp.headers()[reqwest::header::CONTENT_TYPE].clone();
-        (ct, resp.text().await.unwrap())
-    };
-    let (ct, text) = tokio::time::timeout(DEADLINE, fetch)
-        .await
-        .expect("the event stream ends after a terminal state");
-    assert!(
-        ct.to_str().unwrap().starts_with("text/event-stream"),
-        "{ct:?}"
-    );
+    let (code, headers, text) = s
+        .http("GET", &format!("/v1/runs/{id}/watch"), &[], "")
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let ct = headers[axum::http::header::CONTENT_TYPE].to_str().unwrap();
+    assert!(ct.starts_with("text/event-stream"), "{ct:?}");
     assert!(text.contains("event: run"), "{text}");
     let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
     let run: Value = serde_json::from_str(data).unwrap();
@@ -1615,23 +1729,31 @@ async fn http_watch_sends_server_sent_events_until_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics() {
     let s = server().await;
-    let (code, text) = s.get_text("/healthz").await;
+    // Over TCP: the listener that serves gRPC serves plain HTTP/1.1 too.
+    let (code, text) = s.get_over_tcp("/healthz").await;
     assert_eq!(code, 200, "{text}");
+    let (code, text) = s.get_over_tcp("/readyz").await;
+    assert_eq!(code, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["status"], "ready", "{body}");
 
     let (code, body) = s.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["status"], "ready");
+    assert_eq!(body, json!({"status": "ready"}));
 
-    let (code, text) = s.get_text("/metrics").await;
+    let (code, _, text) = s.http("GET", "/metrics", &[], "").await;
     assert_eq!(code, 200);
     assert!(text.lines().any(|l| l == "steward_up 1"), "{text}");
     assert!(text.contains("steward_accepting_work 1"), "{text}");
 
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let mut health = HealthClient::connect(format!("http://{}", s.addr))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut health = HealthClient::new(channel);
     for service in ["steward.v1.Steward", ""] {
         let resp = health
             .check(tonic_health::pb::HealthCheckRequest {

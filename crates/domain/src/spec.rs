@@ -178,6 +178,14 @@ impl fmt::Display for SpecError {
 impl WorkflowSpec {
     /// Parses a YAML or JSON document (JSON is YAML) and checks its structure.
     pub fn parse(text: &str) -> Result<WorkflowSpec, SpecError> {
+        let spec = WorkflowSpec::parse_unchecked(text)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses a YAML or JSON document without the structural checks, so that a caller can run
+    /// every check at once (`actions::validate_spec`) and report every problem together.
+    pub fn parse_unchecked(text: &str) -> Result<WorkflowSpec, SpecError> {
         if text.len() > MAX_SPEC_BYTES {
             return Err(SpecError(vec![FieldError::new(
                 "spec",
@@ -190,9 +198,7 @@ impl WorkflowSpec {
                 format!("not valid YAML or JSON: {e}"),
             )])
         })?;
-        let spec = WorkflowSpec::from_value(value)?;
-        spec.validate()?;
-        Ok(spec)
+        WorkflowSpec::from_value(value)
     }
 
     /// Builds a spec from a JSON value, naming the field of any type error. Does not validate.

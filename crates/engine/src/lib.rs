@@ -270,6 +270,12 @@ impl Engine {
                     domain::HumanDuration(self.inner.opts.submit_ttl)
                 )))
             }
+            ExecOutcome::AlreadyStarted(RunState::Expired) => {
+                Err(EngineError::FailedPrecondition(format!(
+                    "run {id} was not executed within the submit TTL ({}) and has expired; clone it to run it",
+                    domain::HumanDuration(self.inner.opts.submit_ttl)
+                )))
+            }
             ExecOutcome::AlreadyStarted(state) => Err(EngineError::AlreadyExists { id, state }),
         }
     }

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub struct BenchOpts {
+    /// `core`, `shutdown` or `all`.
+    pub suite: String,
     pub runs: usize,
     pub concurrency: usize,
     pub latency_runs: usize,
@@ -303,7 +305,191 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let _ = o.estop_entries;
+    match o.suite.as_str() {
+        "core" => core(&o).await,
+        "shutdown" => shutdown(&o).await,
+        "all" => {
+            core(&o).await?;
+            shutdown(&o).await
+        }
+        other => anyhow::bail!("--suite {other:?}: expected core, shutdown or all"),
+    }
+}
 
+/// Drain overhead: how long a drain takes beyond the longest in-flight job's remaining time.
+async fn drain_overhead(trials: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(trials);
+    for trial in 0..trials {
+        let b = start(256).await?;
+        let mut c = b.client().await?;
+        // Ten runs, each one `sleep` job of 300 to 750 ms.
+        let mut jobs = Vec::new();
+        for i in 0..10u64 {
+            let dur = Duration::from_millis(300 + 50 * i);
+            let spec = domain::WorkflowSpec::parse(&format!(
+                "name: bench\nblocks:\n  - jobs: [{{action: sleep, args: {{duration: {}ms}}}}]\n",
+                dur.as_millis()
+            ))?;
+            let id = c
+                .submit(pb::SubmitRequest {
+                    spec: Some(api::convert::spec_to_wire(&spec)),
+                })
+                .await?
+                .into_inner()
+                .id;
+            c.exec(pb::ExecRequest { id: id.clone() }).await?;
+            jobs.push((id.parse::<RunId>()?, dur));
+        }
+        // Wait until every job runs, then drain.
+        let mut ends = Vec::new();
+        for (id, dur) in &jobs {
+            let started = loop {
+                let run = b.engine.status(*id).await?;
+                if let Some(t) = run.blocks[0].jobs[0].started_at {
+                    break t;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            ends.push(started.plus(*dur));
+        }
+        let last_end = ends.iter().max().copied().unwrap_or(domain::Timestamp(0));
+        let t_sig = domain::Clock::now(&SystemClock);
+        let sig = Instant::now();
+        let cause = domain::StopCause::Signal {
+            signal: "SIGTERM".into(),
+            mode: domain::stop::ShutdownMode::Drain,
+        };
+        b.engine
+            .shutdown(
+                domain::stop::ShutdownMode::Drain,
+                cause,
+                Duration::from_secs(25),
+            )
+            .await;
+        let drained = sig.elapsed();
+        let remaining =
+            Duration::from_millis(u64::try_from((last_end.0 - t_sig.0).max(0)).unwrap_or(0));
+        for (id, _) in &jobs {
+            anyhow::ensure!(
+                b.engine.status(*id).await?.state == RunState::Completed,
+                "trial {trial}: run {id} did not complete"
+            );
+        }
+        samples.push(drained.saturating_sub(remaining));
+        b.stop().await;
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// Restart to resumed: `n` executed, unstarted runs in the store; start an engine and time
+/// until every one has its first job running.
+async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir()?;
+    let node = NodeId("bench".into());
+    {
+        let store = store_sqlite::SqliteStore::open(&dir.path().join("steward.db"))?;
+        let spec = domain::WorkflowSpec::parse(
+            "name: bench\nblocks:\n  - jobs: [{action: sleep, args: {duration: 30s}}]\n",
+        )?;
+        let now = domain::Clock::now(&SystemClock);
+        let mut ids = Vec::with_capacity(n);
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for _ in 0..n {
+            let nr = store::NewRun {
+                id: RunId::new_v7(),
+                spec: spec.clone(),
+                created_at: now,
+                expires_at: now.plus(Duration::from_secs(3600)),
+                cloned_from: None,
+            };
+            ids.push(nr.id);
+            pending.push(store.submit(nr));
+            if pending.len() >= 1024 {
+                while let Some(r) = pending.next().await {
+                    r?;
+                }
+            }
+        }
+        while let Some(r) = pending.next().await {
+            r?;
+        }
+        drop(pending);
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for id in ids {
+            pending.push(store.exec(id, &node, now, now.plus(Duration::from_secs(30))));
+            if pending.len() >= 1024 {
+                while let Some(r) = pending.next().await {
+                    r?;
+                }
+            }
+        }
+        while let Some(r) = pending.next().await {
+            r?;
+        }
+        drop(pending);
+        store.close().await?;
+    }
+    let store = Arc::new(store_sqlite::SqliteStore::open(
+        &dir.path().join("steward.db"),
+    )?);
+    let mut opts = EngineOptions::new(node);
+    opts.max_running_jobs = n;
+    let engine = Engine::new(
+        opts,
+        store.clone() as Arc<dyn RunStore>,
+        Arc::new(SystemClock),
+    );
+    let mut events = engine.subscribe();
+    let started = Instant::now();
+    engine.start();
+    let mut running = std::collections::HashSet::with_capacity(n);
+    while running.len() < n {
+        match events.recv().await {
+            Ok(e) if e.state == RunState::Running => {
+                running.insert(e.id);
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                anyhow::bail!("event stream lagged by {k}")
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    let cause = domain::StopCause::Signal {
+        signal: "bench".into(),
+        mode: domain::stop::ShutdownMode::Now,
+    };
+    engine
+        .shutdown(
+            domain::stop::ShutdownMode::Now,
+            cause,
+            Duration::from_secs(5),
+        )
+        .await;
+    store.close().await?;
+    Ok(elapsed)
+}
+
+async fn shutdown(o: &BenchOpts) -> anyhow::Result<()> {
+    let d = drain_overhead(20).await?;
+    println!(
+        "drain: SIGTERM to drained, minus the longest in-flight job's remaining time, 20 trials x 10 jobs: p50 {}  max {}",
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 1.0))
+    );
+    let n = o.runs;
+    let r = restart_to_resumed(n).await?;
+    println!(
+        "restart to resumed: {n} unfinished runs in the store, start to every one's job running again: {}",
+        ms(r)
+    );
+    Ok(())
+}
+
+async fn core(o: &BenchOpts) -> anyhow::Result<()> {
     let b = start(256).await?;
     // Warm up connections, caches and the page cache.
     throughput(&b, 200, 3, o.concurrency).await?;

@@ -58,7 +58,10 @@ fn code_name(c: tonic::Code) -> &'static str {
 pub fn read_spec(file: &Path) -> anyhow::Result<domain::WorkflowSpec> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    domain::WorkflowSpec::parse(&text).map_err(|e| anyhow!("{}: invalid spec: {e}", file.display()))
+    let spec = domain::WorkflowSpec::parse_unchecked(&text)
+        .and_then(|s| actions::validate_spec(&s).map(|_| s))
+        .map_err(|e| anyhow!("{}: invalid spec: {e}", file.display()))?;
+    Ok(spec)
 }
 
 pub async fn submit(
@@ -266,8 +269,8 @@ pub async fn clone_run(opts: &ClientOpts, id: &str, exec: bool) -> anyhow::Resul
 pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let local =
-        domain::WorkflowSpec::parse(&text).and_then(|s| actions::validate_spec(&s).map(|_| s));
+    let local = domain::WorkflowSpec::parse_unchecked(&text)
+        .and_then(|s| actions::validate_spec(&s).map(|_| s));
     let resp = match (&local, offline) {
         (Err(e), _) => pb::ValidateResponse {
             valid: false,

@@ -129,7 +129,10 @@ enum Command {
     },
     /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
     Bench {
-        /// Runs for the throughput figure.
+        /// Which figures: core, shutdown or all.
+        #[arg(long, default_value = "all")]
+        suite: String,
+        /// Runs for the throughput (and restart) figures.
         #[arg(long, default_value_t = 10_000)]
         runs: usize,
         /// Concurrent gRPC clients for the throughput figure.
@@ -242,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client,
         } => client::validate(&client, &file, offline).await,
         Command::Bench {
+            suite,
             runs,
             concurrency,
             latency_runs,
@@ -249,6 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             init_logging(false);
             bench::run(bench::BenchOpts {
+                suite,
                 runs,
                 concurrency: concurrency.max(1),
                 latency_runs: latency_runs.max(1),
