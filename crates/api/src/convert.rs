@@ -225,6 +225,8 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
             })
             .collect(),
         spec: Some(spec_to_wire(&r.spec)),
+        // Filled by the caller, which knows the e-stop list.
+        estop: None,
     }
 }
 
@@ -250,4 +252,37 @@ pub fn violations(e: &SpecError) -> Vec<pb::FieldViolation> {
             description: f.message.clone(),
         })
         .collect()
+}
+
+pub fn entry_to_wire(e: &domain::estop::Entry) -> pb::EStopEntry {
+    pb::EStopEntry {
+        target: e.target.to_string(),
+        state: e.state.to_string(),
+        reason: e.reason.clone(),
+        set_by: e.set_by.clone(),
+        set_at: e.set_at.clone(),
+    }
+}
+
+pub fn verdict_to_wire(v: &domain::estop::Verdict) -> pb::EStopVerdict {
+    pb::EStopVerdict {
+        state: v.state.to_string(),
+        message: v.to_string(),
+        entry: match &v.because {
+            domain::estop::Because::Entry { entry } => Some(entry_to_wire(entry)),
+            _ => None,
+        },
+    }
+}
+
+pub fn audit_to_wire(r: &domain::estop::AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        at: r.at.clone(),
+        target: r.target.to_string(),
+        old_state: r.old_state.map(|s| s.to_string()).unwrap_or_default(),
+        new_state: r.new_state.map(|s| s.to_string()).unwrap_or_default(),
+        set_by: r.set_by.clone(),
+        reason: r.reason.clone(),
+        source: r.source.clone(),
+    }
 }

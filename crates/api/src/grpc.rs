@@ -1,6 +1,7 @@
 //! The gRPC face of the API.
 
 use proto::v1 as pb;
+use proto::v1::e_stop_server::EStop;
 use proto::v1::steward_server::Steward;
 use tonic::{Request, Response, Status};
 
@@ -87,5 +88,40 @@ impl Steward for Service {
     ) -> Result<Response<pb::ValidateResponse>, Status> {
         let spec = Service::wire_spec(req.into_inner().spec);
         Ok(Response::new(Service::validate(self, spec)))
+    }
+}
+
+#[tonic::async_trait]
+impl EStop for Service {
+    async fn list(
+        &self,
+        _req: Request<pb::EStopListRequest>,
+    ) -> Result<Response<pb::EStopListResponse>, Status> {
+        Ok(Response::new(self.estop_list()?))
+    }
+
+    async fn set(
+        &self,
+        req: Request<pb::EStopSetRequest>,
+    ) -> Result<Response<pb::AuditRecord>, Status> {
+        let who = actor(&req);
+        Ok(Response::new(self.estop_set(req.into_inner(), &who).await?))
+    }
+
+    async fn clear(
+        &self,
+        req: Request<pb::EStopClearRequest>,
+    ) -> Result<Response<pb::EStopClearResponse>, Status> {
+        let who = actor(&req);
+        Ok(Response::new(
+            self.estop_clear(req.into_inner(), &who).await?,
+        ))
+    }
+
+    async fn audit(
+        &self,
+        req: Request<pb::EStopAuditRequest>,
+    ) -> Result<Response<pb::EStopAuditResponse>, Status> {
+        Ok(Response::new(self.estop_audit(req.into_inner()).await?))
     }
 }

@@ -206,6 +206,60 @@ async fn watch(State(st): State<AppState>, Path(id): Path<String>) -> Result<Res
         .into_response())
 }
 
+async fn estop_list(State(st): State<AppState>) -> Result<Json<pb::EStopListResponse>, ApiError> {
+    st.service.estop_list().map(Json)
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, ApiError> {
+    if body.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))
+}
+
+/// `POST /v1/estop` with `{"target": "site=aap", "state": "stop", "reason": "INC-42"}`.
+async fn estop_set(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<pb::AuditRecord>, ApiError> {
+    let req: pb::EStopSetRequest = json_body(&body)?;
+    st.service.estop_set(req, &actor(&headers)).await.map(Json)
+}
+
+/// `POST /v1/estop/clear` with `{"target": "site=aap", "reason": "..."}`.
+async fn estop_clear(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<pb::EStopClearResponse>, ApiError> {
+    let req: pb::EStopClearRequest = json_body(&body)?;
+    st.service
+        .estop_clear(req, &actor(&headers))
+        .await
+        .map(Json)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    target: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn estop_audit(
+    State(st): State<AppState>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<pb::EStopAuditResponse>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let req = pb::EStopAuditRequest {
+        target: q.target.unwrap_or_default(),
+        limit: q.limit.unwrap_or(0),
+    };
+    st.service.estop_audit(req).await.map(Json)
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -232,6 +286,9 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs/{id}/clone", post(clone_run))
         .route("/v1/runs/{id}/watch", get(watch))
         .route("/v1/validate", post(validate))
+        .route("/v1/estop", get(estop_list).post(estop_set))
+        .route("/v1/estop/clear", post(estop_clear))
+        .route("/v1/estop/audit", get(estop_audit))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -51,6 +51,12 @@ fn label_value(s: &str) -> String {
 
 impl AppState {
     fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        if let Some(alert) = self.service.estop.as_ref().and_then(|h| h.alert()) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "estop_unreadable", "reason": format!("nothing runs: {alert}")}),
+            );
+        }
         if self.service.engine.is_accepting() {
             (StatusCode::OK, serde_json::json!({"status": "ready"}))
         } else {
@@ -94,6 +100,27 @@ impl AppState {
             "# HELP steward_uptime_seconds Seconds since the API started.\n# TYPE steward_uptime_seconds gauge\nsteward_uptime_seconds {}",
             self.started.elapsed().as_secs()
         );
+        if let Some(h) = &self.service.estop {
+            let snap = h.snapshot();
+            let entries = match snap.as_ref() {
+                domain::estop::Snapshot::Ok(l) => l.entries.len(),
+                domain::estop::Snapshot::Unreadable(_) => 0,
+            };
+            let _ = writeln!(
+                out,
+                "# HELP steward_estop_alert 1 while the e-stop list cannot be read (everything is stopped).\n# TYPE steward_estop_alert gauge\nsteward_estop_alert {}",
+                u8::from(h.alert().is_some())
+            );
+            let _ = writeln!(
+                out,
+                "# HELP steward_estop_read_failures_total Failed reads of the e-stop list.\n# TYPE steward_estop_read_failures_total counter\nsteward_estop_read_failures_total {}",
+                h.read_failures()
+            );
+            let _ = writeln!(
+                out,
+                "# HELP steward_estop_entries Entries in the e-stop list.\n# TYPE steward_estop_entries gauge\nsteward_estop_entries {entries}"
+            );
+        }
         if let Some(c) = e.shutdown_cause() {
             let _ = writeln!(
                 out,
@@ -120,14 +147,22 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn new(engine: Engine, shutdown: CancellationToken) -> Api {
+    pub async fn new(
+        engine: Engine,
+        estop: Option<estop::EStopHandle>,
+        shutdown: CancellationToken,
+    ) -> Api {
         let health = tonic_health::server::HealthReporter::new();
         health
             .set_serving::<proto::v1::steward_server::StewardServer<Service>>()
             .await;
         Api {
             state: AppState {
-                service: Service { engine, shutdown },
+                service: Service {
+                    engine,
+                    estop,
+                    shutdown,
+                },
                 health,
                 started: Arc::new(std::time::Instant::now()),
                 previous_stop: None,
@@ -154,14 +189,17 @@ impl Api {
 
     /// One router for everything: gRPC requests go to tonic, the rest to the HTTP routes.
     pub fn router(&self) -> axum::Router {
-        let grpc = tonic::service::Routes::new(proto::v1::steward_server::StewardServer::new(
-            self.state.service.clone(),
-        ))
-        .add_service(tonic_health::pb::health_server::HealthServer::new(
+        let steward = proto::v1::steward_server::StewardServer::new(self.state.service.clone())
+            .max_decoding_message_size(http::MAX_BODY_BYTES);
+        let estop = proto::v1::e_stop_server::EStopServer::new(self.state.service.clone());
+        let health = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.state.health.clone()),
-        ))
-        .prepare()
-        .into_axum_router();
+        );
+        let grpc = tonic::service::Routes::new(steward)
+            .add_service(estop)
+            .add_service(health)
+            .prepare()
+            .into_axum_router();
         http::router(self.state.clone()).merge(grpc)
     }
 }

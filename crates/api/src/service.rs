@@ -69,8 +69,27 @@ pub type RunStream = Pin<Box<dyn Stream<Item = Result<pb::Run, ApiError>> + Send
 #[derive(Clone)]
 pub struct Service {
     pub engine: Engine,
+    /// The e-stop list; `None` when the server runs without one (tests, embedding).
+    pub estop: Option<estop::EStopHandle>,
     /// Fired at shutdown: ends Watch streams so the listener can close.
     pub shutdown: CancellationToken,
+}
+
+fn parse_target(t: &str) -> Result<domain::estop::Target, ApiError> {
+    t.parse()
+        .map_err(|e: String| ApiError::new(tonic::Code::InvalidArgument, format!("target: {e}")))
+}
+
+fn source_err(e: estop::SourceError) -> ApiError {
+    use estop::SourceError as S;
+    let code = match &e {
+        S::InvalidArgument(_) => tonic::Code::InvalidArgument,
+        S::Missing { .. } | S::Malformed { .. } => tonic::Code::FailedPrecondition,
+        S::AuditNotRecorded { .. } | S::Read { .. } | S::Write { .. } | S::Store { .. } => {
+            tonic::Code::Unavailable
+        }
+    };
+    ApiError::new(code, e.to_string())
 }
 
 pub fn parse_id(id: &str) -> Result<RunId, ApiError> {
@@ -108,7 +127,101 @@ impl Service {
 
     pub async fn status(&self, id: &str) -> Result<pb::Run, ApiError> {
         let run = self.engine.status(parse_id(id)?).await?;
-        Ok(convert::run_to_wire(&run))
+        Ok(self.run_to_wire(&run))
+    }
+
+    /// A run on the wire, with its effective e-stop state now.
+    fn run_to_wire(&self, run: &domain::Run) -> pb::Run {
+        let mut wire = convert::run_to_wire(run);
+        wire.estop = Some(convert::verdict_to_wire(&self.engine.verdict(&run.spec)));
+        wire
+    }
+
+    fn estop(&self) -> Result<&estop::EStopHandle, ApiError> {
+        self.estop.as_ref().ok_or_else(|| {
+            ApiError::new(
+                tonic::Code::Unimplemented,
+                "this server has no e-stop source configured",
+            )
+        })
+    }
+
+    pub fn estop_list(&self) -> Result<pb::EStopListResponse, ApiError> {
+        let h = self.estop()?;
+        let snap = h.snapshot();
+        let (entries, readable, error) = match snap.as_ref() {
+            domain::estop::Snapshot::Ok(l) => (
+                l.entries.iter().map(convert::entry_to_wire).collect(),
+                true,
+                String::new(),
+            ),
+            domain::estop::Snapshot::Unreadable(e) => (Vec::new(), false, e.clone()),
+        };
+        Ok(pb::EStopListResponse {
+            entries,
+            readable,
+            error,
+            source: h.describe(),
+            unlisted: h.unlisted().to_string(),
+        })
+    }
+
+    pub async fn estop_set(
+        &self,
+        req: pb::EStopSetRequest,
+        actor: &str,
+    ) -> Result<pb::AuditRecord, ApiError> {
+        let h = self.estop()?;
+        let target = parse_target(&req.target)?;
+        let state = req
+            .state
+            .parse::<domain::estop::EStopState>()
+            .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("state: {e}")))?;
+        let rec = h
+            .set(target, state, req.reason, actor.to_owned())
+            .await
+            .map_err(source_err)?;
+        tracing::warn!(target = %rec.target, new_state = ?rec.new_state, set_by = %rec.set_by, reason = %rec.reason, "e-stop changed");
+        Ok(convert::audit_to_wire(&rec))
+    }
+
+    pub async fn estop_clear(
+        &self,
+        req: pb::EStopClearRequest,
+        actor: &str,
+    ) -> Result<pb::EStopClearResponse, ApiError> {
+        let h = self.estop()?;
+        let target = parse_target(&req.target)?;
+        let rec = h
+            .clear(target, actor.to_owned(), req.reason)
+            .await
+            .map_err(source_err)?;
+        Ok(pb::EStopClearResponse {
+            cleared: rec.is_some(),
+            record: rec.as_ref().map(convert::audit_to_wire),
+        })
+    }
+
+    pub async fn estop_audit(
+        &self,
+        req: pb::EStopAuditRequest,
+    ) -> Result<pb::EStopAuditResponse, ApiError> {
+        let h = self.estop()?;
+        let target = if req.target.is_empty() {
+            None
+        } else {
+            Some(parse_target(&req.target)?)
+        };
+        if req.limit > 1000 {
+            return Err(ApiError::new(
+                tonic::Code::InvalidArgument,
+                format!("limit: {} is over the limit of 1000", req.limit),
+            ));
+        }
+        let records = h.audit(target, req.limit).await.map_err(source_err)?;
+        Ok(pb::EStopAuditResponse {
+            records: records.iter().map(convert::audit_to_wire).collect(),
+        })
     }
 
     pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
@@ -197,7 +310,7 @@ impl Service {
             id,
             rx,
             last: None,
-            pending_first: Some(convert::run_to_wire(&first)),
+            pending_first: Some(self.run_to_wire(&first)),
             done: false,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
@@ -224,7 +337,7 @@ impl Service {
                     () = st.svc.shutdown.cancelled() => return None,
                 }
                 let run = match st.svc.engine.status(st.id).await {
-                    Ok(r) => convert::run_to_wire(&r),
+                    Ok(r) => st.svc.run_to_wire(&r),
                     Err(e) => {
                         st.done = true;
                         return Some((Err(ApiError::from(e)), st));

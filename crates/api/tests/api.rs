@@ -64,11 +64,11 @@ async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
     let mut opts = EngineOptions::new(NodeId("test".into()));
     opts.kill_grace = Duration::from_millis(200);
     tweak(&mut opts);
-    let engine = Engine::new(opts, store, Arc::new(SystemClock));
+    let engine = Engine::new(opts, store, Arc::new(SystemClock), engine::estop_all_go());
     engine.start();
 
     let stop = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), stop.clone()).await;
+    let api = api::Api::new(engine.clone(), None, stop.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = api.router();

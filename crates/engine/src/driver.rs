@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::failpoints::crash_point;
-use crate::{ActiveRun, Halt, Inner};
+use crate::{ActiveRun, EStopFeed, Halt, Inner, estop_cause, estop_changed};
+use domain::estop::EStopState;
 
 /// Starts driving `id` unless this node drives it already.
 pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
@@ -44,6 +45,8 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
                 token,
                 halt,
                 marked_running: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
+                ident: std::sync::OnceLock::new(),
             };
             if let Err(e) = driver.drive().await {
                 match e {
@@ -94,6 +97,10 @@ struct Driver<'a> {
     token: CancellationToken,
     halt: Arc<Mutex<Option<Halt>>>,
     marked_running: AtomicBool,
+    /// Shown as `paused` because of the e-stop.
+    paused: AtomicBool,
+    /// The run's name and labels: what e-stop entries select on.
+    ident: std::sync::OnceLock<(String, std::collections::BTreeMap<String, String>)>,
 }
 
 impl Driver<'_> {
@@ -108,6 +115,11 @@ impl Driver<'_> {
         }
         self.marked_running
             .store(run.state == RunState::Running, Ordering::SeqCst);
+        self.paused
+            .store(run.state == RunState::Paused, Ordering::SeqCst);
+        let _ = self
+            .ident
+            .set((run.spec.name.clone(), run.spec.labels.clone()));
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
         }
@@ -194,8 +206,12 @@ impl Driver<'_> {
         }
         let concurrency = spec.concurrency.max(1) as usize;
         let mut in_flight = FuturesUnordered::new();
+        let mut feed: EStopFeed = self.inner.estop.clone();
+        feed.mark_unchanged();
         loop {
-            while failures <= budget
+            let gate = self.gate();
+            while gate == EStopState::Go
+                && failures <= budget
                 && in_flight.len() < concurrency
                 && !self.token.is_cancelled()
                 && !self.inner.no_new_jobs.is_cancelled()
@@ -212,8 +228,28 @@ impl Driver<'_> {
                     block.jobs[ji].attempts,
                 ));
             }
-            let Some(first) = in_flight.next().await else {
+            if in_flight.is_empty() {
+                let held_by_pause = gate == EStopState::Pause
+                    && !queue.is_empty()
+                    && failures <= budget
+                    && !self.token.is_cancelled()
+                    && !self.inner.no_new_jobs.is_cancelled();
+                if held_by_pause {
+                    tokio::select! {
+                        () = estop_changed(&mut feed) => continue,
+                        () = self.token.cancelled() => {}
+                        () = self.inner.no_new_jobs.cancelled() => {}
+                    }
+                }
                 break;
+            }
+            // Wake on an outcome, or on an e-stop change (which may cancel the in-flight jobs).
+            let first = tokio::select! {
+                r = in_flight.next() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+                () = estop_changed(&mut feed) => continue,
             };
             let mut results = vec![first];
             while let Some(Some(r)) = in_flight.next().now_or_never() {
@@ -340,6 +376,61 @@ impl Driver<'_> {
         Some(None)
     }
 
+    /// Checks the e-stop: `stop` halts the run and cancels its in-flight jobs at once; `pause`
+    /// shows the run paused and starts nothing new; `go` lets it go on.
+    fn gate(&self) -> EStopState {
+        let Some((name, labels)) = self.ident.get() else {
+            return EStopState::Go;
+        };
+        let v = self
+            .inner
+            .estop
+            .borrow()
+            .verdict(name, labels, self.inner.opts.estop_unlisted);
+        match v.state {
+            EStopState::Stop => {
+                if !self.token.is_cancelled() {
+                    tracing::warn!(verdict = %v, "e-stop: stopping the run and cancelling its in-flight jobs");
+                    if let Ok(mut h) = self.halt.lock()
+                        && h.is_none()
+                    {
+                        *h = Some(Halt::End {
+                            state: RunState::Stopped,
+                            cause: estop_cause(&v),
+                        });
+                    }
+                    self.token.cancel();
+                }
+            }
+            EStopState::Pause => {
+                if !self.paused.swap(true, Ordering::SeqCst) {
+                    tracing::info!(verdict = %v, "e-stop: pausing the run; in-flight jobs finish, nothing new starts");
+                    let at = self.inner.now();
+                    self.inner.store.apply_nowait(
+                        self.node(),
+                        self.id,
+                        vec![Transition::RunPaused { at }],
+                    );
+                    self.inner.emit(self.id, RunState::Paused);
+                }
+            }
+            EStopState::Go => {
+                if self.paused.swap(false, Ordering::SeqCst) {
+                    tracing::info!("e-stop: resuming the run");
+                    let at = self.inner.now();
+                    self.inner.store.apply_nowait(
+                        self.node(),
+                        self.id,
+                        vec![Transition::RunRunning { at }],
+                    );
+                    self.marked_running.store(true, Ordering::SeqCst);
+                    self.inner.emit(self.id, RunState::Running);
+                }
+            }
+        }
+        v.state
+    }
+
     /// One job, with its retries; returns without committing its outcome.
     async fn run_job(
         &self,
@@ -373,7 +464,11 @@ impl Driver<'_> {
                 () = self.token.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
                 () = inner.no_new_jobs.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
             };
-            if inner.no_new_jobs.is_cancelled() || self.token.is_cancelled() {
+            // Checked before every dispatch, not only at run start.
+            if inner.no_new_jobs.is_cancelled()
+                || self.token.is_cancelled()
+                || self.gate() != EStopState::Go
+            {
                 return if failed == 0 {
                     Outcome::NotStarted
                 } else {

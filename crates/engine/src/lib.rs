@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use domain::estop::{Because, EStopState, Snapshot, Verdict};
 use domain::{Clock, NodeId, Run, RunId, RunState, SpecError, StopCause, Timestamp, WorkflowSpec};
 use store::{CancelOutcome, ExecOutcome, NewRun, RunFilter, RunPage, RunStore};
 use tokio::sync::{Semaphore, broadcast};
@@ -21,6 +22,59 @@ mod failpoints;
 mod maintenance;
 
 pub use domain::stop::ShutdownMode;
+
+/// The e-stop list as the engine sees it: the latest snapshot, and a wake-up on every change.
+pub type EStopFeed = tokio::sync::watch::Receiver<Arc<Snapshot>>;
+
+/// A feed that never changes (tests, benchmarks, embedding without an e-stop source).
+pub fn estop_fixed(snapshot: Snapshot) -> EStopFeed {
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
+    rx
+}
+
+/// A fixed list with one entry, `* = go`.
+pub fn estop_all_go() -> EStopFeed {
+    estop_fixed(Snapshot::Ok(domain::estop::EStopList {
+        entries: vec![domain::estop::Entry {
+            target: domain::estop::Target::All,
+            state: EStopState::Go,
+            reason: String::new(),
+            set_by: String::new(),
+            set_at: String::new(),
+        }],
+    }))
+}
+
+/// Resolves on the next change of the feed; never, once its source is gone.
+pub(crate) async fn estop_changed(feed: &mut EStopFeed) {
+    if feed.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The stop cause a `stop` verdict records on a run.
+pub fn estop_cause(v: &Verdict) -> StopCause {
+    match &v.because {
+        Because::Entry { entry } => StopCause::EStop {
+            target: entry.target.to_string(),
+            state: entry.state.to_string(),
+            reason: entry.reason.clone(),
+            set_by: entry.set_by.clone(),
+        },
+        Because::Unlisted => StopCause::EStop {
+            target: "(no matching entry)".into(),
+            state: v.state.to_string(),
+            reason: "no e-stop entry matches this run, and unlisted runs stop (fail closed)".into(),
+            set_by: "steward".into(),
+        },
+        Because::Unreadable { error } => StopCause::EStop {
+            target: "(e-stop list unreadable)".into(),
+            state: v.state.to_string(),
+            reason: error.clone(),
+            set_by: "steward".into(),
+        },
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -39,6 +93,8 @@ pub struct EngineOptions {
     pub claim_interval: Duration,
     /// How often to expire submitted runs past their TTL.
     pub expire_interval: Duration,
+    /// The e-stop state of a run that no entry matches (fail closed: `stop`).
+    pub estop_unlisted: EStopState,
 }
 
 impl EngineOptions {
@@ -52,6 +108,7 @@ impl EngineOptions {
             output_limit: 16 * 1024,
             claim_interval: Duration::from_secs(2),
             expire_interval: Duration::from_secs(5),
+            estop_unlisted: EStopState::Stop,
         }
     }
 }
@@ -81,7 +138,7 @@ impl From<store::Error> for EngineError {
     fn from(e: store::Error) -> Self {
         match e {
             store::Error::NotFound(id) => EngineError::NotFound(id),
-            store::Error::Unavailable(_) | store::Error::Closed => {
+            store::Error::Unavailable(_) | store::Error::Closed | store::Error::Conflict(_) => {
                 EngineError::Unavailable(e.to_string())
             }
             store::Error::LeaseLost { .. } | store::Error::Corrupt(_) => {
@@ -128,6 +185,7 @@ pub(crate) struct Inner {
     pub(crate) no_new_jobs: CancellationToken,
     /// Fired on end-of-round: start no new blocks.
     pub(crate) no_new_blocks: CancellationToken,
+    pub(crate) estop: EStopFeed,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown_cause: Mutex<Option<StopCause>>,
 }
@@ -139,7 +197,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(opts: EngineOptions, store: Arc<dyn RunStore>, clock: Arc<dyn Clock>) -> Engine {
+    pub fn new(
+        opts: EngineOptions,
+        store: Arc<dyn RunStore>,
+        clock: Arc<dyn Clock>,
+        estop: EStopFeed,
+    ) -> Engine {
         let (events, _) = broadcast::channel(4096);
         Engine {
             inner: Arc::new(Inner {
@@ -155,6 +218,7 @@ impl Engine {
                 no_new_blocks: CancellationToken::new(),
                 accepting: AtomicBool::new(true),
                 shutdown_cause: Mutex::new(None),
+                estop,
             }),
         }
     }
@@ -175,6 +239,11 @@ impl Engine {
     /// True until a shutdown begins.
     pub fn is_accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    /// A run's effective e-stop state now, and why.
+    pub fn verdict(&self, spec: &WorkflowSpec) -> Verdict {
+        self.inner.verdict(spec)
     }
 
     /// Why the engine is stopping, once a shutdown began.
@@ -227,6 +296,7 @@ impl Engine {
     ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
         actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
+        self.inner.refuse_if_stopped(&spec)?;
         let now = self.inner.clock.now();
         let submitted = self
             .inner
@@ -249,6 +319,10 @@ impl Engine {
     /// Starts a submitted run (handshake step 2).
     pub async fn exec(&self, id: RunId) -> Result<(), EngineError> {
         self.check_accepting()?;
+        let run = self.inner.store.get(id).await?;
+        if run.state == RunState::Submitted {
+            self.inner.refuse_if_stopped(&run.spec)?;
+        }
         let now = self.inner.clock.now();
         let lease = now.plus(self.inner.opts.lease_ttl);
         match self
@@ -354,6 +428,21 @@ impl Engine {
 impl Inner {
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    pub(crate) fn verdict(&self, spec: &WorkflowSpec) -> Verdict {
+        self.estop
+            .borrow()
+            .verdict(&spec.name, &spec.labels, self.opts.estop_unlisted)
+    }
+
+    /// Submit and Exec of work the e-stop stops are refused, naming the entry.
+    fn refuse_if_stopped(&self, spec: &WorkflowSpec) -> Result<(), EngineError> {
+        let v = self.verdict(spec);
+        if v.state == EStopState::Stop {
+            return Err(EngineError::FailedPrecondition(format!("refused: {v}")));
+        }
+        Ok(())
     }
 
     pub(crate) fn emit(&self, id: RunId, state: RunState) {

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{JobState, NodeId, RunId, RunState, SystemClock, WorkflowSpec};
+use domain::estop::{EStopList, EStopState, Entry, Snapshot};
+use domain::{JobState, NodeId, RunId, RunState, StopCause, SystemClock, WorkflowSpec};
 use engine::{Engine, EngineError, EngineOptions, ShutdownMode};
 use store::RunStore;
 use store_sqlite::SqliteStore;
@@ -13,6 +14,24 @@ use store_sqlite::SqliteStore;
 struct Fixture {
     _dir: tempfile::TempDir,
     engine: Engine,
+    estop: tokio::sync::watch::Sender<Arc<Snapshot>>,
+}
+
+fn entry(target: &str, state: EStopState) -> Entry {
+    Entry {
+        target: target.parse().unwrap(),
+        state,
+        reason: format!("INC-{target}"),
+        set_by: "ana".into(),
+        set_at: String::new(),
+    }
+}
+
+impl Fixture {
+    fn set_estop(&self, entries: Vec<Entry>) {
+        self.estop
+            .send_replace(Arc::new(Snapshot::Ok(EStopList { entries })));
+    }
 }
 
 fn fixture(tweak: impl FnOnce(&mut EngineOptions)) -> Fixture {
@@ -22,9 +41,16 @@ fn fixture(tweak: impl FnOnce(&mut EngineOptions)) -> Fixture {
     let mut opts = EngineOptions::new(NodeId("test".into()));
     opts.kill_grace = Duration::from_millis(200);
     tweak(&mut opts);
-    let engine = Engine::new(opts, store, Arc::new(SystemClock));
+    let (estop, feed) = tokio::sync::watch::channel(Arc::new(Snapshot::Ok(EStopList {
+        entries: vec![entry("*", EStopState::Go)],
+    })));
+    let engine = Engine::new(opts, store, Arc::new(SystemClock), feed);
     engine.start();
-    Fixture { _dir: dir, engine }
+    Fixture {
+        _dir: dir,
+        engine,
+        estop,
+    }
 }
 
 fn spec(yaml: &str) -> WorkflowSpec {
@@ -304,4 +330,191 @@ async fn drain_leaves_runs_waiting_for_a_slot_queued_and_unrun() {
         "and its job never ran"
     );
     assert_eq!(run.lease_owner, None);
+}
+
+async fn wait_job(engine: &Engine, id: RunId, block: usize, job: usize, state: JobState) {
+    for _ in 0..2000 {
+        if engine.status(id).await.unwrap().blocks[block].jobs[job].state == state {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("job {block}/{job} of {id} never became {state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estop_stop_refuses_new_work_and_stops_running_runs_for_good() {
+    let f = fixture(|_| {});
+    let s = spec(
+        "name: Erase\nlabels: {site: aap}\nblocks:\n  - jobs: [{action: sleep, args: {duration: 60s}}, {action: noop}]\n",
+    );
+    let running = f.engine.submit(s.clone()).await.unwrap().id;
+    let idle = f.engine.submit(s.clone()).await.unwrap().id;
+    f.engine.exec(running).await.unwrap();
+    wait_job(&f.engine, running, 0, 0, JobState::Running).await;
+
+    f.set_estop(vec![
+        entry("*", EStopState::Go),
+        entry("site=aap", EStopState::Stop),
+    ]);
+    let run = wait_terminal(&f.engine, running).await;
+    assert_eq!(run.state, RunState::Stopped);
+    assert_eq!(
+        run.blocks[0].jobs[0].state,
+        JobState::Stopped,
+        "the in-flight job was cancelled"
+    );
+    assert_eq!(
+        run.blocks[0].jobs[1].state,
+        JobState::Skipped,
+        "never started"
+    );
+    match run.stop_cause.unwrap() {
+        StopCause::EStop {
+            target,
+            set_by,
+            reason,
+            ..
+        } => {
+            assert_eq!(
+                (target.as_str(), set_by.as_str(), reason.as_str()),
+                ("site=aap", "ana", "INC-site=aap")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    for err in [
+        f.engine.exec(idle).await.unwrap_err(),
+        f.engine.submit(s).await.unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(matches!(err, EngineError::FailedPrecondition(_)), "{msg}");
+        assert!(
+            msg.contains("site=aap") && msg.contains("ana") && msg.contains("INC-site=aap"),
+            "{msg}"
+        );
+    }
+    assert_eq!(
+        f.engine.status(idle).await.unwrap().state,
+        RunState::Submitted,
+        "a refused Exec changes nothing"
+    );
+
+    f.set_estop(vec![entry("*", EStopState::Go)]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        f.engine.status(running).await.unwrap().state,
+        RunState::Stopped,
+        "stopped stays stopped"
+    );
+    f.engine.exec(idle).await.unwrap();
+    assert_ne!(
+        f.engine.status(idle).await.unwrap().state,
+        RunState::Submitted,
+        "Exec is accepted again after go"
+    );
+    f.engine.cancel(idle, "test", "done").await.unwrap();
+    assert_eq!(
+        wait_terminal(&f.engine, idle).await.state,
+        RunState::Cancelled
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estop_pause_then_go_resumes_without_rerunning_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = fixture(|_| {});
+    let job = format!(
+        "{{action: shell, args: {{argv: [sh, -c, 'sleep 0.2; echo $STEWARD_IDEMPOTENCY_KEY >> {}']}}}}",
+        log.display()
+    );
+    let id = f
+        .engine
+        .submit(spec(&format!(
+            "name: Roll\nblocks:\n  - jobs: [{job}, {job}, {job}]\n"
+        )))
+        .await
+        .unwrap()
+        .id;
+    f.engine.exec(id).await.unwrap();
+    wait_job(&f.engine, id, 0, 0, JobState::Running).await;
+    f.set_estop(vec![
+        entry("*", EStopState::Go),
+        entry("Roll", EStopState::Pause),
+    ]);
+    wait_job(&f.engine, id, 0, 0, JobState::Completed).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let run = f.engine.status(id).await.unwrap();
+    assert_eq!(run.state, RunState::Paused);
+    assert_eq!(
+        run.blocks[0].jobs[1].state,
+        JobState::Pending,
+        "nothing new starts while paused"
+    );
+
+    f.set_estop(vec![entry("*", EStopState::Go)]);
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Completed);
+    assert!(run.blocks[0].jobs.iter().all(|j| j.attempts == 1));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        3,
+        "every job ran exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estop_targets_and_fail_closed() {
+    let f = fixture(|_| {});
+    let noop = |name: &str, site: &str| {
+        spec(&format!(
+            "name: {name}\nlabels: {{site: {site}}}\nblocks:\n  - jobs: [{{action: noop}}]\n"
+        ))
+    };
+    // By name, by label, and the most restrictive entry wins.
+    f.set_estop(vec![
+        entry("*", EStopState::Go),
+        entry("Erase", EStopState::Stop),
+        entry("site=bbb", EStopState::Pause),
+    ]);
+    assert!(f.engine.submit(noop("Erase", "aap")).await.is_err());
+    assert!(f.engine.submit(noop("Other", "aap")).await.is_ok());
+    assert!(
+        f.engine.submit(noop("Other", "bbb")).await.is_ok(),
+        "pause does not refuse submits"
+    );
+    f.set_estop(vec![
+        entry("*", EStopState::Go),
+        entry("site=bbb", EStopState::Pause),
+        entry("Erase", EStopState::Go),
+        entry("site=aap", EStopState::Stop),
+    ]);
+    assert!(
+        f.engine.submit(noop("Erase", "aap")).await.is_err(),
+        "stop beats go"
+    );
+    // Unlisted runs are refused (fail closed), and so is everything when the list is unreadable.
+    f.set_estop(vec![entry("Hello", EStopState::Go)]);
+    let err = f
+        .engine
+        .submit(noop("Other", "aap"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no e-stop entry matches"), "{err}");
+    assert!(f.engine.submit(noop("Hello", "aap")).await.is_ok());
+    f.estop.send_replace(Arc::new(Snapshot::Unreadable(
+        "estop.json: expected value at line 1".into(),
+    )));
+    let err = f
+        .engine
+        .submit(noop("Hello", "aap"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot be read") && err.contains("estop.json"),
+        "{err}"
+    );
 }

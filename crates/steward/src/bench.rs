@@ -48,10 +48,11 @@ async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
         opts,
         store.clone() as Arc<dyn RunStore>,
         Arc::new(SystemClock),
+        engine::estop_all_go(),
     );
     engine.start();
     let token = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), token.clone()).await;
+    let api = api::Api::new(engine.clone(), None, token.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let router = api.router();
@@ -440,6 +441,7 @@ async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
         opts,
         store.clone() as Arc<dyn RunStore>,
         Arc::new(SystemClock),
+        engine::estop_all_go(),
     );
     let mut events = engine.subscribe();
     let started = Instant::now();

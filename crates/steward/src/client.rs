@@ -310,3 +310,91 @@ pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::
         ExitCode::from(1)
     })
 }
+
+pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Result<ExitCode> {
+    use proto::v1::e_stop_client::EStopClient;
+    let url = if opts.addr.contains("://") {
+        opts.addr.clone()
+    } else {
+        format!("http://{}", opts.addr)
+    };
+    let mut c = EStopClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))?;
+    match cmd {
+        crate::EstopCommand::List => {
+            let l = c
+                .list(request(pb::EStopListRequest {}))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&l);
+            } else {
+                output::estop_list(&l);
+            }
+            Ok(if l.readable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        crate::EstopCommand::Set {
+            target,
+            state,
+            reason,
+        } => {
+            let r = c
+                .set(request(pb::EStopSetRequest {
+                    target,
+                    state,
+                    reason,
+                }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else {
+                output::audit_line(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        crate::EstopCommand::Clear { target, reason } => {
+            let r = c
+                .clear(request(pb::EStopClearRequest {
+                    target: target.clone(),
+                    reason,
+                }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else if let Some(rec) = &r.record {
+                output::audit_line(rec);
+            } else {
+                output::line(&format!("{target} had no entry; nothing changed"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        crate::EstopCommand::Audit { target, limit } => {
+            let r = c
+                .audit(request(pb::EStopAuditRequest {
+                    target: target.unwrap_or_default(),
+                    limit,
+                }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else {
+                for rec in &r.records {
+                    output::audit_line(rec);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -25,6 +25,21 @@ pub struct RawConfig {
     pub output_limit: Option<usize>,
     /// `text` or `json`.
     pub log_format: Option<String>,
+    /// Where the e-stop list lives: `file` (default) or `db`.
+    pub estop_source: Option<String>,
+    /// The e-stop file (default: `estop.json` in the data directory).
+    pub estop_file: Option<String>,
+    /// The e-stop state of runs no entry matches: `stop` (default, fail closed) or `go`.
+    pub estop_unlisted: Option<String>,
+    /// How often the e-stop list is re-read even without a change notification.
+    pub estop_reread: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EStopSourceKind {
+    File,
+    Db,
 }
 
 /// The validated configuration `steward serve` runs with.
@@ -44,6 +59,11 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     pub output_limit: usize,
     pub log_json: bool,
+    pub estop_source: EStopSourceKind,
+    pub estop_file: PathBuf,
+    pub estop_unlisted: domain::estop::EStopState,
+    #[serde(with = "humantime_serde_str")]
+    pub estop_reread: Duration,
 }
 
 mod humantime_serde_str {
@@ -66,6 +86,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("STEWARD_LEASE_TTL", "lease_ttl"),
     ("STEWARD_OUTPUT_LIMIT", "output_limit"),
     ("STEWARD_LOG_FORMAT", "log_format"),
+    ("STEWARD_ESTOP_SOURCE", "estop_source"),
+    ("STEWARD_ESTOP_FILE", "estop_file"),
+    ("STEWARD_ESTOP_UNLISTED", "estop_unlisted"),
+    ("STEWARD_ESTOP_REREAD", "estop_reread"),
 ];
 
 fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
@@ -101,6 +125,10 @@ fn env_override(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> an
             "lease_ttl" => raw.lease_ttl = Some(v),
             "output_limit" => raw.output_limit = Some(num(&v)?),
             "log_format" => raw.log_format = Some(v),
+            "estop_source" => raw.estop_source = Some(v),
+            "estop_file" => raw.estop_file = Some(v),
+            "estop_unlisted" => raw.estop_unlisted = Some(v),
+            "estop_reread" => raw.estop_reread = Some(v),
             _ => {}
         }
     }
@@ -153,7 +181,26 @@ pub fn load(
         Some(n) => n,
         None => String::new(), // filled from the data directory by `serve`
     };
+    let estop_source = match raw.estop_source.as_deref() {
+        None | Some("file") => EStopSourceKind::File,
+        Some("db") => EStopSourceKind::Db,
+        Some(other) => bail!("estop_source: {other:?} is not one of: file, db"),
+    };
+    let estop_unlisted = match raw.estop_unlisted.as_deref() {
+        None | Some("stop") => domain::estop::EStopState::Stop,
+        Some("go") => domain::estop::EStopState::Go,
+        Some(other) => bail!("estop_unlisted: {other:?} is not one of: stop, go"),
+    };
+    let estop_file = match raw.estop_file {
+        Some(f) if f.trim().is_empty() => bail!("estop_file: must not be empty"),
+        Some(f) => PathBuf::from(f),
+        None => data_dir.join("estop.json"),
+    };
     Ok(ServeConfig {
+        estop_source,
+        estop_file,
+        estop_unlisted,
+        estop_reread: duration("estop_reread", raw.estop_reread, Duration::from_secs(1))?,
         data_dir: data_dir.to_owned(),
         listen,
         node_id,
@@ -219,6 +266,12 @@ mod tests {
                 "max_running_jobs: 0 is out of range",
             ),
             ("log_format = \"xml\"\n", "log_format:"),
+            ("estop_source = \"etcd\"\n", "estop_source:"),
+            ("estop_unlisted = \"pause\"\n", "estop_unlisted:"),
+            (
+                "estop_reread = \"often\"\n",
+                "estop_reread: invalid duration",
+            ),
         ] {
             std::fs::write(&f, text).unwrap();
             let err = format!(

@@ -127,6 +127,13 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// The emergency stop: see and change what may run.
+    Estop {
+        #[command(subcommand)]
+        command: EstopCommand,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
     Bench {
         /// Which figures: core, shutdown or all.
@@ -158,6 +165,34 @@ enum Command {
         /// How long to wait for the exit.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EstopCommand {
+    /// Shows the list, and whether it can be read.
+    List,
+    /// Sets TARGET (a workflow name, KEY=VALUE, or *) to go, pause or stop.
+    Set {
+        target: String,
+        state: String,
+        /// Why (required for pause and stop): an incident, a ticket.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Removes TARGET's entry.
+    Clear {
+        target: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Every change: who, when, old state, new state, why.
+    Audit {
+        /// Only this target's changes.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -244,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             offline,
             client,
         } => client::validate(&client, &file, offline).await,
+        Command::Estop { command, client } => client::estop(&client, command).await,
         Command::Bench {
             suite,
             runs,

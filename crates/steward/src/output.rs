@@ -61,6 +61,13 @@ pub fn run(r: &pb::Run) {
     if !r.cloned_from.is_empty() {
         println!("clone of {}", r.cloned_from);
     }
+    let finished = matches!(
+        r.state.as_str(),
+        "completed" | "failed" | "cancelled" | "expired"
+    );
+    if let Some(v) = r.estop.as_ref().filter(|v| v.state != "go" || !finished) {
+        println!("e-stop   {}: {}", v.state, v.message);
+    }
     for b in &r.blocks {
         let desc = if b.desc.is_empty() {
             String::new()
@@ -103,4 +110,47 @@ pub fn runs(list: &pb::ListResponse) {
     if !list.next_page_token.is_empty() {
         println!("(more: --page-token {})", list.next_page_token);
     }
+}
+
+fn or_none(s: &str) -> &str {
+    if s.is_empty() { "(none)" } else { s }
+}
+
+pub fn estop_list(l: &pb::EStopListResponse) {
+    println!("source   {}", l.source);
+    if !l.readable {
+        println!(
+            "ALERT    the list cannot be read, so everything is stopped: {}",
+            l.error
+        );
+        return;
+    }
+    println!("unlisted runs: {}", l.unlisted);
+    println!(
+        "{:<28}  {:<6}  {:<12}  {:<24}  REASON",
+        "TARGET", "STATE", "SET BY", "SET AT"
+    );
+    for e in &l.entries {
+        println!(
+            "{:<28}  {:<6}  {:<12}  {:<24}  {}",
+            e.target,
+            e.state,
+            or_dash(&e.set_by),
+            or_dash(&e.set_at),
+            e.reason
+        );
+    }
+}
+
+pub fn audit_line(r: &pb::AuditRecord) {
+    println!(
+        "{}  {}: {} -> {}  by {} ({})  {}",
+        r.at,
+        r.target,
+        or_none(&r.old_state),
+        or_none(&r.new_state),
+        r.set_by,
+        r.source,
+        r.reason
+    );
 }

@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServeConfig;
+use crate::config::{EStopSourceKind, ServeConfig};
 use crate::pidfile::{self, PidFile};
 use crate::sdnotify;
 
@@ -83,6 +83,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let _ = std::fs::remove_file(cfg.data_dir.join(pidfile::STOP_REQUEST_FILE));
     let node = node_id(&cfg)?;
     let db_path = cfg.data_dir.join("steward.db");
+    let fresh_install = !db_path.exists();
     let store = Arc::new(
         store_sqlite::SqliteStore::open(&db_path)
             .with_context(|| format!("opening the database {}", db_path.display()))?,
@@ -93,10 +94,22 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     opts.lease_ttl = cfg.lease_ttl;
     opts.kill_grace = cfg.kill_grace;
     opts.output_limit = cfg.output_limit;
+    opts.estop_unlisted = cfg.estop_unlisted;
+    let tracker = TaskTracker::new();
+    let estop_token = CancellationToken::new();
+    let estop = start_estop(
+        &cfg,
+        store.clone(),
+        fresh_install,
+        &tracker,
+        estop_token.clone(),
+    )
+    .await?;
     let engine = Engine::new(
         opts,
         store.clone() as Arc<dyn RunStore>,
         Arc::new(SystemClock),
+        estop.subscribe(),
     );
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -104,10 +117,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let api_token = CancellationToken::new();
-    let mut api = api::Api::new(engine.clone(), api_token.clone()).await;
+    let mut api = api::Api::new(engine.clone(), Some(estop.clone()), api_token.clone()).await;
     api.set_previous_stop(previous);
     let router = api.router();
-    let tracker = TaskTracker::new();
     let server_token = api_token.clone();
     let server = tracker.spawn(api::serve(listener, router, server_token));
     let mut signals = Signals::new()?;
@@ -170,6 +182,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         }
     }
     api_token.cancel();
+    estop_token.cancel();
     tracker.close();
     if tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
         .await
@@ -182,6 +195,58 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     tracing::info!(%cause, kind = cause.kind(), elapsed = ?started.elapsed(), "steward stopped");
     drop(pid);
     Ok(cause)
+}
+
+/// Starts the e-stop source the config names. On a fresh install the list starts as `* = go`
+/// (recorded in the audit trail); after that, a missing or unreadable list stops everything.
+async fn start_estop(
+    cfg: &ServeConfig,
+    store: Arc<store_sqlite::SqliteStore>,
+    fresh_install: bool,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> anyhow::Result<estop::EStopHandle> {
+    let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
+    let source: Arc<dyn estop::Source> = match cfg.estop_source {
+        EStopSourceKind::File => {
+            if estop::ensure_initial_file(&cfg.estop_file, fresh_install)? {
+                tracing::info!(path = %cfg.estop_file.display(), "created the e-stop file: * = go");
+            }
+            Arc::new(estop::FileSource::new(
+                cfg.estop_file.clone(),
+                store,
+                clock.clone(),
+            ))
+        }
+        EStopSourceKind::Db => Arc::new(estop::DbSource::new(
+            store,
+            clock.clone(),
+            estop::DEFAULT_DB_POLL,
+        )),
+    };
+    let opts = estop::EStopOptions {
+        unlisted: cfg.estop_unlisted,
+        reread: cfg.estop_reread,
+    };
+    let handle = estop::EStop::start(source, clock, opts, tracker, cancel).await;
+    if cfg.estop_source == EStopSourceKind::Db && fresh_install {
+        handle
+            .set(
+                domain::estop::Target::All,
+                domain::estop::EStopState::Go,
+                estop::INITIAL_REASON.into(),
+                "steward".into(),
+            )
+            .await
+            .context("seeding the e-stop list")?;
+    }
+    match handle.alert() {
+        Some(alert) => {
+            tracing::error!(%alert, source = %handle.describe(), "the e-stop list cannot be read: nothing will run until it is fixed")
+        }
+        None => tracing::info!(source = %handle.describe(), "e-stop list loaded"),
+    }
+    Ok(handle)
 }
 
 const LAST_STOP_FILE: &str = "last-stop.json";

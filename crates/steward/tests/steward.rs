@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod estop;
 mod harness;
 mod shutdown;
 

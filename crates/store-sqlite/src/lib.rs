@@ -18,9 +18,13 @@ use store::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+mod estop;
 mod rows;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_estop.sql"),
+];
 const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 
@@ -32,6 +36,9 @@ pub struct SqliteStore {
     writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// At most READERS reads at once, so they reuse the pooled connections instead of each
+    /// opening its own (opening costs far more than a point read).
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn db_err(e: rusqlite::Error) -> Error {
@@ -149,6 +156,7 @@ impl SqliteStore {
             writer: RwLock::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
         })
     }
 
@@ -205,6 +213,7 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
+        let _slot = self.read_slots.acquire().await.map_err(|_| Error::Closed)?;
         let pool = self.readers.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {

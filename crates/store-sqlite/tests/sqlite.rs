@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use store::RunStore;
+use store::{EStopStore, RunStore};
 use store_sqlite::SqliteStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,6 +15,40 @@ async fn conformance() {
         async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn RunStore> }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estop_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    store::conformance::run_estop_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.path().join(format!("db{i}.sqlite"));
+        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn EStopStore> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_second_handle_sees_estop_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steward.db");
+    let a = SqliteStore::open(&path).unwrap();
+    let b = SqliteStore::open(&path).unwrap();
+    assert_eq!(b.estop_version().await.unwrap(), 0);
+    let list = domain::estop::EStopList {
+        entries: vec![store::conformance::estop_entry(
+            "*",
+            domain::estop::EStopState::Stop,
+            "INC-1",
+            "ana",
+        )],
+    };
+    let v = a.estop_save(list.clone(), 0, vec![]).await.unwrap();
+    assert_eq!(b.estop_version().await.unwrap(), v);
+    assert_eq!(b.estop_load().await.unwrap(), (list, v));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }
 
 #[tokio::test]

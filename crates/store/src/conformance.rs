@@ -1,7 +1,9 @@
-//! The conformance suite: every backend runs [`run_all`] against fresh, empty stores.
+//! The conformance suite: every backend runs [`run_all`] (runs) and [`run_estop_all`] (the
+//! e-stop list and its audit trail) against fresh, empty stores.
 //!
 //! ```ignore
 //! store::conformance::run_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn RunStore> }).await;
+//! store::conformance::run_estop_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn EStopStore> }).await;
 //! ```
 
 #![allow(clippy::unwrap_used)] // test code: a failed step should panic with its location
@@ -10,9 +12,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use domain::estop::{AuditRecord, EStopList, EStopState, Entry, Target};
 use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp, WorkflowSpec};
 
-use crate::{CancelOutcome, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition};
+use crate::{
+    CancelOutcome, EStopStore, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition,
+};
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 const HOUR: i64 = 3_600_000;
@@ -551,5 +556,186 @@ pub async fn unknown_runs_are_not_found(s: Arc<dyn RunStore>) {
             .await
             .unwrap_err(),
         Error::NotFound(id)
+    );
+}
+
+// ---- the e-stop list and its audit trail ----
+
+/// Runs every e-stop check, each on a fresh store from `make`.
+pub async fn run_estop_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn EStopStore>>,
+{
+    estop_starts_empty_at_version_zero(make().await).await;
+    estop_save_replaces_the_list_and_appends_audit(make().await).await;
+    estop_save_with_a_stale_version_conflicts_and_stores_nothing(make().await).await;
+    estop_concurrent_saves_one_wins(make().await).await;
+    audit_lists_newest_first_by_target_with_limit(make().await).await;
+}
+
+pub fn estop_target(t: &str) -> Target {
+    t.parse().unwrap()
+}
+
+pub fn estop_entry(t: &str, state: EStopState, reason: &str, by: &str) -> Entry {
+    Entry {
+        target: estop_target(t),
+        state,
+        reason: reason.to_owned(),
+        set_by: by.to_owned(),
+        set_at: T0.to_rfc3339(),
+    }
+}
+
+/// An audit record of `target` moving from `old` to `new`.
+pub fn audit(
+    target: &str,
+    old: Option<EStopState>,
+    new: Option<EStopState>,
+    reason: &str,
+) -> AuditRecord {
+    AuditRecord {
+        at: T0.to_rfc3339(),
+        target: estop_target(target),
+        old_state: old,
+        new_state: new,
+        set_by: "ana".into(),
+        reason: reason.to_owned(),
+        source: "api".into(),
+    }
+}
+
+pub async fn estop_starts_empty_at_version_zero(s: Arc<dyn EStopStore>) {
+    assert_eq!(s.estop_load().await.unwrap(), (EStopList::default(), 0));
+    assert_eq!(s.estop_version().await.unwrap(), 0);
+    assert!(s.audit_list(None, 0).await.unwrap().is_empty());
+}
+
+pub async fn estop_save_replaces_the_list_and_appends_audit(s: Arc<dyn EStopStore>) {
+    use EStopState::{Go, Stop};
+    let mut list = EStopList {
+        entries: vec![
+            estop_entry("*", Go, "", "steward"),
+            estop_entry("site=aap", Stop, "INC-42", "ana"),
+        ],
+    };
+    let rec = audit("site=aap", None, Some(Stop), "INC-42");
+    let v1 = s
+        .estop_save(list.clone(), 0, vec![rec.clone()])
+        .await
+        .unwrap();
+    assert!(v1 > 0, "the version moves on");
+    assert_eq!(s.estop_version().await.unwrap(), v1);
+    assert_eq!(s.estop_load().await.unwrap(), (list.clone(), v1));
+    assert_eq!(s.audit_list(None, 0).await.unwrap(), vec![rec.clone()]);
+
+    list.clear(&estop_target("site=aap"));
+    let rec2 = audit("site=aap", Some(Stop), None, "resolved");
+    let v2 = s
+        .estop_save(list.clone(), v1, vec![rec2.clone()])
+        .await
+        .unwrap();
+    assert!(v2 > v1);
+    assert_eq!(s.estop_load().await.unwrap(), (list, v2));
+    assert_eq!(s.audit_list(None, 10).await.unwrap(), vec![rec2, rec]);
+}
+
+pub async fn estop_save_with_a_stale_version_conflicts_and_stores_nothing(s: Arc<dyn EStopStore>) {
+    let first = EStopList {
+        entries: vec![estop_entry("*", EStopState::Go, "", "steward")],
+    };
+    let v1 = s.estop_save(first.clone(), 0, vec![]).await.unwrap();
+    let other = EStopList {
+        entries: vec![estop_entry("*", EStopState::Stop, "late", "bob")],
+    };
+    let rec = audit("*", Some(EStopState::Go), Some(EStopState::Stop), "late");
+    for stale in [0, v1 + 1] {
+        let err = s
+            .estop_save(other.clone(), stale, vec![rec.clone()])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    }
+    assert_eq!(s.estop_load().await.unwrap(), (first, v1));
+    assert!(
+        s.audit_list(None, 0).await.unwrap().is_empty(),
+        "a refused save appends no audit"
+    );
+}
+
+pub async fn estop_concurrent_saves_one_wins(s: Arc<dyn EStopStore>) {
+    let a = EStopList {
+        entries: vec![estop_entry("a", EStopState::Stop, "a", "ana")],
+    };
+    let b = EStopList {
+        entries: vec![estop_entry("b", EStopState::Stop, "b", "bob")],
+    };
+    let (ra, rb) = tokio::join!(
+        s.estop_save(
+            a.clone(),
+            0,
+            vec![audit("a", None, Some(EStopState::Stop), "a")]
+        ),
+        s.estop_save(
+            b.clone(),
+            0,
+            vec![audit("b", None, Some(EStopState::Stop), "b")]
+        ),
+    );
+    let (won, v) = match (ra, rb) {
+        (Ok(v), Err(Error::Conflict(_))) => (a, v),
+        (Err(Error::Conflict(_)), Ok(v)) => (b, v),
+        other => panic!("exactly one save must win: {other:?}"),
+    };
+    assert_eq!(s.estop_load().await.unwrap(), (won, v));
+    assert_eq!(s.audit_list(None, 0).await.unwrap().len(), 1);
+}
+
+pub async fn audit_lists_newest_first_by_target_with_limit(s: Arc<dyn EStopStore>) {
+    use EStopState::{Go, Pause, Stop};
+    let recs = vec![
+        audit("site=aap", None, Some(Pause), "one"),
+        audit("Erase", None, Some(Stop), "two"),
+        audit("site=aap", Some(Pause), Some(Stop), "three"),
+    ];
+    s.audit_append(recs.clone()).await.unwrap();
+    let mut hand = audit("*", Some(Go), None, "");
+    hand.source = "file".into();
+    hand.set_by = "hand edit".into();
+    s.audit_append(vec![hand.clone()]).await.unwrap();
+    s.audit_append(vec![]).await.unwrap();
+
+    let all = s.audit_list(None, 0).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            hand.clone(),
+            recs[2].clone(),
+            recs[1].clone(),
+            recs[0].clone()
+        ]
+    );
+    assert_eq!(s.audit_list(None, 2).await.unwrap(), all[..2].to_vec());
+    assert_eq!(
+        s.audit_list(Some(estop_target("site=aap")), 0)
+            .await
+            .unwrap(),
+        vec![recs[2].clone(), recs[0].clone()]
+    );
+    assert_eq!(
+        s.audit_list(Some(estop_target("*")), 0).await.unwrap(),
+        vec![hand]
+    );
+    assert!(
+        s.audit_list(Some(estop_target("Nothing")), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.estop_version().await.unwrap(),
+        0,
+        "the audit trail alone does not change the list"
     );
 }

@@ -1,5 +1,5 @@
 //! The storage contract. Backends (`store-sqlite`, later `store-postgres`) implement
-//! [`RunStore`] and pass [`conformance`]. Nothing here knows SQL.
+//! [`RunStore`] and [`EStopStore`] and pass [`conformance`]. Nothing here knows SQL.
 //!
 //! Durability contract: when a method's future resolves `Ok`, the change is durable (fsynced).
 //! [`RunStore::apply_nowait`] queues transitions that are committed, in order, no later than
@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use domain::estop::{AuditRecord, EStopList, Target};
 use domain::{
     JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec,
 };
@@ -27,6 +28,10 @@ pub enum Error {
     /// Stored data that cannot be read: a bug or a damaged database.
     #[error("store holds data it cannot read: {0}")]
     Corrupt(String),
+    /// Someone else changed the record since it was read (optimistic concurrency): read it
+    /// again and retry.
+    #[error("conflicting change: {0}")]
+    Conflict(String),
     #[error("store is closed")]
     Closed,
 }
@@ -226,4 +231,43 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Lets go of resources (the SQLite writer thread) after pending writes are committed.
     async fn close(&self) -> Result<()>;
+}
+
+/// The e-stop list held in the database (crate `estop`'s `DbSource`) and the e-stop audit
+/// trail (every source writes it). The list is one document with a version that every save
+/// increments.
+#[async_trait]
+pub trait EStopStore: Send + Sync + 'static {
+    /// The stored list and its version; an empty list and version 0 when it was never saved.
+    /// A stored list that does not parse is [`Error::Corrupt`].
+    async fn estop_load(&self) -> Result<(EStopList, i64)>;
+
+    /// Replaces the whole list and appends `audit`, in one transaction, if the stored version
+    /// is still `expected_version`; otherwise nothing is stored and the result is
+    /// [`Error::Conflict`]. Returns the new version.
+    async fn estop_save(
+        &self,
+        list: EStopList,
+        expected_version: i64,
+        audit: Vec<AuditRecord>,
+    ) -> Result<i64>;
+
+    /// The stored version alone (cheap: for change polling).
+    async fn estop_version(&self) -> Result<i64>;
+
+    /// Appends records to the audit trail (changes that did not go through `estop_save`, such as
+    /// writes to and hand edits of the e-stop file).
+    async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<()>;
+
+    /// The newest `limit` records (0 means [`DEFAULT_PAGE_SIZE`], at most [`MAX_PAGE_SIZE`]),
+    /// newest first; only those of `target` when given.
+    async fn audit_list(&self, target: Option<Target>, limit: u32) -> Result<Vec<AuditRecord>>;
+}
+
+/// The number of audit records [`EStopStore::audit_list`] returns for `limit`.
+pub fn effective_audit_limit(limit: u32) -> u32 {
+    match limit {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
 }

@@ -60,9 +60,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("steward exited early ({status}); log:\n{}", self.log_text());
             }
+            // 503 is an answer too: a server whose e-stop list is unreadable serves, runs nothing.
             if http_get(&self.addr, "/readyz")
                 .await
-                .is_some_and(|(code, _)| code == 200)
+                .is_some_and(|(code, _)| code == 200 || code == 503)
             {
                 return;
             }
@@ -152,6 +153,26 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Some((code, body))
+}
+
+/// A plain HTTP/1.0 POST over loopback: the status code and the body.
+pub async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }
 
 pub fn spec(yaml: &str) -> pb::WorkReq {

@@ -1,0 +1,172 @@
+//! The e-stop list in the database (the same store as runs), polled by version.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use domain::Clock;
+use domain::estop::{AuditRecord, EStopList, Entry, Target};
+use store::EStopStore;
+
+use crate::{Source, SourceError};
+
+/// How often a [`DbSource`] checks the stored version by default.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
+
+/// Saves that lose a race with another writer are retried this many times.
+const SAVE_ATTEMPTS: usize = 5;
+
+/// The e-stop list in the database, through [`EStopStore`]. Every change is one transaction
+/// (the list and its audit record), fenced by the list's version; `changed()` resolves when
+/// the stored version differs from the one last loaded.
+pub struct DbSource {
+    store: Arc<dyn EStopStore>,
+    clock: Arc<dyn Clock>,
+    poll: Duration,
+    /// The version last loaded (-1 before the first load).
+    seen: AtomicI64,
+}
+
+impl DbSource {
+    /// `poll`: how often `changed()` checks the version ([`DEFAULT_POLL`] is a good value).
+    pub fn new(store: Arc<dyn EStopStore>, clock: Arc<dyn Clock>, poll: Duration) -> DbSource {
+        DbSource {
+            store,
+            clock,
+            poll: poll.max(Duration::from_millis(1)),
+            seen: AtomicI64::new(-1),
+        }
+    }
+
+    fn err(&self, error: store::Error) -> SourceError {
+        SourceError::Store {
+            what: self.describe(),
+            error,
+        }
+    }
+
+    /// Applies `change` to the stored list and saves it with the audit record it returns,
+    /// retrying when another writer got in between. `None` from `change`: nothing to do.
+    async fn modify<F>(&self, change: F) -> Result<Option<AuditRecord>, SourceError>
+    where
+        F: Fn(&mut EStopList) -> Option<AuditRecord> + Send + Sync,
+    {
+        let mut last_err = None;
+        for _ in 0..SAVE_ATTEMPTS {
+            let (mut list, version) = self.store.estop_load().await.map_err(|e| self.err(e))?;
+            let Some(record) = change(&mut list) else {
+                return Ok(None);
+            };
+            list.check().map_err(SourceError::InvalidArgument)?;
+            match self
+                .store
+                .estop_save(list, version, vec![record.clone()])
+                .await
+            {
+                Ok(_) => return Ok(Some(record)),
+                Err(e @ store::Error::Conflict(_)) => {
+                    tracing::debug!(error = %e, "the e-stop list changed while saving; retrying");
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Err(self.err(
+            last_err
+                .unwrap_or_else(|| store::Error::Conflict("the e-stop list kept changing".into())),
+        ))
+    }
+}
+
+#[async_trait]
+impl Source for DbSource {
+    fn describe(&self) -> String {
+        "the e-stop list in the database".into()
+    }
+
+    async fn load(&self) -> Result<EStopList, SourceError> {
+        match self.store.estop_load().await {
+            Ok((list, version)) => {
+                self.seen.store(version, Ordering::Relaxed);
+                Ok(list)
+            }
+            Err(e) => {
+                // Any version read after this counts as a change: recover at once.
+                self.seen.store(-1, Ordering::Relaxed);
+                Err(self.err(e))
+            }
+        }
+    }
+
+    async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError> {
+        let at = if entry.set_at.is_empty() {
+            self.clock.now().to_rfc3339()
+        } else {
+            entry.set_at.clone()
+        };
+        let rec = self
+            .modify(|list| {
+                let old = list.set(entry.clone());
+                Some(AuditRecord {
+                    at: at.clone(),
+                    target: entry.target.clone(),
+                    old_state: old.map(|o| o.state),
+                    new_state: Some(entry.state),
+                    set_by: entry.set_by.clone(),
+                    reason: entry.reason.clone(),
+                    source: source.to_owned(),
+                })
+            })
+            .await?;
+        rec.ok_or_else(|| SourceError::InvalidArgument("nothing was set".into()))
+    }
+
+    async fn clear(
+        &self,
+        target: &Target,
+        actor: &str,
+        reason: &str,
+        source: &str,
+    ) -> Result<Option<AuditRecord>, SourceError> {
+        let at = self.clock.now().to_rfc3339();
+        self.modify(|list| {
+            let old = list.clear(target)?;
+            Some(AuditRecord {
+                at: at.clone(),
+                target: target.clone(),
+                old_state: Some(old.state),
+                new_state: None,
+                set_by: actor.to_owned(),
+                reason: reason.to_owned(),
+                source: source.to_owned(),
+            })
+        })
+        .await
+    }
+
+    async fn changed(&self) {
+        loop {
+            tokio::time::sleep(self.poll).await;
+            match self.store.estop_version().await {
+                Ok(v) if v == self.seen.load(Ordering::Relaxed) => {}
+                // A new version, or a store that fails: the next load says which.
+                _ => return,
+            }
+        }
+    }
+
+    async fn audit(
+        &self,
+        target: Option<Target>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, SourceError> {
+        self.store
+            .audit_list(target, limit)
+            .await
+            .map_err(|error| SourceError::Store {
+                what: "the e-stop audit trail".into(),
+                error,
+            })
+    }
+}

@@ -1,0 +1,367 @@
+//! The e-stop list in a JSON file (`estop.json` in the data directory), watched with inotify.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use domain::Clock;
+use domain::estop::{AuditRecord, EStopList, EStopState, Entry, Target};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use store::EStopStore;
+use tokio::sync::{Mutex, Notify};
+
+use crate::{Source, SourceError, diff_audit};
+
+/// The reason of the one entry [`ensure_initial_file`] writes.
+pub const INITIAL_REASON: &str = "created on first start; set entries to stop or pause work";
+
+/// The e-stop list in a JSON file. Writes replace the file atomically and durably
+/// ([`write_durably`]); changes to it (hand edits included) are seen through inotify on its
+/// directory, so that renames over it are seen too.
+pub struct FileSource {
+    path: PathBuf,
+    store: Arc<dyn EStopStore>,
+    clock: Arc<dyn Clock>,
+    /// The last list read or written: hand edits are what differs from it. Held across each
+    /// read-modify-write so that a write and a re-read never audit the same change twice.
+    last: Mutex<Option<EStopList>>,
+    wake: Arc<Notify>,
+    /// Watching stops when the source is dropped.
+    watcher: Option<RecommendedWatcher>,
+}
+
+impl FileSource {
+    /// A source on `path` that watches it with inotify. If the watch cannot be set up (no such
+    /// directory yet, inotify limits), it logs a warning and relies on the service's periodic
+    /// re-read.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        store: Arc<dyn EStopStore>,
+        clock: Arc<dyn Clock>,
+    ) -> FileSource {
+        let mut s = FileSource::poll_only(path, store, clock);
+        match watch(&s.path, s.wake.clone()) {
+            Ok(w) => s.watcher = Some(w),
+            Err(e) => tracing::warn!(
+                path = %s.path.display(),
+                error = %e,
+                "cannot watch the e-stop file; changes to it are seen by the periodic re-read only"
+            ),
+        }
+        s
+    }
+
+    /// A source on `path` that does not watch it: changes are seen by the service's periodic
+    /// re-read only (for file systems without inotify, such as some network mounts).
+    pub fn poll_only(
+        path: impl Into<PathBuf>,
+        store: Arc<dyn EStopStore>,
+        clock: Arc<dyn Clock>,
+    ) -> FileSource {
+        FileSource {
+            path: path.into(),
+            store,
+            clock,
+            last: Mutex::new(None),
+            wake: Arc::new(Notify::new()),
+            watcher: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether inotify events are coming in (else only the periodic re-read sees changes).
+    pub fn is_watching(&self) -> bool {
+        self.watcher.is_some()
+    }
+
+    /// Audits what changed since the last list seen (a hand edit) and remembers `list`.
+    async fn note_seen(&self, last: &mut Option<EStopList>, list: &EStopList) {
+        if let Some(prev) = last.as_ref()
+            && prev != list
+        {
+            let removed = format!("removed from {} by hand", self.path.display());
+            let recs = diff_audit(prev, list, &self.clock.now().to_rfc3339(), "file", &removed);
+            for r in &recs {
+                tracing::info!(
+                    path = %self.path.display(),
+                    target = %r.target,
+                    old = r.old_state.map_or("none", EStopState::as_str),
+                    new = r.new_state.map_or("none", EStopState::as_str),
+                    "e-stop file edited by hand"
+                );
+            }
+            if let Err(e) = self.store.audit_append(recs).await {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "recording a hand edit of the e-stop file in the audit trail failed"
+                );
+            }
+        }
+        *last = Some(list.clone());
+    }
+
+    /// Reads the file, auditing any hand edit since the last read.
+    async fn read_and_note(&self, last: &mut Option<EStopList>) -> Result<EStopList, SourceError> {
+        let list = read_file(&self.path).await?;
+        self.note_seen(last, &list).await;
+        Ok(list)
+    }
+
+    async fn write(&self, list: &EStopList) -> Result<(), SourceError> {
+        list.check().map_err(SourceError::InvalidArgument)?;
+        let bytes = to_bytes(list);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+            .await
+            .map_err(|e| SourceError::Write {
+                path: self.path.clone(),
+                error: io::Error::other(e.to_string()),
+            })?
+            .map_err(|error| SourceError::Write {
+                path: self.path.clone(),
+                error,
+            })
+    }
+
+    async fn record(&self, record: AuditRecord) -> Result<AuditRecord, SourceError> {
+        match self.store.audit_append(vec![record.clone()]).await {
+            Ok(()) => Ok(record),
+            Err(error) => Err(SourceError::AuditNotRecorded {
+                record: Box::new(record),
+                error,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    fn describe(&self) -> String {
+        format!("e-stop file {}", self.path.display())
+    }
+
+    async fn load(&self) -> Result<EStopList, SourceError> {
+        let mut last = self.last.lock().await;
+        self.read_and_note(&mut last).await
+    }
+
+    async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError> {
+        let mut last = self.last.lock().await;
+        let mut list = self.read_and_note(&mut last).await?;
+        let at = if entry.set_at.is_empty() {
+            self.clock.now().to_rfc3339()
+        } else {
+            entry.set_at.clone()
+        };
+        let record = AuditRecord {
+            at,
+            target: entry.target.clone(),
+            old_state: None,
+            new_state: Some(entry.state),
+            set_by: entry.set_by.clone(),
+            reason: entry.reason.clone(),
+            source: source.to_owned(),
+        };
+        let old = list.set(entry);
+        self.write(&list).await?;
+        *last = Some(list);
+        drop(last);
+        self.record(AuditRecord {
+            old_state: old.map(|o| o.state),
+            ..record
+        })
+        .await
+    }
+
+    async fn clear(
+        &self,
+        target: &Target,
+        actor: &str,
+        reason: &str,
+        source: &str,
+    ) -> Result<Option<AuditRecord>, SourceError> {
+        let mut last = self.last.lock().await;
+        let mut list = self.read_and_note(&mut last).await?;
+        let Some(old) = list.clear(target) else {
+            return Ok(None);
+        };
+        self.write(&list).await?;
+        *last = Some(list);
+        drop(last);
+        self.record(AuditRecord {
+            at: self.clock.now().to_rfc3339(),
+            target: target.clone(),
+            old_state: Some(old.state),
+            new_state: None,
+            set_by: actor.to_owned(),
+            reason: reason.to_owned(),
+            source: source.to_owned(),
+        })
+        .await
+        .map(Some)
+    }
+
+    async fn changed(&self) {
+        if self.watcher.is_some() {
+            self.wake.notified().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn audit(
+        &self,
+        target: Option<Target>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, SourceError> {
+        self.store
+            .audit_list(target, limit)
+            .await
+            .map_err(|error| SourceError::Store {
+                what: "the e-stop audit trail".into(),
+                error,
+            })
+    }
+}
+
+async fn read_file(path: &Path) -> Result<EStopList, SourceError> {
+    let bytes = match tokio::fs::read(path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(SourceError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        Err(error) => {
+            return Err(SourceError::Read {
+                path: path.to_owned(),
+                error,
+            });
+        }
+    };
+    let text = String::from_utf8(bytes).map_err(|e| SourceError::Malformed {
+        path: path.to_owned(),
+        error: format!("not UTF-8: {e}"),
+    })?;
+    EStopList::parse(&text).map_err(|error| SourceError::Malformed {
+        path: path.to_owned(),
+        error,
+    })
+}
+
+fn to_bytes(list: &EStopList) -> Vec<u8> {
+    // Serializing plain strings and enums cannot fail.
+    let mut b = serde_json::to_vec_pretty(list).unwrap_or_default();
+    b.push(b'\n');
+    b
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Watches the directory of `path` (renames replace the file's inode, so watching the file
+/// itself would lose track of it) for events that name the file.
+fn watch(path: &Path, wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
+    let name = path.file_name().map(ToOwned::to_owned);
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        Ok(ev) => {
+            // Opens and reads (ours included) change nothing.
+            let read_only = matches!(ev.kind, EventKind::Access(a)
+                if a != AccessKind::Close(AccessMode::Write));
+            let ours =
+                ev.need_rescan() || ev.paths.iter().any(|p| p.file_name() == name.as_deref());
+            if ours && !read_only {
+                wake.notify_one();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "an error watching the e-stop file; re-reading it");
+            wake.notify_one();
+        }
+    })?;
+    w.watch(parent_dir(path), RecursiveMode::NonRecursive)?;
+    Ok(w)
+}
+
+/// Replaces `path` with `contents` atomically and durably: writes a temporary file in the same
+/// directory, fsyncs it, renames it over `path` and fsyncs the directory. A reader sees the old
+/// contents or the new, never a mix; after `Ok`, the new contents survive a crash. The file
+/// keeps its permissions; if `path` is a symbolic link, the file it points to is replaced and
+/// the link stays.
+pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)?,
+        _ => path.to_owned(),
+    };
+    let dir = parent_dir(&path);
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} does not name a file", path.display()),
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let res = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        if let Ok(m) = fs::metadata(&path) {
+            f.set_permissions(m.permissions())?;
+        }
+        f.write_all(contents)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if res.is_err() {
+        // Gone already if the rename happened.
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Creates the e-stop file with one entry, `* go` (set by `steward`, reason
+/// [`INITIAL_REASON`]), when it is missing and this is a fresh install; returns whether it did.
+/// When the file is missing on a later start it is left missing: the file source then reports
+/// it unreadable and everything stops (fail closed) until an operator restores it.
+pub fn ensure_initial_file(path: &Path, fresh_install: bool) -> Result<bool, SourceError> {
+    let exists = path.try_exists().map_err(|error| SourceError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    if exists || !fresh_install {
+        return Ok(false);
+    }
+    let list = EStopList {
+        entries: vec![Entry {
+            target: Target::All,
+            state: EStopState::Go,
+            reason: INITIAL_REASON.into(),
+            set_by: "steward".into(),
+            set_at: String::new(),
+        }],
+    };
+    write_durably(path, &to_bytes(&list)).map_err(|error| SourceError::Write {
+        path: path.to_owned(),
+        error,
+    })?;
+    tracing::info!(path = %path.display(), "created the e-stop file: everything may run (* go)");
+    Ok(true)
+}

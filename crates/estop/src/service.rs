@@ -1,0 +1,277 @@
+//! The service that keeps the current [`Snapshot`] of one [`Source`] and publishes changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use domain::Clock;
+use domain::estop::{AuditRecord, EStopState, Entry, Snapshot, Target, Verdict};
+use tokio::sync::{Mutex, watch};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{Source, SourceError};
+
+/// After an event, wait this long for the burst to end (an editor truncates, then writes)
+/// before reading. A read that fails right after a good one is tried once more after this long
+/// before the list counts as unreadable.
+const SETTLE: Duration = Duration::from_millis(30);
+
+/// The source of changes made through [`EStopHandle::set`] and [`EStopHandle::clear`].
+pub const API_SOURCE: &str = "api";
+
+#[derive(Clone, Debug)]
+pub struct EStopOptions {
+    /// The state of runs that no entry matches (PRODUCT.md §5: `stop`, fail closed).
+    pub unlisted: EStopState,
+    /// How often the list is re-read even when the source reports no change (lost events,
+    /// sources without events).
+    pub reread: Duration,
+}
+
+impl Default for EStopOptions {
+    fn default() -> Self {
+        EStopOptions {
+            unlisted: EStopState::Stop,
+            reread: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Starts the e-stop service; see [`EStop::start`].
+pub struct EStop;
+
+impl EStop {
+    /// Loads the list once (an unreadable source gives [`Snapshot::Unreadable`], logged and
+    /// alerted, never an error), then spawns on `tracker` the task that re-reads it whenever the
+    /// source reports a change and every `opts.reread`, until `cancel`.
+    pub async fn start(
+        source: Arc<dyn Source>,
+        clock: Arc<dyn Clock>,
+        opts: EStopOptions,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> EStopHandle {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::Unreadable(
+            "the e-stop list has not been read yet".into(),
+        )));
+        let shared = Arc::new(Shared {
+            source,
+            clock,
+            unlisted: opts.unlisted,
+            tx,
+            reload: Mutex::new(()),
+            failures: AtomicU64::new(0),
+        });
+        shared.reload(false).await;
+        let task = shared.clone();
+        let reread = opts.reread.max(Duration::from_millis(10));
+        tracker.spawn(async move { task.run(reread, cancel).await });
+        EStopHandle { shared }
+    }
+}
+
+struct Shared {
+    source: Arc<dyn Source>,
+    clock: Arc<dyn Clock>,
+    unlisted: EStopState,
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// One reload at a time, so that publishing follows the order of reads.
+    reload: Mutex<()>,
+    failures: AtomicU64,
+}
+
+impl Shared {
+    async fn run(self: Arc<Self>, reread: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(reread);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now: the list was just read
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.source.changed() => true,
+                _ = tick.tick() => false,
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = async {
+                    if event {
+                        tokio::time::sleep(SETTLE).await;
+                    }
+                    self.reload(true).await;
+                } => {}
+            }
+        }
+    }
+
+    /// Reads the list and publishes it if it changed. With `confirm`, a failure right after a
+    /// good read is checked once more after [`SETTLE`] (a writer caught mid-write).
+    async fn reload(&self, confirm: bool) {
+        let _one = self.reload.lock().await;
+        let was_ok = matches!(**self.tx.borrow(), Snapshot::Ok(_));
+        let mut res = self.source.load().await;
+        if let Err(e) = &res
+            && confirm
+            && was_ok
+        {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                source = %self.source.describe(),
+                error = %e,
+                "the e-stop list cannot be read; reading it again"
+            );
+            tokio::time::sleep(SETTLE).await;
+            res = self.source.load().await;
+        }
+        let snap = match res {
+            Ok(list) => {
+                if !was_ok {
+                    tracing::info!(
+                        source = %self.source.describe(),
+                        entries = list.entries.len(),
+                        "the e-stop list is readable"
+                    );
+                }
+                Snapshot::Ok(list)
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    source = %self.source.describe(),
+                    error = %e,
+                    "the e-stop list cannot be read: everything is stopped until it can"
+                );
+                Snapshot::Unreadable(e.to_string())
+            }
+        };
+        self.tx.send_if_modified(|cur| {
+            if **cur == snap {
+                false
+            } else {
+                *cur = Arc::new(snap);
+                true
+            }
+        });
+    }
+}
+
+/// A cheap-clone handle on the e-stop service.
+#[derive(Clone)]
+pub struct EStopHandle {
+    shared: Arc<Shared>,
+}
+
+impl EStopHandle {
+    /// The list as last read.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.tx.borrow().clone()
+    }
+
+    /// Sees every new snapshot (only changes are published).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.shared.tx.subscribe()
+    }
+
+    /// The effective state of a run of workflow `name` with `labels`, and why.
+    pub fn verdict(&self, name: &str, labels: &BTreeMap<String, String>) -> Verdict {
+        self.snapshot().verdict(name, labels, self.shared.unlisted)
+    }
+
+    /// The state of runs no entry matches.
+    pub fn unlisted(&self) -> EStopState {
+        self.shared.unlisted
+    }
+
+    /// While the list is unreadable: why (for health detail and `status`). `None` when it
+    /// reads cleanly.
+    pub fn alert(&self) -> Option<String> {
+        match &*self.snapshot() {
+            Snapshot::Ok(_) => None,
+            Snapshot::Unreadable(e) => Some(e.clone()),
+        }
+    }
+
+    /// Failed reads since start (a counter for metrics).
+    pub fn read_failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::Relaxed)
+    }
+
+    /// The source, for messages: "e-stop file /var/lib/steward/estop.json".
+    pub fn describe(&self) -> String {
+        self.shared.source.describe()
+    }
+
+    /// Sets `target` to `state` (replacing its entry), durably and audited as `actor`, with
+    /// source `api`; the new list is published before this returns. `pause` and `stop` need a
+    /// reason.
+    pub async fn set(
+        &self,
+        target: Target,
+        state: EStopState,
+        reason: String,
+        actor: String,
+    ) -> Result<AuditRecord, SourceError> {
+        let (reason, actor) = (reason.trim().to_owned(), actor.trim().to_owned());
+        if state != EStopState::Go && reason.is_empty() {
+            return Err(SourceError::InvalidArgument(format!(
+                "reason: setting {target} to {state} needs a reason (say why, e.g. an incident id)"
+            )));
+        }
+        check_actor(&actor)?;
+        let entry = Entry {
+            target,
+            state,
+            reason,
+            set_by: actor,
+            set_at: self.shared.clock.now().to_rfc3339(),
+        };
+        let res = self.shared.source.set(entry, API_SOURCE).await;
+        self.shared.reload(false).await;
+        res
+    }
+
+    /// Removes the entry of `target` (runs it matched fall back to other entries or to the
+    /// unlisted state), durably and audited; `Ok(None)` when there was no such entry.
+    pub async fn clear(
+        &self,
+        target: Target,
+        actor: String,
+        reason: String,
+    ) -> Result<Option<AuditRecord>, SourceError> {
+        let actor = actor.trim().to_owned();
+        check_actor(&actor)?;
+        let res = self
+            .shared
+            .source
+            .clear(&target, &actor, reason.trim(), API_SOURCE)
+            .await;
+        self.shared.reload(false).await;
+        res
+    }
+
+    /// The audit trail, newest first: `limit` records (0 means 100, at most 1000), only those
+    /// of `target` when given.
+    pub async fn audit(
+        &self,
+        target: Option<Target>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, SourceError> {
+        self.shared.source.audit(target, limit).await
+    }
+
+    /// Re-reads the list now and publishes it if it changed.
+    pub async fn reload(&self) {
+        self.shared.reload(false).await;
+    }
+}
+
+fn check_actor(actor: &str) -> Result<(), SourceError> {
+    if actor.is_empty() {
+        return Err(SourceError::InvalidArgument(
+            "actor: an e-stop change must name who makes it".into(),
+        ));
+    }
+    Ok(())
+}

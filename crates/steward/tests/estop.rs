@@ -1,0 +1,279 @@
+//! The emergency stop (PRODUCT.md §5) through the real binary: the file, the CLI, the API.
+
+use std::time::Duration;
+
+use proto::v1 as pb;
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn cli(server: &Server, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env("STEWARD_ADDR", &server.addr)
+        .env("USER", "ana")
+        .output()
+        .unwrap()
+}
+
+/// Replaces the e-stop file the way an editor or `mv` would.
+fn write_estop(data: &std::path::Path, json: &str) {
+    let tmp = data.join("estop.json.edit");
+    std::fs::write(&tmp, json).unwrap();
+    std::fs::rename(&tmp, data.join("estop.json")).unwrap();
+}
+
+async fn start_long_job(
+    c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
+    pidfile: &std::path::Path,
+    name: &str,
+    site: &str,
+) -> String {
+    let job = sh(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let id = submit(
+        c,
+        &format!(
+            "name: {name}\nlabels: {{site: {site}}}\nblocks:\n  - jobs: [{job}, {{action: noop}}]\n"
+        ),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("the job to start", LONG, || {
+        std::fs::read_to_string(pidfile).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edit_of_the_file_stops_running_jobs_without_an_api_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "SatelliteDiskErase", "aap").await;
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let bystander_pid = dir.path().join("pid2");
+    let bystander = start_long_job(&mut c, &bystander_pid, "Other", "bbb").await;
+
+    write_estop(
+        &data,
+        r#"{"entries": [{"target": "*", "state": "go"}, {"target": "site=aap", "state": "stop", "reason": "INC-42", "set_by": "ana"}]}"#,
+    );
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "stopped");
+    assert_eq!(run.blocks[0].jobs[0].state, "stopped");
+    let cause = run.stop_cause.unwrap();
+    assert_eq!(cause.kind, "estop");
+    assert_eq!(cause.details["target"], "site=aap");
+    assert_eq!(cause.details["set_by"], "ana");
+    assert_eq!(cause.details["reason"], "INC-42");
+    eventually("the job's whole process group to be gone", LONG, || {
+        process_gone(grandchild)
+    })
+    .await;
+    assert_eq!(
+        status(&mut c, &bystander).await.state,
+        "running",
+        "other runs go on"
+    );
+
+    // The audit trail has the hand edit.
+    let out = cli(&server, &["estop", "audit", "--target", "site=aap"]);
+    let audit = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        audit.contains("site=aap: (none) -> stop") && audit.contains("(file)"),
+        "{audit}"
+    );
+    c.cancel(pb::CancelRequest {
+        id: bystander,
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "SatelliteDiskErase", "aap").await;
+
+    // A reason is required.
+    let out = cli(&server, &["estop", "set", "SatelliteDiskErase", "stop"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reason"));
+
+    let out = cli(
+        &server,
+        &[
+            "estop",
+            "set",
+            "SatelliteDiskErase",
+            "stop",
+            "--reason",
+            "disks vanishing at aap",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "stopped");
+    assert_eq!(run.estop.as_ref().unwrap().state, "stop");
+    let human = String::from_utf8_lossy(&cli(&server, &["status", &id]).stdout).into_owned();
+    assert!(
+        human.contains("set by ana") && human.contains("disks vanishing at aap"),
+        "{human}"
+    );
+
+    // New work is refused, naming the entry; a stopped run stays stopped after go.
+    let file = dir.path().join("w.yaml");
+    std::fs::write(
+        &file,
+        "name: SatelliteDiskErase\nblocks:\n  - jobs: [{action: noop}]\n",
+    )
+    .unwrap();
+    let out = cli(&server, &["submit", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FAILED_PRECONDITION")
+            && err.contains("SatelliteDiskErase")
+            && err.contains("ana")
+            && err.contains("disks vanishing"),
+        "{err}"
+    );
+    let (code, body) = http_post(
+        &server.addr,
+        "/v1/runs",
+        "name: SatelliteDiskErase\nblocks:\n  - jobs: [{action: noop}]\n",
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("FAILED_PRECONDITION"), "{body}");
+
+    let out = cli(&server, &["estop", "set", "SatelliteDiskErase", "go"]);
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status(&mut c, &id).await.state, "stopped");
+    let out = cli(&server, &["clone", &id, "--exec"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every change is in the audit trail, newest first.
+    let out = cli(&server, &["estop", "audit", "--json"]);
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = audit["records"].as_array().unwrap();
+    let ours: Vec<_> = records
+        .iter()
+        .filter(|r| r["target"] == "SatelliteDiskErase")
+        .collect();
+    assert_eq!(ours.len(), 2);
+    assert_eq!(
+        (ours[0]["old_state"].as_str(), ours[0]["new_state"].as_str()),
+        (Some("stop"), Some("go"))
+    );
+    assert_eq!(
+        (ours[1]["old_state"].as_str(), ours[1]["new_state"].as_str()),
+        (Some(""), Some("stop"))
+    );
+    assert_eq!(ours[1]["set_by"], "ana");
+    assert_eq!(ours[1]["reason"], "disks vanishing at aap");
+    assert!(!ours[1]["at"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_file_stops_everything_until_it_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "Anything", "x").await;
+
+    write_estop(&data, r#"{"entries": [{"target": "*", "state": "go""#);
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "stopped", "an unreadable list stops everything");
+    assert!(run.stop_cause.unwrap().message.contains("estop.json"));
+    let (code, body) = http_get(&server.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("malformed"), "{body}");
+    let (_, metrics) = http_get(&server.addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("steward_estop_alert 1"), "{metrics}");
+    let err = c
+        .submit(pb::SubmitRequest {
+            spec: Some(spec("name: x\nblocks:\n  - jobs: [{action: noop}]\n")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("cannot be read"),
+        "{}",
+        err.message()
+    );
+
+    write_estop(&data, r#"{"entries": [{"target": "*", "state": "go"}]}"#);
+    eventually("readiness to recover", LONG, || true).await;
+    let deadline = std::time::Instant::now() + LONG;
+    while http_get(&server.addr, "/readyz").await.unwrap().0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = submit(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_an_unreadable_list_starts_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Not a fresh install: a database exists and the e-stop file is gone.
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let id = submit(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
+    server.stop().await;
+    std::fs::remove_file(data.join("estop.json")).unwrap();
+
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let (code, body) = http_get(&server.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("missing"), "{body}");
+    let err = c
+        .exec(pb::ExecRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("missing"), "{}", err.message());
+    assert_eq!(
+        status(&mut c, &id).await.state,
+        "submitted",
+        "reads still answer; nothing changed"
+    );
+    let out = cli(&server, &["estop", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ALERT"));
+}
