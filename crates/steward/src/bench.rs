@@ -37,28 +37,60 @@ struct Bench {
     token: CancellationToken,
 }
 
+/// The e-stop a benchmark server runs with.
+enum EStopMode {
+    /// `* = go`, fixed.
+    AllGo,
+    /// A fixed list.
+    Fixed(domain::estop::EStopList),
+    /// A real, watched `estop.json` in the data directory, starting as `* = go`.
+    File,
+}
+
 async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
+    start_with(max_running_jobs, EStopMode::AllGo).await
+}
+
+async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(store_sqlite::SqliteStore::open(
         &dir.path().join("steward.db"),
     )?);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let (feed, handle) = match mode {
+        EStopMode::AllGo => (engine::estop_all_go(), None),
+        EStopMode::Fixed(list) => (engine::estop_fixed(domain::estop::Snapshot::Ok(list)), None),
+        EStopMode::File => {
+            let path = dir.path().join("estop.json");
+            estop::write_durably(&path, br#"{"entries": [{"target": "*", "state": "go"}]}"#)?;
+            let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
+            let source = Arc::new(estop::FileSource::new(path, store.clone(), clock.clone()));
+            let h = estop::EStop::start(
+                source,
+                clock,
+                estop::EStopOptions::default(),
+                &tracker,
+                token.clone(),
+            )
+            .await;
+            (h.subscribe(), Some(h))
+        }
+    };
     let mut opts = EngineOptions::new(NodeId("bench".into()));
     opts.max_running_jobs = max_running_jobs;
     let engine = Engine::new(
         opts,
         store.clone() as Arc<dyn RunStore>,
         Arc::new(SystemClock),
-        engine::estop_all_go(),
+        feed,
     );
     engine.start();
-    let token = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), None, token.clone()).await;
+    let api = api::Api::new(engine.clone(), handle, token.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let router = api.router();
-    let tracker = TaskTracker::new();
-    let t = token.clone();
-    tracker.spawn(api::serve(listener, router, t));
+    tracker.spawn(api::serve(listener, router, token.clone()));
     Ok(Bench {
         _dir: dir,
         engine,
@@ -309,11 +341,13 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
     match o.suite.as_str() {
         "core" => core(&o).await,
         "shutdown" => shutdown(&o).await,
+        "estop" => estop_suite(&o).await,
         "all" => {
             core(&o).await?;
-            shutdown(&o).await
+            shutdown(&o).await?;
+            estop_suite(&o).await
         }
-        other => anyhow::bail!("--suite {other:?}: expected core, shutdown or all"),
+        other => anyhow::bail!("--suite {other:?}: expected core, shutdown, estop or all"),
     }
 }
 
@@ -529,6 +563,168 @@ async fn core(o: &BenchOpts) -> anyhow::Result<()> {
         "startup: start to ready {}; idle RSS {:.1} MiB",
         ms(ready),
         rss_kb as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// A list of `n` entries: `n - 1` that match nothing, then `* = go`.
+fn big_list(n: usize) -> domain::estop::EStopList {
+    use domain::estop::{EStopState, Entry, Target};
+    let mut entries: Vec<Entry> = (0..n.saturating_sub(1))
+        .map(|i| Entry {
+            target: Target::Label {
+                key: "site".into(),
+                value: format!("site-{i:04}"),
+            },
+            state: EStopState::Stop,
+            reason: format!("INC-{i}"),
+            set_by: "bench".into(),
+            set_at: String::new(),
+        })
+        .collect();
+    entries.push(Entry {
+        target: Target::All,
+        state: EStopState::Go,
+        reason: String::new(),
+        set_by: String::new(),
+        set_at: String::new(),
+    });
+    domain::estop::EStopList { entries }
+}
+
+/// Whether the process is gone (or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// `runs` runs with an in-flight `shell` job; set `stop` (through the API, or by rewriting the
+/// file); per run, the time from the change to its job's process gone and the run `stopped`.
+async fn propagation(via_file: bool, runs: usize) -> anyhow::Result<Vec<Duration>> {
+    let b = start_with(runs + 16, EStopMode::File).await?;
+    let pids = tempfile::tempdir()?;
+    let p = pids.path().display();
+    let mut c = b.client().await?;
+    let spec = domain::WorkflowSpec::parse(&format!(
+        "name: Erase\nlabels: {{site: aap}}\nblocks:\n  - jobs: [{{action: shell, args: {{argv: [sh, -c, 'echo $$ > {p}/$STEWARD_RUN_ID.tmp && mv {p}/$STEWARD_RUN_ID.tmp {p}/$STEWARD_RUN_ID; exec sleep 300']}}}}]\n"
+    ))?;
+    let mut ids = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let id = c
+            .submit(pb::SubmitRequest {
+                spec: Some(api::convert::spec_to_wire(&spec)),
+            })
+            .await?
+            .into_inner()
+            .id;
+        c.exec(pb::ExecRequest { id: id.clone() }).await?;
+        ids.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut job_pids = Vec::with_capacity(runs);
+    for id in &ids {
+        let path = pids.path().join(id);
+        let pid = loop {
+            if let Ok(s) = std::fs::read_to_string(&path)
+                && let Ok(pid) = s.trim().parse::<i32>()
+            {
+                break pid;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the jobs did not all start within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        job_pids.push(pid);
+    }
+    let mut events = b.engine.subscribe();
+    let run_ids: Vec<RunId> = ids.iter().map(|i| i.parse()).collect::<Result<_, _>>()?;
+    let t0 = Instant::now();
+    if via_file {
+        let dir = b._dir.path();
+        let tmp = dir.join("estop.json.edit");
+        std::fs::write(&tmp, br#"{"entries": [{"target": "*", "state": "go"}, {"target": "site=aap", "state": "stop", "reason": "bench"}]}"#)?;
+        std::fs::rename(&tmp, dir.join("estop.json"))?;
+    } else {
+        let mut e =
+            proto::v1::e_stop_client::EStopClient::connect(format!("http://{}", b.addr)).await?;
+        e.set(pb::EStopSetRequest {
+            target: "site=aap".into(),
+            state: "stop".into(),
+            reason: "bench".into(),
+        })
+        .await?;
+    }
+    let mut stopped_at: std::collections::HashMap<RunId, Duration> =
+        std::collections::HashMap::new();
+    let mut gone_at: Vec<Option<Duration>> = vec![None; runs];
+    while stopped_at.len() < runs || gone_at.iter().any(Option::is_none) {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not everything stopped within 60 s"
+        );
+        while let Ok(e) = events.try_recv() {
+            if e.state == RunState::Stopped {
+                stopped_at.entry(e.id).or_insert_with(|| t0.elapsed());
+            }
+        }
+        for (i, pid) in job_pids.iter().enumerate() {
+            if gone_at[i].is_none() && gone(*pid) {
+                gone_at[i] = Some(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let mut samples: Vec<Duration> = run_ids
+        .iter()
+        .zip(&gone_at)
+        .map(|(id, g)| stopped_at[id].max(g.unwrap_or_default()))
+        .collect();
+    samples.sort();
+    b.stop().await;
+    Ok(samples)
+}
+
+async fn estop_suite(o: &BenchOpts) -> anyhow::Result<()> {
+    for (via_file, how) in [(false, "through the API"), (true, "by rewriting the file")] {
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            all.extend(propagation(via_file, 100).await?);
+        }
+        all.sort();
+        println!(
+            "e-stop propagation {how}: 3 trials x 100 runs with an in-flight shell job, change to job process gone and run stopped: p50 {}  p99 {}  max {}",
+            ms(percentile(&all, 0.5)),
+            ms(percentile(&all, 0.99)),
+            ms(percentile(&all, 1.0))
+        );
+    }
+    // Dispatch-path cost: the core throughput with 1,000 entries against 1, interleaved.
+    let mut none = Vec::new();
+    let mut many = Vec::new();
+    for _ in 0..3 {
+        let b = start(256).await?;
+        throughput(&b, 200, 3, o.concurrency).await?;
+        none.push(throughput(&b, o.runs, 3, o.concurrency).await?);
+        b.stop().await;
+        let b = start_with(256, EStopMode::Fixed(big_list(1000))).await?;
+        throughput(&b, 200, 3, o.concurrency).await?;
+        many.push(throughput(&b, o.runs, 3, o.concurrency).await?);
+        b.stop().await;
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (n, m) = (med(&mut none), med(&mut many));
+    println!(
+        "e-stop check cost: throughput with 1,000 entries {m:.0} runs/s vs 1 entry {n:.0} runs/s (median of 3 each, interleaved): ratio {:.2}",
+        m / n
     );
     Ok(())
 }

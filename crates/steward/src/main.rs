@@ -136,7 +136,7 @@ enum Command {
     },
     /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown or all.
+        /// Which figures: core, shutdown, estop or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
