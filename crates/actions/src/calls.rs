@@ -12,6 +12,8 @@ pub enum ActionCall {
     Http(HttpArgs),
     WriteFile(WriteFileArgs),
     Sleep(SleepArgs),
+    /// Takes a token from a shared bucket; run by the engine, which holds the buckets.
+    TokenBucket(TokenBucketArgs),
     /// Does nothing and succeeds at once (benchmarks, placeholders).
     Noop,
 }
@@ -29,6 +31,7 @@ impl ActionCall {
             "http" => HttpArgs::parse(args, job_path).map(ActionCall::Http),
             "write_file" => WriteFileArgs::parse(args, job_path).map(ActionCall::WriteFile),
             "sleep" => SleepArgs::parse(args, job_path).map(ActionCall::Sleep),
+            "token_bucket" => TokenBucketArgs::parse(args, job_path).map(ActionCall::TokenBucket),
             "noop" => Args::new(args, job_path, &[]).finish(Some(ActionCall::Noop)),
             other => Err(vec![FieldError::new(
                 format!("{job_path}.action"),
@@ -47,6 +50,7 @@ impl ActionCall {
             ActionCall::Http(_) => "http",
             ActionCall::WriteFile(_) => "write_file",
             ActionCall::Sleep(_) => "sleep",
+            ActionCall::TokenBucket(_) => "token_bucket",
             ActionCall::Noop => "noop",
         }
     }
@@ -58,6 +62,13 @@ impl ActionCall {
             ActionCall::Http(a) => http::run(a, ctx).await,
             ActionCall::WriteFile(a) => write_file::run(a, ctx).await,
             ActionCall::Sleep(a) => sleep::run(a, ctx).await,
+            ActionCall::TokenBucket(a) => Err(ActionError::Fatal {
+                message: format!(
+                    "token_bucket {:?} must be run by the engine, which holds the buckets",
+                    a.bucket
+                ),
+                output: String::new(),
+            }),
             ActionCall::Noop => Ok(JobOutput::default()),
         }
     }

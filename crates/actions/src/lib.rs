@@ -16,7 +16,14 @@ use domain::{FieldError, RunId, SpecError, WorkflowSpec};
 use tokio_util::sync::CancellationToken;
 
 /// The names of the built-in actions.
-pub const BUILTIN: &[&str] = &["shell", "http", "write_file", "sleep", "noop"];
+pub const BUILTIN: &[&str] = &[
+    "shell",
+    "http",
+    "write_file",
+    "sleep",
+    "token_bucket",
+    "noop",
+];
 
 /// What one attempt of a job is given.
 #[derive(Clone, Debug)]
@@ -63,6 +70,7 @@ pub use calls::*;
 pub use http::{ExpectStatus, HttpArgs, HttpMethod};
 pub use shell::ShellArgs;
 pub use sleep::SleepArgs;
+pub use token_bucket::TokenBucketArgs;
 pub use write_file::WriteFileArgs;
 
 mod args;
@@ -71,4 +79,5 @@ mod http;
 mod shell;
 mod sleep;
 mod tail;
+mod token_bucket;
 mod write_file;

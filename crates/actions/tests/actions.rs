@@ -737,7 +737,7 @@ fn unknown_action_is_named_with_the_known_ones() {
         "shel",
         json!({}),
         "blocks[0].jobs[0].action",
-        "unknown action \"shel\"; expected one of: shell, http, write_file, sleep, noop",
+        "unknown action \"shel\"; expected one of: shell, http, write_file, sleep, token_bucket, noop",
     );
 }
 
@@ -1027,5 +1027,34 @@ fn attempts_can_run_on_any_runtime_thread() {
         call("noop", json!({})),
     ] {
         assert_send(&c.run(&ctx));
+    }
+}
+
+#[test]
+fn token_bucket_args() {
+    let ok = ActionCall::parse(
+        "token_bucket",
+        json!({"bucket": "disk-erase", "wait": "5m"})
+            .as_object()
+            .unwrap(),
+        "j",
+    );
+    assert_eq!(
+        ok,
+        Ok(ActionCall::TokenBucket(actions::TokenBucketArgs {
+            bucket: "disk-erase".into(),
+            wait: Some(std::time::Duration::from_secs(300)),
+        }))
+    );
+    for (args, path) in [
+        (json!({}), "j.args.bucket"),
+        (json!({"bucket": "a b"}), "j.args.bucket"),
+        (json!({"bucket": 3}), "j.args.bucket"),
+        (json!({"bucket": "b", "wait": "soon"}), "j.args.wait"),
+        (json!({"bucket": "b", "wait": 5}), "j.args.wait"),
+        (json!({"bucket": "b", "size": 1}), "j.args.size"),
+    ] {
+        let errs = ActionCall::parse("token_bucket", args.as_object().unwrap(), "j").unwrap_err();
+        assert!(errs.iter().any(|e| e.path == path), "{args}: {errs:?}");
     }
 }

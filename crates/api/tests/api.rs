@@ -21,7 +21,6 @@ use engine::{Engine, EngineOptions};
 use proto::v1 as pb;
 use proto::v1::steward_client::StewardClient;
 use serde_json::{Value, json};
-use store::RunStore;
 use store_sqlite::SqliteStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,8 +58,7 @@ async fn server() -> Server {
 
 async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn RunStore> =
-        Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
+    let store = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
     let mut opts = EngineOptions::new(NodeId("test".into()));
     opts.kill_grace = Duration::from_millis(200);
     tweak(&mut opts);

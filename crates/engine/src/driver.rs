@@ -431,6 +431,73 @@ impl Driver<'_> {
         v.state
     }
 
+    /// Runs one attempt of an action; `token_bucket` is run here, against the shared buckets.
+    async fn run_call(
+        &self,
+        call: &ActionCall,
+        ctx: &JobContext,
+    ) -> Result<JobOutput, ActionError> {
+        let ActionCall::TokenBucket(args) = call else {
+            return call.run(ctx).await;
+        };
+        let Some(spec) = self.inner.opts.buckets.get(&args.bucket) else {
+            return Err(ActionError::Fatal {
+                message: format!("bucket {:?} is not configured", args.bucket),
+                output: String::new(),
+            });
+        };
+        let started = self.inner.now();
+        let deadline = started.plus(args.wait.unwrap_or_default());
+        loop {
+            let now = self.inner.now();
+            let take = self
+                .inner
+                .buckets
+                .bucket_take(&args.bucket, spec, &ctx.idempotency_key, now)
+                .await
+                .map_err(|e| ActionError::Failed {
+                    message: format!("taking a token from bucket {:?}: {e}", args.bucket),
+                    exit_code: None,
+                    output: String::new(),
+                })?;
+            if take.granted {
+                let how = if take.already {
+                    "holds its token"
+                } else {
+                    "took a token"
+                };
+                return Ok(JobOutput {
+                    exit_code: None,
+                    output: format!(
+                        "{how} from bucket {:?}; {} left",
+                        args.bucket, take.tokens_left
+                    ),
+                });
+            }
+            if now >= deadline {
+                return Err(ActionError::Fatal {
+                    message: format!(
+                        "rate limit: bucket {:?} has no token (next one at {}); waited {}",
+                        args.bucket,
+                        take.next_token_at,
+                        domain::HumanDuration(std::time::Duration::from_millis(
+                            u64::try_from(now.0 - started.0).unwrap_or(0)
+                        ))
+                    ),
+                    output: String::new(),
+                });
+            }
+            let until = take.next_token_at.min(deadline);
+            let nap = std::time::Duration::from_millis(
+                u64::try_from((until.0 - now.0).max(1)).unwrap_or(1),
+            );
+            tokio::select! {
+                () = tokio::time::sleep(nap) => {}
+                () = ctx.cancel.cancelled() => return Err(ActionError::Cancelled { output: String::new() }),
+            }
+        }
+    }
+
     /// One job, with its retries; returns without committing its outcome.
     async fn run_job(
         &self,
@@ -500,7 +567,7 @@ impl Driver<'_> {
             };
             let mut timed_out = false;
             let result = {
-                let fut = call.run(&ctx);
+                let fut = self.run_call(call, &ctx);
                 tokio::pin!(fut);
                 match spec.timeout {
                     Some(t) => tokio::select! {

@@ -95,6 +95,8 @@ pub struct EngineOptions {
     pub expire_interval: Duration,
     /// The e-stop state of a run that no entry matches (fail closed: `stop`).
     pub estop_unlisted: EStopState,
+    /// The token buckets `token_bucket` jobs may name.
+    pub buckets: std::collections::BTreeMap<String, ratelimit::BucketSpec>,
 }
 
 impl EngineOptions {
@@ -109,6 +111,7 @@ impl EngineOptions {
             claim_interval: Duration::from_secs(2),
             expire_interval: Duration::from_secs(5),
             estop_unlisted: EStopState::Stop,
+            buckets: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -174,6 +177,7 @@ pub(crate) struct ActiveRun {
 pub(crate) struct Inner {
     pub(crate) opts: EngineOptions,
     pub(crate) store: Arc<dyn RunStore>,
+    pub(crate) buckets: Arc<dyn store::BucketStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) job_slots: Arc<Semaphore>,
     pub(crate) active: Mutex<HashMap<RunId, ActiveRun>>,
@@ -197,18 +201,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
+    pub fn new<S: RunStore + store::BucketStore>(
         opts: EngineOptions,
-        store: Arc<dyn RunStore>,
+        store: Arc<S>,
         clock: Arc<dyn Clock>,
         estop: EStopFeed,
     ) -> Engine {
+        let buckets: Arc<dyn store::BucketStore> = store.clone();
+        let store: Arc<dyn RunStore> = store;
         let (events, _) = broadcast::channel(4096);
         Engine {
             inner: Arc::new(Inner {
                 job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
                 opts,
                 store,
+                buckets,
                 clock,
                 active: Mutex::new(HashMap::new()),
                 events,
@@ -239,6 +246,38 @@ impl Engine {
     /// True until a shutdown begins.
     pub fn is_accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Every `token_bucket` job must name a configured bucket.
+    fn check_buckets(&self, calls: &[Vec<actions::ActionCall>]) -> Result<(), EngineError> {
+        let mut errs = Vec::new();
+        for (bi, row) in calls.iter().enumerate() {
+            for (ji, call) in row.iter().enumerate() {
+                if let actions::ActionCall::TokenBucket(a) = call
+                    && !self.inner.opts.buckets.contains_key(&a.bucket)
+                {
+                    let known: Vec<&str> =
+                        self.inner.opts.buckets.keys().map(String::as_str).collect();
+                    let hint = if known.is_empty() {
+                        format!(
+                            "no buckets are configured; add [buckets.{}] to steward.toml",
+                            a.bucket
+                        )
+                    } else {
+                        format!("configured buckets: {}", known.join(", "))
+                    };
+                    errs.push(domain::FieldError::new(
+                        format!("blocks[{bi}].jobs[{ji}].args.bucket"),
+                        format!("unknown bucket {:?}; {hint}", a.bucket),
+                    ));
+                }
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidSpec(SpecError(errs)))
+        }
     }
 
     /// A run's effective e-stop state now, and why.
@@ -295,7 +334,8 @@ impl Engine {
         cloned_from: Option<RunId>,
     ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
-        actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
+        let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
+        self.check_buckets(&calls)?;
         self.inner.refuse_if_stopped(&spec)?;
         let now = self.inner.clock.now();
         let submitted = self

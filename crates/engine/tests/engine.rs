@@ -8,7 +8,6 @@ use std::time::Duration;
 use domain::estop::{EStopList, EStopState, Entry, Snapshot};
 use domain::{JobState, NodeId, RunId, RunState, StopCause, SystemClock, WorkflowSpec};
 use engine::{Engine, EngineError, EngineOptions, ShutdownMode};
-use store::RunStore;
 use store_sqlite::SqliteStore;
 
 struct Fixture {
@@ -36,8 +35,7 @@ impl Fixture {
 
 fn fixture(tweak: impl FnOnce(&mut EngineOptions)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn RunStore> =
-        Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
+    let store = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
     let mut opts = EngineOptions::new(NodeId("test".into()));
     opts.kill_grace = Duration::from_millis(200);
     tweak(&mut opts);
@@ -515,6 +513,98 @@ async fn estop_targets_and_fail_closed() {
         .to_string();
     assert!(
         err.contains("cannot be read") && err.contains("estop.json"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_error_budget_stops_starting_jobs_once_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ran");
+    let f = fixture(|_| {});
+    let job = format!(
+        "{{action: shell, args: {{argv: [sh, -c, 'echo x >> {}; exit 1']}}}}",
+        log.display()
+    );
+    let s = spec(&format!(
+        "name: Flaky\nblocks:\n  - concurrency: 1\n    max_failures: 2\n    jobs: [{job}, {job}, {job}, {job}, {job}]\n  - jobs: [{{action: noop}}]\n"
+    ));
+    let id = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        3,
+        "exactly 3 of the 5 jobs ran"
+    );
+    let states: Vec<JobState> = run.blocks[0].jobs.iter().map(|j| j.state).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Failed,
+            JobState::Failed,
+            JobState::Failed,
+            JobState::Skipped,
+            JobState::Skipped
+        ]
+    );
+    assert!(run.error.unwrap().contains("over the block's budget of 2"));
+    assert_eq!(run.blocks[1].jobs[0].state, JobState::Skipped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_buckets_grant_once_per_job_and_refuse_when_empty() {
+    let f = fixture(|o| {
+        o.buckets.insert(
+            "erase".into(),
+            ratelimit::BucketSpec {
+                size: 1,
+                refill: 1,
+                every: Duration::from_secs(1800),
+            },
+        );
+    });
+    let s = spec(
+        "name: Erase\nblocks:\n  - jobs: [{action: token_bucket, args: {bucket: erase}}]\n  - jobs: [{action: noop}]\n",
+    );
+    let first = f.engine.submit(s.clone()).await.unwrap().id;
+    f.engine.exec(first).await.unwrap();
+    assert_eq!(
+        wait_terminal(&f.engine, first).await.state,
+        RunState::Completed
+    );
+    let second = f.engine.submit(s).await.unwrap().id;
+    f.engine.exec(second).await.unwrap();
+    let run = wait_terminal(&f.engine, second).await;
+    assert_eq!(run.state, RunState::Failed);
+    let err = run.blocks[0].jobs[0].error.clone().unwrap();
+    assert!(
+        err.contains("rate limit") && err.contains("\"erase\""),
+        "{err}"
+    );
+    assert_eq!(run.blocks[0].jobs[0].attempts, 1, "no retry: the run fails");
+    // Waiting is bounded by `wait`.
+    let waited = spec(
+        "name: Erase\nblocks:\n  - jobs: [{action: token_bucket, args: {bucket: erase, wait: 200ms}}]\n",
+    );
+    let id = f.engine.submit(waited).await.unwrap().id;
+    f.engine.exec(id).await.unwrap();
+    let run = wait_terminal(&f.engine, id).await;
+    assert!(
+        run.blocks[0].jobs[0]
+            .error
+            .clone()
+            .unwrap()
+            .contains("waited"),
+        "{run:?}"
+    );
+    // Unknown buckets are refused at submit, naming the field.
+    let bad =
+        spec("name: Erase\nblocks:\n  - jobs: [{action: token_bucket, args: {bucket: nope}}]\n");
+    let err = f.engine.submit(bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("blocks[0].jobs[0].args.bucket") && err.contains("configured buckets: erase"),
         "{err}"
     );
 }

@@ -213,6 +213,20 @@ impl EStopHandle {
         reason: String,
         actor: String,
     ) -> Result<AuditRecord, SourceError> {
+        self.set_from(target, state, reason, actor, API_SOURCE)
+            .await
+    }
+
+    /// [`EStopHandle::set`], recorded in the audit trail as coming from `source` (for
+    /// example `error_budget` when a workflow's error budget trips the e-stop).
+    pub async fn set_from(
+        &self,
+        target: Target,
+        state: EStopState,
+        reason: String,
+        actor: String,
+        source: &str,
+    ) -> Result<AuditRecord, SourceError> {
         let (reason, actor) = (reason.trim().to_owned(), actor.trim().to_owned());
         if state != EStopState::Go && reason.is_empty() {
             return Err(SourceError::InvalidArgument(format!(
@@ -227,7 +241,7 @@ impl EStopHandle {
             set_by: actor,
             set_at: self.shared.clock.now().to_rfc3339(),
         };
-        let res = self.shared.source.set(entry, API_SOURCE).await;
+        let res = self.shared.source.set(entry, source).await;
         self.shared.reload(false).await;
         res
     }

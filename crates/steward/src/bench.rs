@@ -79,12 +79,7 @@ async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<
     };
     let mut opts = EngineOptions::new(NodeId("bench".into()));
     opts.max_running_jobs = max_running_jobs;
-    let engine = Engine::new(
-        opts,
-        store.clone() as Arc<dyn RunStore>,
-        Arc::new(SystemClock),
-        feed,
-    );
+    let engine = Engine::new(opts, store.clone(), Arc::new(SystemClock), feed);
     engine.start();
     let api = api::Api::new(engine.clone(), handle, token.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -473,7 +468,7 @@ async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
     opts.max_running_jobs = n;
     let engine = Engine::new(
         opts,
-        store.clone() as Arc<dyn RunStore>,
+        store.clone(),
         Arc::new(SystemClock),
         engine::estop_all_go(),
     );

@@ -33,6 +33,42 @@ pub struct RawConfig {
     pub estop_unlisted: Option<String>,
     /// How often the e-stop list is re-read even without a change notification.
     pub estop_reread: Option<String>,
+    /// Named token buckets for `token_bucket` jobs: `[buckets.NAME] size, refill, every`.
+    pub buckets: Option<std::collections::BTreeMap<String, RawBucket>>,
+    /// Per workflow: `failures` failed runs within `window` trip the e-stop for it.
+    pub error_budgets: Option<std::collections::BTreeMap<String, RawBudget>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucket {
+    /// Tokens it holds at most (and starts with).
+    pub size: u64,
+    /// Tokens added each `every` (default 1).
+    pub refill: Option<u64>,
+    pub every: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub failures: u32,
+    pub window: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketConfig {
+    pub size: u64,
+    pub refill: u64,
+    #[serde(with = "humantime_serde_str")]
+    pub every: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetConfig {
+    pub failures: u32,
+    #[serde(with = "humantime_serde_str")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,6 +100,8 @@ pub struct ServeConfig {
     pub estop_unlisted: domain::estop::EStopState,
     #[serde(with = "humantime_serde_str")]
     pub estop_reread: Duration,
+    pub buckets: std::collections::BTreeMap<String, BucketConfig>,
+    pub error_budgets: std::collections::BTreeMap<String, BudgetConfig>,
 }
 
 mod humantime_serde_str {
@@ -196,7 +234,66 @@ pub fn load(
         Some(f) => PathBuf::from(f),
         None => data_dir.join("estop.json"),
     };
+    let mut buckets = std::collections::BTreeMap::new();
+    for (name, b) in raw.buckets.unwrap_or_default() {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            bail!("buckets.{name}: a bucket name holds only letters, digits, '_', '-' and '.'");
+        }
+        if b.size == 0 {
+            bail!("buckets.{name}.size: must be at least 1");
+        }
+        let refill = b.refill.unwrap_or(1);
+        if refill == 0 {
+            bail!("buckets.{name}.refill: must be at least 1");
+        }
+        let every = duration(
+            &format!("buckets.{name}.every"),
+            Some(b.every),
+            Duration::ZERO,
+        )?;
+        buckets.insert(
+            name,
+            BucketConfig {
+                size: b.size,
+                refill,
+                every,
+            },
+        );
+    }
+    let mut error_budgets = std::collections::BTreeMap::new();
+    for (name, b) in raw.error_budgets.unwrap_or_default() {
+        let spec = domain::WorkflowSpec {
+            name: name.clone(),
+            ..Default::default()
+        };
+        let mut errs = Vec::new();
+        spec.validate_into(&mut errs);
+        if let Some(e) = errs.iter().find(|e| e.path == "name") {
+            bail!("error_budgets.{name}: {}", e.message);
+        }
+        if b.failures == 0 {
+            bail!("error_budgets.{name}.failures: must be at least 1");
+        }
+        let window = duration(
+            &format!("error_budgets.{name}.window"),
+            Some(b.window),
+            Duration::ZERO,
+        )?;
+        error_budgets.insert(
+            name,
+            BudgetConfig {
+                failures: b.failures,
+                window,
+            },
+        );
+    }
     Ok(ServeConfig {
+        buckets,
+        error_budgets,
         estop_source,
         estop_file,
         estop_unlisted,
@@ -268,6 +365,39 @@ mod tests {
             ("log_format = \"xml\"\n", "log_format:"),
             ("estop_source = \"etcd\"\n", "estop_source:"),
             ("estop_unlisted = \"pause\"\n", "estop_unlisted:"),
+            (
+                "[buckets.b]\nsize = 0\nevery = \"1m\"\n",
+                "buckets.b.size: must be at least 1",
+            ),
+            (
+                "[buckets.b]\nsize = 1\nevery = \"never\"\n",
+                "buckets.b.every: invalid duration",
+            ),
+            (
+                "[buckets.b]\nsize = 1\nrefill = 0\nevery = \"1m\"\n",
+                "buckets.b.refill: must be at least 1",
+            ),
+            ("[buckets.b]\nsize = 1\n", "missing field `every`"),
+            (
+                "[buckets.\"a b\"]\nsize = 1\nevery = \"1m\"\n",
+                "bucket name",
+            ),
+            (
+                "[error_budgets.X]\nfailures = 0\nwindow = \"10m\"\n",
+                "error_budgets.X.failures",
+            ),
+            (
+                "[error_budgets.X]\nfailures = 3\nwindow = \"0s\"\n",
+                "error_budgets.X.window: must be greater than 0",
+            ),
+            (
+                "[error_budgets.\"9x\"]\nfailures = 3\nwindow = \"10m\"\n",
+                "error_budgets.9x",
+            ),
+            (
+                "[error_budgets.X]\nfailures = 3\nwindow = \"10m\"\ncolour = 1\n",
+                "unknown field `colour`",
+            ),
             (
                 "estop_reread = \"often\"\n",
                 "estop_reread: invalid duration",

@@ -95,6 +95,20 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     opts.kill_grace = cfg.kill_grace;
     opts.output_limit = cfg.output_limit;
     opts.estop_unlisted = cfg.estop_unlisted;
+    opts.buckets = cfg
+        .buckets
+        .iter()
+        .map(|(k, b)| {
+            (
+                k.clone(),
+                ratelimit::BucketSpec {
+                    size: b.size,
+                    refill: b.refill,
+                    every: b.every,
+                },
+            )
+        })
+        .collect();
     let tracker = TaskTracker::new();
     let estop_token = CancellationToken::new();
     let estop = start_estop(
@@ -107,7 +121,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     .await?;
     let engine = Engine::new(
         opts,
-        store.clone() as Arc<dyn RunStore>,
+        store.clone(),
         Arc::new(SystemClock),
         estop.subscribe(),
     );
@@ -124,6 +138,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let server = tracker.spawn(api::serve(listener, router, server_token));
     let mut signals = Signals::new()?;
     engine.start();
+    crate::budgets::watch(
+        &tracker,
+        estop_token.clone(),
+        engine.clone(),
+        estop.clone(),
+        &cfg.error_budgets,
+    );
     sdnotify::notify(&format!(
         "READY=1\nMAINPID={}\nSTATUS=serving on {local}",
         std::process::id()

@@ -4,6 +4,7 @@
 
 mod estop;
 mod harness;
+mod rails;
 mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet};

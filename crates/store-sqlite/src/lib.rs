@@ -18,12 +18,14 @@ use store::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+mod buckets;
 mod estop;
 mod rows;
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_estop.sql"),
+    include_str!("../migrations/0003_buckets.sql"),
 ];
 const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;

@@ -86,3 +86,50 @@ async fn writes_after_close_fail_cleanly() {
     let nr = store::conformance::new_run(store::conformance::spec("hello", 1, 1));
     assert_eq!(s.submit(nr).await.unwrap_err(), store::Error::Closed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    store::conformance::run_bucket_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.path().join(format!("b{i}.sqlite"));
+        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn store::BucketStore> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn buckets_survive_a_reopen() {
+    use store::BucketStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steward.db");
+    let spec = ratelimit::BucketSpec {
+        size: 1,
+        refill: 1,
+        every: std::time::Duration::from_secs(1800),
+    };
+    let t0 = domain::Timestamp(1_800_000_000_000);
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        assert!(
+            s.bucket_take("erase", &spec, "a", t0)
+                .await
+                .unwrap()
+                .granted
+        );
+        s.close().await.unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let t = s
+        .bucket_take("erase", &spec, "b", domain::Timestamp(t0.0 + 1000))
+        .await
+        .unwrap();
+    assert!(!t.granted, "a restart does not refill the bucket");
+    assert!(
+        s.bucket_take("erase", &spec, "a", domain::Timestamp(t0.0 + 1000))
+            .await
+            .unwrap()
+            .already
+    );
+}

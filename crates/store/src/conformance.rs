@@ -739,3 +739,53 @@ pub async fn audit_lists_newest_first_by_target_with_limit(s: Arc<dyn EStopStore
         "the audit trail alone does not change the list"
     );
 }
+
+/// Checks of [`crate::BucketStore`], each on a fresh store from `make`.
+pub async fn run_bucket_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn crate::BucketStore>>,
+{
+    buckets_grant_once_per_key_and_refill(make().await).await;
+}
+
+pub async fn buckets_grant_once_per_key_and_refill(s: Arc<dyn crate::BucketStore>) {
+    let spec = ratelimit::BucketSpec {
+        size: 1,
+        refill: 1,
+        every: std::time::Duration::from_secs(1800),
+    };
+    let first = s
+        .bucket_take("erase", &spec, "run-a/b0/j0", T0)
+        .await
+        .unwrap();
+    assert!(first.granted && !first.already);
+    assert_eq!(first.tokens_left, 0);
+    let again = s
+        .bucket_take("erase", &spec, "run-a/b0/j0", Timestamp(T0.0 + 5))
+        .await
+        .unwrap();
+    assert!(
+        again.granted && again.already,
+        "the same job gets its recorded grant, no new token"
+    );
+    let other = s
+        .bucket_take("erase", &spec, "run-b/b0/j0", Timestamp(T0.0 + 60_000))
+        .await
+        .unwrap();
+    assert!(!other.granted);
+    assert_eq!(other.next_token_at, Timestamp(T0.0 + 1_800_000));
+    let separate = s
+        .bucket_take("other", &spec, "run-b/b0/j0", T0)
+        .await
+        .unwrap();
+    assert!(separate.granted, "buckets are independent");
+    let later = s
+        .bucket_take("erase", &spec, "run-b/b0/j0", Timestamp(T0.0 + 1_800_000))
+        .await
+        .unwrap();
+    assert!(
+        later.granted && !later.already,
+        "a token after the refill interval"
+    );
+}

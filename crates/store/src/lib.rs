@@ -271,3 +271,29 @@ pub fn effective_audit_limit(limit: u32) -> u32 {
         n => n.min(MAX_PAGE_SIZE),
     }
 }
+
+/// What a `token_bucket` job got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketTake {
+    pub granted: bool,
+    /// The grant was recorded before (the same job, re-run after a crash): no new token taken.
+    pub already: bool,
+    pub tokens_left: u64,
+    /// When the next token is due (when not granted).
+    pub next_token_at: Timestamp,
+}
+
+/// Named token buckets shared by every run and node, persisted: a restart neither refills
+/// nor forgets them.
+#[async_trait]
+pub trait BucketStore: Send + Sync + 'static {
+    /// Takes one token from `bucket` for the job whose idempotency key is `grant_key`, once:
+    /// asking again with the same key answers the recorded grant without taking another token.
+    async fn bucket_take(
+        &self,
+        bucket: &str,
+        spec: &ratelimit::BucketSpec,
+        grant_key: &str,
+        now: Timestamp,
+    ) -> Result<BucketTake>;
+}

@@ -12,6 +12,13 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_steward");
 
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -32,6 +39,8 @@ impl Server {
         std::fs::create_dir_all(data_dir).unwrap();
         let log = data_dir.join(format!("server-{port}.log"));
         let mut cmd = Command::new(BIN);
+        // From the workspace root, as an operator would: the examples name their scripts so.
+        cmd.current_dir(workspace_root());
         cmd.args(["serve", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", &addr])
