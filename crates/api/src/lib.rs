@@ -41,6 +41,8 @@ pub struct AppState {
     health: tonic_health::server::HealthReporter,
     started: Arc<std::time::Instant>,
     previous_stop: Option<Arc<domain::StopCause>>,
+    /// Why the last reload of the policy file was refused, while it stays refused.
+    policy_alert: Option<Arc<std::sync::Mutex<Option<String>>>>,
 }
 
 fn label_value(s: &str) -> String {
@@ -58,7 +60,14 @@ impl AppState {
             );
         }
         if self.service.engine.is_accepting() {
-            (StatusCode::OK, serde_json::json!({"status": "ready"}))
+            match self.policy_alert() {
+                // The policies in force still apply: ready, with the problem shown.
+                Some(alert) => (
+                    StatusCode::OK,
+                    serde_json::json!({"status": "ready", "policy_alert": alert}),
+                ),
+                None => (StatusCode::OK, serde_json::json!({"status": "ready"})),
+            }
         } else {
             let cause = self
                 .service
@@ -71,6 +80,12 @@ impl AppState {
                 serde_json::json!({"status": "shutting_down", "reason": format!("steward is stopping ({cause}) and accepts no new work")}),
             )
         }
+    }
+
+    fn policy_alert(&self) -> Option<String> {
+        self.policy_alert
+            .as_ref()
+            .and_then(|a| a.lock().ok().and_then(|g| g.clone()))
     }
 
     fn metrics_text(&self) -> String {
@@ -121,6 +136,14 @@ impl AppState {
                 "# HELP steward_estop_entries Entries in the e-stop list.\n# TYPE steward_estop_entries gauge\nsteward_estop_entries {entries}"
             );
         }
+        if let Some(a) = &self.policy_alert {
+            let on = a.lock().map(|g| g.is_some()).unwrap_or(true);
+            let _ = writeln!(
+                out,
+                "# HELP steward_policy_alert Whether the policy file on disk is refused (the policies loaded before stay in force).\n# TYPE steward_policy_alert gauge\nsteward_policy_alert {}",
+                u8::from(on)
+            );
+        }
         if let Some(c) = e.shutdown_cause() {
             let _ = writeln!(
                 out,
@@ -166,8 +189,14 @@ impl Api {
                 health,
                 started: Arc::new(std::time::Instant::now()),
                 previous_stop: None,
+                policy_alert: None,
             },
         }
+    }
+
+    /// Where to read the policy file's alert (for `/metrics` and `/readyz`).
+    pub fn set_policy_alert(&mut self, alert: Arc<std::sync::Mutex<Option<String>>>) {
+        self.state.policy_alert = Some(alert);
     }
 
     /// How the previous process stopped, for `/metrics`.

@@ -42,6 +42,11 @@ impl From<EngineError> for ApiError {
         use tonic::Code;
         match &e {
             EngineError::InvalidSpec(s) => ApiError::invalid_spec(s),
+            EngineError::Policy(p) => ApiError {
+                code: Code::InvalidArgument,
+                message: e.to_string(),
+                violations: p.0.iter().map(policy_violation).collect(),
+            },
             EngineError::InvalidArgument(_) => ApiError::new(Code::InvalidArgument, e.to_string()),
             EngineError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
             EngineError::AlreadyExists { .. } => ApiError::new(Code::AlreadyExists, e.to_string()),
@@ -73,6 +78,13 @@ pub struct Service {
     pub estop: Option<estop::EStopHandle>,
     /// Fired at shutdown: ends Watch streams so the listener can close.
     pub shutdown: CancellationToken,
+}
+
+fn policy_violation(v: &policy::Violation) -> pb::FieldViolation {
+    pb::FieldViolation {
+        field: v.path.clone(),
+        description: format!("policy {}: {}", v.policy, v.message),
+    }
 }
 
 fn parse_target(t: &str) -> Result<domain::estop::Target, ApiError> {
@@ -267,28 +279,44 @@ impl Service {
         })
     }
 
+    /// Submit's checks without storing anything: the spec's problems and every policy's verdict.
     pub fn validate(&self, spec: Result<WorkflowSpec, ApiError>) -> pb::ValidateResponse {
-        let result = spec.and_then(|s| {
-            actions::validate_spec(&s)
-                .map(|_| ())
-                .map_err(|e| ApiError::invalid_spec(&e))
-        });
-        match result {
-            Ok(()) => pb::ValidateResponse {
-                valid: true,
-                violations: Vec::new(),
-            },
-            Err(e) => pb::ValidateResponse {
-                valid: false,
-                violations: if e.violations.is_empty() {
-                    vec![pb::FieldViolation {
-                        field: "spec".into(),
-                        description: e.message,
-                    }]
-                } else {
-                    e.violations
-                },
-            },
+        let spec = match spec {
+            Ok(s) => s,
+            Err(e) => {
+                return pb::ValidateResponse {
+                    valid: false,
+                    violations: if e.violations.is_empty() {
+                        vec![pb::FieldViolation {
+                            field: "spec".into(),
+                            description: e.message,
+                        }]
+                    } else {
+                        e.violations
+                    },
+                    policies: Vec::new(),
+                };
+            }
+        };
+        let (checked, verdicts) = self.engine.validate(&spec);
+        let mut violations = match &checked {
+            Ok(()) => Vec::new(),
+            Err(e) => convert::violations(e),
+        };
+        let mut policies = Vec::new();
+        for v in verdicts.iter().flat_map(|v| v.iter()) {
+            let vs: Vec<pb::FieldViolation> = v.violations.iter().map(policy_violation).collect();
+            violations.extend(vs.iter().cloned());
+            policies.push(pb::PolicyVerdict {
+                policy: v.policy.to_string(),
+                passed: v.passed(),
+                violations: vs,
+            });
+        }
+        pb::ValidateResponse {
+            valid: violations.is_empty(),
+            violations,
+            policies,
         }
     }
 

@@ -900,7 +900,10 @@ async fn validate_checks_a_spec_and_stores_nothing() {
 
     let (code, body) = s.post("/v1/validate", good.clone()).await;
     assert_eq!(code, 200);
-    assert_eq!(body, json!({"valid": true, "violations": []}));
+    assert_eq!(
+        body,
+        json!({"valid": true, "violations": [], "policies": []})
+    );
 
     let (code, body) = s.post("/v1/validate", bad).await;
     assert_eq!(code, 200);

@@ -97,7 +97,12 @@ pub struct EngineOptions {
     pub estop_unlisted: EStopState,
     /// The token buckets `token_bucket` jobs may name.
     pub buckets: std::collections::BTreeMap<String, ratelimit::BucketSpec>,
+    /// The policies checked at Submit, reloaded by whoever holds the sender; `None` checks none.
+    pub policies: Option<PolicyFeed>,
 }
+
+/// The policy set in force, swapped whole on a reload.
+pub type PolicyFeed = tokio::sync::watch::Receiver<Arc<policy::PolicySet>>;
 
 impl EngineOptions {
     pub fn new(node_id: NodeId) -> EngineOptions {
@@ -112,6 +117,7 @@ impl EngineOptions {
             expire_interval: Duration::from_secs(5),
             estop_unlisted: EStopState::Stop,
             buckets: std::collections::BTreeMap::new(),
+            policies: None,
         }
     }
 }
@@ -121,6 +127,9 @@ impl EngineOptions {
 pub enum EngineError {
     #[error("invalid spec: {0}")]
     InvalidSpec(SpecError),
+    /// The spec breaks the policies of its workflow: every violation, each naming its policy.
+    #[error("refused by policy: {0}")]
+    Policy(policy::PolicyError),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("run {0} not found")]
@@ -248,6 +257,27 @@ impl Engine {
         self.inner.accepting.load(Ordering::SeqCst)
     }
 
+    /// Every policy's verdict on `spec`, when policies are checked.
+    pub fn policy_verdicts(&self, spec: &WorkflowSpec) -> Option<policy::Verdicts> {
+        let feed = self.inner.opts.policies.as_ref()?;
+        let set = feed.borrow().clone();
+        Some(set.check(spec))
+    }
+
+    /// Submit's checks without storing anything: the spec's problems, and every policy's verdict.
+    pub fn validate(
+        &self,
+        spec: &WorkflowSpec,
+    ) -> (Result<(), SpecError>, Option<policy::Verdicts>) {
+        let checked = actions::validate_spec(spec).and_then(|calls| {
+            self.check_buckets(&calls).map_err(|e| match e {
+                EngineError::InvalidSpec(s) => s,
+                other => SpecError(vec![domain::FieldError::new("spec", other.to_string())]),
+            })
+        });
+        (checked, self.policy_verdicts(spec))
+    }
+
     /// Every `token_bucket` job must name a configured bucket.
     fn check_buckets(&self, calls: &[Vec<actions::ActionCall>]) -> Result<(), EngineError> {
         let mut errs = Vec::new();
@@ -336,6 +366,9 @@ impl Engine {
         self.check_accepting()?;
         let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
         self.check_buckets(&calls)?;
+        if let Some(verdicts) = self.policy_verdicts(&spec) {
+            verdicts.into_result().map_err(EngineError::Policy)?;
+        }
         self.inner.refuse_if_stopped(&spec)?;
         let now = self.inner.clock.now();
         let submitted = self

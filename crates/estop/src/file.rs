@@ -44,7 +44,7 @@ impl FileSource {
         clock: Arc<dyn Clock>,
     ) -> FileSource {
         let mut s = FileSource::poll_only(path, store, clock);
-        match watch(&s.path, s.wake.clone()) {
+        match watch_file(&s.path, s.wake.clone()) {
             Ok(w) => s.watcher = Some(w),
             Err(e) => tracing::warn!(
                 path = %s.path.display(),
@@ -272,8 +272,10 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 /// Watches the directory of `path` (renames replace the file's inode, so watching the file
-/// itself would lose track of it) for events that name the file.
-fn watch(path: &Path, wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
+/// itself would lose track of it) and wakes `wake` on every event that may have changed the
+/// file: writes, creations, removals and renames naming it, and lost events. Reads do not wake
+/// it. Watching stops when the returned watcher is dropped.
+pub fn watch_file(path: &Path, wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
     let name = path.file_name().map(ToOwned::to_owned);
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
@@ -287,7 +289,7 @@ fn watch(path: &Path, wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "an error watching the e-stop file; re-reading it");
+            tracing::warn!(error = %e, "an error watching a file; re-reading it");
             wake.notify_one();
         }
     })?;

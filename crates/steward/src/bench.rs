@@ -25,7 +25,6 @@ pub struct BenchOpts {
     pub concurrency: usize,
     pub latency_runs: usize,
     pub status_runs: usize,
-    pub estop_entries: usize,
 }
 
 struct Bench {
@@ -52,6 +51,14 @@ async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
 }
 
 async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<Bench> {
+    start_full(max_running_jobs, mode, None).await
+}
+
+async fn start_full(
+    max_running_jobs: usize,
+    mode: EStopMode,
+    policies: Option<policy::PolicySet>,
+) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(store_sqlite::SqliteStore::open(
         &dir.path().join("steward.db"),
@@ -79,6 +86,8 @@ async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<
     };
     let mut opts = EngineOptions::new(NodeId("bench".into()));
     opts.max_running_jobs = max_running_jobs;
+    // The sender may go: the set then stays as it is.
+    opts.policies = policies.map(|p| tokio::sync::watch::channel(Arc::new(p)).1);
     let engine = Engine::new(opts, store.clone(), Arc::new(SystemClock), feed);
     engine.start();
     let api = api::Api::new(engine.clone(), handle, token.clone()).await;
@@ -332,17 +341,20 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "steward bench: SQLite WAL, synchronous=FULL, gRPC over loopback, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let _ = o.estop_entries;
     match o.suite.as_str() {
         "core" => core(&o).await,
         "shutdown" => shutdown(&o).await,
         "estop" => estop_suite(&o).await,
+        "policy" => policy_suite(&o).await,
         "all" => {
             core(&o).await?;
             shutdown(&o).await?;
-            estop_suite(&o).await
+            estop_suite(&o).await?;
+            policy_suite(&o).await
         }
-        other => anyhow::bail!("--suite {other:?}: expected core, shutdown, estop or all"),
+        other => {
+            anyhow::bail!("--suite {other:?}: expected core, shutdown, estop, policy or all")
+        }
     }
 }
 
@@ -720,6 +732,112 @@ async fn estop_suite(o: &BenchOpts) -> anyhow::Result<()> {
     println!(
         "e-stop check cost: throughput with 1,000 entries {m:.0} runs/s vs 1 entry {n:.0} runs/s (median of 3 each, interleaved): ratio {:.2}",
         m / n
+    );
+    Ok(())
+}
+
+/// 20 policies on one workflow name: every kind, 15 `same_args` rules among them.
+const TWENTY_POLICIES: &str = r#"
+[workflows.bench]
+allowed_actions = ["noop", "shell"]
+limits = { max_blocks = 10, max_jobs = 1000, max_jobs_per_block = 500, max_concurrency = 50 }
+labels = { site = ["aap", "bbb"], team = [] }
+start_or_end = [
+  { action = "noop", position = "start" },
+  { action = "shell", args = { "argv[1]" = "erase" }, position = "end", allow_after = ["shell"] },
+]
+same_args = [
+  { action = "shell", arg = "argv[0]" }, { action = "shell", arg = "argv[1]" },
+  { action = "shell", arg = "argv[2]" }, { action = "shell", arg = "env.SITE" },
+  { action = "shell", arg = "env.TEAM" }, { action = "shell", arg = "env.A" },
+  { action = "shell", arg = "env.B" }, { action = "shell", arg = "env.C" },
+  { action = "shell", arg = "env.D" }, { action = "shell", arg = "env.E" },
+  { action = "shell", arg = "env.F" }, { action = "shell", arg = "env.G" },
+  { action = "shell", arg = "env.H" }, { action = "shell", arg = "env.I" },
+  { action = "shell", arg = "env.J" },
+]
+"#;
+
+/// A spec that passes [`TWENTY_POLICIES`]: a `noop`, then 10 `shell` erase jobs at one site.
+fn policed_spec() -> anyhow::Result<pb::WorkReq> {
+    let jobs: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "{{action: shell, args: {{argv: [echo, erase, aap, aap{i:02}], env: {{SITE: aap, TEAM: infra, A: a, B: b, C: c, D: d, E: e, F: f, G: g, H: h, I: i, J: j}}}}}}"
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "name: bench\nlabels: {{site: aap, team: infra}}\nblocks:\n  - jobs: [{{action: noop}}]\n  - concurrency: 5\n    jobs: [{}]\n",
+        jobs.join(", ")
+    );
+    Ok(api::convert::spec_to_wire(&domain::WorkflowSpec::parse(
+        &yaml,
+    )?))
+}
+
+/// One client, one Submit at a time.
+async fn submit_latency(b: &Bench, spec: &pb::WorkReq, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut c = b.client().await?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.submit(pb::SubmitRequest {
+            spec: Some(spec.clone()),
+        })
+        .await?;
+        samples.push(t.elapsed());
+    }
+    Ok(samples)
+}
+
+async fn policy_suite(o: &BenchOpts) -> anyhow::Result<()> {
+    let set = policy::PolicySet::parse(TWENTY_POLICIES, "bench")?;
+    let spec = policed_spec()?;
+    let domain_spec = api::convert::spec_from_wire(spec.clone())?;
+    let verdicts = set.check(&domain_spec);
+    anyhow::ensure!(
+        verdicts.passed() && verdicts.iter().count() == 21,
+        "the benchmark spec must pass all 20 policies (and the entry check): {:?}",
+        verdicts.violations()
+    );
+    // The check alone, in process.
+    let n = 100_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(set.check(std::hint::black_box(&domain_spec)));
+    }
+    let per_check = t.elapsed() / n;
+
+    // Submit through gRPC, durable, against a server with no policies; interleaved rounds.
+    let none = start_full(256, EStopMode::AllGo, None).await?;
+    let twenty = start_full(256, EStopMode::AllGo, Some(set)).await?;
+    let rounds = 10;
+    let per_round = (o.latency_runs / rounds).max(1);
+    submit_latency(&none, &spec, 50).await?;
+    submit_latency(&twenty, &spec, 50).await?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        a.extend(submit_latency(&none, &spec, per_round).await?);
+        b.extend(submit_latency(&twenty, &spec, per_round).await?);
+    }
+    none.stop().await;
+    twenty.stop().await;
+    a.sort();
+    b.sort();
+    let (pa, pb) = (percentile(&a, 0.5), percentile(&b, 0.5));
+    println!(
+        "policy check: 20 policies on the workflow name, 11-job spec: {:.1} us per check (in process, {n} checks)",
+        per_check.as_secs_f64() * 1e6
+    );
+    println!(
+        "submit latency, {} Submits each, interleaved: no policies p50 {} p99 {}; 20 policies p50 {} p99 {}; ratio of p50 {:.2}",
+        a.len(),
+        ms(pa),
+        ms(percentile(&a, 0.99)),
+        ms(pb),
+        ms(percentile(&b, 0.99)),
+        pb.as_secs_f64() / pa.as_secs_f64()
     );
     Ok(())
 }

@@ -275,10 +275,12 @@ pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::
         (Err(e), _) => pb::ValidateResponse {
             valid: false,
             violations: api::convert::violations(e),
+            policies: Vec::new(),
         },
         (Ok(_), true) => pb::ValidateResponse {
             valid: true,
             violations: vec![],
+            policies: Vec::new(),
         },
         (Ok(spec), false) => {
             let mut c = connect(opts).await?;
@@ -292,16 +294,22 @@ pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::
     };
     if opts.json {
         output::json(&resp);
-    } else if resp.valid {
-        output::line(&format!("{}: valid", file.display()));
     } else {
-        for v in &resp.violations {
-            output::line(&format!(
-                "{}: {}: {}",
-                file.display(),
-                v.field,
-                v.description
-            ));
+        for p in &resp.policies {
+            let verdict = if p.passed { "passed" } else { "FAILED" };
+            output::line(&format!("policy {:<20} {verdict}", p.policy));
+        }
+        if resp.valid {
+            output::line(&format!("{}: valid", file.display()));
+        } else {
+            for v in &resp.violations {
+                output::line(&format!(
+                    "{}: {}: {}",
+                    file.display(),
+                    v.field,
+                    v.description
+                ));
+            }
         }
     }
     Ok(if resp.valid {

@@ -33,6 +33,10 @@ pub struct RawConfig {
     pub estop_unlisted: Option<String>,
     /// How often the e-stop list is re-read even without a change notification.
     pub estop_reread: Option<String>,
+    /// The policy file (default: `policies.toml` in the data directory).
+    pub policies: Option<String>,
+    /// How often the policy file is checked for changes.
+    pub policies_reread: Option<String>,
     /// Named token buckets for `token_bucket` jobs: `[buckets.NAME] size, refill, every`.
     pub buckets: Option<std::collections::BTreeMap<String, RawBucket>>,
     /// Per workflow: `failures` failed runs within `window` trip the e-stop for it.
@@ -100,6 +104,9 @@ pub struct ServeConfig {
     pub estop_unlisted: domain::estop::EStopState,
     #[serde(with = "humantime_serde_str")]
     pub estop_reread: Duration,
+    pub policies: PathBuf,
+    #[serde(with = "humantime_serde_str")]
+    pub policies_reread: Duration,
     pub buckets: std::collections::BTreeMap<String, BucketConfig>,
     pub error_budgets: std::collections::BTreeMap<String, BudgetConfig>,
 }
@@ -128,6 +135,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("STEWARD_ESTOP_FILE", "estop_file"),
     ("STEWARD_ESTOP_UNLISTED", "estop_unlisted"),
     ("STEWARD_ESTOP_REREAD", "estop_reread"),
+    ("STEWARD_POLICIES", "policies"),
+    ("STEWARD_POLICIES_REREAD", "policies_reread"),
 ];
 
 fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
@@ -167,6 +176,8 @@ fn env_override(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> an
             "estop_file" => raw.estop_file = Some(v),
             "estop_unlisted" => raw.estop_unlisted = Some(v),
             "estop_reread" => raw.estop_reread = Some(v),
+            "policies" => raw.policies = Some(v),
+            "policies_reread" => raw.policies_reread = Some(v),
             _ => {}
         }
     }
@@ -291,7 +302,18 @@ pub fn load(
             },
         );
     }
+    let policies = match raw.policies {
+        Some(p) if p.trim().is_empty() => bail!("policies: must not be empty"),
+        Some(p) => PathBuf::from(p),
+        None => data_dir.join("policies.toml"),
+    };
     Ok(ServeConfig {
+        policies,
+        policies_reread: duration(
+            "policies_reread",
+            raw.policies_reread,
+            Duration::from_secs(1),
+        )?,
         buckets,
         error_budgets,
         estop_source,
@@ -330,6 +352,28 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.submit_ttl, Duration::from_secs(3600));
+        assert_eq!(c.policies, dir.path().join("policies.toml"));
+        assert_eq!(c.policies_reread, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_policy_file_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("steward.toml"),
+            "policies = \"/etc/p.toml\"\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), None, None, &no_env).unwrap();
+        assert_eq!(c.policies, Path::new("/etc/p.toml"));
+        let env = |k: &str| match k {
+            "STEWARD_POLICIES" => Some("/srv/q.toml".to_owned()),
+            "STEWARD_POLICIES_REREAD" => Some("5s".to_owned()),
+            _ => None,
+        };
+        let c = load(dir.path(), None, None, &env).unwrap();
+        assert_eq!(c.policies, Path::new("/srv/q.toml"));
+        assert_eq!(c.policies_reread, Duration::from_secs(5));
     }
 
     #[test]
@@ -402,6 +446,12 @@ mod tests {
                 "estop_reread = \"often\"\n",
                 "estop_reread: invalid duration",
             ),
+            ("policies = \"  \"\n", "policies: must not be empty"),
+            (
+                "policies_reread = \"0s\"\n",
+                "policies_reread: must be greater than 0",
+            ),
+            ("policies = 3\n", "policies"),
         ] {
             std::fs::write(&f, text).unwrap();
             let err = format!(

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod output;
 mod pidfile;
+mod policies;
 mod sdnotify;
 mod serve;
 mod stop;
@@ -137,7 +138,7 @@ enum Command {
     },
     /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop or all.
+        /// Which figures: core, shutdown, estop, policy or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
@@ -295,7 +296,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency: concurrency.max(1),
                 latency_runs: latency_runs.max(1),
                 status_runs: status_runs.max(1),
-                estop_entries: 0,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -111,6 +111,14 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         .collect();
     let tracker = TaskTracker::new();
     let estop_token = CancellationToken::new();
+    let policies = crate::policies::start(
+        cfg.policies.clone(),
+        fresh_install,
+        cfg.policies_reread,
+        &tracker,
+        estop_token.clone(),
+    )?;
+    opts.policies = Some(policies.feed.clone());
     let estop = start_estop(
         &cfg,
         store.clone(),
@@ -132,6 +140,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let local = listener.local_addr()?;
     let api_token = CancellationToken::new();
     let mut api = api::Api::new(engine.clone(), Some(estop.clone()), api_token.clone()).await;
+    api.set_policy_alert(policies.alert.clone());
     api.set_previous_stop(previous);
     let router = api.router();
     let server_token = api_token.clone();

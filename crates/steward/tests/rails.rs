@@ -22,6 +22,28 @@ async fn the_satellite_erase_bucket_allows_one_run_per_30_minutes_across_restart
 
     let mut server = Server::start(&data, &[]).await;
     let mut c = server.client().await;
+
+    // The example's policies (examples/policies.toml, named by the example config) hold: an
+    // erase that spills over to a second site is refused before anything runs.
+    let spilled = workflow.replacen(
+        "aap03\"], env: {SITE: aap}",
+        "aap03\"], env: {SITE: bbb}",
+        1,
+    );
+    assert_ne!(spilled, workflow);
+    let err = c
+        .submit(pb::SubmitRequest {
+            spec: Some(spec(&spilled)),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("policy same_args[0]")
+            && err.message().contains("blocks[1].jobs[2].args.env.SITE"),
+        "{}",
+        err.message()
+    );
+
     let first = submit(&mut c, &workflow).await;
     c.exec(pb::ExecRequest { id: first.clone() }).await.unwrap();
     let run = wait_terminal(&mut c, &first, LONG).await;

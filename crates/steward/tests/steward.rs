@@ -4,6 +4,7 @@
 
 mod estop;
 mod harness;
+mod policies;
 mod rails;
 mod shutdown;
 

@@ -12,6 +12,9 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_steward");
 
+/// Every workflow name the tests use, accepted as it is.
+pub const TEST_POLICIES: &str = "[workflows.hello]\n[workflows.SatelliteDiskErase]\n[workflows.Flaky]\n[workflows.Other]\n[workflows.Anything]\n[workflows.erase]\n[workflows.long]\n[workflows.queue]\n[workflows.rounds]\n[workflows.x]\n";
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -33,7 +36,19 @@ pub struct Server {
 
 impl Server {
     /// Starts `steward serve` on `data_dir` with extra environment, and waits until it is ready.
+    /// Writes [`TEST_POLICIES`] as the policy file unless there is one.
     pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let policies = data_dir.join("policies.toml");
+        if !policies.exists() {
+            std::fs::write(&policies, TEST_POLICIES).unwrap();
+        }
+        Server::start_as_is(data_dir, env).await
+    }
+
+    /// Starts `steward serve` on `data_dir` as it is (no policy file written), and waits until
+    /// it is ready.
+    pub async fn start_as_is(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(data_dir).unwrap();
