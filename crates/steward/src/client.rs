@@ -27,10 +27,32 @@ async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
         .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))
 }
 
+/// Who is running this command, as recorded on e-stop changes and cancels: `STEWARD_ACTOR`,
+/// else the login name (`USER`, `LOGNAME`, then the password database), else the uid.
+fn actor() -> &'static str {
+    static ACTOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ACTOR.get_or_init(|| {
+        let env = |k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v: &String| !v.trim().is_empty())
+        };
+        env("STEWARD_ACTOR")
+            .or_else(|| env("USER"))
+            .or_else(|| env("LOGNAME"))
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
+    })
+}
+
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    if let Ok(v) = actor.parse() {
+    if let Ok(v) = actor().parse() {
         req.metadata_mut().insert("x-steward-actor", v);
     }
     req
@@ -116,7 +138,11 @@ async fn exec_inner(
 
 pub async fn exec(opts: &ClientOpts, id: &str, wait: bool) -> anyhow::Result<ExitCode> {
     let mut c = connect(opts).await?;
-    exec_inner(opts, &mut c, id, wait, false).await
+    let code = exec_inner(opts, &mut c, id, wait, false).await?;
+    if !opts.json && !wait {
+        output::line(&format!("{id}: executing"));
+    }
+    Ok(code)
 }
 
 /// Follows a run to its end. `print_each` prints every change, else only the last.

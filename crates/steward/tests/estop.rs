@@ -198,6 +198,40 @@ async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
     assert_eq!(ours[1]["set_by"], "ana");
     assert_eq!(ours[1]["reason"], "disks vanishing at aap");
     assert!(!ours[1]["at"].as_str().unwrap().is_empty());
+
+    // Without USER or LOGNAME (cron, systemd, sudo -i), the change still names a person: the
+    // account from the password database; STEWARD_ACTOR overrides both.
+    let whoami = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    for (actor, want) in [(None, whoami.as_str()), (Some("oncall-bob"), "oncall-bob")] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["estop", "set", "site=zzz", "pause", "--reason", "who"])
+            .env("STEWARD_ADDR", &server.addr)
+            .env_remove("USER")
+            .env_remove("LOGNAME")
+            .env_remove("STEWARD_ACTOR");
+        if let Some(a) = actor {
+            cmd.env("STEWARD_ACTOR", a);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list = cli(&server, &["estop", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+        let entry = list["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["target"] == "site=zzz")
+            .cloned()
+            .unwrap();
+        assert_eq!(entry["set_by"], want, "{entry}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
