@@ -608,3 +608,85 @@ async fn token_buckets_grant_once_per_job_and_refuse_when_empty() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_concurrency_and_the_global_cap_apply_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = fixture(|o| o.max_running_jobs = 3);
+    // Each job records, as it starts, how many jobs of its run and of all runs are running.
+    let all = dir.path().join("all");
+    std::fs::create_dir(&all).unwrap();
+    let script = format!(
+        "mkdir -p {a}/$STEWARD_RUN_ID; touch {a}/$STEWARD_RUN_ID/$$ {a}/$$; echo $(ls {a}/$STEWARD_RUN_ID | wc -l) $(ls -p {a} | grep -v / | wc -l) >> {l}; sleep 0.2; rm {a}/$STEWARD_RUN_ID/$$ {a}/$$",
+        a = all.display(),
+        l = log.display()
+    );
+    let j = format!("{{action: shell, args: {{argv: [sh, -c, '{script}']}}}}");
+    let s = spec(&format!(
+        "name: hello\nblocks:\n  - concurrency: 2\n    jobs: [{j}, {j}, {j}, {j}]\n"
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = f.engine.submit(s.clone()).await.unwrap().id;
+        f.engine.exec(id).await.unwrap();
+        ids.push(id);
+    }
+    for id in ids {
+        assert_eq!(
+            wait_terminal(&f.engine, id).await.state,
+            RunState::Completed
+        );
+    }
+    let seen: Vec<(u32, u32)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (a, b) = l.trim().split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(seen.len(), 12);
+    assert!(
+        seen.iter().all(|&(run, node)| run <= 2 && node <= 3),
+        "at most 2 jobs of a run (its block's concurrency) and 3 in all (the cap): {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|&(_, node)| node >= 2),
+        "jobs of different runs did overlap: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_bucket_job_waits_for_a_refill_within_its_wait() {
+    let f = fixture(|o| {
+        o.buckets.insert(
+            "roll".into(),
+            ratelimit::BucketSpec {
+                size: 1,
+                refill: 1,
+                every: Duration::from_millis(500),
+            },
+        );
+    });
+    let s = spec(
+        "name: Roll\nblocks:\n  - jobs: [{action: token_bucket, args: {bucket: roll, wait: 10s}}]\n",
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = f.engine.submit(s.clone()).await.unwrap().id;
+        f.engine.exec(id).await.unwrap();
+        ids.push(id);
+    }
+    let started = std::time::Instant::now();
+    for id in &ids {
+        let run = wait_terminal(&f.engine, *id).await;
+        assert_eq!(run.state, RunState::Completed, "{run:?}");
+    }
+    // One token at once, then one per refill: the last run waited for two refills.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
