@@ -1,0 +1,147 @@
+//! [`EStopStore`] for PostgreSQL: the list as one JSON row with a version, the audit trail as
+//! rows. Saves from several nodes are serialized on the list's row.
+
+use async_trait::async_trait;
+use domain::estop::{AuditRecord, EStopList, EStopState, Target};
+use store::{EStopStore, Error, Result};
+use tokio_postgres::{Client, Row};
+
+use crate::rows::get;
+use crate::{PgStore, db_err, to_json};
+
+async fn append(c: &Client, records: &[AuditRecord]) -> Result<()> {
+    for r in records {
+        c.execute(
+            "INSERT INTO estop_audit (at, target, old_state, new_state, set_by, reason, source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &r.at,
+                &r.target.to_string(),
+                &r.old_state.map(EStopState::as_str),
+                &r.new_state.map(EStopState::as_str),
+                &r.set_by,
+                &r.reason,
+                &r.source,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn parse_state(s: Option<String>) -> Result<Option<EStopState>> {
+    s.map(|s| {
+        s.parse()
+            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))
+    })
+    .transpose()
+}
+
+fn row_to_record(r: &Row) -> Result<AuditRecord> {
+    let target: String = get(r, 1)?;
+    Ok(AuditRecord {
+        at: get(r, 0)?,
+        target: target
+            .parse::<Target>()
+            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))?,
+        old_state: parse_state(get(r, 2)?)?,
+        new_state: parse_state(get(r, 3)?)?,
+        set_by: get(r, 4)?,
+        reason: get(r, 5)?,
+        source: get(r, 6)?,
+    })
+}
+
+#[async_trait]
+impl EStopStore for PgStore {
+    async fn estop_load(&self) -> Result<(EStopList, i64)> {
+        let c = self.reader().await?;
+        let row = c
+            .query_opt("SELECT version, body FROM estop_list WHERE id = 1", &[])
+            .await
+            .map_err(db_err)?;
+        match row {
+            None => Ok((EStopList::default(), 0)),
+            Some(r) => {
+                let body: String = get(&r, 1)?;
+                let list = EStopList::parse(&body)
+                    .map_err(|e| Error::Corrupt(format!("the stored e-stop list: {e}")))?;
+                Ok((list, get(&r, 0)?))
+            }
+        }
+    }
+
+    async fn estop_save(
+        &self,
+        list: EStopList,
+        expected_version: i64,
+        audit: Vec<AuditRecord>,
+    ) -> Result<i64> {
+        self.write(move |c| {
+            Box::pin(async move {
+                // The first save of all: make the row exist, so that every save locks it.
+                c.execute(
+                    "INSERT INTO estop_list (id, version, body) VALUES (1, 0, '{\"entries\": []}')
+                     ON CONFLICT (id) DO NOTHING",
+                    &[],
+                )
+                .await
+                .map_err(db_err)?;
+                let current: i64 = get(
+                    &c.query_one("SELECT version FROM estop_list WHERE id = 1 FOR UPDATE", &[])
+                        .await
+                        .map_err(db_err)?,
+                    0,
+                )?;
+                if current != expected_version {
+                    return Err(Error::Conflict(format!(
+                        "the e-stop list is at version {current}, not {expected_version}: it changed since it was read"
+                    )));
+                }
+                let next = current + 1;
+                c.execute(
+                    "UPDATE estop_list SET version = $1, body = $2 WHERE id = 1",
+                    &[&next, &to_json(&list)],
+                )
+                .await
+                .map_err(db_err)?;
+                append(c, &audit).await?;
+                Ok(next)
+            })
+        })
+        .await
+    }
+
+    async fn estop_version(&self) -> Result<i64> {
+        let c = self.reader().await?;
+        let row = c
+            .query_opt("SELECT version FROM estop_list WHERE id = 1", &[])
+            .await
+            .map_err(db_err)?;
+        row.map_or(Ok(0), |r| get(&r, 0))
+    }
+
+    async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.write(move |c| Box::pin(async move { append(c, &records).await }))
+            .await
+    }
+
+    async fn audit_list(&self, target: Option<Target>, limit: u32) -> Result<Vec<AuditRecord>> {
+        let limit = i64::from(store::effective_audit_limit(limit));
+        let c = self.reader().await?;
+        let rows = c
+            .query(
+                "SELECT at, target, old_state, new_state, set_by, reason, source
+                 FROM estop_audit WHERE $1::text IS NULL OR target = $1
+                 ORDER BY seq DESC LIMIT $2",
+                &[&target.map(|t| t.to_string()), &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(row_to_record).collect()
+    }
+}

@@ -1,0 +1,596 @@
+//! The PostgreSQL backend: several `steward serve` nodes share one database (PRODUCT.md §9).
+//!
+//! Like the SQLite backend, one writer connection commits whatever has queued up while the
+//! previous commit was in flight: one transaction per batch, each request in its own
+//! savepoint so that one failing request does not undo the others (group commit). Writes from
+//! one store handle are committed in the order they were made, which is what
+//! [`RunStore::apply_nowait`] relies on. Reads go to a small pool of connections; a run is read
+//! in one `REPEATABLE READ` snapshot.
+//!
+//! **Several nodes.** Every write the engine makes is fenced by the run's lease (`lease_owner`
+//! must still be this node, checked in the same transaction), orphan claims skip rows another
+//! node is claiming (`FOR UPDATE SKIP LOCKED`), a second Submit of an idempotency key on another
+//! node finds the first (`ON CONFLICT DO NOTHING`), and e-stop saves are serialized on the list's
+//! row. A lost connection fails the requests of its batch with [`Error::Unavailable`]; the next
+//! batch reconnects. Schema migrations are numbered like SQLite's and applied under an advisory
+//! lock, so nodes starting together migrate once.
+
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
+use futures::future::BoxFuture;
+use store::{
+    CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
+    Submitted, Transition,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::task::TaskTracker;
+
+mod buckets;
+mod estop;
+mod rows;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_estop.sql"),
+    include_str!("../migrations/0003_buckets.sql"),
+];
+/// Any fixed number: the advisory lock that serializes migrations between nodes.
+const MIGRATION_LOCK: i64 = 0x5374_6577_6172_64;
+const MAX_BATCH: usize = 1024;
+const READERS: usize = 8;
+
+type Finish = Box<dyn FnOnce(Result<()>) + Send>;
+type WriteJob = Box<dyn for<'a> FnOnce(&'a Client) -> BoxFuture<'a, (bool, Finish)> + Send>;
+
+pub struct PgStore {
+    url: String,
+    writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    readers: deadpool_postgres::Pool,
+}
+
+pub(crate) fn db_err(e: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    if e.is_closed() {
+        return Error::Unavailable(format!("the database connection is closed: {e}"));
+    }
+    match e.code() {
+        Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+            Error::Corrupt(db_message(&e))
+        }
+        Some(_) => Error::Unavailable(db_message(&e)),
+        // Not from the server: a column that does not convert is stored data we cannot read.
+        None if e.to_string().contains("deserializing") => Error::Corrupt(with_source(&e)),
+        None => Error::Unavailable(with_source(&e)),
+    }
+}
+
+fn with_source(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    }
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.severity(), d.message()),
+        None => with_source(e),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> Error {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_err(e),
+        other => Error::Unavailable(format!("the database connection pool: {other}")),
+    }
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Connects one client and drives its connection on `tracker`.
+async fn connect(url: &str, tracker: &TaskTracker) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(db_err)?;
+    tracker.spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "a database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+async fn migrate(client: &mut Client) -> Result<()> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS steward_schema (version BIGINT NOT NULL)")
+        .await
+        .map_err(db_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db_err)?;
+    let current: Option<i64> = tx
+        .query_opt("SELECT version FROM steward_schema", &[])
+        .await
+        .map_err(db_err)?
+        .map(|r| r.get(0));
+    if current.is_none() {
+        tx.execute("INSERT INTO steward_schema (version) VALUES (0)", &[])
+            .await
+            .map_err(db_err)?;
+    }
+    let current = usize::try_from(current.unwrap_or(0)).unwrap_or(usize::MAX);
+    if current > MIGRATIONS.len() {
+        return Err(Error::Corrupt(format!(
+            "database schema version {current} is newer than this steward ({}); upgrade steward",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.batch_execute(sql).await.map_err(db_err)?;
+        let v = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        tx.execute("UPDATE steward_schema SET version = $1", &[&v])
+            .await
+            .map_err(db_err)?;
+        tracing::info!(version = v, "applied database migration");
+    }
+    tx.commit().await.map_err(db_err)
+}
+
+async fn writer_loop(
+    url: String,
+    mut client: Client,
+    mut rx: mpsc::UnboundedReceiver<WriteJob>,
+    tracker: TaskTracker,
+    done: oneshot::Sender<()>,
+) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
+    while let Some(job) = rx.recv().await {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if client.is_closed() {
+            match connect(&url, &tracker).await {
+                Ok(c) => {
+                    tracing::info!("reconnected the database writer");
+                    client = c;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the database is unreachable");
+                    fail_all(&client, &mut batch, &e).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        if let Err(e) = client.batch_execute("BEGIN").await {
+            fail_all(&client, &mut batch, &db_err(e)).await;
+            continue;
+        }
+        for job in batch.drain(..) {
+            let sp = client.batch_execute("SAVEPOINT op").await;
+            let (ok, fin) = job(&client).await;
+            if sp.is_ok() {
+                let end = if ok {
+                    "RELEASE SAVEPOINT op"
+                } else {
+                    "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
+                };
+                if let Err(e) = client.batch_execute(end).await {
+                    tracing::error!(error = %e, "closing a savepoint failed");
+                }
+            }
+            finishers.push(fin);
+        }
+        let res = client.batch_execute("COMMIT").await.map_err(db_err);
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "committing a batch failed");
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        for fin in finishers.drain(..) {
+            fin(res.clone());
+        }
+    }
+    let _ = done.send(());
+}
+
+/// Answers every job of `batch` with `e` (each still runs against `client`, whose failing
+/// queries it ignores, so that its result is delivered).
+async fn fail_all(client: &Client, batch: &mut Vec<WriteJob>, e: &Error) {
+    for job in batch.drain(..) {
+        let (_, fin) = job(client).await;
+        fin(Err(e.clone()));
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`), brings the schema up to date, and
+    /// starts the writer on `tracker`. Closing the store ([`RunStore::close`]) ends the writer.
+    pub async fn connect(url: &str, tracker: &TaskTracker) -> Result<PgStore> {
+        let mut client = connect(url, tracker).await?;
+        migrate(&mut client).await?;
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Unavailable(format!("database url: {e}")))?;
+        let mgr = deadpool_postgres::Manager::from_config(
+            cfg,
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let readers = deadpool_postgres::Pool::builder(mgr)
+            .max_size(READERS)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Unavailable(format!("building the connection pool: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        tracker.spawn(writer_loop(
+            url.to_owned(),
+            client,
+            rx,
+            tracker.clone(),
+            done_tx,
+        ));
+        Ok(PgStore {
+            url: url.to_owned(),
+            writer: RwLock::new(Some(tx)),
+            writer_done: Mutex::new(Some(done_rx)),
+            readers,
+        })
+    }
+
+    /// The URL without its password, for logs.
+    pub fn describe(&self) -> String {
+        match self.url.parse::<tokio_postgres::Config>() {
+            Ok(c) => {
+                let hosts: Vec<String> = c
+                    .get_hosts()
+                    .iter()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .collect();
+                format!(
+                    "postgres {}@{}:{}/{}",
+                    c.get_user().unwrap_or("?"),
+                    hosts.join(","),
+                    c.get_ports().first().copied().unwrap_or(5432),
+                    c.get_dbname().unwrap_or("?")
+                )
+            }
+            Err(_) => "postgres".into(),
+        }
+    }
+
+    fn send(&self, job: WriteJob) -> Result<()> {
+        let guard = self.writer.read().map_err(|_| Error::Closed)?;
+        let tx = guard.as_ref().ok_or(Error::Closed)?;
+        tx.send(job).map_err(|_| Error::Closed)
+    }
+
+    /// Runs `f` in the next batch; resolves once the batch is committed.
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Client) -> BoxFuture<'a, Result<R>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            Box::pin(async move {
+                let r = f(conn).await;
+                let ok = r.is_ok();
+                let fin: Finish = Box::new(move |committed| {
+                    let _ = tx.send(committed.and(r));
+                });
+                (ok, fin)
+            })
+        });
+        self.send(job)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn write_nowait<F>(&self, what: &'static str, f: F)
+    where
+        F: for<'a> FnOnce(&'a Client) -> BoxFuture<'a, Result<()>> + Send + 'static,
+    {
+        let job: WriteJob = Box::new(move |conn| {
+            Box::pin(async move {
+                let r = f(conn).await;
+                let ok = r.is_ok();
+                let fin: Finish = Box::new(move |committed| {
+                    if let Err(e) = committed.and(r) {
+                        tracing::warn!(error = %e, what, "a queued write failed");
+                    }
+                });
+                (ok, fin)
+            })
+        });
+        if let Err(e) = self.send(job) {
+            tracing::warn!(error = %e, what, "could not queue a write");
+        }
+    }
+
+    async fn reader(&self) -> Result<deadpool_postgres::Object> {
+        self.readers.get().await.map_err(pool_err)
+    }
+}
+
+const EXECUTING: &str = "('queued','running','paused')";
+
+#[async_trait]
+impl RunStore for PgStore {
+    async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        self.write(move |c| Box::pin(rows::submit(c, run))).await
+    }
+
+    async fn get(&self, id: RunId) -> Result<Run> {
+        let mut c = self.reader().await?;
+        let tx = c
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .map_err(db_err)?;
+        let run = rows::load_run(&tx, id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(run)
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<RunPage> {
+        let c = self.reader().await?;
+        rows::list_runs(&c, filter).await
+    }
+
+    async fn exec(
+        &self,
+        id: RunId,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<ExecOutcome> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            Box::pin(async move {
+                let key = id.to_string();
+                let row = c
+                    .query_opt(
+                        "SELECT state, expires_at, created_at FROM runs WHERE id = $1 FOR UPDATE",
+                        &[&key],
+                    )
+                    .await
+                    .map_err(db_err)?
+                    .ok_or(Error::NotFound(id))?;
+                let state = rows::parse_run_state(&rows::get::<String>(&row, 0)?)?;
+                let expires_at: Option<i64> = rows::get(&row, 1)?;
+                let created_at: i64 = rows::get(&row, 2)?;
+                if state != RunState::Submitted {
+                    return Ok(ExecOutcome::AlreadyStarted(state));
+                }
+                if expires_at.is_some_and(|e| e <= now.0) {
+                    let ttl_secs = u64::try_from((expires_at.unwrap_or(now.0) - created_at) / 1000)
+                        .unwrap_or(0);
+                    let cause = StopCause::Expired { ttl_secs };
+                    rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
+                    return Ok(ExecOutcome::Expired);
+                }
+                c.execute(
+                    "UPDATE runs SET state = 'queued', lease_owner = $2, lease_expires_at = $3,
+                            version = version + 1
+                     WHERE id = $1",
+                    &[&key, &node, &lease_until.0],
+                )
+                .await
+                .map_err(db_err)?;
+                Ok(ExecOutcome::Queued)
+            })
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome> {
+        self.write(move |c| {
+            Box::pin(async move {
+                let key = id.to_string();
+                let row = c
+                    .query_opt(
+                        "SELECT state, lease_owner FROM runs WHERE id = $1 FOR UPDATE",
+                        &[&key],
+                    )
+                    .await
+                    .map_err(db_err)?
+                    .ok_or(Error::NotFound(id))?;
+                let state = rows::parse_run_state(&rows::get::<String>(&row, 0)?)?;
+                let owner: Option<String> = rows::get(&row, 1)?;
+                if state.is_terminal() {
+                    return Ok(CancelOutcome::AlreadyFinished(state));
+                }
+                if state == RunState::Submitted {
+                    rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause).await?;
+                    return Ok(CancelOutcome::Cancelled);
+                }
+                c.execute(
+                    "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2),
+                            version = version + 1
+                     WHERE id = $1",
+                    &[&key, &to_json(&cause)],
+                )
+                .await
+                .map_err(db_err)?;
+                Ok(CancelOutcome::Requested {
+                    lease_owner: owner.map(NodeId),
+                })
+            })
+        })
+        .await
+    }
+
+    async fn expire_submitted(&self, now: Timestamp) -> Result<Vec<RunId>> {
+        self.write(move |c| {
+            Box::pin(async move {
+                let due = c
+                    .query(
+                        "SELECT id, expires_at, created_at FROM runs
+                         WHERE state = 'submitted' AND expires_at <= $1
+                         LIMIT 10000 FOR UPDATE SKIP LOCKED",
+                        &[&now.0],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                let mut ids = Vec::with_capacity(due.len());
+                for row in due {
+                    let id = rows::parse_id(&rows::get::<String>(&row, 0)?)?;
+                    let expires_at: i64 = rows::get(&row, 1)?;
+                    let created_at: i64 = rows::get(&row, 2)?;
+                    let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
+                    let cause = StopCause::Expired { ttl_secs };
+                    rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
+                    ids.push(id);
+                }
+                Ok(ids)
+            })
+        })
+        .await
+    }
+
+    async fn recover(
+        &self,
+        node: &NodeId,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            Box::pin(async move {
+                let sql = format!(
+                    "UPDATE runs SET lease_expires_at = $2
+                     WHERE id IN (SELECT id FROM runs WHERE lease_owner = $1 AND state IN {EXECUTING}
+                                  ORDER BY id LIMIT $3 FOR UPDATE)
+                     RETURNING id"
+                );
+                rows::collect_ids(c, &sql, &[&node, &lease_until.0, &i64::from(limit)]).await
+            })
+        })
+        .await
+    }
+
+    async fn claim_orphans(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            Box::pin(async move {
+                let sql = format!(
+                    "UPDATE runs SET lease_owner = $1, lease_expires_at = $3, version = version + 1
+                     WHERE id IN (SELECT id FROM runs WHERE state IN {EXECUTING}
+                                  AND (lease_owner IS NULL OR lease_expires_at < $2)
+                                  ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+                     RETURNING id"
+                );
+                rows::collect_ids(c, &sql, &[&node, &now.0, &lease_until.0, &i64::from(limit)])
+                    .await
+            })
+        })
+        .await
+    }
+
+    async fn renew_leases(
+        &self,
+        node: &NodeId,
+        held: &[RunId],
+        lease_until: Timestamp,
+    ) -> Result<LeaseRenewal> {
+        let node = node.0.clone();
+        let held = held.to_vec();
+        self.write(move |c| {
+            Box::pin(async move {
+                let rows_ = c
+                    .query(
+                        &format!(
+                            "UPDATE runs SET lease_expires_at = $2
+                             WHERE lease_owner = $1 AND state IN {EXECUTING}
+                             RETURNING id, cancel_requested"
+                        ),
+                        &[&node, &lease_until.0],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                let mut ours = std::collections::HashSet::new();
+                let mut renewal = LeaseRenewal::default();
+                for r in rows_ {
+                    let id = rows::parse_id(&rows::get::<String>(&r, 0)?)?;
+                    let cancel: Option<String> = rows::get(&r, 1)?;
+                    if let Some(cause) = cancel {
+                        renewal
+                            .cancel_requested
+                            .push((id, rows::parse_json(&cause)?));
+                    }
+                    ours.insert(id);
+                }
+                renewal.lost = held.into_iter().filter(|id| !ours.contains(id)).collect();
+                Ok(renewal)
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, node: &NodeId, id: RunId) -> Result<()> {
+        let node = node.0.clone();
+        self.write(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, version = version + 1
+                     WHERE id = $1 AND lease_owner = $2",
+                    &[&id.to_string(), &node],
+                )
+                .await
+                .map_err(db_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()> {
+        let node = node.0.clone();
+        self.write(move |c| Box::pin(async move { rows::apply(c, &node, id, &transitions).await }))
+            .await
+    }
+
+    fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) {
+        let node = node.0.clone();
+        self.write_nowait("apply", move |c| {
+            Box::pin(async move { rows::apply(c, &node, id, &transitions).await })
+        });
+    }
+
+    async fn close(&self) -> Result<()> {
+        let sender = self.writer.write().ok().and_then(|mut w| w.take());
+        drop(sender);
+        let done = self.writer_done.lock().ok().and_then(|mut d| d.take());
+        if let Some(done) = done {
+            let _ = done.await;
+        }
+        self.readers.close();
+        Ok(())
+    }
+}
