@@ -108,12 +108,12 @@ async fn connect(url: &str, tracker: &TaskTracker) -> Result<Client> {
 }
 
 async fn migrate(client: &mut Client) -> Result<()> {
-    client
-        .batch_execute("CREATE TABLE IF NOT EXISTS steward_schema (version BIGINT NOT NULL)")
+    let tx = client.transaction().await.map_err(db_err)?;
+    // Everything below, creating the version table included, one node at a time.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(db_err)?;
-    let tx = client.transaction().await.map_err(db_err)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS steward_schema (version BIGINT NOT NULL)")
         .await
         .map_err(db_err)?;
     let current: Option<i64> = tx
