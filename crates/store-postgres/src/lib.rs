@@ -41,7 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_buckets.sql"),
 ];
 /// Any fixed number: the advisory lock that serializes migrations between nodes.
-const MIGRATION_LOCK: i64 = 0x5374_6577_6172_64;
+const MIGRATION_LOCK: i64 = 0x0053_7465_7761_7264;
 const MAX_BATCH: usize = 1024;
 const READERS: usize = 8;
 
