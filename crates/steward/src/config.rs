@@ -16,6 +16,9 @@ pub const DEFAULT_DATA_DIR: &str = "./steward-data";
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<String>,
+    /// Where runs are stored: left out, the embedded SQLite database in the data directory; a
+    /// `postgres://` URL, a PostgreSQL database that several nodes can share.
+    pub database: Option<String>,
     pub node_id: Option<String>,
     pub submit_ttl: Option<String>,
     pub max_running_jobs: Option<usize>,
@@ -75,6 +78,39 @@ pub struct BudgetConfig {
     pub window: Duration,
 }
 
+/// Where runs are stored.
+#[derive(Clone)]
+pub enum Database {
+    /// The embedded SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL, shared by several nodes.
+    Postgres(String),
+}
+
+impl Database {
+    /// For logs and `--print-config`: the password hidden.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(p) => format!("sqlite:{}", p.display()),
+            Database::Postgres(url) => {
+                store_postgres::redacted_url(url).unwrap_or_else(|_| "postgres://***".into())
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Serialize for Database {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.describe())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EStopSourceKind {
@@ -87,6 +123,7 @@ pub enum EStopSourceKind {
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    pub database: Database,
     pub node_id: String,
     #[serde(with = "humantime_serde_str")]
     pub submit_ttl: Duration,
@@ -123,6 +160,7 @@ mod humantime_serde_str {
 /// The server's environment overrides, by config key.
 const ENV_KEYS: &[(&str, &str)] = &[
     ("STEWARD_LISTEN", "listen"),
+    ("STEWARD_DATABASE", "database"),
     ("STEWARD_NODE_ID", "node_id"),
     ("STEWARD_SUBMIT_TTL", "submit_ttl"),
     ("STEWARD_MAX_RUNNING_JOBS", "max_running_jobs"),
@@ -164,6 +202,7 @@ fn env_override(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> an
         };
         match *key {
             "listen" => raw.listen = Some(v),
+            "database" => raw.database = Some(v),
             "node_id" => raw.node_id = Some(v),
             "submit_ttl" => raw.submit_ttl = Some(v),
             "max_running_jobs" => raw.max_running_jobs = Some(num(&v)?),
@@ -230,7 +269,18 @@ pub fn load(
         Some(n) => n,
         None => String::new(), // filled from the data directory by `serve`
     };
+    let database = match raw.database {
+        None => Database::Sqlite(data_dir.join("steward.db")),
+        Some(url) => match store_postgres::redacted_url(url.trim()) {
+            Ok(_) => Database::Postgres(url.trim().to_owned()),
+            Err(e) => bail!(
+                "database: {e}; leave it out for the embedded SQLite database, or give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            ),
+        },
+    };
     let estop_source = match raw.estop_source.as_deref() {
+        // Nodes sharing a database share its e-stop list: a stop set on one reaches them all.
+        None if matches!(database, Database::Postgres(_)) => EStopSourceKind::Db,
         None | Some("file") => EStopSourceKind::File,
         Some("db") => EStopSourceKind::Db,
         Some(other) => bail!("estop_source: {other:?} is not one of: file, db"),
@@ -322,6 +372,7 @@ pub fn load(
         estop_reread: duration("estop_reread", raw.estop_reread, Duration::from_secs(1))?,
         data_dir: data_dir.to_owned(),
         listen,
+        database,
         node_id,
         submit_ttl: duration("submit_ttl", raw.submit_ttl, Duration::from_secs(3600))?,
         max_running_jobs,
@@ -354,6 +405,39 @@ mod tests {
         assert_eq!(c.submit_ttl, Duration::from_secs(3600));
         assert_eq!(c.policies, dir.path().join("policies.toml"));
         assert_eq!(c.policies_reread, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_database_is_sqlite_by_default_or_a_postgres_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(dir.path(), None, None, &no_env).unwrap();
+        assert!(matches!(&c.database, Database::Sqlite(p) if *p == dir.path().join("steward.db")));
+        assert_eq!(c.estop_source, EStopSourceKind::File);
+        let env = |k: &str| {
+            (k == "STEWARD_DATABASE")
+                .then(|| "postgres://steward:hunter2@db:5432/steward".to_owned())
+        };
+        let c = load(dir.path(), None, None, &env).unwrap();
+        assert!(matches!(&c.database, Database::Postgres(u) if u.contains("hunter2")));
+        assert_eq!(
+            c.estop_source,
+            EStopSourceKind::Db,
+            "nodes sharing a database share the e-stop list"
+        );
+        let printed = toml::to_string(&c).unwrap();
+        assert!(
+            printed.contains("postgres://steward:***@db:5432/steward"),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        std::fs::write(dir.path().join("steward.toml"), "estop_source = \"file\"\n").unwrap();
+        let c = load(dir.path(), None, None, &env).unwrap();
+        assert_eq!(
+            c.estop_source,
+            EStopSourceKind::File,
+            "an explicit choice stands"
+        );
     }
 
     #[test]
@@ -452,6 +536,14 @@ mod tests {
                 "policies_reread: must be greater than 0",
             ),
             ("policies = 3\n", "policies"),
+            (
+                "database = \"mysql://x@y/z\"\n",
+                "database: expected a postgres:// URL",
+            ),
+            (
+                "database = \"postgres://x@y:5432\"\n",
+                "database: the URL names no database",
+            ),
         ] {
             std::fs::write(&f, text).unwrap();
             let err = format!(

@@ -7,12 +7,12 @@ use anyhow::Context;
 use domain::stop::ShutdownMode;
 use domain::{NodeId, StopCause, SystemClock};
 use engine::{Engine, EngineOptions};
-use store::RunStore;
+use store::{BucketStore, EStopStore, RunStore};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{EStopSourceKind, ServeConfig};
+use crate::config::{Database, EStopSourceKind, ServeConfig};
 use crate::pidfile::{self, PidFile};
 use crate::sdnotify;
 
@@ -73,6 +73,14 @@ impl Signals {
     }
 }
 
+/// What a start found new: the data directory (its local files: the policy file, the e-stop
+/// file) and the database (the e-stop list when it lives there).
+#[derive(Clone, Copy)]
+struct Fresh {
+    local: bool,
+    db: bool,
+}
+
 /// Serves until stopped; returns why it stopped.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let started = Instant::now();
@@ -81,13 +89,58 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let pid = PidFile::acquire(&cfg.data_dir)?;
     let previous = previous_stop(&cfg, pid.stale.as_deref());
     let _ = std::fs::remove_file(cfg.data_dir.join(pidfile::STOP_REQUEST_FILE));
+    let first_start = !cfg.data_dir.join("node_id").exists();
     let node = node_id(&cfg)?;
-    let db_path = cfg.data_dir.join("steward.db");
-    let fresh_install = !db_path.exists();
-    let store = Arc::new(
-        store_sqlite::SqliteStore::open(&db_path)
-            .with_context(|| format!("opening the database {}", db_path.display()))?,
-    );
+    match cfg.database.clone() {
+        Database::Sqlite(db_path) => {
+            let fresh = !db_path.exists();
+            let store = Arc::new(
+                store_sqlite::SqliteStore::open(&db_path)
+                    .with_context(|| format!("opening the database {}", db_path.display()))?,
+            );
+            let fresh = Fresh {
+                local: fresh,
+                db: fresh,
+            };
+            run(cfg, store, fresh, node, previous, pid, started).await
+        }
+        Database::Postgres(url) => {
+            let db_tasks = TaskTracker::new();
+            let store = Arc::new(
+                store_postgres::PgStore::connect(&url, &db_tasks)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to the database {}", cfg.database.describe())
+                    })?,
+            );
+            tracing::info!(database = %store.describe(), created_schema = store.created_schema(), "database connected");
+            let fresh = Fresh {
+                local: first_start,
+                db: store.created_schema(),
+            };
+            let res = run(cfg, store, fresh, node, previous, pid, started).await;
+            db_tasks.close();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), db_tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("database connections did not close within 5s");
+            }
+            res
+        }
+    }
+}
+
+/// Serves on `store` until stopped.
+async fn run<S: RunStore + EStopStore + BucketStore>(
+    cfg: ServeConfig,
+    store: Arc<S>,
+    fresh: Fresh,
+    node: String,
+    previous: Option<StopCause>,
+    pid: PidFile,
+    started: Instant,
+) -> anyhow::Result<StopCause> {
     let mut opts = EngineOptions::new(NodeId(node.clone()));
     opts.max_running_jobs = cfg.max_running_jobs;
     opts.submit_ttl = cfg.submit_ttl;
@@ -113,20 +166,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let estop_token = CancellationToken::new();
     let policies = crate::policies::start(
         cfg.policies.clone(),
-        fresh_install,
+        fresh.local,
         cfg.policies_reread,
         &tracker,
         estop_token.clone(),
     )?;
     opts.policies = Some(policies.feed.clone());
-    let estop = start_estop(
-        &cfg,
-        store.clone(),
-        fresh_install,
-        &tracker,
-        estop_token.clone(),
-    )
-    .await?;
+    let estop = start_estop(&cfg, store.clone(), fresh, &tracker, estop_token.clone()).await?;
     let engine = Engine::new(
         opts,
         store.clone(),
@@ -231,15 +277,15 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
 /// (recorded in the audit trail); after that, a missing or unreadable list stops everything.
 async fn start_estop(
     cfg: &ServeConfig,
-    store: Arc<store_sqlite::SqliteStore>,
-    fresh_install: bool,
+    store: Arc<dyn EStopStore>,
+    fresh: Fresh,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> anyhow::Result<estop::EStopHandle> {
     let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
     let source: Arc<dyn estop::Source> = match cfg.estop_source {
         EStopSourceKind::File => {
-            if estop::ensure_initial_file(&cfg.estop_file, fresh_install)? {
+            if estop::ensure_initial_file(&cfg.estop_file, fresh.local)? {
                 tracing::info!(path = %cfg.estop_file.display(), "created the e-stop file: * = go");
             }
             Arc::new(estop::FileSource::new(
@@ -259,7 +305,7 @@ async fn start_estop(
         reread: cfg.estop_reread,
     };
     let handle = estop::EStop::start(source, clock, opts, tracker, cancel).await;
-    if cfg.estop_source == EStopSourceKind::Db && fresh_install {
+    if cfg.estop_source == EStopSourceKind::Db && fresh.db {
         handle
             .set(
                 domain::estop::Target::All,

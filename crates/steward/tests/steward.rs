@@ -6,6 +6,7 @@ mod estop;
 mod harness;
 mod policies;
 mod rails;
+mod scaleout;
 mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet};

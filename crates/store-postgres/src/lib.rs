@@ -50,6 +50,7 @@ type WriteJob = Box<dyn for<'a> FnOnce(&'a Client) -> BoxFuture<'a, (bool, Finis
 
 pub struct PgStore {
     url: String,
+    created_schema: bool,
     writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
     readers: deadpool_postgres::Pool,
@@ -107,7 +108,27 @@ async fn connect(url: &str, tracker: &TaskTracker) -> Result<Client> {
     Ok(client)
 }
 
-async fn migrate(client: &mut Client) -> Result<()> {
+/// Checks a database URL (`postgres://user:password@host:port/db`) and returns it with the
+/// password hidden, for logs and printed configs.
+pub fn redacted_url(url: &str) -> std::result::Result<String, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("expected a postgres:// URL".into());
+    }
+    let c: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    if c.get_dbname().is_none() {
+        return Err("the URL names no database (postgres://user@host:port/DATABASE)".into());
+    }
+    Ok(match c.get_password() {
+        Some(p) if !p.is_empty() => {
+            let pw = String::from_utf8_lossy(p);
+            url.replacen(&format!(":{pw}@"), ":***@", 1)
+        }
+        _ => url.to_owned(),
+    })
+}
+
+/// Brings the schema up to date; returns whether it created it (an empty database).
+async fn migrate(client: &mut Client) -> Result<bool> {
     let tx = client.transaction().await.map_err(db_err)?;
     // Everything below, creating the version table included, one node at a time.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -141,7 +162,8 @@ async fn migrate(client: &mut Client) -> Result<()> {
             .map_err(db_err)?;
         tracing::info!(version = v, "applied database migration");
     }
-    tx.commit().await.map_err(db_err)
+    tx.commit().await.map_err(db_err)?;
+    Ok(current == 0)
 }
 
 async fn writer_loop(
@@ -220,7 +242,7 @@ impl PgStore {
     /// starts the writer on `tracker`. Closing the store ([`RunStore::close`]) ends the writer.
     pub async fn connect(url: &str, tracker: &TaskTracker) -> Result<PgStore> {
         let mut client = connect(url, tracker).await?;
-        migrate(&mut client).await?;
+        let created_schema = migrate(&mut client).await?;
         let cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| Error::Unavailable(format!("database url: {e}")))?;
@@ -247,6 +269,7 @@ impl PgStore {
         ));
         Ok(PgStore {
             url: url.to_owned(),
+            created_schema,
             writer: RwLock::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
             readers,
@@ -255,26 +278,12 @@ impl PgStore {
 
     /// The URL without its password, for logs.
     pub fn describe(&self) -> String {
-        match self.url.parse::<tokio_postgres::Config>() {
-            Ok(c) => {
-                let hosts: Vec<String> = c
-                    .get_hosts()
-                    .iter()
-                    .map(|h| match h {
-                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-                    })
-                    .collect();
-                format!(
-                    "postgres {}@{}:{}/{}",
-                    c.get_user().unwrap_or("?"),
-                    hosts.join(","),
-                    c.get_ports().first().copied().unwrap_or(5432),
-                    c.get_dbname().unwrap_or("?")
-                )
-            }
-            Err(_) => "postgres".into(),
-        }
+        redacted_url(&self.url).unwrap_or_else(|_| "postgres".into())
+    }
+
+    /// Whether this connect found an empty database and created the schema (a fresh install).
+    pub fn created_schema(&self) -> bool {
+        self.created_schema
     }
 
     fn send(&self, job: WriteJob) -> Result<()> {

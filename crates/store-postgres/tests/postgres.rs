@@ -186,3 +186,24 @@ async fn nodes_starting_together_migrate_once() {
         s.unwrap();
     }
 }
+
+#[test]
+fn database_urls_are_checked_and_their_passwords_hidden() {
+    use store_postgres::redacted_url;
+    assert_eq!(
+        redacted_url("postgres://steward:s3cret@db.example:5432/steward").unwrap(),
+        "postgres://steward:***@db.example:5432/steward"
+    );
+    assert_eq!(
+        redacted_url("postgresql://steward@127.0.0.1/steward").unwrap(),
+        "postgresql://steward@127.0.0.1/steward"
+    );
+    for (bad, why) in [
+        ("mysql://x@y/z", "postgres://"),
+        ("postgres://steward@127.0.0.1:5432", "names no database"),
+        ("postgres://steward@127.0.0.1:port/x", "invalid"),
+    ] {
+        let err = redacted_url(bad).unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}

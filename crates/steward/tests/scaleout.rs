@@ -1,0 +1,236 @@
+//! Several `steward serve` nodes sharing one PostgreSQL database (PRODUCT.md §9): a real
+//! PostgreSQL server, real nodes, real kills.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use proto::v1 as pb;
+use store_postgres::testing::PgServer;
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn node_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("STEWARD_DATABASE", url.to_owned()),
+        ("STEWARD_LEASE_TTL", "2s".to_owned()),
+        ("STEWARD_KILL_GRACE", "1s".to_owned()),
+    ]
+}
+
+async fn start_node(data: &std::path::Path, env: &[(&'static str, String)]) -> Server {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(data, &env).await
+}
+
+/// Jobs whose completion the database holds.
+async fn completed_in_db(url: &str) -> BTreeSet<String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let query = async move {
+        client
+            .query(
+                "SELECT run_id, block_idx, idx FROM jobs WHERE state = 'completed'",
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+    tokio::pin!(conn);
+    let rows = tokio::select! {
+        rows = query => rows,
+        r = &mut conn => panic!("connection ended: {r:?}"),
+    };
+    rows.iter()
+        .map(|r| {
+            format!(
+                "{}/b{}/j{}",
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2)
+            )
+        })
+        .collect()
+}
+
+fn starts(log: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Some(key) = line.strip_prefix("start ") {
+            *m.entry(key.to_owned()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_run_is_taken_over_by_another() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("jobs.log");
+    let job = sh(&format!(
+        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        l = log.display()
+    ));
+    let yaml = format!(
+        "name: erase\nblocks:\n  - jobs: [{job}]\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+    );
+    let env = node_env(&url);
+    // Node A kills itself (SIGKILL) right after its 6th durable job commit.
+    let mut a_env = env.clone();
+    a_env.push((
+        "FAILPOINTS",
+        "engine::job_after_commit=5*off->return".to_owned(),
+    ));
+    let mut a = start_node(&dir.path().join("a"), &a_env).await;
+    let b = start_node(&dir.path().join("b"), &env).await;
+
+    // Submitted and executed through A: A holds the leases.
+    let mut ca = a.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = submit(&mut ca, &yaml).await;
+        ca.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        ids.push(id);
+    }
+    assert!(
+        !a.wait_exit(LONG).await.success(),
+        "the fail point killed A"
+    );
+    let started_at_kill = starts(&log);
+    let done_before = completed_in_db(&url).await;
+    assert!(!done_before.is_empty(), "A completed some jobs");
+    let in_flight: Vec<String> = started_at_kill
+        .keys()
+        .filter(|k| !done_before.contains(*k))
+        .cloned()
+        .collect();
+    assert!(!in_flight.is_empty(), "A had jobs in flight");
+
+    // B sees A's runs at once, and finishes them once A's leases run out.
+    let mut cb = b.client().await;
+    for id in &ids {
+        let run = wait_terminal(&mut cb, id, LONG).await;
+        assert_eq!(run.state, "completed", "run {id}: {run:?}");
+    }
+    // A's orphaned jobs (their process groups outlive A) have finished by now too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let starts = starts(&log);
+    for key in &done_before {
+        assert_eq!(
+            starts.get(key),
+            Some(&1),
+            "{key} completed on A: never again"
+        );
+    }
+    for key in &in_flight {
+        assert_eq!(
+            starts.get(key),
+            Some(&2),
+            "{key} was in flight on A: B ran it again, same key"
+        );
+    }
+    assert_eq!(starts.len(), 3 * 6, "every job ran");
+    let b_log = b.log_text();
+    assert!(
+        b_log.contains("claimed"),
+        "B says it took the runs over:\n{b_log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estop_set_through_one_node_stops_runs_on_another() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = node_env(&url);
+    let a = start_node(&dir.path().join("a"), &env).await;
+    let b = start_node(&dir.path().join("b"), &env).await;
+    let pidfile = dir.path().join("pid");
+    let job = sh(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let mut ca = a.client().await;
+    let id = submit(
+        &mut ca,
+        &format!(
+            "name: erase\nlabels: {{site: aap}}\nblocks:\n  - jobs: [{job}, {{action: noop}}]\n"
+        ),
+    )
+    .await;
+    ca.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("the job to start", LONG, || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    let child: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // The stop goes to B; the run lives on A.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "estop", "set", "site=aap", "stop", "--reason", "INC-7", "--addr", &b.addr,
+        ])
+        .env("STEWARD_ACTOR", "ana")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = wait_terminal(&mut ca, &id, LONG).await;
+    assert_eq!(run.state, "stopped");
+    let cause = run.stop_cause.unwrap();
+    assert_eq!(cause.details.get("set_by").map(String::as_str), Some("ana"));
+    eventually("the job's process group to be gone", LONG, || {
+        process_gone(child)
+    })
+    .await;
+
+    // Both nodes refuse new work for the target, and both show the same list and audit trail.
+    for addr in [&a.addr, &b.addr] {
+        let mut c = proto::v1::steward_client::StewardClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let err = c
+            .submit(pb::SubmitRequest {
+                spec: Some(spec(
+                    "name: erase\nlabels: {site: aap}\nblocks:\n  - jobs: [{action: noop}]\n",
+                )),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::FailedPrecondition,
+            "{addr}: {err:?}"
+        );
+        assert!(err.message().contains("INC-7"), "{}", err.message());
+        let mut e = proto::v1::e_stop_client::EStopClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let audit = e
+            .audit(pb::EStopAuditRequest {
+                target: "site=aap".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(audit.records.len(), 1, "{addr}");
+        // Runs are shared too: B answers for a run that A drove.
+        let mut c = proto::v1::steward_client::StewardClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        assert_eq!(status(&mut c, &id).await.state, "stopped");
+    }
+}
