@@ -25,12 +25,16 @@ pub struct BenchOpts {
     pub concurrency: usize,
     pub latency_runs: usize,
     pub status_runs: usize,
+    /// A `postgres://` URL: the core figures on that database instead of a SQLite file.
+    pub database: Option<String>,
 }
 
 struct Bench {
     _dir: tempfile::TempDir,
     engine: Engine,
-    store: Arc<store_sqlite::SqliteStore>,
+    store: Arc<dyn RunStore>,
+    /// The PostgreSQL backend's connections.
+    db_tasks: TaskTracker,
     addr: String,
     tracker: TaskTracker,
     token: CancellationToken,
@@ -51,18 +55,56 @@ async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
 }
 
 async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<Bench> {
-    start_full(max_running_jobs, mode, None).await
+    start_full(max_running_jobs, mode, None, None).await
+}
+
+/// A store of either backend, with what the engine and the e-stop need of it.
+enum AnyStore {
+    Sqlite(Arc<store_sqlite::SqliteStore>),
+    Postgres(Arc<store_postgres::PgStore>),
+}
+
+impl AnyStore {
+    fn estop(&self) -> Arc<dyn store::EStopStore> {
+        match self {
+            AnyStore::Sqlite(s) => s.clone(),
+            AnyStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    fn runs(&self) -> Arc<dyn RunStore> {
+        match self {
+            AnyStore::Sqlite(s) => s.clone(),
+            AnyStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    fn engine(&self, opts: EngineOptions, feed: engine::EStopFeed) -> Engine {
+        match self {
+            AnyStore::Sqlite(s) => Engine::new(opts, s.clone(), Arc::new(SystemClock), feed),
+            AnyStore::Postgres(s) => Engine::new(opts, s.clone(), Arc::new(SystemClock), feed),
+        }
+    }
 }
 
 async fn start_full(
     max_running_jobs: usize,
     mode: EStopMode,
     policies: Option<policy::PolicySet>,
+    database: Option<&str>,
 ) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(store_sqlite::SqliteStore::open(
-        &dir.path().join("steward.db"),
-    )?);
+    let db_tasks = TaskTracker::new();
+    let store = match database {
+        None => AnyStore::Sqlite(Arc::new(store_sqlite::SqliteStore::open(
+            &dir.path().join("steward.db"),
+        )?)),
+        Some(url) => AnyStore::Postgres(Arc::new(
+            store_postgres::PgStore::connect(url, &db_tasks)
+                .await
+                .with_context(|| format!("connecting to {url}"))?,
+        )),
+    };
     let tracker = TaskTracker::new();
     let token = CancellationToken::new();
     let (feed, handle) = match mode {
@@ -72,7 +114,7 @@ async fn start_full(
             let path = dir.path().join("estop.json");
             estop::write_durably(&path, br#"{"entries": [{"target": "*", "state": "go"}]}"#)?;
             let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
-            let source = Arc::new(estop::FileSource::new(path, store.clone(), clock.clone()));
+            let source = Arc::new(estop::FileSource::new(path, store.estop(), clock.clone()));
             let h = estop::EStop::start(
                 source,
                 clock,
@@ -88,8 +130,9 @@ async fn start_full(
     opts.max_running_jobs = max_running_jobs;
     // The sender may go: the set then stays as it is.
     opts.policies = policies.map(|p| tokio::sync::watch::channel(Arc::new(p)).1);
-    let engine = Engine::new(opts, store.clone(), Arc::new(SystemClock), feed);
+    let engine = store.engine(opts, feed);
     engine.start();
+    let store = store.runs();
     let api = api::Api::new(engine.clone(), handle, token.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -97,6 +140,7 @@ async fn start_full(
     tracker.spawn(api::serve(listener, router, token.clone()));
     Ok(Bench {
         _dir: dir,
+        db_tasks,
         engine,
         store,
         addr,
@@ -126,6 +170,8 @@ impl Bench {
         self.tracker.close();
         self.tracker.wait().await;
         let _ = self.store.close().await;
+        self.db_tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.db_tasks.wait()).await;
     }
 }
 
@@ -533,7 +579,13 @@ async fn shutdown(o: &BenchOpts) -> anyhow::Result<()> {
 }
 
 async fn core(o: &BenchOpts) -> anyhow::Result<()> {
-    let b = start(256).await?;
+    if let Some(url) = &o.database {
+        println!(
+            "core figures on PostgreSQL: {}",
+            store_postgres::redacted_url(url).map_err(anyhow::Error::msg)?
+        );
+    }
+    let b = start_full(256, EStopMode::AllGo, None, o.database.as_deref()).await?;
     // Warm up connections, caches and the page cache.
     throughput(&b, 200, 3, o.concurrency).await?;
     let rate = throughput(&b, o.runs, 3, o.concurrency).await?;
@@ -543,7 +595,7 @@ async fn core(o: &BenchOpts) -> anyhow::Result<()> {
     );
     b.stop().await;
 
-    let b = start(256).await?;
+    let b = start_full(256, EStopMode::AllGo, None, o.database.as_deref()).await?;
     latency(&b, 50).await?;
     let lat = latency(&b, o.latency_runs).await?;
     println!(
@@ -555,7 +607,7 @@ async fn core(o: &BenchOpts) -> anyhow::Result<()> {
     );
     b.stop().await;
 
-    let b = start(256).await?;
+    let b = start_full(256, EStopMode::AllGo, None, o.database.as_deref()).await?;
     let st = status_latency(&b, o.status_runs).await?;
     println!(
         "status: {} runs stored, 2000 Status calls: p50 {}  p99 {}",
@@ -565,6 +617,9 @@ async fn core(o: &BenchOpts) -> anyhow::Result<()> {
     );
     b.stop().await;
 
+    if o.database.is_some() {
+        return Ok(());
+    }
     let (ready, rss_kb) = startup_and_rss().await?;
     println!(
         "startup: start to ready {}; idle RSS {:.1} MiB",
@@ -810,8 +865,8 @@ async fn policy_suite(o: &BenchOpts) -> anyhow::Result<()> {
     let per_check = t.elapsed() / n;
 
     // Submit through gRPC, durable, against a server with no policies; interleaved rounds.
-    let none = start_full(256, EStopMode::AllGo, None).await?;
-    let twenty = start_full(256, EStopMode::AllGo, Some(set)).await?;
+    let none = start_full(256, EStopMode::AllGo, None, None).await?;
+    let twenty = start_full(256, EStopMode::AllGo, Some(set), None).await?;
     let rounds = 10;
     let per_round = (o.latency_runs / rounds).max(1);
     submit_latency(&none, &spec, 50).await?;

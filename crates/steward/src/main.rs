@@ -153,6 +153,9 @@ enum Command {
         /// Runs stored for the Status latency figure.
         #[arg(long, default_value_t = 100_000)]
         status_runs: usize,
+        /// The core figures on this PostgreSQL database (postgres://...) instead of SQLite.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Stops the server of a data directory and waits for it to exit.
     Stop {
@@ -288,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             concurrency,
             latency_runs,
             status_runs,
+            database,
         } => {
             init_logging(false);
             bench::run(bench::BenchOpts {
@@ -296,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency: concurrency.max(1),
                 latency_runs: latency_runs.max(1),
                 status_runs: status_runs.max(1),
+                database,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
