@@ -4,12 +4,12 @@
 use async_trait::async_trait;
 use domain::estop::{AuditRecord, EStopList, EStopState, Target};
 use store::{EStopStore, Error, Result};
-use tokio_postgres::{Client, Row};
+use tokio_postgres::Row;
 
 use crate::rows::get;
-use crate::{PgStore, db_err, to_json};
+use crate::{Conn, PgStore, db_err, to_json};
 
-async fn append(c: &Client, records: &[AuditRecord]) -> Result<()> {
+async fn append(c: &Conn, records: &[AuditRecord]) -> Result<()> {
     for r in records {
         c.execute(
             "INSERT INTO estop_audit (at, target, old_state, new_state, set_by, reason, source)

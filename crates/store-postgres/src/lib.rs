@@ -46,7 +46,89 @@ const MAX_BATCH: usize = 1024;
 const READERS: usize = 8;
 
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
-type WriteJob = Box<dyn for<'a> FnOnce(&'a Client) -> BoxFuture<'a, (bool, Finish)> + Send>;
+type WriteJob = Box<dyn for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, (bool, Finish)> + Send>;
+
+/// The writer's connection, with its statements prepared once and kept.
+pub(crate) struct Conn {
+    client: Client,
+    statements: Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
+}
+
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl Conn {
+    fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            statements: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    async fn prepared(
+        &self,
+        sql: &str,
+    ) -> std::result::Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let cached = self
+            .statements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        if let Some(st) = cached {
+            return Ok(st);
+        }
+        let st = self.client.prepare(sql).await?;
+        self.statements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+
+    pub(crate) async fn execute(
+        &self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<u64, tokio_postgres::Error> {
+        let st = self.prepared(sql).await?;
+        self.client.execute(&st, p).await
+    }
+
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let st = self.prepared(sql).await?;
+        self.client.query(&st, p).await
+    }
+
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let st = self.prepared(sql).await?;
+        self.client.query_opt(&st, p).await
+    }
+
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let st = self.prepared(sql).await?;
+        self.client.query_one(&st, p).await
+    }
+
+    async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
 
 pub struct PgStore {
     url: String,
@@ -168,11 +250,12 @@ async fn migrate(client: &mut Client) -> Result<bool> {
 
 async fn writer_loop(
     url: String,
-    mut client: Client,
+    client: Client,
     mut rx: mpsc::UnboundedReceiver<WriteJob>,
     tracker: TaskTracker,
     done: oneshot::Sender<()>,
 ) {
+    let mut client = Conn::new(client);
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
     let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
     while let Some(job) = rx.recv().await {
@@ -187,7 +270,7 @@ async fn writer_loop(
             match connect(&url, &tracker).await {
                 Ok(c) => {
                     tracing::info!("reconnected the database writer");
-                    client = c;
+                    client = Conn::new(c);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the database is unreachable");
@@ -197,26 +280,40 @@ async fn writer_loop(
                 }
             }
         }
-        if let Err(e) = client.batch_execute("BEGIN").await {
-            fail_all(&client, &mut batch, &db_err(e)).await;
+        // Each request in its own savepoint. Closing one and opening the next is one round
+        // trip; so are BEGIN with the first open, and the last close with COMMIT, whose result
+        // is the batch's: if anything in the transaction went wrong, nothing of it is kept.
+        if let Err(e) = client.batch_execute("BEGIN; SAVEPOINT op").await {
+            let e = db_err(e);
+            let _ = client.batch_execute("ROLLBACK").await;
+            fail_all(&client, &mut batch, &e).await;
             continue;
         }
-        for job in batch.drain(..) {
-            let sp = client.batch_execute("SAVEPOINT op").await;
+        let n = batch.len();
+        let mut res = Ok(());
+        for (i, job) in batch.drain(..).enumerate() {
             let (ok, fin) = job(&client).await;
-            if sp.is_ok() {
-                let end = if ok {
-                    "RELEASE SAVEPOINT op"
-                } else {
-                    "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
-                };
-                if let Err(e) = client.batch_execute(end).await {
-                    tracing::error!(error = %e, "closing a savepoint failed");
-                }
-            }
             finishers.push(fin);
+            let close = if ok {
+                "RELEASE SAVEPOINT op"
+            } else {
+                "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
+            };
+            if i + 1 < n {
+                if let Err(e) = client
+                    .batch_execute(&format!("{close}; SAVEPOINT op"))
+                    .await
+                {
+                    // The transaction is aborted: the rest fail, and so does the commit.
+                    tracing::error!(error = %e, "moving to the next savepoint failed");
+                }
+            } else {
+                res = client
+                    .batch_execute(&format!("{close}; COMMIT"))
+                    .await
+                    .map_err(db_err);
+            }
         }
-        let res = client.batch_execute("COMMIT").await.map_err(db_err);
         if let Err(e) = &res {
             tracing::error!(error = %e, "committing a batch failed");
             let _ = client.batch_execute("ROLLBACK").await;
@@ -230,7 +327,7 @@ async fn writer_loop(
 
 /// Answers every job of `batch` with `e` (each still runs against `client`, whose failing
 /// queries it ignores, so that its result is delivered).
-async fn fail_all(client: &Client, batch: &mut Vec<WriteJob>, e: &Error) {
+async fn fail_all(client: &Conn, batch: &mut Vec<WriteJob>, e: &Error) {
     for job in batch.drain(..) {
         let (_, fin) = job(client).await;
         fin(Err(e.clone()));
@@ -296,7 +393,7 @@ impl PgStore {
     async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: for<'a> FnOnce(&'a Client) -> BoxFuture<'a, Result<R>> + Send + 'static,
+        F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
@@ -315,7 +412,7 @@ impl PgStore {
 
     fn write_nowait<F>(&self, what: &'static str, f: F)
     where
-        F: for<'a> FnOnce(&'a Client) -> BoxFuture<'a, Result<()>> + Send + 'static,
+        F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<()>> + Send + 'static,
     {
         let job: WriteJob = Box::new(move |conn| {
             Box::pin(async move {

@@ -8,10 +8,10 @@ use domain::{
     Timestamp,
 };
 use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, Transition};
+use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{Client, Row};
 
-use crate::{db_err, to_json};
+use crate::{Conn, db_err, to_json};
 
 pub(crate) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     row.try_get(i).map_err(|e| Error::Corrupt(e.to_string()))
@@ -42,7 +42,7 @@ fn count(v: i64) -> Result<u32> {
 }
 
 pub(crate) async fn collect_ids(
-    c: &Client,
+    c: &Conn,
     sql: &str,
     p: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<RunId>> {
@@ -55,7 +55,7 @@ pub(crate) async fn collect_ids(
     Ok(ids)
 }
 
-pub(crate) async fn submit(c: &Client, run: NewRun) -> Result<Submitted> {
+pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
     let id = run.id.to_string();
     let labels = to_json(&run.spec.labels);
     // A concurrent Submit of the same key on another node: whoever inserts first wins, and
@@ -259,7 +259,7 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
 
 /// Ends a run that never started (cancelled or expired before Exec).
 pub(crate) async fn finish_unstarted(
-    c: &Client,
+    c: &Conn,
     id: RunId,
     state: RunState,
     now: Timestamp,
@@ -305,7 +305,7 @@ fn leftover_state(state: RunState) -> &'static str {
 }
 
 pub(crate) async fn apply(
-    c: &Client,
+    c: &Conn,
     node: &str,
     id: RunId,
     transitions: &[Transition],
@@ -448,7 +448,7 @@ pub(crate) async fn apply(
 }
 
 async fn finish_run(
-    c: &Client,
+    c: &Conn,
     key: &str,
     state: RunState,
     at: Timestamp,
