@@ -121,6 +121,49 @@ impl Conn {
         self.client.query_one(&st, p).await
     }
 
+    /// Runs `stmts` in order, sent together (pipelined): one round trip for all of them once
+    /// they are prepared. Stops at the first error.
+    pub(crate) async fn execute_all(
+        &self,
+        stmts: &[(&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>)],
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for (sql, _) in stmts {
+            prepared.push(self.prepared(sql).await?);
+        }
+        // Each request goes out when its future is first polled: poll them in order.
+        let mut futs: Vec<_> = prepared
+            .iter()
+            .zip(stmts)
+            .map(|(st, (_, p))| Box::pin(self.client.execute(st, p)))
+            .collect();
+        let mut done: Vec<Option<std::result::Result<u64, tokio_postgres::Error>>> =
+            futs.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+                if d.is_none() {
+                    match f.as_mut().poll(cx) {
+                        Poll::Ready(r) => *d = Some(r),
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        for r in done.into_iter().flatten() {
+            r?;
+        }
+        Ok(())
+    }
+
     async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
         self.client.batch_execute(sql).await
     }

@@ -331,156 +331,139 @@ pub(crate) async fn apply(
             Error::NotFound(id)
         });
     }
+    // The writes, sent together: they run in order, in this transaction, behind the fence.
+    let mut owned: Vec<(&'static str, Vec<Param>)> = Vec::new();
     for t in transitions {
-        let res = match t {
-            Transition::RunRunning { at } => {
-                c.execute(
-                    "UPDATE runs SET state = 'running', started_at = COALESCE(started_at, $2)
-                     WHERE id = $1",
-                    &[&key, &at.0],
-                )
-                .await
-            }
-            Transition::RunPaused { .. } => {
-                c.execute("UPDATE runs SET state = 'paused' WHERE id = $1", &[&key])
-                    .await
-            }
-            Transition::BlockStarted { block, at } => {
-                c.execute(
-                    "UPDATE blocks SET state = 'running', started_at = COALESCE(started_at, $3)
-                     WHERE run_id = $1 AND idx = $2",
-                    &[&key, &i64::from(*block), &at.0],
-                )
-                .await
-            }
-            Transition::JobStarted {
-                key: jk,
-                attempt,
-                at,
-            } => {
-                c.execute(
-                    "UPDATE jobs SET state = 'running', attempts = $4,
-                            started_at = COALESCE(started_at, $5)
-                     WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
-                    &[
-                        &key,
-                        &i64::from(jk.block),
-                        &i64::from(jk.job),
-                        &i64::from(*attempt),
-                        &at.0,
-                    ],
-                )
-                .await
-            }
-            Transition::JobFinished {
-                key: jk,
-                state,
-                at,
-                error,
-                exit_code,
-                output,
-            } => {
-                c.execute(
-                    "UPDATE jobs SET state = $4, ended_at = $5, error = $6, exit_code = $7,
-                            output = $8
-                     WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
-                    &[
-                        &key,
-                        &i64::from(jk.block),
-                        &i64::from(jk.job),
-                        &state.as_str(),
-                        &at.0,
-                        error,
-                        exit_code,
-                        output,
-                    ],
-                )
-                .await
-            }
-            Transition::JobInterrupted { key: jk, error } => {
-                c.execute(
-                    "UPDATE jobs SET state = 'pending', error = $4
-                     WHERE run_id = $1 AND block_idx = $2 AND idx = $3 AND state = 'running'",
-                    &[&key, &i64::from(jk.block), &i64::from(jk.job), error],
-                )
-                .await
-            }
-            Transition::BlockFinished { block, state, at } => {
-                let b = i64::from(*block);
-                match c
-                    .execute(
-                        "UPDATE blocks SET state = $3, ended_at = $4 WHERE run_id = $1 AND idx = $2",
-                        &[&key, &b, &state.as_str(), &at.0],
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        c.execute(
-                            "UPDATE jobs SET state = 'skipped'
-                             WHERE run_id = $1 AND block_idx = $2 AND state = 'pending'",
-                            &[&key, &b],
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Transition::RunFinished {
-                state,
-                at,
-                error,
-                stop_cause,
-            } => {
-                let leftover = leftover_state(*state);
-                finish_run(c, &key, *state, *at, error, stop_cause, leftover).await
-            }
-            Transition::RunInterrupted { cause } => {
-                c.execute(
-                    "UPDATE runs SET stop_cause = $2 WHERE id = $1",
-                    &[&key, &to_json(cause)],
-                )
-                .await
-            }
-        };
-        res.map_err(db_err)?;
+        statements(&key, t, &mut owned);
     }
-    Ok(())
+    let stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = owned
+        .iter()
+        .map(|(sql, ps)| {
+            (
+                *sql,
+                ps.iter()
+                    .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                    .collect(),
+            )
+        })
+        .collect();
+    c.execute_all(&stmts).await.map_err(db_err)
 }
 
-async fn finish_run(
-    c: &Conn,
-    key: &str,
-    state: RunState,
-    at: Timestamp,
-    error: &Option<String>,
-    stop_cause: &Option<StopCause>,
-    leftover: &str,
-) -> std::result::Result<u64, tokio_postgres::Error> {
-    c.execute(
-        "UPDATE runs SET state = $2, ended_at = $3, error = $4, stop_cause = $5,
-                cancel_requested = NULL, lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1",
-        &[
-            &key,
-            &state.as_str(),
-            &at.0,
+type Param = Box<dyn ToSql + Sync + Send>;
+
+fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
+    Box::new(v)
+}
+
+/// The SQL for one transition, appended to `out`.
+fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>)>) {
+    let k = || p(key.to_owned());
+    match t {
+        Transition::RunRunning { at } => out.push((
+            "UPDATE runs SET state = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1",
+            vec![k(), p(at.0)],
+        )),
+        Transition::RunPaused { .. } => {
+            out.push(("UPDATE runs SET state = 'paused' WHERE id = $1", vec![k()]));
+        }
+        Transition::BlockStarted { block, at } => out.push((
+            "UPDATE blocks SET state = 'running', started_at = COALESCE(started_at, $3)
+             WHERE run_id = $1 AND idx = $2",
+            vec![k(), p(i64::from(*block)), p(at.0)],
+        )),
+        Transition::JobStarted {
+            key: jk,
+            attempt,
+            at,
+        } => out.push((
+            "UPDATE jobs SET state = 'running', attempts = $4, started_at = COALESCE(started_at, $5)
+             WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
+            vec![
+                k(),
+                p(i64::from(jk.block)),
+                p(i64::from(jk.job)),
+                p(i64::from(*attempt)),
+                p(at.0),
+            ],
+        )),
+        Transition::JobFinished {
+            key: jk,
+            state,
+            at,
             error,
-            &stop_cause.as_ref().map(to_json),
-        ],
-    )
-    .await?;
-    c.execute(
-        "UPDATE blocks SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
-                ended_at = COALESCE(ended_at, $3)
-         WHERE run_id = $1 AND state IN ('pending', 'running')",
-        &[&key, &leftover, &at.0],
-    )
-    .await?;
-    c.execute(
-        "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
-                ended_at = CASE state WHEN 'running' THEN $3 ELSE ended_at END
-         WHERE run_id = $1 AND state IN ('pending', 'running')",
-        &[&key, &leftover, &at.0],
-    )
-    .await
+            exit_code,
+            output,
+        } => out.push((
+            "UPDATE jobs SET state = $4, ended_at = $5, error = $6, exit_code = $7, output = $8
+             WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
+            vec![
+                k(),
+                p(i64::from(jk.block)),
+                p(i64::from(jk.job)),
+                p(state.as_str()),
+                p(at.0),
+                p(error.clone()),
+                p(*exit_code),
+                p(output.clone()),
+            ],
+        )),
+        Transition::JobInterrupted { key: jk, error } => out.push((
+            "UPDATE jobs SET state = 'pending', error = $4
+             WHERE run_id = $1 AND block_idx = $2 AND idx = $3 AND state = 'running'",
+            vec![
+                k(),
+                p(i64::from(jk.block)),
+                p(i64::from(jk.job)),
+                p(error.clone()),
+            ],
+        )),
+        Transition::BlockFinished { block, state, at } => {
+            out.push((
+                "UPDATE blocks SET state = $3, ended_at = $4 WHERE run_id = $1 AND idx = $2",
+                vec![k(), p(i64::from(*block)), p(state.as_str()), p(at.0)],
+            ));
+            out.push((
+                "UPDATE jobs SET state = 'skipped'
+                 WHERE run_id = $1 AND block_idx = $2 AND state = 'pending'",
+                vec![k(), p(i64::from(*block))],
+            ));
+        }
+        Transition::RunFinished {
+            state,
+            at,
+            error,
+            stop_cause,
+        } => {
+            let leftover = leftover_state(*state);
+            out.push((
+                "UPDATE runs SET state = $2, ended_at = $3, error = $4, stop_cause = $5,
+                        cancel_requested = NULL, lease_owner = NULL, lease_expires_at = NULL
+                 WHERE id = $1",
+                vec![
+                    k(),
+                    p(state.as_str()),
+                    p(at.0),
+                    p(error.clone()),
+                    p(stop_cause.as_ref().map(to_json)),
+                ],
+            ));
+            out.push((
+                "UPDATE blocks SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
+                        ended_at = COALESCE(ended_at, $3)
+                 WHERE run_id = $1 AND state IN ('pending', 'running')",
+                vec![k(), p(leftover), p(at.0)],
+            ));
+            out.push((
+                "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
+                        ended_at = CASE state WHEN 'running' THEN $3 ELSE ended_at END
+                 WHERE run_id = $1 AND state IN ('pending', 'running')",
+                vec![k(), p(leftover), p(at.0)],
+            ));
+        }
+        Transition::RunInterrupted { cause } => out.push((
+            "UPDATE runs SET stop_cause = $2 WHERE id = $1",
+            vec![k(), p(to_json(cause))],
+        )),
+    }
 }
