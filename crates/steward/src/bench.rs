@@ -384,7 +384,12 @@ async fn startup_and_rss() -> anyhow::Result<(Duration, u64)> {
 
 pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
     println!(
-        "steward bench: SQLite WAL, synchronous=FULL, gRPC over loopback, {} cores",
+        "steward bench: {}, gRPC over loopback, {} cores",
+        if o.database.is_some() {
+            "core figures on PostgreSQL, the rest on SQLite"
+        } else {
+            "SQLite WAL, synchronous=FULL"
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     match o.suite.as_str() {
