@@ -139,6 +139,26 @@ async fn claim_loop(inner: &Arc<Inner>) {
             }
             Err(e) => tracing::warn!(error = %e, "claiming orphaned runs failed; retrying"),
         }
+        // Runs leased to this node that no task drives: their task gave up on a store error
+        // (a lost connection, say). Their leases are renewed with the others', so no node
+        // would claim them: drive them again, from their first unfinished job.
+        match inner.store.recover(&inner.opts.node_id, until, 1000).await {
+            Ok(ids) => {
+                let held = held_runs(inner);
+                let undriven: Vec<RunId> =
+                    ids.into_iter().filter(|id| !held.contains(id)).collect();
+                if !undriven.is_empty() {
+                    tracing::info!(
+                        runs = undriven.len(),
+                        "resuming runs of this node that stopped on a store error"
+                    );
+                }
+                for id in undriven {
+                    spawn_run(inner, id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "looking for undriven runs failed; retrying"),
+        }
     }
 }
 

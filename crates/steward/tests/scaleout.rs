@@ -234,3 +234,107 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
         assert_eq!(status(&mut c, &id).await.state, "stopped");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_mid_run_is_ridden_out() {
+    let mut pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("jobs.log");
+    let job = sh(&format!(
+        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        l = log.display()
+    ));
+    let yaml = format!(
+        "name: erase\nblocks:\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n"
+    );
+    // The e-stop list in a file here: this is about the runs' store riding out the outage.
+    let mut env = node_env(&url);
+    env.push(("STEWARD_ESTOP_SOURCE", "file".to_owned()));
+    let node = start_node(&dir.path().join("a"), &env).await;
+    let mut c = node.client().await;
+    let id = submit(&mut c, &yaml).await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("two jobs to finish", LONG, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.matches("done ").count() >= 2)
+    })
+    .await;
+
+    pg.restart(Duration::from_secs(2)).await;
+
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "completed", "{run:?}\n{}", node.log_text());
+    let starts = starts(&log);
+    assert_eq!(starts.len(), 8, "every job ran");
+    assert!(
+        starts.values().all(|&n| n <= 2),
+        "a job runs again only if the outage caught it in flight: {starts:?}"
+    );
+    let (code, _) = http_get(&node.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 200);
+    // New work goes through again.
+    let again = submit(&mut c, "name: erase\nblocks:\n  - jobs: [{action: noop}]\n").await;
+    c.exec(pb::ExecRequest { id: again.clone() }).await.unwrap();
+    assert_eq!(wait_terminal(&mut c, &again, LONG).await.state, "completed");
+}
+
+/// With the e-stop list in the database, a database that cannot be read stops everything (fail
+/// closed) and says so, until it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fails_closed_when_the_estop_lives_there() {
+    let mut pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&dir.path().join("a"), &node_env(&url)).await;
+    let mut c = node.client().await;
+    let pidfile = dir.path().join("pid");
+    let job = sh(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let id = submit(
+        &mut c,
+        &format!("name: erase\nblocks:\n  - jobs: [{job}]\n"),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("the job to start", LONG, || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    let child: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let addr = node.addr.clone();
+    let watch = async {
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Some((503, body)) = http_get(&addr, "/readyz").await {
+                assert!(body.contains("estop_unreadable"), "{body}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reported the unreadable list"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::join!(pg.restart(Duration::from_secs(3)), watch);
+    eventually("the in-flight job to be stopped", LONG, || {
+        process_gone(child)
+    })
+    .await;
+    let deadline = std::time::Instant::now() + LONG;
+    while http_get(&node.addr, "/readyz").await.map(|(code, _)| code) != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the alert never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.log_text().contains("e-stop"), "{}", node.log_text());
+}

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub struct PgServer {
     dir: tempfile::TempDir,
     child: Child,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
     pub port: u16,
     next_db: AtomicUsize,
 }
@@ -103,35 +105,45 @@ impl PgServer {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-        if let Some((uid, gid)) = user {
-            std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid))
-                .unwrap();
-        }
-        let child = command(&bin, "postgres", user)
-            .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
-            .args(["-k", dir.path().to_str().unwrap()])
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=300",
-            ])
-            .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
-            .args(["-c", "shared_buffers=32MB", "-c", "max_wal_size=256MB"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn(&bin, user, dir.path(), port);
         let mut server = PgServer {
             dir,
             child,
+            bin,
+            user,
             port,
             next_db: AtomicUsize::new(0),
         };
         server.wait_ready().await;
         server
+    }
+
+    /// Stops the server at once (as a crash would), keeps it down for `down_for`, then starts
+    /// it again on the same port and data.
+    pub async fn restart(&mut self, down_for: Duration) {
+        self.stop_now();
+        tokio::time::sleep(down_for).await;
+        self.child = spawn(&self.bin, self.user, self.dir.path(), self.port);
+        self.wait_ready().await;
+    }
+
+    fn stop_now(&mut self) {
+        // SIGQUIT: immediate shutdown, the postmaster ends its backends.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     async fn wait_ready(&mut self) {
@@ -188,21 +200,40 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // SIGQUIT: immediate shutdown, the postmaster ends its backends; then the directory goes.
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGQUIT,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::park_timeout(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop_now();
     }
+}
+
+/// Starts `postgres` on the data directory `dir/data`, logging to `dir/postgres.log`.
+fn spawn(bin: &Path, user: Option<(u32, u32)>, dir: &Path, port: u16) -> Child {
+    let log_path = dir.join("postgres.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).unwrap();
+    }
+    command(bin, "postgres", user)
+        .args([
+            "-D",
+            dir.join("data").to_str().unwrap(),
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-k", dir.to_str().unwrap()])
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+        ])
+        .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
+        .args(["-c", "shared_buffers=32MB", "-c", "max_wal_size=256MB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
