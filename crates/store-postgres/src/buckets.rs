@@ -38,16 +38,12 @@ impl BucketStore for PgStore {
                     .await
                     .map_err(db_err)?;
                 let tokens: i64 = get(&row, 0)?;
-                let state = u64::try_from(tokens).ok().map(|tokens| BucketState {
-                    tokens,
-                    refilled_at: Timestamp(0),
-                });
-                let state = match state {
-                    Some(s) => Some(BucketState {
+                let state = match u64::try_from(tokens) {
+                    Ok(tokens) => Some(BucketState {
+                        tokens,
                         refilled_at: Timestamp(get(&row, 1)?),
-                        ..s
                     }),
-                    None => None,
+                    Err(_) => None,
                 };
                 let granted_before = c
                     .query_opt(
@@ -57,13 +53,7 @@ impl BucketStore for PgStore {
                     .await
                     .map_err(db_err)?;
                 if granted_before.is_some() {
-                    let now_state = spec.refilled(state, now);
-                    return Ok(BucketTake {
-                        granted: true,
-                        already: true,
-                        tokens_left: now_state.tokens,
-                        next_token_at: now,
-                    });
+                    return Ok(BucketTake::regranted(&spec, state, now));
                 }
                 let take = spec.take(state, now);
                 c.execute(
@@ -84,12 +74,7 @@ impl BucketStore for PgStore {
                     .await
                     .map_err(db_err)?;
                 }
-                Ok(BucketTake {
-                    granted: take.granted,
-                    already: false,
-                    tokens_left: take.state.tokens,
-                    next_token_at: take.next_token_at,
-                })
+                Ok(BucketTake::first(&take))
             })
         })
         .await

@@ -7,7 +7,8 @@ use store::{EStopStore, Error, Result};
 use tokio_postgres::Row;
 
 use crate::rows::get;
-use crate::{Conn, PgStore, db_err, to_json};
+use crate::{Conn, PgStore, db_err};
+use store::codec::to_json;
 
 async fn append(c: &Conn, records: &[AuditRecord]) -> Result<()> {
     for r in records {

@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use futures::future::BoxFuture;
+use store::codec::to_json;
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
@@ -216,10 +217,6 @@ fn pool_err(e: deadpool_postgres::PoolError) -> Error {
         deadpool_postgres::PoolError::Backend(e) => db_err(e),
         other => Error::Unavailable(format!("the database connection pool: {other}")),
     }
-}
-
-pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 /// Connects one client and drives its connection on `tracker`.
@@ -525,7 +522,7 @@ impl RunStore for PgStore {
                     .await
                     .map_err(db_err)?
                     .ok_or(Error::NotFound(id))?;
-                let state = rows::parse_run_state(&rows::get::<String>(&row, 0)?)?;
+                let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
                 let expires_at: Option<i64> = rows::get(&row, 1)?;
                 let created_at: i64 = rows::get(&row, 2)?;
                 if state != RunState::Submitted {
@@ -564,7 +561,7 @@ impl RunStore for PgStore {
                     .await
                     .map_err(db_err)?
                     .ok_or(Error::NotFound(id))?;
-                let state = rows::parse_run_state(&rows::get::<String>(&row, 0)?)?;
+                let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
                 let owner: Option<String> = rows::get(&row, 1)?;
                 if state.is_terminal() {
                     return Ok(CancelOutcome::AlreadyFinished(state));
@@ -603,7 +600,7 @@ impl RunStore for PgStore {
                     .map_err(db_err)?;
                 let mut ids = Vec::with_capacity(due.len());
                 for row in due {
-                    let id = rows::parse_id(&rows::get::<String>(&row, 0)?)?;
+                    let id = store::codec::run_id(&rows::get::<String>(&row, 0)?)?;
                     let expires_at: i64 = rows::get(&row, 1)?;
                     let created_at: i64 = rows::get(&row, 2)?;
                     let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
@@ -686,12 +683,12 @@ impl RunStore for PgStore {
                 let mut ours = std::collections::HashSet::new();
                 let mut renewal = LeaseRenewal::default();
                 for r in rows_ {
-                    let id = rows::parse_id(&rows::get::<String>(&r, 0)?)?;
+                    let id = store::codec::run_id(&rows::get::<String>(&r, 0)?)?;
                     let cancel: Option<String> = rows::get(&r, 1)?;
                     if let Some(cause) = cancel {
                         renewal
                             .cancel_requested
-                            .push((id, rows::parse_json(&cause)?));
+                            .push((id, store::codec::json(&cause)?));
                     }
                     ours.insert(id);
                 }

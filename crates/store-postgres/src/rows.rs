@@ -4,33 +4,17 @@ use std::fmt::Write as _;
 
 use deadpool_postgres::GenericClient;
 use domain::{
-    BlockStatus, JobState, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause,
-    Timestamp,
+    BlockStatus, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp,
 };
-use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, Transition};
+use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, Transition, codec};
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql};
 
-use crate::{Conn, db_err, to_json};
+use crate::{Conn, db_err};
+use store::codec::to_json;
 
 pub(crate) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     row.try_get(i).map_err(|e| Error::Corrupt(e.to_string()))
-}
-
-pub(crate) fn parse_run_state(s: &str) -> Result<RunState> {
-    s.parse().map_err(Error::Corrupt)
-}
-
-fn parse_job_state(s: &str) -> Result<JobState> {
-    s.parse().map_err(Error::Corrupt)
-}
-
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("{e}: {s}")))
-}
-
-pub(crate) fn parse_id(s: &str) -> Result<RunId> {
-    s.parse().map_err(|e| Error::Corrupt(format!("{e}")))
 }
 
 fn ts(v: Option<i64>) -> Option<Timestamp> {
@@ -49,7 +33,7 @@ pub(crate) async fn collect_ids(
     let rows = c.query(sql, p).await.map_err(db_err)?;
     let mut ids = rows
         .iter()
-        .map(|r| parse_id(&get::<String>(r, 0)?))
+        .map(|r| codec::run_id(&get::<String>(r, 0)?))
         .collect::<Result<Vec<_>>>()?;
     ids.sort();
     Ok(ids)
@@ -88,7 +72,7 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
             .await
             .map_err(db_err)?;
         return Ok(Submitted {
-            id: parse_id(&get::<String>(&row, 0)?)?,
+            id: codec::run_id(&get::<String>(&row, 0)?)?,
             created: false,
         });
     }
@@ -142,7 +126,7 @@ pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> 
         .map_err(db_err)?
     {
         blocks.push(BlockStatus {
-            state: parse_job_state(&get::<String>(&r, 0)?)?,
+            state: codec::job_state(&get::<String>(&r, 0)?)?,
             started_at: ts(get(&r, 1)?),
             ended_at: ts(get(&r, 2)?),
             jobs: Vec::new(),
@@ -160,7 +144,7 @@ pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> 
         let bi: i64 = get(&r, 0)?;
         let bi = usize::try_from(bi).unwrap_or(usize::MAX);
         let job = JobStatus {
-            state: parse_job_state(&get::<String>(&r, 1)?)?,
+            state: codec::job_state(&get::<String>(&r, 1)?)?,
             attempts: count(get(&r, 2)?)?,
             started_at: ts(get(&r, 3)?),
             ended_at: ts(get(&r, 4)?),
@@ -179,18 +163,18 @@ pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> 
     let cloned: Option<String> = get(&row, 11)?;
     Ok(Run {
         id,
-        spec: parse_json(&get::<String>(&row, 0)?)?,
-        state: parse_run_state(&get::<String>(&row, 1)?)?,
+        spec: codec::json(&get::<String>(&row, 0)?)?,
+        state: codec::run_state(&get::<String>(&row, 1)?)?,
         created_at: Timestamp(get(&row, 2)?),
         started_at: ts(get(&row, 3)?),
         ended_at: ts(get(&row, 4)?),
         expires_at: ts(get(&row, 5)?),
         error: get(&row, 6)?,
-        stop_cause: stop.as_deref().map(parse_json).transpose()?,
+        stop_cause: stop.as_deref().map(codec::json).transpose()?,
         lease_owner: get::<Option<String>>(&row, 9)?.map(NodeId),
         lease_expires_at: ts(get(&row, 10)?),
-        cloned_from: cloned.as_deref().map(parse_id).transpose()?,
-        cancel_requested: cancel.as_deref().map(parse_json).transpose()?,
+        cloned_from: cloned.as_deref().map(codec::run_id).transpose()?,
+        cancel_requested: cancel.as_deref().map(codec::json).transpose()?,
         blocks,
     })
 }
@@ -233,28 +217,19 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
     for r in &rows {
         let stop: Option<String> = get(r, 9)?;
         runs.push(RunSummary {
-            id: parse_id(&get::<String>(r, 0)?)?,
+            id: codec::run_id(&get::<String>(r, 0)?)?,
             name: get(r, 1)?,
             desc: get::<Option<String>>(r, 2)?.unwrap_or_default(),
-            labels: parse_json(&get::<String>(r, 3)?)?,
-            state: parse_run_state(&get::<String>(r, 4)?)?,
+            labels: codec::json(&get::<String>(r, 3)?)?,
+            state: codec::run_state(&get::<String>(r, 4)?)?,
             created_at: Timestamp(get(r, 5)?),
             started_at: ts(get(r, 6)?),
             ended_at: ts(get(r, 7)?),
             error: get(r, 8)?,
-            stop_cause: stop.as_deref().map(parse_json).transpose()?,
+            stop_cause: stop.as_deref().map(codec::json).transpose()?,
         });
     }
-    let next_page_token = if runs.len() > size as usize {
-        runs.truncate(size as usize);
-        runs.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
-    Ok(RunPage {
-        runs,
-        next_page_token,
-    })
+    Ok(RunPage::from_overfetched(runs, size))
 }
 
 /// Ends a run that never started (cancelled or expired before Exec).
@@ -293,15 +268,6 @@ pub(crate) async fn finish_unstarted(
     .await
     .map_err(db_err)?;
     Ok(())
-}
-
-/// What unfinished jobs and blocks become when their run ends in `state`.
-fn leftover_state(state: RunState) -> &'static str {
-    match state {
-        RunState::Stopped => "stopped",
-        RunState::Cancelled => "cancelled",
-        _ => "skipped",
-    }
 }
 
 pub(crate) async fn apply(
@@ -435,7 +401,7 @@ fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>
             error,
             stop_cause,
         } => {
-            let leftover = leftover_state(*state);
+            let leftover = store::leftover_state(*state).as_str();
             out.push((
                 "UPDATE runs SET state = $2, ended_at = $3, error = $4, stop_cause = $5,
                         cancel_requested = NULL, lease_owner = NULL, lease_expires_at = NULL

@@ -36,13 +36,7 @@ impl BucketStore for SqliteStore {
                 .and_then(|mut s| s.query_row(params![grant_key, bucket], |r| r.get(0)).optional())
                 .map_err(db_err)?;
             if granted_before.is_some() {
-                let now_state = spec.refilled(state, now);
-                return Ok(BucketTake {
-                    granted: true,
-                    already: true,
-                    tokens_left: now_state.tokens,
-                    next_token_at: now,
-                });
+                return Ok(BucketTake::regranted(&spec, state, now));
             }
             let take = spec.take(state, now);
             c.prepare_cached(
@@ -62,12 +56,7 @@ impl BucketStore for SqliteStore {
                     .and_then(|mut s| s.execute(params![grant_key, bucket, now.0]))
                     .map_err(db_err)?;
             }
-            Ok(BucketTake {
-                granted: take.granted,
-                already: false,
-                tokens_left: take.state.tokens,
-                next_token_at: take.next_token_at,
-            })
+            Ok(BucketTake::first(&take))
         })
         .await
     }

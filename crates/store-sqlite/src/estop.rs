@@ -5,7 +5,8 @@ use domain::estop::{AuditRecord, EStopList, EStopState, Target};
 use rusqlite::{Connection, OptionalExtension, params};
 use store::{EStopStore, Error, Result};
 
-use crate::{SqliteStore, db_err, to_json};
+use crate::{SqliteStore, db_err};
+use store::codec::to_json;
 
 fn version(c: &Connection) -> Result<i64> {
     c.prepare_cached("SELECT version FROM estop_list WHERE id = 1")

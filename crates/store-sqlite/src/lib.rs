@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use store::codec::to_json;
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
@@ -248,10 +249,6 @@ impl SqliteStore {
 
 const EXECUTING: &str = "('queued','running','paused')";
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
-
 #[async_trait]
 impl RunStore for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
@@ -324,7 +321,7 @@ impl RunStore for SqliteStore {
                 .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
                 .map_err(db_err)?;
             let (state, expires_at, created_at) = row.ok_or(Error::NotFound(id))?;
-            let state = rows::parse_run_state(&state)?;
+            let state = store::codec::run_state(&state)?;
             if state != RunState::Submitted {
                 return Ok(ExecOutcome::AlreadyStarted(state));
             }
@@ -351,7 +348,7 @@ impl RunStore for SqliteStore {
                 .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
                 .map_err(db_err)?;
             let (state, owner) = row.ok_or(Error::NotFound(id))?;
-            let state = rows::parse_run_state(&state)?;
+            let state = store::codec::run_state(&state)?;
             if state.is_terminal() {
                 return Ok(CancelOutcome::AlreadyFinished(state));
             }
@@ -464,7 +461,7 @@ impl RunStore for SqliteStore {
                 let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
                 let cancel: Option<String> = r.get(1).map_err(db_err)?;
                 if let Some(cause) = cancel {
-                    renewal.cancel_requested.push((id, rows::parse_json(&cause)?));
+                    renewal.cancel_requested.push((id, store::codec::json(&cause)?));
                 }
                 ours.insert(id);
             }

@@ -3,29 +3,13 @@
 use std::fmt::Write as _;
 
 use domain::{
-    BlockStatus, JobState, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause,
-    Timestamp,
+    BlockStatus, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, Params, params};
-use store::{Error, Result, RunFilter, RunPage, Transition};
+use store::{Error, Result, RunFilter, RunPage, Transition, codec};
 
-use crate::{db_err, to_json};
-
-pub(crate) fn parse_run_state(s: &str) -> Result<RunState> {
-    s.parse().map_err(Error::Corrupt)
-}
-
-fn parse_job_state(s: &str) -> Result<JobState> {
-    s.parse().map_err(Error::Corrupt)
-}
-
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("{e}: {s}")))
-}
-
-fn parse_id(s: &str) -> Result<RunId> {
-    s.parse().map_err(|e| Error::Corrupt(format!("{e}")))
-}
+use crate::db_err;
+use store::codec::to_json;
 
 fn ts(v: Option<i64>) -> Option<Timestamp> {
     v.map(Timestamp)
@@ -37,7 +21,7 @@ pub(crate) fn collect_ids(c: &Connection, sql: &str, p: impl Params) -> Result<V
         .query_map(p, |r| r.get::<_, String>(0))
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(db_err)?;
-    ids.iter().map(|s| parse_id(s)).collect()
+    ids.iter().map(|s| codec::run_id(s)).collect()
 }
 
 pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
@@ -108,7 +92,7 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
         while let Some(r) = q.next().map_err(db_err)? {
             let state: String = r.get(0).map_err(db_err)?;
             blocks.push(BlockStatus {
-                state: parse_job_state(&state)?,
+                state: codec::job_state(&state)?,
                 started_at: ts(r.get(1).map_err(db_err)?),
                 ended_at: ts(r.get(2).map_err(db_err)?),
                 jobs: Vec::new(),
@@ -128,7 +112,7 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
             let bi = usize::try_from(bi).unwrap_or(usize::MAX);
             let state: String = r.get(1).map_err(db_err)?;
             let job = JobStatus {
-                state: parse_job_state(&state)?,
+                state: codec::job_state(&state)?,
                 attempts: r.get(2).map_err(db_err)?,
                 started_at: ts(r.get(3).map_err(db_err)?),
                 ended_at: ts(r.get(4).map_err(db_err)?),
@@ -145,18 +129,18 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
     }
     Ok(Run {
         id,
-        spec: parse_json(&spec)?,
-        state: parse_run_state(&state)?,
+        spec: codec::json(&spec)?,
+        state: codec::run_state(&state)?,
         created_at: Timestamp(created),
         started_at: ts(started),
         ended_at: ts(ended),
         expires_at: ts(expires),
         error,
-        stop_cause: stop.as_deref().map(parse_json).transpose()?,
+        stop_cause: stop.as_deref().map(codec::json).transpose()?,
         lease_owner: owner.map(NodeId),
         lease_expires_at: ts(lease_exp),
-        cloned_from: cloned.as_deref().map(parse_id).transpose()?,
-        cancel_requested: cancel.as_deref().map(parse_json).transpose()?,
+        cloned_from: cloned.as_deref().map(codec::run_id).transpose()?,
+        cancel_requested: cancel.as_deref().map(codec::json).transpose()?,
         blocks,
     })
 }
@@ -201,31 +185,22 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
         let state: String = r.get(4).map_err(db_err)?;
         let stop: Option<String> = r.get(9).map_err(db_err)?;
         runs.push(RunSummary {
-            id: parse_id(&id)?,
+            id: codec::run_id(&id)?,
             name: r.get(1).map_err(db_err)?,
             desc: r
                 .get::<_, Option<String>>(2)
                 .map_err(db_err)?
                 .unwrap_or_default(),
-            labels: parse_json(&labels)?,
-            state: parse_run_state(&state)?,
+            labels: codec::json(&labels)?,
+            state: codec::run_state(&state)?,
             created_at: Timestamp(r.get(5).map_err(db_err)?),
             started_at: ts(r.get(6).map_err(db_err)?),
             ended_at: ts(r.get(7).map_err(db_err)?),
             error: r.get(8).map_err(db_err)?,
-            stop_cause: stop.as_deref().map(parse_json).transpose()?,
+            stop_cause: stop.as_deref().map(codec::json).transpose()?,
         });
     }
-    let next_page_token = if runs.len() > size as usize {
-        runs.truncate(size as usize);
-        runs.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
-    Ok(RunPage {
-        runs,
-        next_page_token,
-    })
+    Ok(RunPage::from_overfetched(runs, size))
 }
 
 /// Ends a run that never started (cancelled or expired before Exec).
@@ -249,15 +224,6 @@ pub(crate) fn finish_unstarted(
         .and_then(|mut s| s.execute([&key]))
         .map_err(db_err)?;
     Ok(())
-}
-
-/// What unfinished jobs and blocks become when their run ends in `state`.
-fn leftover_state(state: RunState) -> &'static str {
-    match state {
-        RunState::Stopped => "stopped",
-        RunState::Cancelled => "cancelled",
-        _ => "skipped",
-    }
 }
 
 pub(crate) fn apply(
@@ -330,7 +296,7 @@ pub(crate) fn apply(
                     .and_then(|mut s| s.execute(params![key, block]))
                 }),
             Transition::RunFinished { state, at, error, stop_cause } => {
-                let leftover = leftover_state(*state);
+                let leftover = store::leftover_state(*state).as_str();
                 c.prepare_cached(
                     "UPDATE runs SET state = ?2, ended_at = ?3, error = ?4, stop_cause = ?5, cancel_requested = NULL,
                             lease_owner = NULL, lease_expires_at = NULL

@@ -13,6 +13,7 @@ use domain::{
     JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec,
 };
 
+pub mod codec;
 pub mod conformance;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -104,6 +105,33 @@ pub struct RunPage {
     /// Newest first.
     pub runs: Vec<RunSummary>,
     pub next_page_token: Option<String>,
+}
+
+impl RunPage {
+    /// A page of `size` from up to `size + 1` runs read newest first: the one past the page
+    /// says there is a next page, which starts after the page's last run.
+    pub fn from_overfetched(mut runs: Vec<RunSummary>, size: u32) -> RunPage {
+        let size = size as usize;
+        let next_page_token = if runs.len() > size {
+            runs.truncate(size);
+            runs.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        RunPage {
+            runs,
+            next_page_token,
+        }
+    }
+}
+
+/// What the unfinished jobs and blocks of a run become when it ends in `state`.
+pub fn leftover_state(state: RunState) -> JobState {
+    match state {
+        RunState::Stopped => JobState::Stopped,
+        RunState::Cancelled => JobState::Cancelled,
+        _ => JobState::Skipped,
+    }
 }
 
 /// A change the engine makes to a run it holds the lease of.
@@ -281,6 +309,33 @@ pub struct BucketTake {
     pub tokens_left: u64,
     /// When the next token is due (when not granted).
     pub next_token_at: Timestamp,
+}
+
+impl BucketTake {
+    /// The answer to a job that was granted a token before (re-run after a crash): granted
+    /// again, no token taken.
+    pub fn regranted(
+        spec: &ratelimit::BucketSpec,
+        state: Option<ratelimit::BucketState>,
+        now: Timestamp,
+    ) -> BucketTake {
+        BucketTake {
+            granted: true,
+            already: true,
+            tokens_left: spec.refilled(state, now).tokens,
+            next_token_at: now,
+        }
+    }
+
+    /// The answer to a first take.
+    pub fn first(take: &ratelimit::Take) -> BucketTake {
+        BucketTake {
+            granted: take.granted,
+            already: false,
+            tokens_left: take.state.tokens,
+            next_token_at: take.next_token_at,
+        }
+    }
 }
 
 /// Named token buckets shared by every run and node, persisted: a restart neither refills
