@@ -1,4 +1,5 @@
-//! The e-stop list in the database (the same store as runs), polled by version.
+//! The e-stop list in the database (the same store as runs): polled by version, and woken at
+//! once by the database's change signal where it has one (PostgreSQL's `LISTEN/NOTIFY`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,6 +25,9 @@ pub struct DbSource {
     store: Arc<dyn EStopStore>,
     clock: Arc<dyn Clock>,
     poll: Duration,
+    /// The database's change signal, where it has one: a change is seen at once instead of
+    /// at the next poll.
+    notes: tokio::sync::Mutex<Option<tokio::sync::watch::Receiver<u64>>>,
     /// The version last loaded (-1 before the first load).
     seen: AtomicI64,
 }
@@ -32,10 +36,24 @@ impl DbSource {
     /// `poll`: how often `changed()` checks the version ([`DEFAULT_POLL`] is a good value).
     pub fn new(store: Arc<dyn EStopStore>, clock: Arc<dyn Clock>, poll: Duration) -> DbSource {
         DbSource {
+            notes: tokio::sync::Mutex::new(store.estop_notifications()),
             store,
             clock,
             poll: poll.max(Duration::from_millis(1)),
             seen: AtomicI64::new(-1),
+        }
+    }
+
+    /// A source that only polls, even where the database signals changes (to compare the two).
+    pub fn poll_only(
+        store: Arc<dyn EStopStore>,
+        clock: Arc<dyn Clock>,
+        poll: Duration,
+    ) -> DbSource {
+        let s = DbSource::new(store, clock, poll);
+        DbSource {
+            notes: tokio::sync::Mutex::new(None),
+            ..s
         }
     }
 
@@ -145,9 +163,25 @@ impl Source for DbSource {
         .await
     }
 
+    fn settle(&self) -> Duration {
+        // A save is one transaction: there is no half-written list to wait out.
+        Duration::ZERO
+    }
+
     async fn changed(&self) {
+        let mut notes = self.notes.lock().await;
         loop {
-            tokio::time::sleep(self.poll).await;
+            match notes.as_mut() {
+                Some(rx) => tokio::select! {
+                    r = rx.changed() => match r {
+                        Ok(()) => return,
+                        // The store is gone: poll from now on.
+                        Err(_) => *notes = None,
+                    },
+                    () = tokio::time::sleep(self.poll) => {}
+                },
+                None => tokio::time::sleep(self.poll).await,
+            }
             match self.store.estop_version().await {
                 Ok(v) if v == self.seen.load(Ordering::Relaxed) => {}
                 // A new version, or a store that fails: the next load says which.

@@ -112,6 +112,13 @@ pub trait Source: Send + Sync + 'static {
     /// (the service re-reads on a tick anyway). Must be cancel-safe.
     async fn changed(&self);
 
+    /// How long to let a burst of changes end after [`Source::changed`] before reading: a file
+    /// written in place is truncated, then written. A source whose changes are whole (a
+    /// transaction) reads at once.
+    fn settle(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(30)
+    }
+
     /// The audit trail, newest first (see `store::EStopStore::audit_list`).
     async fn audit(
         &self,

@@ -14,9 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::{Source, SourceError};
 
-/// After an event, wait this long for the burst to end (an editor truncates, then writes)
-/// before reading. A read that fails right after a good one is tried once more after this long
-/// before the list counts as unreadable.
+/// A read that fails right after a good one is tried once more after this long before the list
+/// counts as unreadable (a writer caught mid-write).
 const SETTLE: Duration = Duration::from_millis(30);
 
 /// The source of changes made through [`EStopHandle::set`] and [`EStopHandle::clear`].
@@ -98,7 +97,7 @@ impl Shared {
                 _ = cancel.cancelled() => return,
                 _ = async {
                     if event {
-                        tokio::time::sleep(SETTLE).await;
+                        tokio::time::sleep(self.source.settle()).await;
                     }
                     self.reload(true).await;
                 } => {}

@@ -397,6 +397,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "shutdown" => shutdown(&o).await,
         "estop" => estop_suite(&o).await,
         "policy" => policy_suite(&o).await,
+        "scaleout" => scaleout_suite(&o).await,
         "all" => {
             core(&o).await?;
             shutdown(&o).await?;
@@ -404,7 +405,9 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
             policy_suite(&o).await
         }
         other => {
-            anyhow::bail!("--suite {other:?}: expected core, shutdown, estop, policy or all")
+            anyhow::bail!(
+                "--suite {other:?}: expected core, shutdown, estop, policy, scaleout or all"
+            )
         }
     }
 }
@@ -899,5 +902,97 @@ async fn policy_suite(o: &BenchOpts) -> anyhow::Result<()> {
         ms(percentile(&b, 0.99)),
         pb.as_secs_f64() / pa.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Two nodes' e-stop services on one PostgreSQL database: `trials` changes set through one,
+/// each timed until the other's list shows it.
+async fn cross_node_propagation(
+    url: &str,
+    notify: bool,
+    trials: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    use domain::estop::{EStopState, Target};
+    let db_tasks = TaskTracker::new();
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
+    let mut handles = Vec::new();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let store = Arc::new(store_postgres::PgStore::connect(url, &db_tasks).await?);
+        let source = if notify {
+            estop::DbSource::new(store.clone(), clock.clone(), estop::DEFAULT_DB_POLL)
+        } else {
+            estop::DbSource::poll_only(store.clone(), clock.clone(), estop::DEFAULT_DB_POLL)
+        };
+        let h = estop::EStop::start(
+            Arc::new(source),
+            clock.clone(),
+            estop::EStopOptions::default(),
+            &tracker,
+            token.clone(),
+        )
+        .await;
+        handles.push(h);
+        stores.push(store);
+    }
+    // Let both listeners subscribe.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let target: Target = "site=bench-propagation"
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let labels: std::collections::BTreeMap<String, String> =
+        [("site".to_owned(), "bench-propagation".to_owned())].into();
+    let mut samples = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let state = if i % 2 == 0 {
+            EStopState::Stop
+        } else {
+            EStopState::Pause
+        };
+        let mut seen = handles[1].subscribe();
+        let t = Instant::now();
+        handles[0]
+            .set(target.clone(), state, format!("trial {i}"), "bench".into())
+            .await?;
+        let deadline = t + Duration::from_secs(10);
+        while handles[1].verdict("Bench", &labels).state != state {
+            tokio::time::timeout_at(deadline.into(), seen.changed())
+                .await
+                .context("the other node never saw the change")??;
+        }
+        samples.push(t.elapsed());
+        // Spread the changes over the poll period, as real ones would be.
+        tokio::time::sleep(Duration::from_millis(20 + (i as u64 * 53) % 250)).await;
+    }
+    handles[0]
+        .clear(target, "bench".into(), "bench done".into())
+        .await?;
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    for s in stores {
+        s.close().await?;
+    }
+    db_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), db_tasks.wait()).await;
+    samples.sort();
+    Ok(samples)
+}
+
+async fn scaleout_suite(o: &BenchOpts) -> anyhow::Result<()> {
+    let Some(url) = &o.database else {
+        anyhow::bail!("--suite scaleout needs --database postgres://...");
+    };
+    for (notify, how) in [(true, "LISTEN/NOTIFY"), (false, "polling every 250 ms")] {
+        let s = cross_node_propagation(url, notify, 100).await?;
+        println!(
+            "e-stop across nodes ({how}): 100 changes set through one node, until the other node's list shows it: p50 {}  p99 {}  max {}",
+            ms(percentile(&s, 0.5)),
+            ms(percentile(&s, 0.99)),
+            ms(percentile(&s, 1.0))
+        );
+    }
     Ok(())
 }

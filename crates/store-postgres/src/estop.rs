@@ -108,6 +108,13 @@ impl EStopStore for PgStore {
                 .await
                 .map_err(db_err)?;
                 append(c, &audit).await?;
+                // Delivered to every listening node when this transaction commits.
+                c.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&crate::ESTOP_CHANNEL, &next.to_string()],
+                )
+                .await
+                .map_err(db_err)?;
                 Ok(next)
             })
         })
@@ -121,6 +128,10 @@ impl EStopStore for PgStore {
             .await
             .map_err(db_err)?;
         row.map_or(Ok(0), |r| get(&r, 0))
+    }
+
+    fn estop_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.estop_notes.subscribe())
     }
 
     async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<()> {

@@ -177,6 +177,10 @@ impl Conn {
 pub struct PgStore {
     url: String,
     created_schema: bool,
+    /// Bumped on every e-stop change any node commits (`LISTEN steward_estop`).
+    estop_notes: tokio::sync::watch::Sender<u64>,
+    /// Ends the listener on close.
+    listener: tokio_util::sync::CancellationToken,
     writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
     readers: deadpool_postgres::Pool,
@@ -365,6 +369,65 @@ async fn writer_loop(
     let _ = done.send(());
 }
 
+/// The channel e-stop saves notify on.
+pub(crate) const ESTOP_CHANNEL: &str = "steward_estop";
+
+/// Listens for e-stop changes until `cancel`, reconnecting when the connection is lost. Every
+/// notification, and every (re)connect (a change may have been missed meanwhile), bumps `notes`.
+async fn listen_loop(
+    url: String,
+    notes: tokio::sync::watch::Sender<u64>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match listen(&url, &notes, &cancel).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "listening for e-stop changes failed; reconnecting")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn listen(
+    url: &str,
+    notes: &tokio::sync::watch::Sender<u64>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> std::result::Result<(), String> {
+    use futures::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| with_source(&e))?;
+    // The connection's messages, notifications among them; polling them drives the connection.
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    let sql = format!("LISTEN {ESTOP_CHANNEL}");
+    let subscribe = client.batch_execute(&sql);
+    tokio::pin!(subscribe);
+    let mut subscribed = false;
+    loop {
+        tokio::select! {
+            r = &mut subscribe, if !subscribed => {
+                r.map_err(|e| with_source(&e))?;
+                subscribed = true;
+                notes.send_modify(|n| *n += 1);
+            }
+            m = messages.next() => match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    notes.send_modify(|n| *n += 1);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(with_source(&e)),
+                None => return Err("the connection closed".into()),
+            },
+            () = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// Answers every job of `batch` with `e` (each still runs against `client`, whose failing
 /// queries it ignores, so that its result is delivered).
 async fn fail_all(client: &Conn, batch: &mut Vec<WriteJob>, e: &Error) {
@@ -395,6 +458,13 @@ impl PgStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Unavailable(format!("building the connection pool: {e}")))?;
+        let (estop_notes, _) = tokio::sync::watch::channel(0);
+        let listener = tokio_util::sync::CancellationToken::new();
+        tracker.spawn(listen_loop(
+            url.to_owned(),
+            estop_notes.clone(),
+            listener.clone(),
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = oneshot::channel();
         tracker.spawn(writer_loop(
@@ -407,6 +477,8 @@ impl PgStore {
         Ok(PgStore {
             url: url.to_owned(),
             created_schema,
+            estop_notes,
+            listener,
             writer: RwLock::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
             readers,
@@ -737,6 +809,7 @@ impl RunStore for PgStore {
             let _ = done.await;
         }
         self.readers.close();
+        self.listener.cancel();
         Ok(())
     }
 }

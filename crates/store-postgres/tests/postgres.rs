@@ -207,3 +207,58 @@ fn database_urls_are_checked_and_their_passwords_hidden() {
         assert!(err.contains(why), "{bad}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estop_save_on_one_node_notifies_the_others() {
+    use domain::estop::{EStopList, EStopState};
+    let pg = PgServer::start().await;
+    let tracker = TaskTracker::new();
+    let stores = nodes(&pg, 2, &tracker).await;
+    let mut notes = stores[1]
+        .estop_notifications()
+        .expect("postgres signals e-stop changes");
+    // Both nodes' listeners are subscribed: their sessions last ran LISTEN.
+    let (client, conn) = tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let wait = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN steward_estop'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) >= 2 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the listeners never subscribed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::pin!(conn);
+    tokio::select! {
+        () = wait => {}
+        r = &mut conn => panic!("connection ended: {r:?}"),
+    }
+    let before = *notes.borrow_and_update();
+    let list = EStopList {
+        entries: vec![store::conformance::estop_entry(
+            "*",
+            EStopState::Stop,
+            "INC-1",
+            "ana",
+        )],
+    };
+    stores[0].estop_save(list, 0, Vec::new()).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), notes.changed())
+        .await
+        .expect("the other node hears of the save")
+        .unwrap();
+    assert!(*notes.borrow() > before);
+}

@@ -283,6 +283,14 @@ pub trait EStopStore: Send + Sync + 'static {
     /// The stored version alone (cheap: for change polling).
     async fn estop_version(&self) -> Result<i64>;
 
+    /// A signal from the database itself that the list may have changed (PostgreSQL's
+    /// `LISTEN/NOTIFY`): the value changes on every save, by any node. `None` where the backend
+    /// has no such signal and the version is polled. Signals can be lost (a reconnect); readers
+    /// poll the version as well.
+    fn estop_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Appends records to the audit trail (changes that did not go through `estop_save`, such as
     /// writes to and hand edits of the e-stop file).
     async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<()>;
