@@ -47,7 +47,9 @@ const MAX_BATCH: usize = 1024;
 const READERS: usize = 8;
 
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
-type WriteJob = Box<dyn for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, (bool, Finish)> + Send>;
+/// A request in the writer's batch. Given no connection, it runs nothing and only hands back
+/// its finisher: the batch's transaction could not start, and nothing may run outside one.
+type WriteJob = Box<dyn for<'a> FnOnce(Option<&'a Conn>) -> BoxFuture<'a, (bool, Finish)> + Send>;
 
 /// The writer's connection, with its statements prepared once and kept.
 pub(crate) struct Conn {
@@ -318,7 +320,7 @@ async fn writer_loop(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the database is unreachable");
-                    fail_all(&client, &mut batch, &e).await;
+                    fail_all(&mut batch, &e).await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -330,13 +332,13 @@ async fn writer_loop(
         if let Err(e) = client.batch_execute("BEGIN; SAVEPOINT op").await {
             let e = db_err(e);
             let _ = client.batch_execute("ROLLBACK").await;
-            fail_all(&client, &mut batch, &e).await;
+            fail_all(&mut batch, &e).await;
             continue;
         }
         let n = batch.len();
         let mut res = Ok(());
         for (i, job) in batch.drain(..).enumerate() {
-            let (ok, fin) = job(&client).await;
+            let (ok, fin) = job(Some(&client)).await;
             finishers.push(fin);
             let close = if ok {
                 "RELEASE SAVEPOINT op"
@@ -428,11 +430,10 @@ async fn listen(
     }
 }
 
-/// Answers every job of `batch` with `e` (each still runs against `client`, whose failing
-/// queries it ignores, so that its result is delivered).
-async fn fail_all(client: &Conn, batch: &mut Vec<WriteJob>, e: &Error) {
+/// Answers every job of `batch` with `e`, running none of them.
+async fn fail_all(batch: &mut Vec<WriteJob>, e: &Error) {
     for job in batch.drain(..) {
-        let (_, fin) = job(client).await;
+        let (_, fin) = job(None).await;
         fin(Err(e.clone()));
     }
 }
@@ -510,7 +511,10 @@ impl PgStore {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
             Box::pin(async move {
-                let r = f(conn).await;
+                let r = match conn {
+                    Some(c) => f(c).await,
+                    None => Err(Error::Closed),
+                };
                 let ok = r.is_ok();
                 let fin: Finish = Box::new(move |committed| {
                     let _ = tx.send(committed.and(r));
@@ -528,7 +532,10 @@ impl PgStore {
     {
         let job: WriteJob = Box::new(move |conn| {
             Box::pin(async move {
-                let r = f(conn).await;
+                let r = match conn {
+                    Some(c) => f(c).await,
+                    None => Err(Error::Closed),
+                };
                 let ok = r.is_ok();
                 let fin: Finish = Box::new(move |committed| {
                     if let Err(e) = committed.and(r) {

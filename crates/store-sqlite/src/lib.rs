@@ -32,7 +32,9 @@ const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+/// A request in the writer's batch. Given no connection, it runs nothing and only hands back
+/// its finisher: the batch's transaction could not start, and nothing may run outside one.
+type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> (bool, Finish) + Send>;
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -112,14 +114,14 @@ fn writer_loop(conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteJob>) {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let e = db_err(e);
             for job in batch.drain(..) {
-                let (_, fin) = job(&conn);
+                let (_, fin) = job(None);
                 fin(Err(e.clone()));
             }
             continue;
         }
         for job in batch.drain(..) {
             let sp = conn.execute_batch("SAVEPOINT op");
-            let (ok, fin) = job(&conn);
+            let (ok, fin) = job(Some(&conn));
             if sp.is_ok() {
                 let end = if ok {
                     "RELEASE op"
@@ -181,7 +183,7 @@ impl SqliteStore {
     {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
-            let r = f(conn);
+            let r = conn.map_or(Err(Error::Closed), f);
             let ok = r.is_ok();
             let fin: Finish = Box::new(move |committed| {
                 let _ = tx.send(committed.and(r));
@@ -197,7 +199,7 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<()> + Send + 'static,
     {
         let job: WriteJob = Box::new(move |conn| {
-            let r = f(conn);
+            let r = conn.map_or(Err(Error::Closed), f);
             let ok = r.is_ok();
             let fin: Finish = Box::new(move |committed| {
                 if let Err(e) = committed.and(r) {
