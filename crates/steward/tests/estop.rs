@@ -24,31 +24,6 @@ fn write_estop(data: &std::path::Path, json: &str) {
     std::fs::rename(&tmp, data.join("estop.json")).unwrap();
 }
 
-async fn start_long_job(
-    c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
-    pidfile: &std::path::Path,
-    name: &str,
-    site: &str,
-) -> String {
-    let job = sh(&format!(
-        "sleep 300 & echo $! > {}; wait",
-        pidfile.display()
-    ));
-    let id = submit(
-        c,
-        &format!(
-            "name: {name}\nlabels: {{site: {site}}}\nblocks:\n  - jobs: [{job}, {{action: noop}}]\n"
-        ),
-    )
-    .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
-    eventually("the job to start", LONG, || {
-        std::fs::read_to_string(pidfile).is_ok_and(|s| s.ends_with('\n'))
-    })
-    .await;
-    id
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_edit_of_the_file_stops_running_jobs_without_an_api_call() {
     let dir = tempfile::tempdir().unwrap();

@@ -151,28 +151,9 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
     let a = start_node(&dir.path().join("a"), &env).await;
     let b = start_node(&dir.path().join("b"), &env).await;
     let pidfile = dir.path().join("pid");
-    let job = sh(&format!(
-        "sleep 300 & echo $! > {}; wait",
-        pidfile.display()
-    ));
     let mut ca = a.client().await;
-    let id = submit(
-        &mut ca,
-        &format!(
-            "name: erase\nlabels: {{site: aap}}\nblocks:\n  - jobs: [{job}, {{action: noop}}]\n"
-        ),
-    )
-    .await;
-    ca.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
-    eventually("the job to start", LONG, || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    })
-    .await;
-    let child: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let id = start_long_job(&mut ca, &pidfile, "erase", "aap").await;
+    let child = read_pid(&pidfile);
 
     // The stop goes to B; the run lives on A.
     let out = std::process::Command::new(BIN)
@@ -288,25 +269,8 @@ async fn a_database_outage_fails_closed_when_the_estop_lives_there() {
     let node = start_node(&dir.path().join("a"), &node_env(&url)).await;
     let mut c = node.client().await;
     let pidfile = dir.path().join("pid");
-    let job = sh(&format!(
-        "sleep 300 & echo $! > {}; wait",
-        pidfile.display()
-    ));
-    let id = submit(
-        &mut c,
-        &format!("name: erase\nblocks:\n  - jobs: [{job}]\n"),
-    )
-    .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
-    eventually("the job to start", LONG, || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    })
-    .await;
-    let child: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let child = read_pid(&pidfile);
 
     let addr = node.addr.clone();
     let watch = async {

@@ -270,3 +270,39 @@ pub fn sh(script: &str) -> String {
         serde_json::to_string(script).unwrap()
     )
 }
+
+/// Submits and executes a run `name` labelled `site=SITE` whose first job sleeps 5 minutes in a
+/// grandchild whose PID it writes to `pidfile`; returns once that PID is written.
+pub async fn start_long_job(
+    c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
+    pidfile: &std::path::Path,
+    name: &str,
+    site: &str,
+) -> String {
+    let job = sh(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let id = submit(
+        c,
+        &format!(
+            "name: {name}\nlabels: {{site: {site}}}\nblocks:\n  - jobs: [{job}, {{action: noop}}]\n"
+        ),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    eventually("the job to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(pidfile).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    id
+}
+
+/// The PID a job wrote to `pidfile`.
+pub fn read_pid(pidfile: &Path) -> i32 {
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
