@@ -16,20 +16,23 @@ use crate::config::{Database, EStopSourceKind, ServeConfig};
 use crate::pidfile::{self, PidFile};
 use crate::sdnotify;
 
+/// This node's name: the configured one, else the one generated at the first start and kept
+/// in `DATA_DIR/node_id`. The file is written either way, so that it also marks a data
+/// directory that has been started before.
 fn node_id(cfg: &ServeConfig) -> anyhow::Result<String> {
-    if !cfg.node_id.is_empty() {
-        return Ok(cfg.node_id.clone());
-    }
     let path = cfg.data_dir.join("node_id");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
-        _ => {
-            let id = format!("node-{}", uuid::Uuid::now_v7().simple());
-            std::fs::write(&path, format!("{id}\n"))
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(id)
-        }
-    }
+    let kept = std::fs::read_to_string(&path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    let id = match (cfg.node_id.is_empty(), kept) {
+        (false, _) => cfg.node_id.clone(),
+        (true, Some(id)) => return Ok(id),
+        (true, None) => format!("node-{}", uuid::Uuid::now_v7().simple()),
+    };
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 /// Reads (and removes) the request `steward stop` left before signalling us.

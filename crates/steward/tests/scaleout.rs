@@ -302,3 +302,30 @@ async fn a_database_outage_fails_closed_when_the_estop_lives_there() {
     }
     assert!(node.log_text().contains("e-stop"), "{}", node.log_text());
 }
+
+/// A node's own files (here the e-stop file) are created on the first start of its data
+/// directory only, even when the database is shared and the node's name is configured: a file
+/// lost later stays lost, and everything stops, rather than coming back as `* go`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_lost_estop_file_is_not_recreated_on_a_later_start() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("a");
+    let mut env = node_env(&url);
+    env.push(("STEWARD_ESTOP_SOURCE", "file".to_owned()));
+    env.push(("STEWARD_NODE_ID", "node-a".to_owned()));
+    let mut node = start_node(&data, &env).await;
+    assert!(
+        data.join("estop.json").exists(),
+        "the first start writes * go"
+    );
+    node.stop().await;
+    std::fs::remove_file(data.join("estop.json")).unwrap();
+
+    let node = start_node(&data, &env).await;
+    assert!(!data.join("estop.json").exists());
+    let (code, body) = http_get(&node.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("estop_unreadable"), "{body}");
+}
