@@ -267,7 +267,7 @@ fn redact_url(s: &str) -> String {
 /// `ring` provider and the platform's trust store, handed to reqwest as a ready config so that
 /// no process-wide rustls provider is installed. Idle connections are not kept: a pooled
 /// connection belongs to the tokio runtime that opened it, and jobs are few and far between.
-fn client() -> Result<&'static reqwest::Client, String> {
+pub fn shared_client() -> Result<&'static reqwest::Client, String> {
     static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
     CLIENT
         .get_or_init(build_client)
@@ -292,7 +292,7 @@ fn build_client() -> Result<reqwest::Client, String> {
 }
 
 /// An error and its causes, `: `-separated (reqwest's own message is often just "error sending request").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -313,7 +313,7 @@ pub(crate) async fn run(args: &HttpArgs, ctx: &JobContext) -> Result<JobOutput, 
         message,
         output: String::new(),
     };
-    let client = client().map_err(fatal)?;
+    let client = shared_client().map_err(fatal)?;
     let url = Url::parse(&args.url).map_err(|e| fatal(format!("invalid URL: {e}")))?;
     let what = format!("{} {}", args.method, redact_url(&args.url));
 
@@ -386,7 +386,7 @@ mod tests {
 
     #[test]
     fn the_client_builds_with_tls() {
-        client().unwrap();
+        shared_client().unwrap();
     }
 
     #[test]

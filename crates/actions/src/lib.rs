@@ -67,7 +67,7 @@ pub enum ActionError {
 }
 
 pub use calls::*;
-pub use http::{ExpectStatus, HttpArgs, HttpMethod};
+pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client};
 pub use shell::ShellArgs;
 pub use sleep::SleepArgs;
 pub use token_bucket::TokenBucketArgs;

@@ -29,6 +29,8 @@ pub struct FileSource {
     /// The last list read or written: hand edits are what differs from it. Held across each
     /// read-modify-write so that a write and a re-read never audit the same change twice.
     last: Mutex<Option<EStopList>>,
+    /// Hand edits audited since the last [`Source::take_noticed`].
+    noticed: std::sync::Mutex<Vec<AuditRecord>>,
     wake: Arc<Notify>,
     /// Watching stops when the source is dropped.
     watcher: Option<RecommendedWatcher>,
@@ -67,6 +69,7 @@ impl FileSource {
             store,
             clock,
             last: Mutex::new(None),
+            noticed: std::sync::Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
             watcher: None,
         }
@@ -97,6 +100,10 @@ impl FileSource {
                     "e-stop file edited by hand"
                 );
             }
+            self.noticed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(recs.iter().cloned());
             if let Err(e) = self.store.audit_append(recs).await {
                 tracing::error!(
                     path = %self.path.display(),
@@ -207,6 +214,15 @@ impl Source for FileSource {
         })
         .await
         .map(Some)
+    }
+
+    fn take_noticed(&self) -> Vec<AuditRecord> {
+        std::mem::take(
+            &mut *self
+                .noticed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     async fn changed(&self) {

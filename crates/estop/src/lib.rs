@@ -115,6 +115,13 @@ pub trait Source: Send + Sync + 'static {
     /// How long to let a burst of changes end after [`Source::changed`] before reading: a file
     /// written in place is truncated, then written. A source whose changes are whole (a
     /// transaction) reads at once.
+    /// The audit records of changes this source noticed on its own since the last call (hand
+    /// edits of a file), for whoever reports changes. Empty for sources whose every change
+    /// goes through [`Source::set`] and [`Source::clear`].
+    fn take_noticed(&self) -> Vec<AuditRecord> {
+        Vec::new()
+    }
+
     fn settle(&self) -> std::time::Duration {
         std::time::Duration::from_millis(30)
     }

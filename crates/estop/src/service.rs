@@ -63,6 +63,7 @@ impl EStop {
             tx,
             reload: Mutex::new(()),
             failures: AtomicU64::new(0),
+            changes: tokio::sync::broadcast::channel(CHANGES).0,
         });
         shared.reload(false).await;
         let task = shared.clone();
@@ -80,7 +81,12 @@ struct Shared {
     /// One reload at a time, so that publishing follows the order of reads.
     reload: Mutex<()>,
     failures: AtomicU64,
+    /// Every change made or noticed here (see [`EStopHandle::changes`]).
+    changes: tokio::sync::broadcast::Sender<AuditRecord>,
 }
+
+/// Changes a slow subscriber of [`EStopHandle::changes`] may fall behind by.
+const CHANGES: usize = 256;
 
 impl Shared {
     async fn run(self: Arc<Self>, reread: Duration, cancel: CancellationToken) {
@@ -153,6 +159,9 @@ impl Shared {
                 true
             }
         });
+        for rec in self.source.take_noticed() {
+            let _ = self.changes.send(rec);
+        }
     }
 }
 
@@ -242,6 +251,9 @@ impl EStopHandle {
         };
         let res = self.shared.source.set(entry, source).await;
         self.shared.reload(false).await;
+        if let Ok(rec) = &res {
+            let _ = self.shared.changes.send(rec.clone());
+        }
         res
     }
 
@@ -261,7 +273,17 @@ impl EStopHandle {
             .clear(&target, &actor, reason.trim(), API_SOURCE)
             .await;
         self.shared.reload(false).await;
+        if let Ok(Some(rec)) = &res {
+            let _ = self.shared.changes.send(rec.clone());
+        }
         res
+    }
+
+    /// Every change made through this handle (operators through the API and CLI, error
+    /// budgets) and every hand edit of the list that this node's source noticed, as its audit
+    /// record. Changes made through other nodes are theirs to report.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<AuditRecord> {
+        self.shared.changes.subscribe()
     }
 
     /// The audit trail, newest first: `limit` records (0 means 100, at most 1000), only those

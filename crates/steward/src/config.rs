@@ -44,6 +44,78 @@ pub struct RawConfig {
     pub buckets: Option<std::collections::BTreeMap<String, RawBucket>>,
     /// Per workflow: `failures` failed runs within `window` trip the e-stop for it.
     pub error_budgets: Option<std::collections::BTreeMap<String, RawBudget>>,
+    /// Webhooks told of failed and stopped runs and of e-stop changes: `[[notify]]`.
+    pub notify: Option<Vec<RawNotify>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    pub url: String,
+    /// `json` (default) or `slack`.
+    pub format: Option<String>,
+    /// Which: `run_failed`, `run_stopped`, `estop` (default: all).
+    pub events: Option<Vec<String>>,
+}
+
+/// What a webhook is told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    RunFailed,
+    RunStopped,
+    Estop,
+}
+
+impl NotifyEvent {
+    pub const ALL: [NotifyEvent; 3] = [
+        NotifyEvent::RunFailed,
+        NotifyEvent::RunStopped,
+        NotifyEvent::Estop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::RunFailed => "run_failed",
+            NotifyEvent::RunStopped => "run_stopped",
+            NotifyEvent::Estop => "estop",
+        }
+    }
+}
+
+/// The body a webhook gets: the event as JSON, or Slack's `{"text": ...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    Json,
+    Slack,
+}
+
+#[derive(Clone, Serialize)]
+pub struct NotifyConfig {
+    /// Webhook URLs carry their secret (a Slack URL's path): shown as scheme and host only.
+    #[serde(serialize_with = "redact_url")]
+    pub url: reqwest::Url,
+    pub format: NotifyFormat,
+    pub events: Vec<NotifyEvent>,
+}
+
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("url", &redacted(&self.url))
+            .field("format", &self.format)
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+fn redacted(url: &reqwest::Url) -> String {
+    format!("{}://{}/***", url.scheme(), url.host_str().unwrap_or("?"))
+}
+
+fn redact_url<S: serde::Serializer>(url: &reqwest::Url, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted(url))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -146,6 +218,7 @@ pub struct ServeConfig {
     pub policies_reread: Duration,
     pub buckets: std::collections::BTreeMap<String, BucketConfig>,
     pub error_budgets: std::collections::BTreeMap<String, BudgetConfig>,
+    pub notify: Vec<NotifyConfig>,
 }
 
 mod humantime_serde_str {
@@ -352,12 +425,56 @@ pub fn load(
             },
         );
     }
+    let mut notify = Vec::new();
+    for (i, n) in raw.notify.unwrap_or_default().into_iter().enumerate() {
+        let url: reqwest::Url = n
+            .url
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("notify[{i}].url: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            bail!(
+                "notify[{i}].url: {:?} is not an http:// or https:// URL",
+                url.scheme()
+            );
+        }
+        let format = match n.format.as_deref() {
+            None | Some("json") => NotifyFormat::Json,
+            Some("slack") => NotifyFormat::Slack,
+            Some(other) => bail!("notify[{i}].format: {other:?} is not one of: json, slack"),
+        };
+        let events = match n.events {
+            None => NotifyEvent::ALL.to_vec(),
+            Some(list) if list.is_empty() => {
+                bail!("notify[{i}].events: empty; leave it out for every event")
+            }
+            Some(list) => list
+                .iter()
+                .map(|e| {
+                    NotifyEvent::ALL
+                        .into_iter()
+                        .find(|k| k.as_str() == e)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "notify[{i}].events: {e:?} is not one of: run_failed, run_stopped, estop"
+                            )
+                        })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        };
+        notify.push(NotifyConfig {
+            url,
+            format,
+            events,
+        });
+    }
     let policies = match raw.policies {
         Some(p) if p.trim().is_empty() => bail!("policies: must not be empty"),
         Some(p) => PathBuf::from(p),
         None => data_dir.join("policies.toml"),
     };
     Ok(ServeConfig {
+        notify,
         policies,
         policies_reread: duration(
             "policies_reread",
@@ -438,6 +555,27 @@ mod tests {
             EStopSourceKind::File,
             "an explicit choice stands"
         );
+    }
+
+    #[test]
+    fn webhooks_are_configured_and_their_urls_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("steward.toml"),
+            "[[notify]]\nurl = \"https://hooks.slack.example/services/T0/B0/s3cret\"\nformat = \"slack\"\n\n[[notify]]\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"estop\"]\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), None, None, &no_env).unwrap();
+        assert_eq!(c.notify.len(), 2);
+        assert_eq!(c.notify[0].format, NotifyFormat::Slack);
+        assert_eq!(c.notify[0].events, NotifyEvent::ALL);
+        assert_eq!(c.notify[1].events, [NotifyEvent::Estop]);
+        let printed = toml::to_string(&c).unwrap();
+        assert!(
+            printed.contains("https://hooks.slack.example/***"),
+            "{printed}"
+        );
+        assert!(!printed.contains("s3cret") && !format!("{c:?}").contains("s3cret"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bench;
 mod budgets;
 mod client;
 mod config;
+mod notify;
 mod output;
 mod pidfile;
 mod policies;

@@ -203,6 +203,14 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
         estop.clone(),
         &cfg.error_budgets,
     );
+    crate::notify::start(
+        &tracker,
+        estop_token.clone(),
+        engine.clone(),
+        estop.clone(),
+        node.clone(),
+        cfg.notify.clone(),
+    );
     sdnotify::notify(&format!(
         "READY=1\nMAINPID={}\nSTATUS=serving on {local}",
         std::process::id()

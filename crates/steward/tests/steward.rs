@@ -4,6 +4,7 @@
 
 mod estop;
 mod harness;
+mod notify;
 mod policies;
 mod rails;
 mod scaleout;

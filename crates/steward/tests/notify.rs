@@ -1,0 +1,181 @@
+//! Webhook notifications (PRODUCT.md §10) from the real binary to a real HTTP server.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::v1 as pb;
+use serde_json::Value;
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+type Received = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// An HTTP server on a free loopback port that records every POST (path, JSON body); the
+/// first `fail_first` requests get a 500.
+async fn receiver(fail_first: usize) -> (String, Received, tokio::task::JoinHandle<()>) {
+    let got: Received = Arc::default();
+    let failures = Arc::new(Mutex::new(fail_first));
+    let (g, f) = (got.clone(), failures.clone());
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::post(
+            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
+                let (g, f) = (g.clone(), f.clone());
+                async move {
+                    {
+                        let mut left = f.lock().unwrap();
+                        if *left > 0 {
+                            *left -= 1;
+                            return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                    }
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    g.lock().unwrap().push((path, v));
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    #[allow(clippy::disallowed_methods)] // test scaffolding, ended by abort
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), got, server)
+}
+
+async fn wait_for(
+    got: &Received,
+    what: &str,
+    f: impl Fn(&(String, Value)) -> bool,
+) -> (String, Value) {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        if let Some(x) = got.lock().unwrap().iter().find(|x| f(x)).cloned() {
+            return x;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never received {what}: {:?}",
+            got.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {
+    // The first delivery fails: it is retried.
+    let (base, got, server) = receiver(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("steward.toml"),
+        format!(
+            "kill_grace = \"1s\"\n\n[[notify]]\nurl = \"{base}/json\"\n\n[[notify]]\nurl = \"{base}/slack\"\nformat = \"slack\"\nevents = [\"run_failed\"]\n"
+        ),
+    )
+    .unwrap();
+    let node = Server::start(&data, &[]).await;
+    let mut c = node.client().await;
+
+    // A failed run.
+    let failed = submit(
+        &mut c,
+        &format!("name: erase\nblocks:\n  - jobs: [{}]\n", sh("exit 3")),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: failed.clone() })
+        .await
+        .unwrap();
+    let (_, body) = wait_for(&got, "run_failed as JSON", |(p, v)| {
+        p == "json" && v["event"] == "run_failed"
+    })
+    .await;
+    assert_eq!(body["run_id"], failed.as_str());
+    assert_eq!(body["workflow"], "erase");
+    assert_eq!(body["state"], "failed");
+    assert!(body["error"].as_str().unwrap().contains("exit"), "{body}");
+    let (_, slack) = wait_for(&got, "run_failed for Slack", |(p, _)| p == "slack").await;
+    let text = slack["text"].as_str().unwrap();
+    assert!(
+        text.contains(&failed) && text.contains("erase") && text.contains("failed"),
+        "{text}"
+    );
+
+    // An operator's stop: the change, and the run it stopped.
+    let pidfile = dir.path().join("pid");
+    let running = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let out = std::process::Command::new(BIN)
+        .args([
+            "estop", "set", "site=aap", "stop", "--reason", "INC-9", "--addr", &node.addr,
+        ])
+        .env("STEWARD_ACTOR", "ana")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, change) = wait_for(&got, "the e-stop change", |(_, v)| {
+        v["event"] == "estop" && v["target"] == "site=aap"
+    })
+    .await;
+    assert_eq!(
+        (
+            &change["new_state"],
+            &change["set_by"],
+            &change["reason"],
+            &change["source"]
+        ),
+        (
+            &Value::from("stop"),
+            &Value::from("ana"),
+            &Value::from("INC-9"),
+            &Value::from("api")
+        )
+    );
+    let (_, stopped) = wait_for(&got, "run_stopped", |(_, v)| v["event"] == "run_stopped").await;
+    assert_eq!(stopped["run_id"], running.as_str());
+    assert_eq!(stopped["stop_cause"]["set_by"], "ana", "{stopped}");
+
+    // A hand edit of the e-stop file.
+    let list = std::fs::read_to_string(data.join("estop.json")).unwrap();
+    let mut list: Value = serde_json::from_str(&list).unwrap();
+    list["entries"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"target": "Other", "state": "pause", "reason": "maintenance", "set_by": "bob"}));
+    let tmp = data.join("estop.json.edit");
+    std::fs::write(&tmp, serde_json::to_string(&list).unwrap()).unwrap();
+    std::fs::rename(&tmp, data.join("estop.json")).unwrap();
+    let (_, edit) = wait_for(&got, "the hand edit", |(_, v)| {
+        v["event"] == "estop" && v["target"] == "Other"
+    })
+    .await;
+    assert_eq!(
+        (&edit["new_state"], &edit["source"]),
+        (&Value::from("pause"), &Value::from("file"))
+    );
+
+    // Slack was told of the failure only; every event reached the JSON hook once.
+    let all = got.lock().unwrap().clone();
+    assert_eq!(
+        all.iter().filter(|(p, _)| p == "slack").count(),
+        1,
+        "{all:?}"
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|(p, v)| p == "json" && v["event"] == "run_failed")
+            .count(),
+        1,
+        "{all:?}"
+    );
+    server.abort();
+}
