@@ -1,7 +1,6 @@
 //! Pure rate decisions (PRODUCT.md §6): token buckets and per-workflow error budgets. No I/O,
 //! no clock: every call takes `now`. The stores persist [`BucketState`]; the engine asks.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use domain::{RunId, Timestamp};
@@ -115,47 +114,32 @@ impl std::fmt::Display for Tripped {
     }
 }
 
-/// Failed runs per workflow within each budget's window.
-#[derive(Debug, Default)]
-pub struct ErrorBudgets {
-    budgets: BTreeMap<String, ErrorBudget>,
-    failures: BTreeMap<String, VecDeque<(Timestamp, RunId)>>,
-}
-
-impl ErrorBudgets {
-    pub fn new(budgets: BTreeMap<String, ErrorBudget>) -> ErrorBudgets {
-        ErrorBudgets {
-            budgets,
-            failures: BTreeMap::new(),
-        }
-    }
-
-    pub fn budget(&self, workflow: &str) -> Option<&ErrorBudget> {
-        self.budgets.get(workflow)
-    }
-
-    /// Records a failed run; returns the trip when this failure exhausts the budget. After a
-    /// trip the window starts empty again.
-    pub fn record_failure(&mut self, workflow: &str, run: RunId, at: Timestamp) -> Option<Tripped> {
-        let budget = self.budgets.get(workflow)?.clone();
-        let window_ms = i64::try_from(budget.window.as_millis()).unwrap_or(i64::MAX);
-        let q = self.failures.entry(workflow.to_owned()).or_default();
-        if q.iter().any(|(_, r)| *r == run) {
-            return None;
-        }
-        q.push_back((at, run));
-        while q.front().is_some_and(|(t, _)| at.0 - t.0 > window_ms) {
-            q.pop_front();
-        }
-        if q.len() >= budget.failures.max(1) as usize {
-            let runs = q.drain(..).map(|(_, r)| r).collect();
-            return Some(Tripped {
-                workflow: workflow.to_owned(),
-                budget,
-                runs,
-            });
-        }
-        None
+impl ErrorBudget {
+    /// Whether the failed runs of `workflow` (when each ended, and which run it was) exhaust
+    /// this budget at `now`. A failure counts if it ended within the window and after
+    /// `last_trip` (after a trip the budget starts afresh); each run counts once. The trip
+    /// names the runs, oldest first.
+    pub fn check(
+        &self,
+        workflow: &str,
+        failures: &[(Timestamp, RunId)],
+        now: Timestamp,
+        last_trip: Option<Timestamp>,
+    ) -> Option<Tripped> {
+        let window_ms = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
+        let mut counted: Vec<(Timestamp, RunId)> = failures
+            .iter()
+            .copied()
+            .filter(|(t, _)| now.0.saturating_sub(t.0) <= window_ms)
+            .filter(|(t, _)| last_trip.is_none_or(|trip| t.0 > trip.0))
+            .collect();
+        counted.sort();
+        counted.dedup_by_key(|(_, r)| *r);
+        (counted.len() >= self.failures.max(1) as usize).then(|| Tripped {
+            workflow: workflow.to_owned(),
+            budget: self.clone(),
+            runs: counted.into_iter().map(|(_, r)| r).collect(),
+        })
     }
 }
 
@@ -210,37 +194,28 @@ mod tests {
 
     #[test]
     fn a_budget_trips_on_the_nth_failure_within_the_window() {
-        let mut b = ErrorBudgets::new(BTreeMap::from([(
-            "Erase".to_owned(),
-            ErrorBudget {
-                failures: 3,
-                window: Duration::from_secs(600),
-            },
-        )]));
+        let b = ErrorBudget {
+            failures: 3,
+            window: Duration::from_secs(600),
+        };
         let r: Vec<RunId> = (0..5).map(|_| RunId::new_v7()).collect();
+        let at = |m: i64| Timestamp(m * MIN);
+        let mut failed = vec![(at(0), r[0]), (at(11), r[1]), (at(12), r[2])];
         assert!(
-            b.record_failure("Other", r[0], Timestamp(0)).is_none(),
-            "no budget, no trip"
+            b.check("Erase", &failed, at(12), None).is_none(),
+            "the first fell out of the window: two count"
         );
-        assert!(b.record_failure("Erase", r[0], Timestamp(0)).is_none());
+        failed.push((at(11), r[1]));
         assert!(
-            b.record_failure("Erase", r[1], Timestamp(11 * MIN))
-                .is_none(),
-            "the first fell out of the window"
-        );
-        assert!(
-            b.record_failure("Erase", r[1], Timestamp(11 * MIN))
-                .is_none(),
+            b.check("Erase", &failed, at(12), None).is_none(),
             "the same run counts once"
         );
-        assert!(
-            b.record_failure("Erase", r[2], Timestamp(12 * MIN))
-                .is_none()
-        );
-        let trip = b
-            .record_failure("Erase", r[3], Timestamp(13 * MIN))
-            .unwrap();
+        failed.push((at(13), r[3]));
+        let trip = b.check("Erase", &failed, at(13), None).unwrap();
         assert_eq!(trip.runs, vec![r[1], r[2], r[3]]);
         assert!(trip.to_string().contains("3 failed runs within 10m"));
+        // After a trip at 13 min the budget starts afresh.
+        failed.push((at(14), r[4]));
+        assert!(b.check("Erase", &failed, at(14), Some(at(13))).is_none());
     }
 }

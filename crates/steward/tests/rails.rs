@@ -169,3 +169,74 @@ async fn an_exhausted_error_budget_stops_the_workflow_by_itself() {
     c.exec(pb::ExecRequest { id: ok.clone() }).await.unwrap();
     assert_eq!(wait_terminal(&mut c, &ok, LONG).await.state, "completed");
 }
+
+/// The budget counts failures from the store: a restart between them forgets nothing, and after
+/// a trip (and an operator's go) the budget starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("steward.toml"),
+        "[error_budgets.Flaky]\nfailures = 3\nwindow = \"10m\"\n",
+    )
+    .unwrap();
+    let failing =
+        "name: Flaky\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 1']}}]\n";
+    let fail =
+        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>| {
+            let id = submit(c, failing).await;
+            c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+            assert_eq!(wait_terminal(c, &id, LONG).await.state, "failed");
+        };
+    let entry = async |addr: &str| {
+        let mut e = proto::v1::e_stop_client::EStopClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let list = e.list(pb::EStopListRequest {}).await.unwrap().into_inner();
+        list.entries.into_iter().find(|x| x.target == "Flaky")
+    };
+
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    fail(&mut c).await;
+    fail(&mut c).await;
+    server.stop().await;
+
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    fail(&mut c).await;
+    let deadline = std::time::Instant::now() + LONG;
+    let tripped = loop {
+        if let Some(e) = entry(&server.addr).await {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the budget never tripped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(tripped.state, "stop");
+    assert_eq!(tripped.set_by, "error_budget");
+
+    // An operator lets the workflow run again: the failures before the trip are spent.
+    let out = std::process::Command::new(BIN)
+        .args(["estop", "set", "Flaky", "go", "--addr", &server.addr])
+        .env("STEWARD_ACTOR", "ana")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fail(&mut c).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        entry(&server.addr).await.unwrap().state,
+        "go",
+        "one new failure is within budget"
+    );
+}
