@@ -110,17 +110,10 @@ async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {
     // An operator's stop: the change, and the run it stopped.
     let pidfile = dir.path().join("pid");
     let running = start_long_job(&mut c, &pidfile, "erase", "aap").await;
-    let out = std::process::Command::new(BIN)
-        .args([
-            "estop", "set", "site=aap", "stop", "--reason", "INC-9", "--addr", &node.addr,
-        ])
-        .env("STEWARD_ACTOR", "ana")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    cli_as(
+        "ana",
+        &node.addr,
+        &["estop", "set", "site=aap", "stop", "--reason", "INC-9"],
     );
     let (_, change) = wait_for(&got, "the e-stop change", |(_, v)| {
         v["event"] == "estop" && v["target"] == "site=aap"

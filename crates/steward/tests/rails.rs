@@ -222,16 +222,7 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     assert_eq!(tripped.set_by, "error_budget");
 
     // An operator lets the workflow run again: the failures before the trip are spent.
-    let out = std::process::Command::new(BIN)
-        .args(["estop", "set", "Flaky", "go", "--addr", &server.addr])
-        .env("STEWARD_ACTOR", "ana")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_as("ana", &server.addr, &["estop", "set", "Flaky", "go"]);
     fail(&mut c).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(

@@ -72,10 +72,7 @@ async fn a_node_killed_mid_run_is_taken_over_by_another() {
     let url = pg.fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("jobs.log");
-    let job = sh(&format!(
-        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
-        l = log.display()
-    ));
+    let job = logged_job(&log);
     let yaml = format!(
         "name: erase\nblocks:\n  - jobs: [{job}]\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
     );
@@ -156,17 +153,10 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
     let child = read_pid(&pidfile);
 
     // The stop goes to B; the run lives on A.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "estop", "set", "site=aap", "stop", "--reason", "INC-7", "--addr", &b.addr,
-        ])
-        .env("STEWARD_ACTOR", "ana")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    cli_as(
+        "ana",
+        &b.addr,
+        &["estop", "set", "site=aap", "stop", "--reason", "INC-7"],
     );
     let run = wait_terminal(&mut ca, &id, LONG).await;
     assert_eq!(run.state, "stopped");
@@ -222,10 +212,7 @@ async fn a_database_outage_mid_run_is_ridden_out() {
     let url = pg.fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("jobs.log");
-    let job = sh(&format!(
-        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
-        l = log.display()
-    ));
+    let job = logged_job(&log);
     let yaml = format!(
         "name: erase\nblocks:\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n"
     );

@@ -224,10 +224,7 @@ async fn kill_9_mid_block_resumes_at_the_first_unfinished_job() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("jobs.log");
-    let job = sh(&format!(
-        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
-        l = log.display()
-    ));
+    let job = logged_job(&log);
     let yaml = format!(
         "name: erase\nblocks:\n  - jobs: [{job}]\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
     );

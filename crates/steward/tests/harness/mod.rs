@@ -306,3 +306,29 @@ pub fn read_pid(pidfile: &Path) -> i32 {
         .parse()
         .unwrap()
 }
+
+/// Runs a `steward` client command against `addr` as `actor`; panics with its stderr unless it
+/// succeeds.
+pub fn cli_as(actor: &str, addr: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--addr", addr])
+        .env("STEWARD_ACTOR", actor)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "steward {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A `shell` job that appends `start KEY` and, 0.3 s later, `done KEY` (its idempotency key)
+/// to `log`.
+pub fn logged_job(log: &Path) -> String {
+    sh(&format!(
+        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        l = log.display()
+    ))
+}
