@@ -16,14 +16,7 @@ use domain::{FieldError, RunId, SpecError, WorkflowSpec};
 use tokio_util::sync::CancellationToken;
 
 /// The names of the built-in actions.
-pub const BUILTIN: &[&str] = &[
-    "shell",
-    "http",
-    "write_file",
-    "sleep",
-    "token_bucket",
-    "noop",
-];
+pub const BUILTIN: &[&str] = domain::spec::ACTIONS;
 
 /// What one attempt of a job is given.
 #[derive(Clone, Debug)]
@@ -39,6 +32,9 @@ pub struct JobContext {
     pub kill_grace: Duration,
     /// Bytes of output kept (the tail).
     pub output_limit: usize,
+    /// Keeps a `shell` job's processes together and records them in the node's ledger;
+    /// `None`: a process group only, nothing recorded (embedded use, tests).
+    pub supervisor: Option<std::sync::Arc<Supervisor>>,
 }
 
 /// What a successful attempt produced.
@@ -67,6 +63,7 @@ pub enum ActionError {
 }
 
 pub use calls::*;
+pub use contain::{Containment, ContainmentMode, Supervisor, SweepReport};
 pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client};
 pub use shell::ShellArgs;
 pub use sleep::SleepArgs;
@@ -75,6 +72,7 @@ pub use write_file::WriteFileArgs;
 
 mod args;
 mod calls;
+mod contain;
 mod http;
 mod shell;
 mod sleep;

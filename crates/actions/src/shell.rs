@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::args::{Args, kind, nul_check, quote_hint};
+use crate::contain::Attempt;
 use crate::tail::Tail;
 use crate::{ActionError, JobContext, JobOutput};
 
@@ -166,13 +167,31 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
     if let Some(cwd) = &args.cwd {
         cmd.current_dir(cwd);
     }
-    kill_when_parent_dies(&mut cmd);
+    let mut attempt = match &ctx.supervisor {
+        Some(s) => Some(
+            s.begin(&ctx.idempotency_key, ctx.attempt)
+                .await
+                .map_err(|e| ActionError::Failed {
+                    message: format!("cannot set up the job's containment: {e}"),
+                    exit_code: None,
+                    output: String::new(),
+                })?,
+        ),
+        None => None,
+    };
+    prepare_child(&mut cmd, attempt.as_ref().and_then(Attempt::procs_fd));
     let mut child = cmd
         .spawn()
         .map_err(|e| spawn_error(program, args.cwd.as_deref(), &e))?;
     // The leader's pid is the group's id (`process_group(0)`).
     let group = match child.id().and_then(|id| i32::try_from(id).ok()) {
-        Some(id) => ProcessGroup::new(Pid::from_raw(id)),
+        Some(id) => {
+            let pgid = Pid::from_raw(id);
+            if let Some(a) = &mut attempt {
+                a.started(pgid);
+            }
+            ProcessGroup::new(pgid, attempt)
+        }
         None => {
             return Err(ActionError::Failed {
                 message: format!("{program:?} exited before it could be supervised"),
@@ -185,7 +204,7 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
     tracing::debug!(program = %program, pgid = %group.pgid, "shell job started");
 
     let (status, cancelled) = supervise(&mut child, &mut out, &group, ctx).await;
-    group.kill_rest();
+    group.kill_rest().await;
     if tokio::time::timeout(DRAIN_TIMEOUT, out.drain())
         .await
         .is_err()
@@ -254,18 +273,26 @@ async fn supervise(
     }
 }
 
-/// A job's process group. Dropped without [`ProcessGroup::kill_rest`] (the attempt's future
-/// was dropped), it SIGKILLs the whole group.
+/// A job's process group (and, with a supervisor, its cgroup and ledger entry). Dropped
+/// without [`ProcessGroup::kill_rest`] (the attempt's future was dropped), it SIGKILLs all of
+/// it.
 struct ProcessGroup {
     pgid: Pid,
+    attempt: Option<Attempt>,
     done: bool,
 }
 
 impl ProcessGroup {
-    fn new(pgid: Pid) -> ProcessGroup {
-        ProcessGroup { pgid, done: false }
+    fn new(pgid: Pid, attempt: Option<Attempt>) -> ProcessGroup {
+        ProcessGroup {
+            pgid,
+            attempt,
+            done: false,
+        }
     }
 
+    /// Signals the group, and everything the attempt's containment holds (a cgroup holds
+    /// what left the group too).
     fn signal(&self, sig: Signal) {
         match killpg(self.pgid, sig) {
             // ESRCH: nobody left in the group.
@@ -274,13 +301,24 @@ impl ProcessGroup {
                 tracing::warn!(pgid = %self.pgid, signal = %sig, %error, "cannot signal a job's process group")
             }
         }
+        if let Some(a) = &self.attempt {
+            a.signal(sig);
+        }
     }
 
-    /// SIGKILLs whatever is left of the group once the leader is gone. The leader has been
-    /// reaped just before, and a group id stays allocated while the group has members, so
-    /// the signal cannot reach an unrelated group.
-    fn kill_rest(mut self) {
-        self.signal(Signal::SIGKILL);
+    /// SIGKILLs whatever is left once the leader is gone. The leader has been reaped just
+    /// before, and a group id stays allocated while the group has members, so the signal
+    /// cannot reach an unrelated group.
+    async fn kill_rest(mut self) {
+        match killpg(self.pgid, Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(error) => {
+                tracing::warn!(pgid = %self.pgid, %error, "cannot signal a job's process group")
+            }
+        }
+        if let Some(a) = self.attempt.take() {
+            a.finish().await;
+        }
         self.done = true;
     }
 }
@@ -288,7 +326,9 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         if !self.done {
-            self.signal(Signal::SIGKILL);
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+            // Dropping the attempt kills the rest of it and cleans up.
+            self.attempt.take();
         }
     }
 }
@@ -399,22 +439,31 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
     }
 }
 
-/// Sets `PR_SET_PDEATHSIG` to SIGKILL in the child, so that a Steward that dies (kill -9,
-/// crash) does not leave the job's leader running unsupervised while a restarted Steward
-/// runs the job again. Only the leader is covered; its own children are not.
+/// Prepares the child, between fork and exec: joins the attempt's cgroup (`cgroup_procs`, the
+/// cgroup's `cgroup.procs` opened by the parent) so that everything it starts stays inside,
+/// and sets `PR_SET_PDEATHSIG` to SIGKILL, so that a Steward that dies (kill -9, crash) does
+/// not leave the job's leader running unsupervised while a restarted Steward runs the job
+/// again. The leader's own children are not covered by the death signal: the ledger finds them
+/// at the next start (see `contain`).
 ///
-/// Linux sends the signal when the *thread* that spawned the child exits, not the process.
-/// Jobs are spawned from tokio runtime threads, which live as long as the runtime, unless
-/// `tokio::task::block_in_place` retires one: code in the Steward process must not use
+/// Linux sends the death signal when the *thread* that spawned the child exits, not the
+/// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
+/// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
 /// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
 #[allow(unsafe_code)]
-fn kill_when_parent_dies(cmd: &mut Command) {
+fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
-    // getppid(2), which are async-signal-safe, and allocates nothing (errors come from raw
-    // errno values).
+    // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
+    // prctl(2) and getppid(2), which are async-signal-safe, and allocates nothing (errors come
+    // from raw errno values). The descriptor stays open in the parent until the spawn returns.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = cgroup_procs {
+                // "0" moves the writing process into the cgroup.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The parent may have died before the prctl: then nobody would ever signal us.
             if nix::unistd::getppid() != parent {

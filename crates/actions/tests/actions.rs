@@ -30,6 +30,7 @@ fn ctx() -> JobContext {
         cancel: CancellationToken::new(),
         kill_grace: Duration::from_secs(5),
         output_limit: 64 * 1024,
+        supervisor: None,
     }
 }
 

@@ -8,12 +8,13 @@ use tonic::{Request, Response, Status};
 use crate::service::{RunStream, Service};
 
 /// Who is calling, for audit fields (`x-steward-actor` metadata).
-fn actor<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get("x-steward-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty())
-        .map_or_else(|| "anonymous".to_owned(), |s| s.chars().take(128).collect())
+fn actor<T>(req: &Request<T>) -> Result<String, Status> {
+    crate::service::actor(
+        req.metadata()
+            .get("x-steward-actor")
+            .map(|v| v.to_str().unwrap_or("\u{fffd}")),
+    )
+    .map_err(Status::from)
 }
 
 #[tonic::async_trait]
@@ -66,7 +67,7 @@ impl Steward for Service {
         &self,
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        let who = actor(&req);
+        let who = actor(&req)?;
         let r = req.into_inner();
         Ok(Response::new(
             Service::cancel(self, &r.id, &r.reason, &who).await?,
@@ -104,7 +105,7 @@ impl EStop for Service {
         &self,
         req: Request<pb::EStopSetRequest>,
     ) -> Result<Response<pb::AuditRecord>, Status> {
-        let who = actor(&req);
+        let who = actor(&req)?;
         Ok(Response::new(self.estop_set(req.into_inner(), &who).await?))
     }
 
@@ -112,7 +113,7 @@ impl EStop for Service {
         &self,
         req: Request<pb::EStopClearRequest>,
     ) -> Result<Response<pb::EStopClearResponse>, Status> {
-        let who = actor(&req);
+        let who = actor(&req)?;
         Ok(Response::new(
             self.estop_clear(req.into_inner(), &who).await?,
         ))

@@ -62,17 +62,21 @@ fn screaming_snake(camel: &str) -> String {
     out
 }
 
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get("x-steward-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty())
-        .map_or_else(|| "anonymous".to_owned(), |s| s.chars().take(128).collect())
+fn actor(headers: &HeaderMap) -> Result<String, ApiError> {
+    crate::service::actor(
+        headers
+            .get("x-steward-actor")
+            .map(|v| v.to_str().unwrap_or("\u{fffd}")),
+    )
 }
 
 /// A spec from a request body: `{"spec": WorkReq}` (the SubmitRequest message), or a
 /// workflow file as is (YAML or JSON, the schema of PRODUCT.md §2).
 fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
+    // Depth before any parser sees the text (a `{"spec": ...}` envelope is a level).
+    domain::limits::check_depth(body, domain::limits::MAX_SPEC_DEPTH).map_err(|e| {
+        ApiError::invalid_spec(&domain::SpecError(vec![domain::FieldError::new("spec", e)]))
+    })?;
     if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(body)
         && m.contains_key("spec")
     {
@@ -177,7 +181,7 @@ async fn cancel(
             .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?
     };
     st.service
-        .cancel(&id, &body.reason, &actor(&headers))
+        .cancel(&id, &body.reason, &actor(&headers)?)
         .await
         .map(Json)
 }
@@ -225,7 +229,7 @@ async fn estop_set(
     body: String,
 ) -> Result<Json<pb::AuditRecord>, ApiError> {
     let req: pb::EStopSetRequest = json_body(&body)?;
-    st.service.estop_set(req, &actor(&headers)).await.map(Json)
+    st.service.estop_set(req, &actor(&headers)?).await.map(Json)
 }
 
 /// `POST /v1/estop/clear` with `{"target": "site=aap", "reason": "..."}`.
@@ -236,7 +240,7 @@ async fn estop_clear(
 ) -> Result<Json<pb::EStopClearResponse>, ApiError> {
     let req: pb::EStopClearRequest = json_body(&body)?;
     st.service
-        .estop_clear(req, &actor(&headers))
+        .estop_clear(req, &actor(&headers)?)
         .await
         .map(Json)
 }
@@ -277,6 +281,30 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Any path no route serves: a clear 404, naming the path (cut to a bounded length).
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        tonic::Code::NotFound,
+        format!(
+            "no such path: {}; the API's paths are under /v1 (see docs/api.md)",
+            domain::limits::clip(uri.path())
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let mut r = ApiError::new(
+        tonic::Code::InvalidArgument,
+        format!(
+            "{method} is not served at {}",
+            domain::limits::clip(uri.path())
+        ),
+    )
+    .into_response();
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
 pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/v1/runs", post(submit).get(list))
@@ -292,6 +320,8 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

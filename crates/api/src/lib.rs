@@ -43,6 +43,8 @@ pub struct AppState {
     previous_stop: Option<Arc<domain::StopCause>>,
     /// Why the last reload of the policy file was refused, while it stays refused.
     policy_alert: Option<Arc<std::sync::Mutex<Option<String>>>>,
+    /// How `shell` jobs' processes are kept together, for `/readyz`.
+    job_containment: Option<Arc<str>>,
 }
 
 fn label_value(s: &str) -> String {
@@ -53,6 +55,14 @@ fn label_value(s: &str) -> String {
 
 impl AppState {
     fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        let (code, mut body) = self.readiness_status();
+        if let (Some(c), Some(obj)) = (&self.job_containment, body.as_object_mut()) {
+            obj.insert("job_containment".into(), c.as_ref().into());
+        }
+        (code, body)
+    }
+
+    fn readiness_status(&self) -> (StatusCode, serde_json::Value) {
         if let Some(alert) = self.service.estop.as_ref().and_then(|h| h.alert()) {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -190,6 +200,7 @@ impl Api {
                 started: Arc::new(std::time::Instant::now()),
                 previous_stop: None,
                 policy_alert: None,
+                job_containment: None,
             },
         }
     }
@@ -197,6 +208,11 @@ impl Api {
     /// Where to read the policy file's alert (for `/metrics` and `/readyz`).
     pub fn set_policy_alert(&mut self, alert: Arc<std::sync::Mutex<Option<String>>>) {
         self.state.policy_alert = Some(alert);
+    }
+
+    /// How `shell` jobs' processes are kept together (shown by `/readyz`).
+    pub fn set_job_containment(&mut self, containment: String) {
+        self.state.job_containment = Some(containment.into());
     }
 
     /// How the previous process stopped, for `/metrics`.
@@ -216,7 +232,9 @@ impl Api {
             .await;
     }
 
-    /// One router for everything: gRPC requests go to tonic, the rest to the HTTP routes.
+    /// One router for everything: requests with a gRPC content type go to tonic, the rest to
+    /// the HTTP routes, where an unknown path answers 404 with a JSON error (never the gRPC
+    /// fallback's empty 200, which a script with a typo would take for success).
     pub fn router(&self) -> axum::Router {
         let steward = proto::v1::steward_server::StewardServer::new(self.state.service.clone())
             .max_decoding_message_size(http::MAX_BODY_BYTES);
@@ -229,6 +247,24 @@ impl Api {
             .add_service(health)
             .prepare()
             .into_axum_router();
-        http::router(self.state.clone()).merge(grpc)
+        let http = http::router(self.state.clone());
+        axum::Router::new().fallback_service(tower::service_fn(
+            move |req: axum::extract::Request| {
+                let to = if is_grpc(&req) {
+                    grpc.clone()
+                } else {
+                    http.clone()
+                };
+                tower::ServiceExt::oneshot(to, req)
+            },
+        ))
     }
+}
+
+/// gRPC is told apart by its content type (`application/grpc`, `application/grpc+proto`...).
+fn is_grpc(req: &axum::extract::Request) -> bool {
+    req.headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
 }

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use domain::limits;
 use domain::{RunId, RunState, WorkflowSpec};
 use engine::{Engine, EngineError};
 use futures::Stream;
@@ -49,7 +50,9 @@ impl From<EngineError> for ApiError {
             },
             EngineError::InvalidArgument(_) => ApiError::new(Code::InvalidArgument, e.to_string()),
             EngineError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
-            EngineError::AlreadyExists { .. } => ApiError::new(Code::AlreadyExists, e.to_string()),
+            EngineError::AlreadyExists { .. } | EngineError::KeyReused { .. } => {
+                ApiError::new(Code::AlreadyExists, e.to_string())
+            }
             EngineError::FailedPrecondition(_) => {
                 ApiError::new(Code::FailedPrecondition, e.to_string())
             }
@@ -104,7 +107,31 @@ fn source_err(e: estop::SourceError) -> ApiError {
     ApiError::new(code, e.to_string())
 }
 
+fn invalid(message: String) -> ApiError {
+    ApiError::new(tonic::Code::InvalidArgument, message)
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    domain::limits::check_len(field, value, max).map_err(invalid)
+}
+
+/// The actor a client names (`x-steward-actor`): `anonymous` when absent, refused when too
+/// long or holding control characters (it is written to the audit trail and the log).
+pub fn actor(header: Option<&str>) -> Result<String, ApiError> {
+    let Some(a) = header.map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok("anonymous".to_owned());
+    };
+    check_len("x-steward-actor", a, limits::MAX_ACTOR_LEN)?;
+    if a.chars().any(char::is_control) {
+        return Err(invalid(
+            "x-steward-actor: must not hold control characters".into(),
+        ));
+    }
+    Ok(a.to_owned())
+}
+
 pub fn parse_id(id: &str) -> Result<RunId, ApiError> {
+    check_len("id", id, limits::MAX_RUN_ID_LEN)?;
     id.parse().map_err(|e: domain::ids::ParseRunIdError| {
         ApiError::new(tonic::Code::InvalidArgument, format!("id: {e}"))
     })
@@ -184,6 +211,7 @@ impl Service {
         actor: &str,
     ) -> Result<pb::AuditRecord, ApiError> {
         let h = self.estop()?;
+        check_len("reason", &req.reason, limits::MAX_REASON_LEN)?;
         let target = parse_target(&req.target)?;
         let state = req
             .state
@@ -203,6 +231,7 @@ impl Service {
         actor: &str,
     ) -> Result<pb::EStopClearResponse, ApiError> {
         let h = self.estop()?;
+        check_len("reason", &req.reason, limits::MAX_REASON_LEN)?;
         let target = parse_target(&req.target)?;
         let rec = h
             .clear(target, actor.to_owned(), req.reason)
@@ -237,6 +266,25 @@ impl Service {
     }
 
     pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
+        check_len("name", &req.name, domain::spec::MAX_NAME_LEN)?;
+        check_len("page_token", &req.page_token, limits::MAX_RUN_ID_LEN)?;
+        if req.labels.len() > domain::spec::MAX_LABELS {
+            return Err(invalid(format!(
+                "labels: {} selectors; the limit is {}",
+                req.labels.len(),
+                domain::spec::MAX_LABELS
+            )));
+        }
+        for (k, v) in &req.labels {
+            check_len("labels: a key", k, domain::spec::MAX_LABEL_KEY_LEN)?;
+            check_len("labels: a value", v, domain::spec::MAX_LABEL_VALUE_LEN)?;
+        }
+        if req.states.len() > 16 {
+            return Err(invalid(format!(
+                "states: {} given; there are only 9 run states",
+                req.states.len()
+            )));
+        }
         let mut states = Vec::with_capacity(req.states.len());
         for s in &req.states {
             states.push(s.parse::<RunState>().map_err(|e| {
@@ -264,6 +312,7 @@ impl Service {
         actor: &str,
     ) -> Result<pb::CancelResponse, ApiError> {
         let id = parse_id(id)?;
+        check_len("reason", reason, limits::MAX_REASON_LEN)?;
         let state = self.engine.cancel(id, actor, reason).await?;
         Ok(pb::CancelResponse {
             id: id.to_string(),
@@ -323,8 +372,11 @@ impl Service {
     /// The run now, then on every change until it is terminal (or the server stops).
     pub async fn watch(&self, id: &str) -> Result<RunStream, ApiError> {
         let id = parse_id(id)?;
-        let first = self.engine.status(id).await?;
+        // Subscribe before reading: a change that lands between the two is then both in the
+        // first read and in the feed, never in neither.
         let rx = self.engine.subscribe();
+        fail::fail_point!("api::watch_subscribed");
+        let first = self.engine.status(id).await?;
         struct State {
             svc: Service,
             id: RunId,

@@ -1826,3 +1826,248 @@ async fn exec_after_the_sweep_expired_the_run_is_still_failed_precondition() {
     assert_eq!(code, 409, "{body}");
     assert_eq!(body["code"], "FAILED_PRECONDITION", "{body}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input: each gets its clear error at once, and the server goes on serving
+// ---------------------------------------------------------------------------------------------
+
+/// One hostile request over HTTP and the answer it must get.
+struct Hostile {
+    what: &'static str,
+    method: &'static str,
+    path: String,
+    body: String,
+    code: u16,
+    says: &'static str,
+}
+
+fn hostile(
+    what: &'static str,
+    method: &'static str,
+    path: impl Into<String>,
+    body: impl Into<String>,
+    code: u16,
+    says: &'static str,
+) -> Hostile {
+    Hostile {
+        what,
+        method,
+        path: path.into(),
+        body: body.into(),
+        code,
+        says,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http_input_gets_a_clear_error_at_once() {
+    let s = server().await;
+    let deep = 100_000;
+    // The longest URI the HTTP stack takes is 64 KiB.
+    let long_id = "0".repeat(60 * 1024);
+    let cases = vec![
+        hostile(
+            "JSON nested 10^5 deep",
+            "POST",
+            "/v1/runs",
+            format!("{}{}", "[".repeat(deep), "]".repeat(deep)),
+            400,
+            "the limit is 64",
+        ),
+        hostile(
+            "YAML flow nested 10^5 deep",
+            "POST",
+            "/v1/runs",
+            format!(
+                "name: x\nblocks: {}{}",
+                "{a: ".repeat(deep),
+                "}".repeat(deep)
+            ),
+            400,
+            "the limit is 64",
+        ),
+        hostile(
+            "a spec envelope nested 10^5 deep",
+            "POST",
+            "/v1/validate",
+            format!(
+                "{{\"spec\": {{\"name\": \"x\", \"labels\": {}1{}}}}}",
+                "{\"a\": ".repeat(deep),
+                "}".repeat(deep)
+            ),
+            200,
+            "the limit is 64",
+        ),
+        hostile(
+            "a typo in a path",
+            "POST",
+            "/v1/estop/set",
+            "{}",
+            404,
+            "no such path",
+        ),
+        hostile(
+            "an unknown path",
+            "GET",
+            "/v1/nope",
+            "",
+            404,
+            "no such path",
+        ),
+        hostile(
+            "the root of a gRPC service",
+            "GET",
+            "/steward.v1.Steward/Status",
+            "",
+            404,
+            "no such path",
+        ),
+        hostile(
+            "a 60 KB run ID",
+            "GET",
+            format!("/v1/runs/{long_id}"),
+            "",
+            400,
+            "the limit is 64",
+        ),
+        hostile(
+            "a 1 MB cancel reason",
+            "POST",
+            "/v1/runs/0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b/cancel",
+            format!("{{\"reason\": \"{}\"}}", "r".repeat(1 << 20)),
+            400,
+            "reason: is 1048576 bytes; the limit is 1024",
+        ),
+        hostile(
+            "a label key with a backslash and quotes in a List filter",
+            "GET",
+            "/v1/runs?label=a%5C%22b=c",
+            "",
+            200,
+            "",
+        ),
+        hostile(
+            "a 10 KB label key in a List filter",
+            "GET",
+            format!("/v1/runs?label={}=c", "k".repeat(10_240)),
+            "",
+            400,
+            "the limit is 63",
+        ),
+        hostile(
+            "a state of 60 KB in a List filter",
+            "GET",
+            format!("/v1/runs?state={}", "s".repeat(60 * 1024)),
+            "",
+            400,
+            "(61440 bytes)",
+        ),
+    ];
+    for c in cases {
+        let started = std::time::Instant::now();
+        let (code, _, body) = s.http(c.method, &c.path, &[], c.body.clone()).await;
+        let took = started.elapsed();
+        assert_eq!(
+            code,
+            c.code,
+            "{}: HTTP {code}: {}",
+            c.what,
+            &body[..body.len().min(300)]
+        );
+        assert!(
+            body.contains(c.says),
+            "{}: the answer must say {:?}: {}",
+            c.what,
+            c.says,
+            &body[..body.len().min(300)]
+        );
+        assert!(
+            body.len() < 4096,
+            "{}: the answer echoes the input: {} bytes",
+            c.what,
+            body.len()
+        );
+        if code != 200 {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["code"].is_string() && v["message"].is_string(),
+                "{}: {v}",
+                c.what
+            );
+        }
+        assert!(took < Duration::from_secs(2), "{}: took {took:?}", c.what);
+    }
+    // And it still serves.
+    let (code, _, _) = s.http("GET", "/healthz", &[], "").await;
+    assert_eq!(code, 200);
+    assert_eq!(s.run_count().await, 0, "none of it stored anything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_grpc_input_gets_a_clear_error_at_once() {
+    let s = server().await;
+    let long_id = "0".repeat(87 * 1024);
+    let err = s.try_status(&long_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() < 200, "{}", err.message().len());
+    let err = s
+        .grpc()
+        .cancel(pb::CancelRequest {
+            id: "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b".into(),
+            reason: "r".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("the limit is 1024"),
+        "{}",
+        err.message()
+    );
+    let mut req = tonic::Request::new(pb::CancelRequest {
+        id: "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b".into(),
+        reason: String::new(),
+    });
+    req.metadata_mut()
+        .insert("x-steward-actor", "a".repeat(300).parse().unwrap());
+    let err = s.grpc().cancel(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("x-steward-actor"),
+        "{}",
+        err.message()
+    );
+    let page = s
+        .list(list_req(|r| {
+            r.labels.insert("a\\\"b".into(), "c".into());
+        }))
+        .await
+        .unwrap();
+    assert!(page.runs.is_empty());
+}
+
+/// Submit with a used idempotency key: the same spec gets the same run; a different spec is
+/// refused with 409, naming the key and the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_idempotency_key_with_another_spec_is_refused() {
+    let s = server().await;
+    let yaml = "name: k\nidempotency_key: key-1\nblocks:\n  - jobs: [{action: noop}]\n";
+    let (code, first) = s.post("/v1/runs", yaml).await;
+    assert_eq!(code, 200, "{first}");
+    let (code, again) = s.post("/v1/runs", yaml).await;
+    assert_eq!(
+        (code, &again["id"], &again["created"]),
+        (200, &first["id"], &json!(false))
+    );
+    let (code, err) = s
+        .post("/v1/runs", yaml.replace("noop}", "noop, desc: other}"))
+        .await;
+    assert_eq!(code, 409, "{err}");
+    assert_eq!(err["code"], "ALREADY_EXISTS");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"key-1\"") && msg.contains(first["id"].as_str().unwrap()),
+        "{msg}"
+    );
+    assert_eq!(s.run_count().await, 1);
+}

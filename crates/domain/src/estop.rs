@@ -46,6 +46,7 @@ impl FromStr for Target {
     /// `*`, a workflow name, or `key=value`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        crate::limits::check_len("target", s, crate::limits::MAX_ESTOP_TARGET_LEN)?;
         if s == "*" {
             return Ok(Target::All);
         }
@@ -131,7 +132,10 @@ impl FromStr for EStopState {
             "go" => Ok(EStopState::Go),
             "pause" => Ok(EStopState::Pause),
             "stop" => Ok(EStopState::Stop),
-            other => Err(format!("state {other:?} is not one of: go, pause, stop")),
+            other => Err(format!(
+                "state {} is not one of: go, pause, stop",
+                crate::limits::clip(other)
+            )),
         }
     }
 }
@@ -267,8 +271,23 @@ impl EStopList {
     /// Parses the JSON file format, naming the entry of any problem. Duplicate targets are
     /// refused: each target has one state.
     pub fn parse(text: &str) -> Result<EStopList, String> {
-        let list: EStopList =
+        // An object, nothing else: serde would take `[]` or `[[]]` for a struct's fields.
+        let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("not a valid e-stop list: {e}"))?;
+        if !value.is_object() {
+            return Err(format!(
+                "not a valid e-stop list: the file must hold a JSON object {{\"entries\": [...]}}, not {}",
+                match value {
+                    serde_json::Value::Array(_) => "a list",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            ));
+        }
+        let list: EStopList =
+            serde_json::from_value(value).map_err(|e| format!("not a valid e-stop list: {e}"))?;
         list.check()?;
         Ok(list)
     }

@@ -23,7 +23,8 @@ impl fmt::Display for RunId {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid run id {0:?}: expected a UUID such as 0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b")]
+/// Holds the input already clipped: an error never grows with what the client sent.
+#[error("invalid run id {0}: expected a UUID such as 0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b")]
 pub struct ParseRunIdError(String);
 
 impl FromStr for RunId {
@@ -32,7 +33,7 @@ impl FromStr for RunId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         uuid::Uuid::parse_str(s.trim())
             .map(RunId)
-            .map_err(|_| ParseRunIdError(s.to_owned()))
+            .map_err(|_| ParseRunIdError(crate::limits::clip(s)))
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod estop;
 pub mod ids;
+pub mod limits;
 pub mod run;
 pub mod spec;
 pub mod state;

@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The names of the built-in actions (`actions` implements them; policies may name only these).
+pub const ACTIONS: &[&str] = &[
+    "shell",
+    "http",
+    "write_file",
+    "sleep",
+    "token_bucket",
+    "noop",
+];
+
 pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_DESC_LEN: usize = 4096;
 pub const MAX_LABELS: usize = 64;
@@ -192,6 +202,8 @@ impl WorkflowSpec {
                 format!("is {} bytes; the limit is {MAX_SPEC_BYTES}", text.len()),
             )]));
         }
+        crate::limits::check_depth(text, crate::limits::MAX_SPEC_DEPTH)
+            .map_err(|e| SpecError(vec![FieldError::new("spec", e)]))?;
         let value: serde_json::Value = serde_norway::from_str(text).map_err(|e| {
             SpecError(vec![FieldError::new(
                 "spec",

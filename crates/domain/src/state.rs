@@ -28,8 +28,9 @@ macro_rules! string_enum {
                 match s {
                     $($s => Ok($name::$variant),)+
                     other => Err(format!(
-                        "unknown {} {other:?}; expected one of: {}",
+                        "unknown {} {}; expected one of: {}",
                         stringify!($name),
+                        $crate::limits::clip(other),
                         [$($s),+].join(", ")
                     )),
                 }

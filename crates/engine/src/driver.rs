@@ -564,6 +564,7 @@ impl Driver<'_> {
                 cancel: self.token.child_token(),
                 kill_grace: inner.opts.kill_grace,
                 output_limit: inner.opts.output_limit,
+                supervisor: inner.opts.supervisor.clone(),
             };
             let mut timed_out = false;
             let result = {

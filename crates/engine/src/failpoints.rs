@@ -19,3 +19,19 @@ pub(crate) fn die(name: &str) -> ! {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     std::process::abort()
 }
+
+/// A pause at a fail point, without blocking the runtime's thread: `name=return(MS)` in
+/// `FAILPOINTS` makes this return `Some(MS milliseconds)`; the caller sleeps on its own.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+pub(crate) fn pause(name: &str) -> Option<std::time::Duration> {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::eval(name, |arg| {
+            arg.and_then(|ms| ms.parse().ok())
+                .map(std::time::Duration::from_millis)
+        })
+        .flatten()
+    }
+    #[cfg(not(feature = "failpoints"))]
+    None
+}

@@ -99,6 +99,9 @@ pub struct EngineOptions {
     pub buckets: std::collections::BTreeMap<String, ratelimit::BucketSpec>,
     /// The policies checked at Submit, reloaded by whoever holds the sender; `None` checks none.
     pub policies: Option<PolicyFeed>,
+    /// Keeps each `shell` job's processes together and records them, so that what a crash
+    /// left running is ended before a job runs again; `None`: process groups only.
+    pub supervisor: Option<Arc<actions::Supervisor>>,
 }
 
 /// The policy set in force, swapped whole on a reload.
@@ -118,6 +121,7 @@ impl EngineOptions {
             estop_unlisted: EStopState::Stop,
             buckets: std::collections::BTreeMap::new(),
             policies: None,
+            supervisor: None,
         }
     }
 }
@@ -137,6 +141,11 @@ pub enum EngineError {
     /// Exec of a run that is executing or finished: nothing was done.
     #[error("run {id} is already {state}; nothing was done")]
     AlreadyExists { id: RunId, state: RunState },
+    /// Submit with an idempotency key that an earlier run with a different spec holds.
+    #[error(
+        "idempotency_key {key:?} is already used by run {existing} with a different spec; nothing was stored (use a new key, or submit the same spec to get run {existing})"
+    )]
+    KeyReused { key: String, existing: RunId },
     #[error("{0}")]
     FailedPrecondition(String),
     /// Shutting down or the store is unreachable: try again (elsewhere).
@@ -371,17 +380,31 @@ impl Engine {
         }
         self.inner.refuse_if_stopped(&spec)?;
         let now = self.inner.clock.now();
+        let key = spec.idempotency_key.clone();
         let submitted = self
             .inner
             .store
             .submit(NewRun {
                 id: RunId::new_v7(),
-                spec,
+                spec: spec.clone(),
                 created_at: now,
                 expires_at: now.plus(self.inner.opts.submit_ttl),
                 cloned_from,
             })
             .await?;
+        if !submitted.created
+            && let Some(key) = key
+        {
+            // The same key answers with the same run only for the same spec: a different
+            // spec under a used key is a client bug that must not pass silently.
+            let existing = self.inner.store.get(submitted.id).await?;
+            if existing.spec != spec {
+                return Err(EngineError::KeyReused {
+                    key,
+                    existing: submitted.id,
+                });
+            }
+        }
         if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);
             tracing::info!(run_id = %submitted.id, "run submitted");
@@ -435,7 +458,8 @@ impl Engine {
         if let Some(t) = &filter.page_token {
             t.parse::<RunId>().map_err(|_| {
                 EngineError::InvalidArgument(format!(
-                    "page_token {t:?} is not one this server gave out"
+                    "page_token {} is not one this server gave out",
+                    domain::limits::clip(t)
                 ))
             })?;
         }

@@ -91,6 +91,10 @@ async fn renew_loop(inner: &Arc<Inner>) {
     let period = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
     while tick(inner, period).await {
         let held = held_runs(inner);
+        // A window for tests: runs that end between the snapshot and the renewal.
+        if let Some(pause) = crate::failpoints::pause("engine::renew_after_snapshot") {
+            tokio::time::sleep(pause).await;
+        }
         let until = inner.now().plus(inner.opts.lease_ttl);
         match inner
             .store
@@ -108,11 +112,42 @@ async fn renew_loop(inner: &Arc<Inner>) {
                     );
                 }
                 for id in renewal.lost {
-                    tracing::warn!(run_id = %id, "lease lost to another node; letting go of the run");
-                    inner.halt_run(id, Halt::Abandon);
+                    lost_lease(inner, id).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "renewing leases failed; retrying"),
+        }
+    }
+}
+
+/// A renewal did not extend `id`'s lease. Most often the run just ended on this node (its
+/// lease is released with its last write) after the list of held runs was taken: that is no
+/// loss. Only a run that another node holds now is reported as lost.
+async fn lost_lease(inner: &Inner, id: RunId) {
+    let me = &inner.opts.node_id;
+    match inner.store.get(id).await {
+        Ok(run) if run.state.is_terminal() => {
+            tracing::debug!(run_id = %id, state = %run.state, "run ended while its lease was renewed");
+        }
+        Ok(run) => match &run.lease_owner {
+            Some(owner) if owner == me => {
+                tracing::debug!(run_id = %id, "lease still held after all; renewed on the next tick");
+            }
+            Some(owner) => {
+                tracing::warn!(run_id = %id, other_node = %owner.0, "lease lost to another node; letting go of the run");
+                inner.halt_run(id, Halt::Abandon);
+            }
+            None => {
+                tracing::info!(run_id = %id, state = %run.state, "the run is no longer leased to this node; letting go");
+                inner.halt_run(id, Halt::Abandon);
+            }
+        },
+        Err(store::Error::NotFound(_)) => {
+            tracing::info!(run_id = %id, "the run is gone from the store; letting go");
+            inner.halt_run(id, Halt::Abandon);
+        }
+        Err(e) => {
+            tracing::warn!(run_id = %id, error = %e, "cannot tell whether the lease was lost; renewing on the next tick");
         }
     }
 }
@@ -186,6 +221,18 @@ fn record_cause(inner: &Inner, cause: StopCause) {
     inner.accepting.store(false, Ordering::SeqCst);
 }
 
+fn is_now(cause: &StopCause) -> bool {
+    matches!(
+        cause,
+        StopCause::Signal {
+            mode: ShutdownMode::Now,
+            ..
+        } | StopCause::StopCommand {
+            mode: ShutdownMode::Now
+        }
+    )
+}
+
 fn interrupt_all(inner: &Inner, cause: &StopCause) {
     for id in held_runs(inner) {
         inner.halt_run(
@@ -198,6 +245,17 @@ fn interrupt_all(inner: &Inner, cause: &StopCause) {
 }
 
 pub(crate) fn stop_now(inner: &Inner, cause: StopCause) {
+    // A `now` that escalates a drain or an end of round asked for by a signal or `steward
+    // stop` decides how the process stops: it replaces that first cause. Any other first
+    // cause (a fatal error, a lost store) stays: it is why the process stops.
+    if let Ok(mut c) = inner.shutdown_cause.lock()
+        && c.as_ref().is_some_and(|c| {
+            matches!(c, StopCause::Signal { .. } | StopCause::StopCommand { .. }) && !is_now(c)
+        })
+    {
+        tracing::info!(%cause, kind = cause.kind(), "shutdown escalated");
+        *c = Some(cause.clone());
+    }
     record_cause(inner, cause.clone());
     inner.no_new_jobs.cancel();
     inner.no_new_blocks.cancel();

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::Clock;
@@ -248,9 +249,95 @@ impl Source for FileSource {
     }
 }
 
+/// The largest e-stop file read; a larger one is malformed.
+pub const MAX_ESTOP_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// How long one read of a file Steward depends on may take before it counts as failed.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a file Steward depends on (the e-stop list, the policies) as hostile input: only a
+/// regular file (a symbolic link to one is fine), never a FIFO, a device or a directory; at
+/// most `max` bytes. The open does not block (a FIFO with no writer would hang it), so this
+/// returns at once for anything but a slow disk. Blocking: call it off the async runtime, or
+/// through [`read_capped_async`].
+pub fn read_capped(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a regular file (a {})", file_kind(&meta.file_type())),
+        ));
+    }
+    if meta.len() > max {
+        return Err(too_big(meta.len(), max));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // The file may grow while it is read: read one byte past the cap to tell.
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    let n = bytes.len() as u64;
+    if n > max {
+        return Err(too_big(n, max));
+    }
+    Ok(bytes)
+}
+
+/// [`read_capped`] on the blocking pool, failed after [`READ_TIMEOUT`] (a hung disk or
+/// network file system) instead of stalling its caller.
+pub async fn read_capped_async(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let owned = path.to_owned();
+    match tokio::time::timeout(
+        READ_TIMEOUT,
+        tokio::task::spawn_blocking(move || read_capped(&owned, max)),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(io::Error::other(join)),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("reading took longer than {READ_TIMEOUT:?}"),
+        )),
+    }
+}
+
+fn too_big(len: u64, max: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("is over {max} bytes ({len}); the limit is {max}"),
+    )
+}
+
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
 async fn read_file(path: &Path) -> Result<EStopList, SourceError> {
-    let bytes = match tokio::fs::read(path).await {
+    let bytes = match read_capped_async(path, MAX_ESTOP_FILE_BYTES).await {
         Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(SourceError::Malformed {
+                path: path.to_owned(),
+                error: e.to_string(),
+            });
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(SourceError::Missing {
                 path: path.to_owned(),

@@ -43,7 +43,10 @@ mod file;
 mod service;
 
 pub use db::{DEFAULT_POLL as DEFAULT_DB_POLL, DbSource};
-pub use file::{FileSource, INITIAL_REASON, ensure_initial_file, watch_file, write_durably};
+pub use file::{
+    FileSource, INITIAL_REASON, MAX_ESTOP_FILE_BYTES, READ_TIMEOUT, ensure_initial_file,
+    read_capped, read_capped_async, watch_file, write_durably,
+};
 pub use service::{API_SOURCE, EStop, EStopHandle, EStopOptions};
 
 /// Why an e-stop source could not be read or changed. Every variant names the file or store.

@@ -718,3 +718,75 @@ async fn reading_the_file_does_not_wake_the_watcher() {
     );
     env.shutdown().await;
 }
+
+/// What can stand where the e-stop file should be: each is malformed at once (everything
+/// stops, the alert names it), a change through the API is refused with a clear error, and
+/// nothing hangs or eats memory. Then a good file brings the list back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_things_in_place_of_the_file_fail_closed_at_once() {
+    let env = Env::new(Some(GO_ALL));
+    let h = env.start_file().await;
+    let mut rx = h.subscribe();
+    let place = |what: &str| {
+        let _ = std::fs::remove_file(&env.file);
+        let _ = std::fs::remove_dir(&env.file);
+        match what {
+            "fifo" => nix::unistd::mkfifo(&env.file, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            "zero" => std::os::unix::fs::symlink("/dev/zero", &env.file).unwrap(),
+            "dir" => std::fs::create_dir(&env.file).unwrap(),
+            "huge" => {
+                let f = std::fs::File::create(&env.file).unwrap();
+                f.set_len(estop::MAX_ESTOP_FILE_BYTES + 1).unwrap();
+            }
+            text => env.replace_file(text),
+        }
+    };
+    for (what, says) in [
+        ("fifo", "not a regular file (a FIFO)"),
+        ("zero", "not a regular file (a character device)"),
+        ("dir", "not a regular file (a directory)"),
+        ("huge", "the limit is 8388608"),
+        ("[]", "not a list"),
+        ("[[]]", "not a list"),
+        ("\"entries\"", "not a string"),
+        ("null", "not null"),
+        (
+            &format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+            "recursion limit",
+        ),
+    ] {
+        place(what);
+        let started = std::time::Instant::now();
+        let snap = wait_for(
+            &mut rx,
+            what,
+            |s| matches!(&**s, Snapshot::Unreadable(e) if e.contains(says)),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(*snap, Snapshot::Unreadable(_)));
+        assert_eq!(
+            h.verdict("Erase", &aap()).state,
+            Stop,
+            "{what}: fail closed"
+        );
+        let set = tokio::time::timeout(
+            Duration::from_secs(3),
+            h.set(target("Erase"), Stop, "INC-9".into(), "ana".into()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: a set hangs"));
+        assert!(
+            set.is_err(),
+            "{what}: a set over an unreadable file is refused"
+        );
+        // Back to a good file in between, so each case is a change the service must notice.
+        place(GO_ALL);
+        wait_for(&mut rx, "the good file", |s| matches!(**s, Snapshot::Ok(_))).await;
+    }
+    env.shutdown().await;
+}

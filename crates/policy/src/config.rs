@@ -357,9 +357,23 @@ impl Loader<'_> {
         }
     }
 
+    /// A policy that names an action Steward does not have would never match anything: it is
+    /// a typo, refused at load.
     fn action_name(&mut self, name: &Spanned<String>, path: String) -> bool {
-        if name.get_ref().trim().is_empty() {
+        let n = name.get_ref();
+        if n.trim().is_empty() {
             self.problem(Some(name.span()), path, "must be a non-empty action name");
+            false
+        } else if !domain::spec::ACTIONS.contains(&n.as_str()) {
+            self.problem(
+                Some(name.span()),
+                path,
+                format!(
+                    "unknown action {}; the actions are: {}",
+                    domain::limits::clip(n),
+                    domain::spec::ACTIONS.join(", ")
+                ),
+            );
             false
         } else {
             true

@@ -476,7 +476,7 @@ fn unknown_keys_are_refused() {
     );
     assert_eq!(
         refused(
-            "[workflows.w]\nsame_args = [{ action = \"a\", arg = \"b\" }, { action = \"a\", args = \"b\" }]\n"
+            "[workflows.w]\nsame_args = [{ action = \"shell\", arg = \"b\" }, { action = \"shell\", args = \"b\" }]\n"
         ),
         [
             "policies.toml: workflows.w.same_args[1].args: unknown field `args`, expected `action` or `arg` (line 2)"
@@ -505,13 +505,13 @@ fn wrong_types_and_missing_fields_are_refused() {
         ]
     );
     assert_eq!(
-        refused("[workflows.w]\nsame_args = { action = \"a\", arg = \"b\" }\n"),
+        refused("[workflows.w]\nsame_args = { action = \"shell\", arg = \"b\" }\n"),
         [
             r#"policies.toml: workflows.w.same_args: must be an array of tables, e.g. same_args = [{ action = "shell", arg = "site" }]; found table (line 2)"#
         ]
     );
     assert_eq!(
-        refused("[workflows.w]\nsame_args = [{ action = \"a\" }]\n"),
+        refused("[workflows.w]\nsame_args = [{ action = \"shell\" }]\n"),
         ["policies.toml: workflows.w.same_args[0]: missing field `arg` (line 2)"]
     );
     assert_eq!(
@@ -550,6 +550,15 @@ fn bad_values_are_refused() {
         ]
     );
     assert_eq!(
+        refused(
+            "[workflows.w]\nallowed_actions = [\"shell\",\n  \"shel\"]\nsame_args = [{ action = \"ssh\", arg = \"host\" }]\n"
+        ),
+        [
+            "policies.toml: workflows.w.allowed_actions[1]: unknown action \"shel\"; the actions are: shell, http, write_file, sleep, token_bucket, noop (line 3)",
+            "policies.toml: workflows.w.same_args[0].action: unknown action \"ssh\"; the actions are: shell, http, write_file, sleep, token_bucket, noop (line 4)",
+        ]
+    );
+    assert_eq!(
         refused("[workflows.w]\nallowed_actions = []\n"),
         [
             "policies.toml: workflows.w.allowed_actions: must list at least one action (to refuse this workflow, remove its entry) (line 2)"
@@ -564,7 +573,7 @@ fn bad_values_are_refused() {
     );
     assert_eq!(
         refused(
-            "[workflows.w]\nstart_or_end = [{ action = \"t\", args = { \"argv[\" = 1 }, position = \"start\" }]\n"
+            "[workflows.w]\nstart_or_end = [{ action = \"token_bucket\", args = { \"argv[\" = 1 }, position = \"start\" }]\n"
         ),
         [
             r#"policies.toml: workflows.w.start_or_end[0].args."argv[": "argv[" is not a valid arg path: '[' without a closing ']'; write an arg name, then optionally [index] or .field steps, e.g. site or argv[3] (line 2)"#
@@ -575,18 +584,20 @@ fn bad_values_are_refused() {
 #[test]
 fn bad_positions_are_refused() {
     assert_eq!(
-        refused("[workflows.w]\nstart_or_end = [{ action = \"t\", position = \"first\" }]\n"),
+        refused(
+            "[workflows.w]\nstart_or_end = [{ action = \"token_bucket\", position = \"first\" }]\n"
+        ),
         [
             "policies.toml: workflows.w.start_or_end[0].position: unknown variant `first`, expected one of `start`, `end`, `start_or_end` (line 2)"
         ]
     );
     assert_eq!(
-        refused("[workflows.w]\nstart_or_end = [{ action = \"t\" }]\n"),
+        refused("[workflows.w]\nstart_or_end = [{ action = \"token_bucket\" }]\n"),
         ["policies.toml: workflows.w.start_or_end[0]: missing field `position` (line 2)"]
     );
     assert_eq!(
         refused(
-            "[workflows.w]\nstart_or_end = [{ action = \"t\", position = \"start\", allow_after = [\"noop\"] }]\n"
+            "[workflows.w]\nstart_or_end = [{ action = \"token_bucket\", position = \"start\", allow_after = [\"noop\"] }]\n"
         ),
         [
             r#"policies.toml: workflows.w.start_or_end[0].allow_after: applies only when position is "end" or "start_or_end" (here it is start) (line 2)"#
@@ -620,7 +631,7 @@ limits = { max_jobs = 0 }
 bogus = 1
 
 [workflows.a]
-same_args = [{ action = "x", arg = "" }]
+same_args = [{ action = "shell", arg = "" }]
 start_or_end = [{ action = "t", position = "middle" }]
 "#,
     );
@@ -653,7 +664,7 @@ fn toml_syntax_errors_are_refused_with_the_line() {
 fn dates_in_args_are_refused() {
     assert_eq!(
         refused(
-            "[workflows.w]\nstart_or_end = [{ action = \"t\", position = \"end\", args = { day = 2024-01-01 } }]\n"
+            "[workflows.w]\nstart_or_end = [{ action = \"token_bucket\", position = \"end\", args = { day = 2024-01-01 } }]\n"
         ),
         [
             "policies.toml: workflows.w.start_or_end[0].args.day: TOML dates and times cannot match a job's args; write the value as a string (line 2)"
@@ -665,7 +676,7 @@ fn dates_in_args_are_refused() {
 fn sub_tables_and_arrays_of_tables_name_the_line() {
     assert_eq!(
         refused(
-            "[workflows.w]\n\n[workflows.w.limits]\nmax_blocks = 1\nmax_jobs = 0\n\n[[workflows.w.same_args]]\naction = \"x\"\narg = \"y\"\n\n[[workflows.w.same_args]]\naction = \"x\"\nargz = \"y\"\n"
+            "[workflows.w]\n\n[workflows.w.limits]\nmax_blocks = 1\nmax_jobs = 0\n\n[[workflows.w.same_args]]\naction = \"shell\"\narg = \"y\"\n\n[[workflows.w.same_args]]\naction = \"shell\"\nargz = \"y\"\n"
         ),
         [
             "policies.toml: workflows.w.limits.max_jobs: must be at least 1 (line 5)",

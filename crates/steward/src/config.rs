@@ -46,6 +46,9 @@ pub struct RawConfig {
     pub error_budgets: Option<std::collections::BTreeMap<String, RawBudget>>,
     /// Webhooks told of failed and stopped runs and of e-stop changes: `[[notify]]`.
     pub notify: Option<Vec<RawNotify>>,
+    /// How a `shell` job's processes are kept together: `auto` (default: a cgroup per attempt
+    /// where cgroup v2 allows it, else a process group), `cgroup` or `process_group`.
+    pub job_containment: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -160,6 +163,10 @@ pub enum Database {
 }
 
 impl Database {
+    fn is_embedded(&self) -> bool {
+        matches!(self, Database::Sqlite(_))
+    }
+
     /// For logs and `--print-config`: the password hidden.
     pub fn describe(&self) -> String {
         match self {
@@ -190,12 +197,38 @@ pub enum EStopSourceKind {
     Db,
 }
 
-/// The validated configuration `steward serve` runs with.
+/// `job_containment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobContainment {
+    Auto,
+    Cgroup,
+    ProcessGroup,
+}
+
+impl JobContainment {
+    pub fn mode(self) -> actions::ContainmentMode {
+        match self {
+            JobContainment::Auto => actions::ContainmentMode::Auto,
+            JobContainment::Cgroup => actions::ContainmentMode::Cgroup,
+            JobContainment::ProcessGroup => actions::ContainmentMode::ProcessGroup,
+        }
+    }
+}
+
+/// The validated configuration `steward serve` runs with. Serialized, it is a config file
+/// that loads back (`--print-config`): the data directory (a flag) and what a start fills in
+/// are left out, and secrets are hidden.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServeConfig {
+    #[serde(skip)]
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Left out when it is the embedded database in the data directory.
+    #[serde(skip_serializing_if = "Database::is_embedded")]
     pub database: Database,
+    /// Empty: the name kept in the data directory (`node_id` file) is used.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub node_id: String,
     #[serde(with = "humantime_serde_str")]
     pub submit_ttl: Duration,
@@ -207,6 +240,7 @@ pub struct ServeConfig {
     #[serde(with = "humantime_serde_str")]
     pub lease_ttl: Duration,
     pub output_limit: usize,
+    #[serde(rename = "log_format", serialize_with = "log_format")]
     pub log_json: bool,
     pub estop_source: EStopSourceKind,
     pub estop_file: PathBuf,
@@ -219,6 +253,11 @@ pub struct ServeConfig {
     pub buckets: std::collections::BTreeMap<String, BucketConfig>,
     pub error_budgets: std::collections::BTreeMap<String, BudgetConfig>,
     pub notify: Vec<NotifyConfig>,
+    pub job_containment: JobContainment,
+}
+
+fn log_format<S: serde::Serializer>(json: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if *json { "json" } else { "text" })
 }
 
 mod humantime_serde_str {
@@ -230,25 +269,113 @@ mod humantime_serde_str {
     }
 }
 
-/// The server's environment overrides, by config key.
-const ENV_KEYS: &[(&str, &str)] = &[
-    ("STEWARD_LISTEN", "listen"),
-    ("STEWARD_DATABASE", "database"),
-    ("STEWARD_NODE_ID", "node_id"),
-    ("STEWARD_SUBMIT_TTL", "submit_ttl"),
-    ("STEWARD_MAX_RUNNING_JOBS", "max_running_jobs"),
-    ("STEWARD_SHUTDOWN_GRACE", "shutdown_grace"),
-    ("STEWARD_KILL_GRACE", "kill_grace"),
-    ("STEWARD_LEASE_TTL", "lease_ttl"),
-    ("STEWARD_OUTPUT_LIMIT", "output_limit"),
-    ("STEWARD_LOG_FORMAT", "log_format"),
-    ("STEWARD_ESTOP_SOURCE", "estop_source"),
-    ("STEWARD_ESTOP_FILE", "estop_file"),
-    ("STEWARD_ESTOP_UNLISTED", "estop_unlisted"),
-    ("STEWARD_ESTOP_REREAD", "estop_reread"),
-    ("STEWARD_POLICIES", "policies"),
-    ("STEWARD_POLICIES_REREAD", "policies_reread"),
+/// `STEWARD_*` variables that are not server settings: the CLI's, and those Steward sets in a
+/// job's environment (a Steward run as a job of another keeps them).
+const NOT_SETTINGS: &[&str] = &[
+    "STEWARD_ADDR",
+    "STEWARD_ACTOR",
+    "STEWARD_TOKEN",
+    "STEWARD_IDEMPOTENCY_KEY",
+    "STEWARD_RUN_ID",
+    "STEWARD_ATTEMPT",
 ];
+
+/// The config key a `STEWARD_*` variable sets: the rest of its name in lower case, `__`
+/// between the parts of a nested key (`STEWARD_BUCKETS__DISK__SIZE` is `buckets.disk.size`).
+/// `None` for variables that are not settings.
+fn env_key(var: &str) -> Option<Vec<String>> {
+    let name = var.strip_prefix("STEWARD_")?;
+    if NOT_SETTINGS.contains(&var) || name.starts_with("SECRET_") {
+        return None;
+    }
+    Some(name.split("__").map(str::to_ascii_lowercase).collect())
+}
+
+/// An environment value as TOML: a number, a boolean or an array when it reads as one, else a
+/// string. Only a single value is taken (a newline cannot add keys).
+fn env_value(text: &str) -> Option<toml::Value> {
+    let mut t: toml::Table = toml::from_str(&format!("v = {text}")).ok()?;
+    (t.len() == 1).then(|| t.remove("v")).flatten()
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("an empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a table"))?;
+    }
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Applies every `STEWARD_*` variable of `env` to the config file's `table`, where it wins.
+/// Every key of the file can be set so, nested ones included; a variable that names no key
+/// is refused like an unknown key in the file (a typo in a unit file must not pass silently).
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Result<RawConfig> {
+    // Variables whose typed reading (`20`, `true`) was refused, to be taken as strings.
+    let mut as_string: Vec<&str> = Vec::new();
+    loop {
+        let mut merged = table.clone();
+        let mut applied: Vec<(&str, String)> = Vec::new();
+        for (var, text) in env {
+            let Some(path) = env_key(var) else { continue };
+            if path.iter().any(String::is_empty) {
+                bail!("{var}: not a setting (an empty part in its name)");
+            }
+            let value = match env_value(text) {
+                Some(v) if !as_string.contains(&var.as_str()) && !v.is_str() => v,
+                _ => toml::Value::String(text.clone()),
+            };
+            set_path(&mut merged, &path, value).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
+            applied.push((var, path.join(".")));
+        }
+        let error =
+            match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(merged)) {
+                Ok(raw) => return Ok(raw),
+                Err(e) => e,
+            };
+        let at = error.path().to_string();
+        let inner = error.into_inner().to_string();
+        // The variable whose key the error is at (or under, for an unknown key).
+        let unknown = inner
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split_once('`'))
+            .map(|(f, _)| f.to_owned());
+        let culprit = applied
+            .iter()
+            .filter(|(_, key)| match &unknown {
+                Some(field) => {
+                    let full = if at == "." || at.is_empty() {
+                        field.clone()
+                    } else {
+                        format!("{at}.{field}")
+                    };
+                    *key == full || key.starts_with(&format!("{full}.")) || *key == at
+                }
+                None => {
+                    *key == at
+                        || at.starts_with(&format!("{key}."))
+                        || key.starts_with(&format!("{at}."))
+                }
+            })
+            .max_by_key(|(_, key)| key.len());
+        match culprit {
+            Some((var, _)) if inner.contains("invalid type") && !as_string.contains(var) => {
+                as_string.push(var);
+            }
+            Some((var, key)) if inner.contains("unknown field") => {
+                bail!("{var}: not a setting (no config key {key}): {inner}")
+            }
+            Some((var, key)) => bail!("{var} (config key {key}): {inner}"),
+            None => bail!("{at}: {inner}"),
+        }
+    }
+}
 
 fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
     match v {
@@ -265,58 +392,32 @@ fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<D
     }
 }
 
-fn env_override(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-    for (var, key) in ENV_KEYS {
-        let Some(v) = env(var) else { continue };
-        let num = |v: &str| -> anyhow::Result<usize> {
-            v.trim()
-                .parse()
-                .with_context(|| format!("{var}: {v:?} is not a whole number"))
-        };
-        match *key {
-            "listen" => raw.listen = Some(v),
-            "database" => raw.database = Some(v),
-            "node_id" => raw.node_id = Some(v),
-            "submit_ttl" => raw.submit_ttl = Some(v),
-            "max_running_jobs" => raw.max_running_jobs = Some(num(&v)?),
-            "shutdown_grace" => raw.shutdown_grace = Some(v),
-            "kill_grace" => raw.kill_grace = Some(v),
-            "lease_ttl" => raw.lease_ttl = Some(v),
-            "output_limit" => raw.output_limit = Some(num(&v)?),
-            "log_format" => raw.log_format = Some(v),
-            "estop_source" => raw.estop_source = Some(v),
-            "estop_file" => raw.estop_file = Some(v),
-            "estop_unlisted" => raw.estop_unlisted = Some(v),
-            "estop_reread" => raw.estop_reread = Some(v),
-            "policies" => raw.policies = Some(v),
-            "policies_reread" => raw.policies_reread = Some(v),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Builds the server configuration from the file, the environment and the flags.
 pub fn load(
     data_dir: &Path,
     config_file: Option<&Path>,
     listen_flag: Option<&str>,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &[(String, String)],
 ) -> anyhow::Result<ServeConfig> {
     let default_file = data_dir.join("steward.toml");
     let (path, required) = match config_file {
         Some(p) => (p.to_owned(), true),
         None => (default_file, false),
     };
-    let mut raw = match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str::<RawConfig>(&text)
-            .with_context(|| format!("reading the config file {}", path.display()))?,
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => RawConfig::default(),
+    let mut table = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            // Read as the typed config first: its errors name the line.
+            toml::from_str::<RawConfig>(&text)
+                .with_context(|| format!("reading the config file {}", path.display()))?;
+            toml::from_str::<toml::Table>(&text)
+                .with_context(|| format!("reading the config file {}", path.display()))?
+        }
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
         Err(e) => {
             return Err(e).with_context(|| format!("reading the config file {}", path.display()));
         }
     };
-    env_override(&mut raw, env)?;
+    let mut raw = apply_env(&mut table, env)?;
     if let Some(l) = listen_flag {
         raw.listen = Some(l.to_owned());
     }
@@ -473,7 +574,16 @@ pub fn load(
         Some(p) => PathBuf::from(p),
         None => data_dir.join("policies.toml"),
     };
+    let job_containment = match raw.job_containment.as_deref() {
+        None | Some("auto") => JobContainment::Auto,
+        Some("cgroup") => JobContainment::Cgroup,
+        Some("process_group") => JobContainment::ProcessGroup,
+        Some(other) => {
+            bail!("job_containment: {other:?} is not one of: auto, cgroup, process_group")
+        }
+    };
     Ok(ServeConfig {
+        job_containment,
         notify,
         policies,
         policies_reread: duration(
@@ -509,14 +619,17 @@ pub fn load(
 mod tests {
     use super::*;
 
-    fn no_env(_: &str) -> Option<String> {
-        None
+    fn vars_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
     fn defaults_without_a_file() {
         let dir = tempfile::tempdir().unwrap();
-        let c = load(dir.path(), None, None, &no_env).unwrap();
+        let c = load(dir.path(), None, None, &[]).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.submit_ttl, Duration::from_secs(3600));
@@ -527,13 +640,13 @@ mod tests {
     #[test]
     fn the_database_is_sqlite_by_default_or_a_postgres_url() {
         let dir = tempfile::tempdir().unwrap();
-        let c = load(dir.path(), None, None, &no_env).unwrap();
+        let c = load(dir.path(), None, None, &[]).unwrap();
         assert!(matches!(&c.database, Database::Sqlite(p) if *p == dir.path().join("steward.db")));
         assert_eq!(c.estop_source, EStopSourceKind::File);
-        let env = |k: &str| {
-            (k == "STEWARD_DATABASE")
-                .then(|| "postgres://steward:hunter2@db:5432/steward".to_owned())
-        };
+        let env = vars_of(&[(
+            "STEWARD_DATABASE",
+            "postgres://steward:hunter2@db:5432/steward",
+        )]);
         let c = load(dir.path(), None, None, &env).unwrap();
         assert!(matches!(&c.database, Database::Postgres(u) if u.contains("hunter2")));
         assert_eq!(
@@ -565,7 +678,7 @@ mod tests {
             "[[notify]]\nurl = \"https://hooks.slack.example/services/T0/B0/s3cret\"\nformat = \"slack\"\n\n[[notify]]\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"estop\"]\n",
         )
         .unwrap();
-        let c = load(dir.path(), None, None, &no_env).unwrap();
+        let c = load(dir.path(), None, None, &[]).unwrap();
         assert_eq!(c.notify.len(), 2);
         assert_eq!(c.notify[0].format, NotifyFormat::Slack);
         assert_eq!(c.notify[0].events, NotifyEvent::ALL);
@@ -586,13 +699,12 @@ mod tests {
             "policies = \"/etc/p.toml\"\n",
         )
         .unwrap();
-        let c = load(dir.path(), None, None, &no_env).unwrap();
+        let c = load(dir.path(), None, None, &[]).unwrap();
         assert_eq!(c.policies, Path::new("/etc/p.toml"));
-        let env = |k: &str| match k {
-            "STEWARD_POLICIES" => Some("/srv/q.toml".to_owned()),
-            "STEWARD_POLICIES_REREAD" => Some("5s".to_owned()),
-            _ => None,
-        };
+        let env = vars_of(&[
+            ("STEWARD_POLICIES", "/srv/q.toml"),
+            ("STEWARD_POLICIES_REREAD", "5s"),
+        ]);
         let c = load(dir.path(), None, None, &env).unwrap();
         assert_eq!(c.policies, Path::new("/srv/q.toml"));
         assert_eq!(c.policies_reread, Duration::from_secs(5));
@@ -606,10 +718,57 @@ mod tests {
             "submit_ttl = \"5m\"\nlisten = \"127.0.0.1:1\"\n",
         )
         .unwrap();
-        let env = |k: &str| (k == "STEWARD_SUBMIT_TTL").then(|| "7m".to_owned());
+        let env = vars_of(&[("STEWARD_SUBMIT_TTL", "7m")]);
         let c = load(dir.path(), None, Some("127.0.0.1:2"), &env).unwrap();
         assert_eq!(c.submit_ttl, Duration::from_secs(420));
         assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+        // Every key has its variable, nested ones too; digits for a string key stay a string.
+        std::fs::write(
+            dir.path().join("steward.toml"),
+            "[buckets.disk]\nsize = 1\nevery = \"1m\"\n",
+        )
+        .unwrap();
+        let vars = vars_of(&[
+            ("STEWARD_BUCKETS__DISK__SIZE", "10"),
+            ("STEWARD_BUCKETS__NEW__SIZE", "2"),
+            ("STEWARD_BUCKETS__NEW__EVERY", "5s"),
+            ("STEWARD_NODE_ID", "123"),
+            ("STEWARD_ADDR", "127.0.0.1:9"),
+            ("STEWARD_SECRET_DB", "hunter2"),
+        ]);
+        let c = load(dir.path(), None, None, &vars).unwrap();
+        assert_eq!(c.buckets["disk"].size, 10);
+        assert_eq!(c.buckets["new"].every, Duration::from_secs(5));
+        assert_eq!(c.node_id, "123");
+    }
+
+    /// `--print-config` prints a config file that loads back to the same configuration.
+    #[test]
+    fn the_printed_config_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/steward.toml");
+        let text = std::fs::read_to_string(example).unwrap()
+            + "[[notify]]\nurl = \"https://hooks.example/services/s3cret\"\n";
+        std::fs::write(dir.path().join("steward.toml"), text).unwrap();
+        let vars = vars_of(&[
+            ("STEWARD_NODE_ID", "n1"),
+            ("STEWARD_LOG_FORMAT", "json"),
+            ("STEWARD_JOB_CONTAINMENT", "process_group"),
+        ]);
+        for env in [&vars[..], &[][..]] {
+            let first = load(dir.path(), None, None, env).unwrap();
+            let printed = toml::to_string_pretty(&first).unwrap();
+            let again_file = dir.path().join("printed.toml");
+            std::fs::write(&again_file, &printed).unwrap();
+            let again = load(dir.path(), Some(&again_file), None, &[])
+                .unwrap_or_else(|e| panic!("{e:#}\n{printed}"));
+            assert_eq!(toml::to_string_pretty(&again).unwrap(), printed);
+            assert!(
+                !printed.contains("data_dir") && !printed.contains("log_json"),
+                "{printed}"
+            );
+            assert!(!printed.contains("s3cret"), "{printed}");
+        }
     }
 
     #[test]
@@ -684,18 +843,33 @@ mod tests {
             ),
         ] {
             std::fs::write(&f, text).unwrap();
-            let err = format!(
-                "{:#}",
-                load(dir.path(), Some(&f), None, &no_env).unwrap_err()
-            );
+            let err = format!("{:#}", load(dir.path(), Some(&f), None, &[]).unwrap_err());
             assert!(err.contains(want), "{text:?}: {err}");
         }
-        let env = |k: &str| (k == "STEWARD_MAX_RUNNING_JOBS").then(|| "many".to_owned());
-        let err = format!("{:#}", load(dir.path(), None, None, &env).unwrap_err());
-        assert!(err.contains("STEWARD_MAX_RUNNING_JOBS"), "{err}");
+        for (var, value, want) in [
+            (
+                "STEWARD_MAX_RUNNING_JOBS",
+                "many",
+                "STEWARD_MAX_RUNNING_JOBS",
+            ),
+            (
+                "STEWARD_SUBMIT_TLL",
+                "5m",
+                "STEWARD_SUBMIT_TLL: not a setting",
+            ),
+            ("STEWARD_BUCKETS__B__SIZ", "5", "STEWARD_BUCKETS__B__SIZ"),
+            ("STEWARD_LISTEN__X", "1", "STEWARD_LISTEN__X"),
+            ("STEWARD_", "1", "STEWARD_"),
+        ] {
+            let err = format!(
+                "{:#}",
+                load(dir.path(), None, None, &vars_of(&[(var, value)])).unwrap_err()
+            );
+            assert!(err.contains(want), "{var}={value}: {err}");
+        }
         let missing = dir.path().join("missing.toml");
         assert!(
-            load(dir.path(), Some(&missing), None, &no_env).is_err(),
+            load(dir.path(), Some(&missing), None, &[]).is_err(),
             "an explicit file must exist"
         );
     }

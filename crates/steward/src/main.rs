@@ -211,8 +211,45 @@ fn init_logging(json: bool) {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        use std::io::IsTerminal;
+        use tracing_subscriber::field::MakeExt;
+        // Colours only on a terminal; every field escaped, so that a value holding a newline
+        // (a reason, a path) cannot forge a line of its own.
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                    let raw = format!("{value:?}");
+                    let text = escape_control(&raw);
+                    if field.name() == "message" {
+                        write!(w, "{text}")
+                    } else {
+                        write!(w, "{field}={text}")
+                    }
+                })
+                .delimited(" "),
+            )
+            .init();
     }
+}
+
+/// Control characters as escapes (`\n`, `\u{1b}`): a log line stays one line, and no field
+/// can drive the terminal that shows it.
+fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn main() -> ExitCode {
@@ -247,7 +284,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             print_config,
         } => {
-            let env = |k: &str| std::env::var(k).ok();
+            let mut env: Vec<(String, String)> = Vec::new();
+            for (k, v) in std::env::vars_os() {
+                let Some(k) = k.to_str().filter(|k| k.starts_with("STEWARD_")) else {
+                    continue;
+                };
+                let v = v
+                    .into_string()
+                    .map_err(|_| anyhow::anyhow!("{k}: the value is not valid UTF-8"))?;
+                env.push((k.to_owned(), v));
+            }
             let cfg = config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)?;
             if print_config {
                 output::line(&toml::to_string_pretty(&cfg)?);

@@ -37,8 +37,15 @@ pub struct Policies {
     pub alert: Arc<Mutex<Option<String>>>,
 }
 
+/// The largest policy file read.
+const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads the policy file as hostile input: a regular file, at most
+/// [`MAX_POLICY_FILE_BYTES`], never blocking on a FIFO.
 fn read_text(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("policy file {}: {e}", path.display()))
+    let bytes = estop::read_capped(path, MAX_POLICY_FILE_BYTES)
+        .map_err(|e| format!("policy file {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
 }
 
 fn parse(path: &Path, text: &str) -> Result<PolicySet, String> {

@@ -165,6 +165,25 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
             )
         })
         .collect();
+    // Before anything can dispatch a job: end what a killed predecessor left running.
+    let supervisor = actions::Supervisor::new(
+        &cfg.data_dir.join("jobs"),
+        cfg.job_containment.mode(),
+        &node,
+    )
+    .context("setting up job containment")?;
+    let swept = supervisor.sweep(cfg.kill_grace).await;
+    if swept.attempts > 0 || swept.stale > 0 {
+        tracing::warn!(
+            attempts = swept.attempts,
+            processes = swept.killed,
+            stale = swept.stale,
+            "ended what the previous steward left running of its jobs"
+        );
+    }
+    tracing::info!(containment = %supervisor.containment(), "job containment");
+    let containment = supervisor.containment().clone();
+    opts.supervisor = Some(Arc::new(supervisor));
     let tracker = TaskTracker::new();
     let estop_token = CancellationToken::new();
     let policies = crate::policies::start(
@@ -191,6 +210,7 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
     let mut api = api::Api::new(engine.clone(), Some(estop.clone()), api_token.clone()).await;
     api.set_policy_alert(policies.alert.clone());
     api.set_previous_stop(previous);
+    api.set_job_containment(containment.to_string());
     let router = api.router();
     let server_token = api_token.clone();
     let server = tracker.spawn(api::serve(listener, router, server_token));
@@ -278,6 +298,8 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
         tracing::warn!("the listener did not close within 5s; exiting anyway");
     }
     store.close().await.context("closing the database")?;
+    // A second signal escalates the stop: the cause that decided how it ended is recorded.
+    let cause = engine.shutdown_cause().unwrap_or(cause);
     record_stop(&cfg, &cause);
     tracing::info!(%cause, kind = cause.kind(), elapsed = ?started.elapsed(), "steward stopped");
     drop(pid);

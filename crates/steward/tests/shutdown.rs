@@ -294,9 +294,27 @@ async fn a_second_signal_stops_now() {
     assert!(process_gone(pid));
     let log = server.log_text();
     assert!(log.contains("second stop request"), "{log}");
+    // The cause recorded is the one that decided how the process stopped: `now`.
+    let last = std::fs::read_to_string(data.join("last-stop.json")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        (last["kind"].as_str(), last["mode"].as_str()),
+        (Some("signal"), Some("now")),
+        "last-stop.json: {last}"
+    );
+    let final_line = log.lines().rev().find(|l| l.contains("steward stopped"));
+    assert!(
+        final_line.is_some_and(|l| l.contains("SIGTERM (now)")),
+        "the log's last word names the escalated cause: {final_line:?}"
+    );
 
     drop(server);
     let server = Server::start(&data, &[]).await;
+    let (_, metrics) = http_get(&server.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("cause=\"SIGTERM (now)\""),
+        "steward_previous_stop_info names the escalated cause: {metrics}"
+    );
     let mut c = server.client().await;
     let run = status(&mut c, &id).await;
     let job = &run.blocks[0].jobs[0];

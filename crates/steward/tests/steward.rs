@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod estop;
+mod faults;
 mod harness;
 mod notify;
 mod policies;
@@ -54,6 +55,20 @@ async fn handshake_through_grpc_survives_a_restart() {
         .into_inner();
     assert_eq!(again.id, first.id);
     assert!(!again.created);
+    // The same key with a different spec is a client bug: refused, naming the key and the run.
+    let changed = yaml.replace("name: hello", "name: hello\ndesc: changed");
+    let err = c
+        .submit(pb::SubmitRequest {
+            spec: Some(spec(&changed)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("\"hello-1\"") && err.message().contains(&first.id),
+        "{}",
+        err.message()
+    );
     let listed = c
         .list(pb::ListRequest::default())
         .await

@@ -164,8 +164,11 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
         args.push(name.clone().into());
     }
     for (k, v) in &f.labels {
-        sql.push_str(" AND json_extract(labels, ?) = ?");
-        args.push(format!("$.\"{}\"", k.replace('"', "")).into());
+        // Key and value are bound as values: no user input is ever part of a JSON path.
+        sql.push_str(
+            " AND EXISTS (SELECT 1 FROM json_each(runs.labels) AS l WHERE l.key = ? AND l.value = ?)",
+        );
+        args.push(k.clone().into());
         args.push(v.clone().into());
     }
     if let Some(token) = &f.page_token {

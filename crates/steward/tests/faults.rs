@@ -1,0 +1,313 @@
+//! Faults from outside, on the real binary: crashes with jobs in flight, restarts at once after
+//! kill -9, a full disk, runs that end while their leases are renewed.
+
+use std::time::Duration;
+
+use crate::harness::*;
+use proto::v1 as pb;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A run that ends on this node between the renewal's snapshot of held runs and the renewal
+/// itself is no lost lease: nothing may say "lease lost to another node".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_ending_during_a_lease_renewal_is_no_lost_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &[
+            ("STEWARD_LEASE_TTL", "3s"),
+            ("RUST_LOG", "info,engine=debug"),
+            // Every renewal waits 1 s between its snapshot and the store call.
+            ("FAILPOINTS", "engine::renew_after_snapshot=return(1000)"),
+        ],
+    )
+    .await;
+    let mut c = server.client().await;
+    // Renewals snapshot every 2 s (a 1 s period plus the 1 s pause) and answer 1 s after
+    // their snapshot; a 1.3 s run started every 0.5 s is sure to end inside some pause.
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = submit(
+            &mut c,
+            &format!("name: x\nblocks:\n  - jobs: [{}]\n", sh("sleep 1.3")),
+        )
+        .await;
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for id in &ids {
+        assert_eq!(wait_terminal(&mut c, id, LONG).await.state, "completed");
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = server.log_text();
+    assert!(
+        log.contains("run ended while its lease was renewed"),
+        "the window was not hit; log:\n{log}"
+    );
+    assert!(!log.contains("lease lost"), "a false alarm; log:\n{log}");
+}
+
+/// Hostile input to the real server: each gets its clear error at once and changes nothing,
+/// and the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_to_the_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]).await;
+    let before = std::fs::read_to_string(data.join("estop.json")).unwrap();
+    let big = "r".repeat(1 << 20);
+    let cases = [
+        (
+            "a 1 MB e-stop reason",
+            "/v1/estop",
+            format!(r#"{{"target": "x", "state": "stop", "reason": "{big}"}}"#),
+            400,
+            "reason: is 1048576 bytes; the limit is 1024",
+        ),
+        (
+            "a 10 KB e-stop target",
+            "/v1/estop",
+            format!(
+                r#"{{"target": "{}", "state": "stop", "reason": "r"}}"#,
+                "t".repeat(10_240)
+            ),
+            400,
+            "target: is 10240 bytes; the limit is 256",
+        ),
+        (
+            "a 1 MB e-stop state",
+            "/v1/estop",
+            format!(r#"{{"target": "x", "state": "{big}", "reason": "r"}}"#),
+            400,
+            "(1048576 bytes)",
+        ),
+        (
+            "a typo in the e-stop path",
+            "/v1/estop/set",
+            r#"{"target": "*", "state": "stop", "reason": "r"}"#.to_owned(),
+            404,
+            "no such path",
+        ),
+        (
+            "a YAML spec nested 10^5 deep",
+            "/v1/runs",
+            format!(
+                "name: x\nblocks: {}{}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            400,
+            "the limit is 64",
+        ),
+    ];
+    for (what, path, body, code, says) in cases {
+        let started = std::time::Instant::now();
+        let (got, answer) = http_post(&server.addr, path, &body).await;
+        assert_eq!(got, code, "{what}: {}", &answer[..answer.len().min(300)]);
+        assert!(
+            answer.contains(says),
+            "{what}: {}",
+            &answer[..answer.len().min(300)]
+        );
+        assert!(answer.len() < 4096, "{what}: the answer echoes its input");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(data.join("estop.json")).unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    // A reason that holds a newline cannot forge a line of the log.
+    let forged =
+        r#"{"target": "x", "state": "pause", "reason": "INC-1\nERROR forged line\u001b[31m"}"#;
+    let (code, answer) = http_post(&server.addr, "/v1/estop", forged).await;
+    assert_eq!(code, 200, "{answer}");
+    let mut c = server.client().await;
+    let err = c
+        .cancel(pb::CancelRequest {
+            id: "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b".into(),
+            reason: "why\nERROR forged too".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        http_get(&server.addr, "/healthz")
+            .await
+            .is_some_and(|(c, _)| c == 200)
+    );
+    let log = server.log_text();
+    assert!(
+        log.contains("INC-1\\nERROR forged line"),
+        "escaped in its line:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("ERROR forged")),
+        "a forged line:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no escape sequence reaches the log file:\n{log}"
+    );
+}
+
+/// A `STEWARD_*` variable that names no setting stops the start (a typo in a unit file).
+#[test]
+fn an_unknown_steward_variable_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("STEWARD_SHUTDOWN_GRAEC", "30s")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("STEWARD_SHUTDOWN_GRAEC: not a setting"),
+        "{err}"
+    );
+}
+
+/// The job containment a server reports in `/readyz`.
+async fn containment_of(server: &Server) -> String {
+    let (_, body) = http_get(&server.addr, "/readyz").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["job_containment"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A shell snippet that appends OVERLAP to `log` when the process whose PID is in `pidfile`
+/// is still alive (a zombie is not).
+fn overlap_check(pidfile: &std::path::Path, log: &std::path::Path) -> String {
+    format!(
+        "if [ -e {p} ]; then s=$(sed 's/.*) //' /proc/$(cat {p})/stat 2>/dev/null | cut -c1); if [ -n \"$s\" ] && [ \"$s\" != Z ]; then echo OVERLAP >> {l}; fi; fi",
+        p = pidfile.display(),
+        l = log.display()
+    )
+}
+
+/// kill -9 with a job whose grandchild sleeps: when the job runs again after the restart, no
+/// process of the old attempt is alive. Under both containments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_nothing_of_the_old_attempt_runs_beside_the_new() {
+    for mode in ["auto", "process_group"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let log = dir.path().join("log");
+        let grandchild = dir.path().join("grandchild");
+        let env = [
+            ("STEWARD_JOB_CONTAINMENT", mode),
+            ("STEWARD_KILL_GRACE", "2s"),
+        ];
+        let mut server = Server::start(&data, &env).await;
+        let how = containment_of(&server).await;
+        eprintln!("job containment under {mode:?}: {how}");
+        let job = sh(&format!(
+            "echo start $STEWARD_ATTEMPT >> {l}; {check}; if [ -e {g} ]; then exit 0; fi; sleep 300 & echo $! > {g}; wait",
+            l = log.display(),
+            g = grandchild.display(),
+            check = overlap_check(&grandchild, &log),
+        ));
+        let mut c = server.client().await;
+        let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        eventually("the grandchild to start", LONG, || {
+            std::fs::read_to_string(&grandchild).is_ok_and(|s| s.ends_with('\n'))
+        })
+        .await;
+        let old = read_pid(&grandchild);
+        server.kill9().await;
+        assert!(
+            !process_gone(old),
+            "{mode}: the grandchild outlives the crash"
+        );
+
+        let server = Server::start(&data, &env).await;
+        let mut c = server.client().await;
+        let run = wait_terminal(&mut c, &id, LONG).await;
+        assert_eq!(run.state, "completed", "{mode}: {run:?}");
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !lines.contains("OVERLAP"),
+            "{mode} ({how}): the old attempt's grandchild was alive when the job ran again:\n{lines}"
+        );
+        assert_eq!(
+            lines.lines().filter(|l| l.starts_with("start")).count(),
+            2,
+            "{lines}"
+        );
+        assert!(process_gone(old), "{mode}: the grandchild is gone");
+        assert!(
+            std::fs::read_dir(data.join("jobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "{mode}: the ledger is empty once the job is done"
+        );
+    }
+}
+
+/// A job that leaves its process group (`setsid`) is gone after a cancel, under both
+/// containments (a cgroup holds it; without one, it keeps the job's environment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_leaves_its_process_group_dies_with_it() {
+    for mode in ["auto", "process_group"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let escaped = dir.path().join("escaped");
+        let env = [
+            ("STEWARD_JOB_CONTAINMENT", mode),
+            ("STEWARD_KILL_GRACE", "1s"),
+        ];
+        let server = Server::start(&data, &env).await;
+        let how = containment_of(&server).await;
+        eprintln!("job containment under {mode:?}: {how}");
+        let job = sh(&format!(
+            "setsid sleep 300 & echo $! > {e}; exec sleep 300",
+            e = escaped.display()
+        ));
+        let mut c = server.client().await;
+        let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        eventually("the escaped process to start", LONG, || {
+            std::fs::read_to_string(&escaped).is_ok_and(|s| s.ends_with('\n'))
+        })
+        .await;
+        let pid = read_pid(&escaped);
+        // It did leave the job's process group.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            fields[2],
+            pid.to_string(),
+            "setsid made it a group leader: {stat}"
+        );
+        c.cancel(pb::CancelRequest {
+            id: id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "cancelled");
+        eventually(
+            &format!("{mode} ({how}): the escaped process to die"),
+            Duration::from_secs(10),
+            || process_gone(pid),
+        )
+        .await;
+    }
+}
