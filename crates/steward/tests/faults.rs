@@ -311,3 +311,25 @@ async fn a_job_that_leaves_its_process_group_dies_with_it() {
         .await;
     }
 }
+
+/// A supervisor restarts a killed steward at once: every start succeeds, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_restart_right_after_kill_9_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]).await;
+    // A job in flight at every kill, as on a busy node.
+    let job = sh("sleep 300");
+    let mut c = server.client().await;
+    let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
+    c.exec(pb::ExecRequest { id }).await.unwrap();
+    let restarts = 200;
+    for i in 0..restarts {
+        server.kill9().await;
+        // Server::start panics with the log when the process exits instead of serving.
+        server = Server::start(&data, &[("RUST_LOG", "warn")]).await;
+        if i % 50 == 0 {
+            eprintln!("restart {i} of {restarts}");
+        }
+    }
+}
