@@ -60,6 +60,10 @@ pub enum ActionError {
     /// `ctx.cancel` fired and the work was stopped.
     #[error("cancelled")]
     Cancelled { output: String },
+    /// Nothing ran: this node cannot start the attempt now (its data directory is full, say).
+    /// Not the job's failure: the engine tries again later without counting an attempt.
+    #[error("{message}")]
+    NotStarted { message: String },
 }
 
 pub use calls::*;

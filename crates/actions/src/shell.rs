@@ -171,10 +171,8 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
         Some(s) => Some(
             s.begin(&ctx.idempotency_key, ctx.attempt)
                 .await
-                .map_err(|e| ActionError::Failed {
+                .map_err(|e| ActionError::NotStarted {
                     message: format!("cannot set up the job's containment: {e}"),
-                    exit_code: None,
-                    output: String::new(),
                 })?,
         ),
         None => None,

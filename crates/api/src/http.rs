@@ -245,11 +245,12 @@ async fn estop_clear(
         .map(Json)
 }
 
+/// `?target=&limit=`: an empty value is the same as none.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
     target: Option<String>,
-    limit: Option<u32>,
+    limit: Option<String>,
 }
 
 async fn estop_audit(
@@ -257,9 +258,18 @@ async fn estop_audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::EStopAuditResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let limit = match q.limit.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(l) => l.parse().map_err(|_| {
+            ApiError::new(
+                tonic::Code::InvalidArgument,
+                format!("limit: {} is not a whole number", domain::limits::clip(l)),
+            )
+        })?,
+    };
     let req = pb::EStopAuditRequest {
         target: q.target.unwrap_or_default(),
-        limit: q.limit.unwrap_or(0),
+        limit,
     };
     st.service.estop_audit(req).await.map(Json)
 }

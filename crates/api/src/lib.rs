@@ -69,6 +69,12 @@ impl AppState {
                 serde_json::json!({"status": "estop_unreadable", "reason": format!("nothing runs: {alert}")}),
             );
         }
+        if let Some(problem) = self.service.engine.store_problem() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "store_failing", "reason": format!("the store refuses writes: {problem}; nothing new starts, finished work is kept until it is recorded")}),
+            );
+        }
         if self.service.engine.is_accepting() {
             match self.policy_alert() {
                 // The policies in force still apply: ready, with the problem shown.
@@ -124,6 +130,11 @@ impl AppState {
             out,
             "# HELP steward_uptime_seconds Seconds since the API started.\n# TYPE steward_uptime_seconds gauge\nsteward_uptime_seconds {}",
             self.started.elapsed().as_secs()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP steward_store_failing 1 while the store refuses this node's writes (nothing new starts).\n# TYPE steward_store_failing gauge\nsteward_store_failing {}",
+            u8::from(e.store_problem().is_some())
         );
         if let Some(h) = &self.service.estop {
             let snap = h.snapshot();

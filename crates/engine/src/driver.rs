@@ -16,6 +16,13 @@ use crate::failpoints::crash_point;
 use crate::{ActiveRun, EStopFeed, Halt, Inner, estop_cause, estop_changed};
 use domain::estop::EStopState;
 
+/// The first wait before a refused commit is tried again; it doubles up to the max.
+const COMMIT_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const COMMIT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// The first wait before a job this node could not start is tried again; doubles up to max.
+const NOT_STARTED_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const NOT_STARTED_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Starts driving `id` unless this node drives it already.
 pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
     let token = inner.token.child_token();
@@ -195,7 +202,7 @@ impl Driver<'_> {
             let mut ts = Vec::new();
             let at = self.inner.now();
             let finished = self.settle(&mut ts, bi, failures, budget, first_error, last, at);
-            self.inner.store.apply(self.node(), self.id, ts).await?;
+            self.commit_alone(ts).await?;
             return Ok(match finished {
                 Some(Some(state)) => {
                     self.inner.emit(self.id, state);
@@ -206,6 +213,8 @@ impl Driver<'_> {
         }
         let concurrency = spec.concurrency.max(1) as usize;
         let mut in_flight = FuturesUnordered::new();
+        // Outcomes that arrived while a commit was being retried, not yet recorded.
+        let mut stash: Vec<JobResult> = Vec::new();
         let mut feed: EStopFeed = self.inner.estop.clone();
         feed.mark_unchanged();
         loop {
@@ -228,7 +237,7 @@ impl Driver<'_> {
                     block.jobs[ji].attempts,
                 ));
             }
-            if in_flight.is_empty() {
+            if in_flight.is_empty() && stash.is_empty() {
                 let held_by_pause = gate == EStopState::Pause
                     && !queue.is_empty()
                     && failures <= budget
@@ -244,14 +253,17 @@ impl Driver<'_> {
                 break;
             }
             // Wake on an outcome, or on an e-stop change (which may cancel the in-flight jobs).
-            let first = tokio::select! {
-                r = in_flight.next() => match r {
-                    Some(r) => r,
-                    None => break,
-                },
-                () = estop_changed(&mut feed) => continue,
-            };
-            let mut results = vec![first];
+            let mut results = std::mem::take(&mut stash);
+            if results.is_empty() {
+                let first = tokio::select! {
+                    r = in_flight.next() => match r {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    () = estop_changed(&mut feed) => continue,
+                };
+                results.push(first);
+            }
             while let Some(Some(r)) = in_flight.next().now_or_never() {
                 results.push(r);
             }
@@ -306,7 +318,7 @@ impl Driver<'_> {
                 continue;
             }
             crash_point!("engine::job_before_commit");
-            self.inner.store.apply(self.node(), self.id, ts).await?;
+            self.commit(ts, &mut in_flight, &mut stash).await?;
             crash_point!("engine::job_after_commit");
             match finished {
                 Some(Some(state)) => {
@@ -522,6 +534,7 @@ impl Driver<'_> {
         let idempotency_key = key.idempotency_key(self.id);
         let mut attempt = prior_attempts;
         let mut failed = 0u32;
+        let mut not_started_backoff = NOT_STARTED_BACKOFF_FIRST;
         loop {
             let permit = tokio::select! {
                 p = inner.job_slots.clone().acquire_owned() => match p {
@@ -531,6 +544,23 @@ impl Driver<'_> {
                 () = self.token.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
                 () = inner.no_new_jobs.cancelled() => return if failed == 0 { Outcome::NotStarted } else { Outcome::Cancelled { output: String::new() } },
             };
+            // Nothing new starts while the store refuses writes: its start and its outcome
+            // could not be recorded.
+            if inner.store_problem.borrow().is_some() {
+                drop(permit);
+                tokio::select! {
+                    () = inner.store_writable() => continue,
+                    () = self.token.cancelled() => {}
+                    () = inner.no_new_jobs.cancelled() => {}
+                }
+                return if failed == 0 {
+                    Outcome::NotStarted
+                } else {
+                    Outcome::Cancelled {
+                        output: String::new(),
+                    }
+                };
+            }
             // Checked before every dispatch, not only at run start.
             if inner.no_new_jobs.is_cancelled()
                 || self.token.is_cancelled()
@@ -585,6 +615,18 @@ impl Driver<'_> {
             drop(permit);
             let (error, exit_code, output) = match result {
                 Ok(out) => return Outcome::Completed(out),
+                Err(ActionError::NotStarted { message }) => {
+                    // Nothing ran: the next try is the same attempt.
+                    attempt -= 1;
+                    tracing::warn!(job = %idempotency_key, %message, retry_in = ?not_started_backoff, "the job could not be started on this node; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(not_started_backoff) => {}
+                        () = self.token.cancelled() => return Outcome::NotStarted,
+                        () = inner.no_new_jobs.cancelled() => return Outcome::NotStarted,
+                    }
+                    not_started_backoff = (not_started_backoff * 2).min(NOT_STARTED_BACKOFF_MAX);
+                    continue;
+                }
                 Err(ActionError::Cancelled { output }) if timed_out => {
                     let t = spec.timeout.map(|t| t.to_string()).unwrap_or_default();
                     (format!("timed out after {t}"), None, output)
@@ -624,6 +666,69 @@ impl Driver<'_> {
                 () = inner.no_new_jobs.cancelled() => return Outcome::Cancelled { output },
             }
         }
+    }
+
+    /// Commits `ts` durably. A store that refuses the write (a full disk, a lost database)
+    /// does not lose it: the write is retried with backoff until the store takes it, while
+    /// the jobs still in flight are awaited (their outcomes kept in `stash` for the next
+    /// commit) and still hear a cancel. It gives up only when the run is halted and nothing
+    /// is in flight any more, or the engine stops: the run then resumes from what the store
+    /// holds, on this node or another.
+    async fn commit<F>(
+        &self,
+        ts: Vec<Transition>,
+        in_flight: &mut FuturesUnordered<F>,
+        stash: &mut Vec<JobResult>,
+    ) -> store::Result<()>
+    where
+        F: std::future::Future<Output = JobResult>,
+    {
+        let mut backoff = COMMIT_BACKOFF_FIRST;
+        loop {
+            let error = match self
+                .inner
+                .store
+                .apply(self.node(), self.id, ts.clone())
+                .await
+            {
+                Ok(()) => {
+                    self.inner.store_recovered();
+                    return Ok(());
+                }
+                Err(
+                    e @ (store::Error::LeaseLost { .. }
+                    | store::Error::Closed
+                    | store::Error::NotFound(_)),
+                ) => return Err(e),
+                Err(e) => e,
+            };
+            self.inner.store_failed(&error);
+            if self.inner.token.is_cancelled()
+                || (self.token.is_cancelled() && in_flight.is_empty())
+            {
+                tracing::error!(%error, "the store refuses the run's progress and the run is stopping: it resumes from what the store holds");
+                return Err(error);
+            }
+            tracing::warn!(%error, retry_in = ?backoff, "committing the run's progress failed; keeping it and trying again");
+            let nap = tokio::time::sleep(backoff);
+            tokio::pin!(nap);
+            loop {
+                tokio::select! {
+                    () = &mut nap => break,
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => stash.push(r),
+                    () = self.token.cancelled(), if !self.token.is_cancelled() => break,
+                    () = self.inner.token.cancelled() => break,
+                }
+            }
+            backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);
+        }
+    }
+
+    /// [`Driver::commit`] with no jobs in flight.
+    async fn commit_alone(&self, ts: Vec<Transition>) -> store::Result<()> {
+        let mut none = FuturesUnordered::<std::future::Ready<JobResult>>::new();
+        let mut stash = Vec::new();
+        self.commit(ts, &mut none, &mut stash).await
     }
 
     /// What an in-flight job that was cancelled becomes, given why.
@@ -694,7 +799,7 @@ impl Driver<'_> {
             error,
             stop_cause,
         });
-        self.inner.store.apply(self.node(), self.id, ts).await?;
+        self.commit_alone(ts).await?;
         self.inner.emit(self.id, state);
         tracing::info!(%state, "run finished");
         Ok(())
@@ -711,13 +816,7 @@ impl Driver<'_> {
             _ => self.shutdown_cause(),
         };
         tracing::info!(%cause, "run interrupted; it resumes at its first unfinished job");
-        self.inner
-            .store
-            .apply(
-                self.node(),
-                self.id,
-                vec![Transition::RunInterrupted { cause }],
-            )
+        self.commit_alone(vec![Transition::RunInterrupted { cause }])
             .await?;
         self.inner.store.release(self.node(), self.id).await
     }

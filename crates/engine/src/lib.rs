@@ -210,6 +210,8 @@ pub(crate) struct Inner {
     pub(crate) estop: EStopFeed,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown_cause: Mutex<Option<StopCause>>,
+    /// Why the store refuses writes, while it does (`None`: writes go through).
+    pub(crate) store_problem: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// The cheap-clone handle to the engine.
@@ -243,6 +245,7 @@ impl Engine {
                 no_new_blocks: CancellationToken::new(),
                 accepting: AtomicBool::new(true),
                 shutdown_cause: Mutex::new(None),
+                store_problem: tokio::sync::watch::channel(None).0,
                 estop,
             }),
         }
@@ -331,6 +334,12 @@ impl Engine {
             .lock()
             .ok()
             .and_then(|c| c.clone())
+    }
+
+    /// Why the store refuses this node's writes, while it does: nothing new is dispatched
+    /// then, and finished work is kept and committed again until the store takes it.
+    pub fn store_problem(&self) -> Option<String> {
+        self.inner.store_problem.borrow().clone()
     }
 
     /// Runs this node is driving now.
@@ -525,6 +534,39 @@ impl Engine {
 impl Inner {
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// A write failed: the store is failing until a write goes through.
+    pub(crate) fn store_failed(&self, e: &store::Error) {
+        let problem = e.to_string();
+        self.store_problem.send_if_modified(|p| {
+            if p.as_ref() == Some(&problem) {
+                return false;
+            }
+            if p.is_none() {
+                tracing::error!(error = %e, "the store refuses writes: nothing new is dispatched, finished work is kept and committed again");
+            }
+            *p = Some(problem);
+            true
+        });
+    }
+
+    /// A write went through.
+    pub(crate) fn store_recovered(&self) {
+        self.store_problem.send_if_modified(|p| {
+            if p.take().is_some() {
+                tracing::info!("the store takes writes again");
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Resolves once the store takes writes (at once when it does).
+    pub(crate) async fn store_writable(&self) {
+        let mut rx = self.store_problem.subscribe();
+        let _ = rx.wait_for(Option::is_none).await;
     }
 
     pub(crate) fn verdict(&self, spec: &WorkflowSpec) -> Verdict {

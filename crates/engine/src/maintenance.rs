@@ -10,6 +10,9 @@ use tokio::time::Instant;
 use crate::driver::spawn_run;
 use crate::{Halt, Inner, ShutdownMode};
 
+/// How often the store is probed while it refuses writes.
+const STORE_PROBE: Duration = Duration::from_secs(1);
+
 pub(crate) fn start(inner: &Arc<Inner>) {
     let i = inner.clone();
     inner.tracker.spawn(async move { recover(&i).await });
@@ -88,8 +91,18 @@ fn held_runs(inner: &Inner) -> Vec<RunId> {
 }
 
 async fn renew_loop(inner: &Arc<Inner>) {
-    let period = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
-    while tick(inner, period).await {
+    let normal = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
+    loop {
+        // A renewal is a write: while the store refuses writes it is also the probe that
+        // finds it taking them again, so it comes sooner.
+        let period = if inner.store_problem.borrow().is_some() {
+            normal.min(STORE_PROBE)
+        } else {
+            normal
+        };
+        if !tick(inner, period).await {
+            break;
+        }
         let held = held_runs(inner);
         // A window for tests: runs that end between the snapshot and the renewal.
         if let Some(pause) = crate::failpoints::pause("engine::renew_after_snapshot") {
@@ -102,6 +115,7 @@ async fn renew_loop(inner: &Arc<Inner>) {
             .await
         {
             Ok(renewal) => {
+                inner.store_recovered();
                 for (id, cause) in renewal.cancel_requested {
                     inner.halt_run(
                         id,
@@ -115,7 +129,12 @@ async fn renew_loop(inner: &Arc<Inner>) {
                     lost_lease(inner, id).await;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "renewing leases failed; retrying"),
+            Err(e) => {
+                if !matches!(e, store::Error::Closed) {
+                    inner.store_failed(&e);
+                }
+                tracing::warn!(error = %e, "renewing leases failed; retrying");
+            }
         }
     }
 }

@@ -256,9 +256,17 @@ pub async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn cancel(opts: &ClientOpts, id: &str, reason: &str) -> anyhow::Result<ExitCode> {
+/// Cancels a run. A run that is executing ends once its node has stopped its running jobs
+/// (SIGTERM, then SIGKILL after the kill grace): with `wait`, this follows it until then and
+/// prints the state it ended in; without, it says the cancel was accepted.
+pub async fn cancel(
+    opts: &ClientOpts,
+    id: &str,
+    reason: &str,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
     let mut c = connect(opts).await?;
-    let resp = c
+    let mut resp = c
         .cancel(request(pb::CancelRequest {
             id: id.to_owned(),
             reason: reason.to_owned(),
@@ -266,10 +274,34 @@ pub async fn cancel(opts: &ClientOpts, id: &str, reason: &str) -> anyhow::Result
         .await
         .map_err(status_err)?
         .into_inner();
+    let ended = |state: &str| {
+        matches!(
+            state,
+            "completed" | "failed" | "stopped" | "cancelled" | "expired"
+        )
+    };
+    if wait && !ended(&resp.state) {
+        let mut stream = c
+            .watch(request(pb::WatchRequest { id: id.to_owned() }))
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        while let Some(run) = stream.message().await.map_err(status_err)? {
+            resp.state = run.state;
+            if ended(&resp.state) {
+                break;
+            }
+        }
+    }
     if opts.json {
         output::json(&resp);
-    } else {
+    } else if ended(&resp.state) {
         output::line(&format!("{} {}", resp.id, resp.state));
+    } else {
+        output::line(&format!(
+            "{} cancel accepted; the run is {} until its node has stopped its running jobs",
+            resp.id, resp.state
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }

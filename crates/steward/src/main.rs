@@ -105,11 +105,14 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Cancels a run.
+    /// Cancels a run, and waits until it has ended (its running jobs stopped).
     Cancel {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Return as soon as the cancel is accepted, without waiting for the run to end.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -324,7 +327,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             page_token,
             client,
         } => client::list(&client, states, name, labels, limit, page_token).await,
-        Command::Cancel { id, reason, client } => client::cancel(&client, &id, &reason).await,
+        Command::Cancel {
+            id,
+            reason,
+            no_wait,
+            client,
+        } => client::cancel(&client, &id, &reason, !no_wait).await,
         Command::Clone { id, exec, client } => client::clone_run(&client, &id, exec).await,
         Command::Validate {
             file,

@@ -124,6 +124,16 @@ async fn hostile_input_to_the_real_server() {
         before,
         "nothing changed"
     );
+    // The audit query as the docs write it, with its parameters left empty.
+    let (code, body) = http_get(&server.addr, "/v1/estop/audit?target=&limit=")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http_get(&server.addr, "/v1/estop/audit?limit=many")
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("is not a whole number"), "{body}");
 
     // A reason that holds a newline cannot forge a line of the log.
     let forged =
@@ -332,4 +342,156 @@ async fn every_restart_right_after_kill_9_succeeds() {
             eprintln!("restart {i} of {restarts}");
         }
     }
+}
+
+/// Unmounts a file system the test mounted, whatever happens.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` until it has no space left.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.flush();
+}
+
+fn count(log: &std::path::Path, prefix: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .count()
+}
+
+/// A full disk mid-run: outcomes of jobs that finished meanwhile are kept and committed once
+/// space returns, nothing new starts, no job is killed or run twice, and `/readyz` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&data)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root, or no mount permission)");
+        return;
+    }
+    let _mount = Mounted(data.clone());
+    let log = dir.path().join("jobs.log");
+    std::fs::write(data.join("policies.toml"), TEST_POLICIES).unwrap();
+    let server =
+        Server::start_logged(&data, Some(dir.path()), &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let job = sh(&format!(
+        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; trap 'echo TERM $STEWARD_IDEMPOTENCY_KEY >> {l}; exit 1' TERM; sleep 3 & wait; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        l = log.display()
+    ));
+    let mut c = server.client().await;
+    let runs = 4;
+    let mut ids = Vec::new();
+    for _ in 0..runs {
+        let id = submit(
+            &mut c,
+            &format!("name: x\nblocks:\n  - jobs: [{job}]\n  - jobs: [{job}]\n"),
+        )
+        .await;
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        ids.push(id);
+    }
+    eventually("every first job to start", LONG, || {
+        count(&log, "start") == runs
+    })
+    .await;
+    fill(&data.join("filler"));
+    // SQLite writes into the room its write-ahead log already has: submissions use it up.
+    let mut refused = false;
+    for i in 0..5000 {
+        let r = c
+            .submit(pb::SubmitRequest {
+                spec: Some(spec(&format!(
+                    "name: x\ndesc: filler {i}\nblocks:\n  - jobs: [{{action: noop}}]\n"
+                ))),
+            })
+            .await;
+        if r.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the full disk never refused a write");
+
+    // The first jobs finish into a full disk: their outcomes cannot be written.
+    eventually("/readyz to report the failing store", LONG, || {
+        let addr = server.addr.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(http_get(&addr, "/readyz"))
+        })
+        .join()
+        .unwrap()
+        .is_some_and(|(code, body)| code == 503 && body.contains("store_failing"))
+    })
+    .await;
+    eventually("the first jobs to finish", LONG, || {
+        count(&log, "done") == runs
+    })
+    .await;
+    // While the store refuses writes, nothing new starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        count(&log, "start"),
+        runs,
+        "a job started on a failing store"
+    );
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    for id in &ids {
+        let run = wait_terminal(&mut c, id, LONG).await;
+        assert_eq!(run.state, "completed", "{run:?}");
+    }
+    let (code, body) = http_get(&server.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(count(&log, "TERM"), 0, "no job was signalled:\n{text}");
+    assert_eq!(count(&log, "start"), 2 * runs, "each job ran once:\n{text}");
+    assert_eq!(count(&log, "done"), 2 * runs, "each job ran once:\n{text}");
+}
+
+/// `steward cancel` waits until the run has ended, and says how it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_command_waits_for_the_run_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "x", "aap").await;
+    let out = cli_as("ana", &server.addr, &["cancel", &id, "--reason", "test"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("{id} cancelled"));
+    assert_eq!(status(&mut c, &id).await.state, "cancelled");
+    assert!(process_gone(read_pid(&pidfile)));
+
+    let id = start_long_job(&mut c, &dir.path().join("pid2"), "x", "aap").await;
+    let out = cli_as("ana", &server.addr, &["cancel", &id, "--no-wait"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.trim() == format!("{id} cancelled") || text.contains("cancel accepted"),
+        "{text}"
+    );
 }

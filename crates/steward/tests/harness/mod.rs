@@ -49,10 +49,22 @@ impl Server {
     /// Starts `steward serve` on `data_dir` as it is (no policy file written), and waits until
     /// it is ready.
     pub async fn start_as_is(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_logged(data_dir, None, env).await
+    }
+
+    /// Starts `steward serve` on `data_dir` as it is, its log in `log_dir` (default: the
+    /// data directory), and waits until it is ready.
+    pub async fn start_logged(
+        data_dir: &Path,
+        log_dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(data_dir).unwrap();
-        let log = data_dir.join(format!("server-{port}.log"));
+        let log = log_dir
+            .unwrap_or(data_dir)
+            .join(format!("server-{port}.log"));
         let mut cmd = Command::new(BIN);
         // From the workspace root, as an operator would: the examples name their scripts so.
         cmd.current_dir(workspace_root());
