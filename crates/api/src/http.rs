@@ -71,7 +71,7 @@ fn actor(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// A spec from a request body: `{"spec": WorkReq}` (the SubmitRequest message), or a
-/// workflow file as is (YAML or JSON, the schema of PRODUCT.md §2).
+/// workflow file as is (YAML or JSON, the schema of docs/workflows.md).
 fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
     // Depth before any parser sees the text (a `{"spec": ...}` envelope is a level).
     domain::limits::check_depth(body, domain::limits::MAX_SPEC_DEPTH).map_err(|e| {

@@ -1807,7 +1807,7 @@ async fn exec_after_the_submit_ttl_is_failed_precondition_and_expires_the_run() 
     assert!(!marker.exists());
 }
 
-/// The contract (PRODUCT.md §3) does not depend on who noticed the TTL first: when the
+/// The contract (docs/api.md) does not depend on who noticed the TTL first: when the
 /// background sweep has already marked the run `expired`, Exec must still answer
 /// FAILED_PRECONDITION, not ALREADY_EXISTS (which tells a client its work was executed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! The emergency-stop list (PRODUCT.md §5): targets, states, and how a run's effective state
+//! The emergency-stop list (docs/operating.md, The emergency stop): targets, states, and how a run's effective state
 //! is decided. Pure: the sources that load and watch the list live in crate `estop`.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Workflow specs (PRODUCT.md §2): one schema for YAML, JSON and the protobuf `WorkReq`.
+//! Workflow specs (docs/workflows.md): one schema for YAML, JSON and the protobuf `WorkReq`.
 //!
 //! Parsing and structural validation live here; each action checks its own `args`
 //! (crate `actions`), and policies check the rest at submit.

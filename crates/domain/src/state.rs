@@ -1,4 +1,4 @@
-//! Run and job states (PRODUCT.md §2) and the legal moves between them.
+//! Run and job states (docs/workflows.md) and the legal moves between them.
 
 use std::fmt;
 use std::str::FromStr;

@@ -35,7 +35,7 @@ pub enum StopCause {
     Expired { ttl_secs: u64 },
 }
 
-/// How the process stops (PRODUCT.md §7).
+/// How the process stops (docs/operating.md, Stopping).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShutdownMode {

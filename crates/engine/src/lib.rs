@@ -519,7 +519,7 @@ impl Engine {
         Ok(self.submit_inner(spec, Some(id)).await?.id)
     }
 
-    /// Stops the engine (PRODUCT.md §7). The first cause wins; calling again with `Now`
+    /// Stops the engine (docs/operating.md, Stopping). The first cause wins; calling again with `Now`
     /// escalates a drain in progress. Returns when every task has ended.
     pub async fn shutdown(&self, mode: ShutdownMode, cause: StopCause, grace: Duration) {
         maintenance::shutdown(&self.inner, mode, cause, grace).await;

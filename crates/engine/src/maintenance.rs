@@ -173,7 +173,8 @@ async fn lost_lease(inner: &Inner, id: RunId) {
 
 async fn claim_loop(inner: &Arc<Inner>) {
     while tick(inner, inner.opts.claim_interval).await {
-        if inner.no_new_jobs.is_cancelled() {
+        // A node that is stopping (drain or end of round) takes on no more runs.
+        if inner.no_new_jobs.is_cancelled() || inner.no_new_blocks.is_cancelled() {
             return;
         }
         let now = inner.now();

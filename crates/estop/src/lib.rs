@@ -1,4 +1,4 @@
-//! The e-stop sources (PRODUCT.md §5) and the service that turns one of them into a watchable,
+//! The e-stop sources (docs/operating.md, The emergency stop) and the service that turns one of them into a watchable,
 //! fail-closed [`Snapshot`](domain::estop::Snapshot).
 //!
 //! - [`Source`] is the contract a store of the e-stop list meets: load it, change it durably

@@ -23,7 +23,7 @@ pub const API_SOURCE: &str = "api";
 
 #[derive(Clone, Debug)]
 pub struct EStopOptions {
-    /// The state of runs that no entry matches (PRODUCT.md §5: `stop`, fail closed).
+    /// The state of runs that no entry matches (docs/operating.md, The emergency stop: `stop`, fail closed).
     pub unlisted: EStopState,
     /// How often the list is re-read even when the source reports no change (lost events,
     /// sources without events).

@@ -140,7 +140,7 @@ impl fmt::Display for ConfigProblem {
 }
 
 /// Every problem found in a policy file, in document order. The caller keeps the policies it
-/// had (PRODUCT.md §6: an invalid new config is refused and the old one stays in force).
+/// had (docs/operating.md, Policies: an invalid new file is refused and the one in force stays).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     pub problems: Vec<ConfigProblem>,

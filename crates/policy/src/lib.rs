@@ -1,4 +1,4 @@
-//! Submit-time policies (PRODUCT.md §6): the policy file, validated when it loads, and every
+//! Submit-time policies (docs/operating.md, Policies): the policy file, validated when it loads, and every
 //! workflow spec checked against it. Pure: no I/O (the caller reads the file and hands over its
 //! text), no async, no time. Policies get the spec read-only ([`PolicySet::check`] takes
 //! `&WorkflowSpec`) and can never change it.

@@ -1,4 +1,4 @@
-//! Pure rate decisions (PRODUCT.md §6): token buckets and per-workflow error budgets. No I/O,
+//! Pure rate decisions (docs/operating.md, Policies): token buckets and per-workflow error budgets. No I/O,
 //! no clock: every call takes `now`. The stores persist [`BucketState`]; the engine asks.
 
 use std::time::Duration;

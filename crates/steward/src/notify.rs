@@ -1,4 +1,4 @@
-//! Webhook notifications (PRODUCT.md §10): failed and stopped runs this node drove, and e-stop
+//! Webhook notifications (docs/operating.md, Notifications): failed and stopped runs this node drove, and e-stop
 //! changes made or noticed on this node (operators, error budgets, hand edits of its file), so
 //! that several nodes never report one change twice. Each webhook gets the event as JSON, or
 //! as Slack's `{"text": ...}`. Deliveries are retried with backoff; a webhook that stays down

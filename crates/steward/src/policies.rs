@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// What a fresh install starts with: the examples' workflows, and how to add more.
-pub const TEMPLATE: &str = r#"# Steward's policies (PRODUCT.md §6). Every workflow name needs an entry here, or its
+pub const TEMPLATE: &str = r#"# Steward's policies (docs/operating.md, Policies). Every workflow name needs an entry here, or its
 # submissions are refused. An entry with no rules accepts the workflow as it is.
 # This file is re-read when it changes; a change that does not load is refused and the
 # policies in force stay (see the log, /readyz and the steward_policy_alert metric).

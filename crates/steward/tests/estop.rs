@@ -1,4 +1,4 @@
-//! The emergency stop (PRODUCT.md §5) through the real binary: the file, the CLI, the API.
+//! The emergency stop (docs/operating.md, The emergency stop) through the real binary: the file, the CLI, the API.
 
 use std::time::Duration;
 

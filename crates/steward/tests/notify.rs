@@ -1,4 +1,4 @@
-//! Webhook notifications (PRODUCT.md §10) from the real binary to a real HTTP server.
+//! Webhook notifications (docs/operating.md, Notifications) from the real binary to a real HTTP server.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

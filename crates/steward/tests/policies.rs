@@ -1,4 +1,4 @@
-//! Policies at submit (PRODUCT.md §6) through the real binary, and reloading the policy file.
+//! Policies at submit (docs/operating.md, Policies) through the real binary, and reloading the policy file.
 
 use std::time::{Duration, Instant};
 

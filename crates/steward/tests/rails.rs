@@ -1,4 +1,4 @@
-//! Safety rails (PRODUCT.md §6) through the real binary: rate limits and error budgets.
+//! Safety rails (docs/operating.md, Policies) through the real binary: rate limits and error budgets.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Several `steward serve` nodes sharing one PostgreSQL database (PRODUCT.md §9): a real
+//! Several `steward serve` nodes sharing one PostgreSQL database (docs/operating.md, Several nodes on PostgreSQL): a real
 //! PostgreSQL server, real nodes, real kills.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,4 +1,4 @@
-//! Graceful shutdown and stop modes (PRODUCT.md §7), with real signals to the real binary.
+//! Graceful shutdown and stop modes (docs/operating.md, Stopping), with real signals to the real binary.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

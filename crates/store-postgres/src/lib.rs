@@ -1,4 +1,4 @@
-//! The PostgreSQL backend: several `steward serve` nodes share one database (PRODUCT.md §9).
+//! The PostgreSQL backend: several `steward serve` nodes share one database (docs/operating.md, Several nodes on PostgreSQL).
 //!
 //! Like the SQLite backend, one writer connection commits whatever has queued up while the
 //! previous commit was in flight: one transaction per batch, each request in its own
