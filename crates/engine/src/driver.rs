@@ -64,6 +64,7 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
             if let Ok(mut active) = task_inner.active.lock() {
                 active.remove(&id);
             }
+            task_inner.run_ended.notify_waiters();
         }
         .instrument(span),
     );

@@ -212,6 +212,11 @@ pub(crate) struct Inner {
     pub(crate) shutdown_cause: Mutex<Option<StopCause>>,
     /// Why the store refuses writes, while it does (`None`: writes go through).
     pub(crate) store_problem: tokio::sync::watch::Sender<Option<String>>,
+    /// The background loops (leases, claims, expiry), supervised.
+    pub(crate) loops: tasks::Tasks,
+    pub(crate) loop_failures: tokio::sync::Mutex<tasks::Failures>,
+    /// Notified whenever a run task ends: what the shutdown waits on.
+    pub(crate) run_ended: tokio::sync::Notify,
 }
 
 /// The cheap-clone handle to the engine.
@@ -230,8 +235,14 @@ impl Engine {
         let buckets: Arc<dyn store::BucketStore> = store.clone();
         let store: Arc<dyn RunStore> = store;
         let (events, _) = broadcast::channel(4096);
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (loops, loop_failures) = tasks::Tasks::with(tracker.clone(), token.clone());
         Engine {
             inner: Arc::new(Inner {
+                loops,
+                loop_failures: tokio::sync::Mutex::new(loop_failures),
+                run_ended: tokio::sync::Notify::new(),
                 job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
                 opts,
                 store,
@@ -239,8 +250,8 @@ impl Engine {
                 clock,
                 active: Mutex::new(HashMap::new()),
                 events,
-                tracker: TaskTracker::new(),
-                token: CancellationToken::new(),
+                tracker,
+                token,
                 no_new_jobs: CancellationToken::new(),
                 no_new_blocks: CancellationToken::new(),
                 accepting: AtomicBool::new(true),
@@ -340,6 +351,12 @@ impl Engine {
     /// then, and finished work is kept and committed again until the store takes it.
     pub fn store_problem(&self) -> Option<String> {
         self.inner.store_problem.borrow().clone()
+    }
+
+    /// Resolves when one of the engine's background loops ends before the engine is stopped,
+    /// or panics: a `StopCause::Fatal` naming it. The node must then stop.
+    pub async fn failure(&self) -> StopCause {
+        self.inner.loop_failures.lock().await.next().await
     }
 
     /// Runs this node is driving now.

@@ -10,6 +10,9 @@ use tokio::time::Instant;
 use crate::driver::spawn_run;
 use crate::{Halt, Inner, ShutdownMode};
 
+/// How often a shutdown that waits for in-flight work says so.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
 /// How often the store is probed while it refuses writes.
 const STORE_PROBE: Duration = Duration::from_secs(1);
 
@@ -17,11 +20,17 @@ pub(crate) fn start(inner: &Arc<Inner>) {
     let i = inner.clone();
     inner.tracker.spawn(async move { recover(&i).await });
     let i = inner.clone();
-    inner.tracker.spawn(async move { renew_loop(&i).await });
+    inner
+        .loops
+        .spawn_component("lease renewal", async move { renew_loop(&i).await });
     let i = inner.clone();
-    inner.tracker.spawn(async move { claim_loop(&i).await });
+    inner
+        .loops
+        .spawn_component("orphan claims", async move { claim_loop(&i).await });
     let i = inner.clone();
-    inner.tracker.spawn(async move { expire_loop(&i).await });
+    inner
+        .loops
+        .spawn_component("expiry", async move { expire_loop(&i).await });
 }
 
 /// Resumes every unfinished run this node held before it stopped (or crashed).
@@ -175,6 +184,7 @@ async fn claim_loop(inner: &Arc<Inner>) {
     while tick(inner, inner.opts.claim_interval).await {
         // A node that is stopping (drain or end of round) takes on no more runs.
         if inner.no_new_jobs.is_cancelled() || inner.no_new_blocks.is_cancelled() {
+            inner.token.cancelled().await;
             return;
         }
         let now = inner.now();
@@ -302,6 +312,10 @@ pub(crate) async fn shutdown(
     let mut last_report = started;
     let mut escalated = mode == ShutdownMode::Now;
     loop {
+        // Armed before the check, so that a run ending in between is not missed.
+        let ended = inner.run_ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
         let active = held_runs(inner);
         if active.is_empty() {
             break;
@@ -312,12 +326,23 @@ pub(crate) async fn shutdown(
             interrupt_all(inner, &cause);
             escalated = true;
         }
-        if now.duration_since(last_report) >= Duration::from_secs(5) {
-            let running_jobs = inner.opts.max_running_jobs - inner.job_slots.available_permits();
+        if now.duration_since(last_report) >= REPORT_EVERY {
+            let running_jobs = inner
+                .opts
+                .max_running_jobs
+                .max(1)
+                .saturating_sub(inner.job_slots.available_permits());
             tracing::info!(runs = active.len(), running_jobs, waited = ?now.duration_since(started), "still waiting for in-flight work");
             last_report = now;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut wake = last_report + REPORT_EVERY;
+        if let (false, Some(d)) = (escalated, deadline) {
+            wake = wake.min(d);
+        }
+        tokio::select! {
+            () = &mut ended => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
     }
     inner.token.cancel();
     inner.tracker.close();

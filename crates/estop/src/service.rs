@@ -10,7 +10,6 @@ use domain::estop::{AuditRecord, EStopState, Entry, Snapshot, Target, Verdict};
 use tokio::sync::{Mutex, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::{Source, SourceError};
 
@@ -44,14 +43,14 @@ pub struct EStop;
 
 impl EStop {
     /// Loads the list once (an unreadable source gives [`Snapshot::Unreadable`], logged and
-    /// alerted, never an error), then spawns on `tracker` the task that re-reads it whenever the
-    /// source reports a change and every `opts.reread`, until `cancel`.
+    /// alerted, never an error), then runs, as the supervised component `e-stop`, the task
+    /// that re-reads it whenever the source reports a change and every `opts.reread`, until
+    /// the tasks' token is cancelled.
     pub async fn start(
         source: Arc<dyn Source>,
         clock: Arc<dyn Clock>,
         opts: EStopOptions,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
+        tasks: &tasks::Tasks,
     ) -> EStopHandle {
         let (tx, _) = watch::channel(Arc::new(Snapshot::Unreadable(
             "the e-stop list has not been read yet".into(),
@@ -68,7 +67,8 @@ impl EStop {
         shared.reload(false).await;
         let task = shared.clone();
         let reread = opts.reread.max(Duration::from_millis(10));
-        tracker.spawn(async move { task.run(reread, cancel).await });
+        let cancel = tasks.token().clone();
+        tasks.spawn_component("e-stop", async move { task.run(reread, cancel).await });
         EStopHandle { shared }
     }
 }

@@ -18,8 +18,6 @@ use estop::{
 use store::{EStopStore, RunStore};
 use store_sqlite::SqliteStore;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use EStopState::{Go, Pause, Stop};
 
@@ -58,8 +56,9 @@ struct Env {
     file: PathBuf,
     db: PathBuf,
     store: Arc<SqliteStore>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    tasks: tasks::Tasks,
+    /// Where a failed e-stop task would be reported: none may fail here.
+    _failures: tasks::Failures,
 }
 
 impl Env {
@@ -74,14 +73,15 @@ impl Env {
             std::fs::write(&file, text).unwrap();
         }
         let store = Arc::new(SqliteStore::open(&db).unwrap());
+        let (tasks, failures) = tasks::Tasks::new();
         Env {
             _dir: dir,
             etc,
             file,
             db,
             store,
-            tracker: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            tasks,
+            _failures: failures,
         }
     }
 
@@ -94,7 +94,7 @@ impl Env {
             unlisted: Stop,
             reread,
         };
-        EStop::start(source, clock(), opts, &self.tracker, self.cancel.clone()).await
+        EStop::start(source, clock(), opts, &self.tasks).await
     }
 
     /// The file source, watched with inotify; the periodic re-read is too slow to matter.
@@ -125,9 +125,7 @@ impl Env {
     }
 
     async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        tokio::time::timeout(DEADLINE, self.tracker.wait())
+        tokio::time::timeout(DEADLINE, self.tasks.shutdown())
             .await
             .expect("the e-stop task stops when cancelled");
     }

@@ -119,8 +119,7 @@ async fn start_full(
                 source,
                 clock,
                 estop::EStopOptions::default(),
-                &tracker,
-                token.clone(),
+                &tasks::Tasks::with(tracker.clone(), token.clone()).0,
             )
             .await;
             (h.subscribe(), Some(h))
@@ -930,8 +929,7 @@ async fn cross_node_propagation(
             Arc::new(source),
             clock.clone(),
             estop::EStopOptions::default(),
-            &tracker,
-            token.clone(),
+            &tasks::Tasks::with(tracker.clone(), token.clone()).0,
         )
         .await;
         handles.push(h);

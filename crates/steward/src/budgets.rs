@@ -12,17 +12,15 @@ use domain::estop::{EStopState, Snapshot, Target};
 use engine::Engine;
 use ratelimit::{ErrorBudget, Tripped};
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::BudgetConfig;
 
 pub const SOURCE: &str = "error_budget";
 
-/// Watches run failures on `tracker` until `cancel`; does nothing when no budget is set.
+/// Watches run failures, as a supervised component, until the tasks stop; does nothing when
+/// no budget is set.
 pub fn watch(
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
+    tasks: &tasks::Tasks,
     engine: Engine,
     estop: estop::EStopHandle,
     config: &BTreeMap<String, BudgetConfig>,
@@ -43,7 +41,8 @@ pub fn watch(
         })
         .collect();
     let mut events = engine.subscribe();
-    tracker.spawn(async move {
+    let cancel = tasks.token().clone();
+    tasks.spawn_component("error budgets", async move {
         loop {
             let event = tokio::select! {
                 e = events.recv() => e,

@@ -13,7 +13,6 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{NotifyConfig, NotifyEvent, NotifyFormat};
 
@@ -32,10 +31,10 @@ struct Note {
     text: String,
 }
 
-/// Starts the notifier on `tracker` until `cancel`; does nothing without webhooks.
+/// Starts the notifier, as supervised components, until the tasks stop; does nothing without
+/// webhooks.
 pub fn start(
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
+    tasks: &tasks::Tasks,
     engine: Engine,
     estop: estop::EStopHandle,
     node: String,
@@ -45,10 +44,11 @@ pub fn start(
         return;
     }
     let (tx, rx) = mpsc::channel::<(usize, Note)>(QUEUE);
-    tracker.spawn(deliver(rx, hooks.clone(), cancel.clone()));
+    let cancel = tasks.token().clone();
+    tasks.spawn_component("notifier", deliver(rx, hooks.clone(), cancel.clone()));
     let mut runs = engine.subscribe();
     let mut changes = estop.changes();
-    tracker.spawn(async move {
+    tasks.spawn_component("notifier events", async move {
         loop {
             let note = tokio::select! {
                 () = cancel.cancelled() => return,

@@ -9,8 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use policy::PolicySet;
 use tokio::sync::{Notify, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// What a fresh install starts with: the examples' workflows, and how to add more.
 pub const TEMPLATE: &str = r#"# Steward's policies (docs/operating.md, Policies). Every workflow name needs an entry here, or its
@@ -59,8 +57,7 @@ pub fn start(
     path: PathBuf,
     fresh_install: bool,
     reread: Duration,
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
+    tasks: &tasks::Tasks,
 ) -> anyhow::Result<Policies> {
     if fresh_install && !path.exists() {
         estop::write_durably(&path, TEMPLATE.as_bytes())
@@ -91,7 +88,8 @@ pub fn start(
         }
     };
     let watcher_alert = alert.clone();
-    tracker.spawn(async move {
+    let cancel = tasks.token().clone();
+    tasks.spawn_component("policy watcher", async move {
         // Dropping the watcher ends the watch.
         let _watcher = watcher;
         let mut reloader = Reloader {
@@ -106,6 +104,8 @@ pub fn start(
                 () = tokio::time::sleep(reread) => {}
                 () = cancel.cancelled() => return,
             }
+            // For the supervision test: the watcher ends as a bug would end it.
+            fail::fail_point!("steward::policy_watcher_exit", |_| ());
             reloader.check().await;
         }
     });

@@ -184,17 +184,15 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
     tracing::info!(containment = %supervisor.containment(), "job containment");
     let containment = supervisor.containment().clone();
     opts.supervisor = Some(Arc::new(supervisor));
-    let tracker = TaskTracker::new();
-    let estop_token = CancellationToken::new();
+    let (tasks, mut failures) = tasks::Tasks::new();
     let policies = crate::policies::start(
         cfg.policies.clone(),
         fresh.local,
         cfg.policies_reread,
-        &tracker,
-        estop_token.clone(),
+        &tasks,
     )?;
     opts.policies = Some(policies.feed.clone());
-    let estop = start_estop(&cfg, store.clone(), fresh, &tracker, estop_token.clone()).await?;
+    let estop = start_estop(&cfg, store.clone(), fresh, &tasks).await?;
     let engine = Engine::new(
         opts,
         store.clone(),
@@ -213,19 +211,14 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
     api.set_job_containment(containment.to_string());
     let router = api.router();
     let server_token = api_token.clone();
-    let server = tracker.spawn(api::serve(listener, router, server_token));
+    let server = tasks
+        .tracker()
+        .spawn(api::serve(listener, router, server_token));
     let mut signals = Signals::new()?;
     engine.start();
-    crate::budgets::watch(
-        &tracker,
-        estop_token.clone(),
-        engine.clone(),
-        estop.clone(),
-        &cfg.error_budgets,
-    );
+    crate::budgets::watch(&tasks, engine.clone(), estop.clone(), &cfg.error_budgets);
     crate::notify::start(
-        &tracker,
-        estop_token.clone(),
+        &tasks,
         engine.clone(),
         estop.clone(),
         node.clone(),
@@ -254,6 +247,9 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
             Ok(Err(e)) => StopCause::Fatal { component: "api".into(), message: e.to_string() },
             Err(e) => StopCause::Fatal { component: "api".into(), message: e.to_string() },
         },
+        // A background component that ended or panicked: the node stops in order.
+        cause = failures.next() => cause,
+        cause = engine.failure() => cause,
     };
     let mode = match &cause {
         StopCause::Signal { mode, .. } | StopCause::StopCommand { mode } => *mode,
@@ -289,9 +285,7 @@ async fn run<S: RunStore + EStopStore + BucketStore>(
         }
     }
     api_token.cancel();
-    estop_token.cancel();
-    tracker.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
+    if tokio::time::timeout(std::time::Duration::from_secs(5), tasks.shutdown())
         .await
         .is_err()
     {
@@ -312,8 +306,7 @@ async fn start_estop(
     cfg: &ServeConfig,
     store: Arc<dyn EStopStore>,
     fresh: Fresh,
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
+    tasks: &tasks::Tasks,
 ) -> anyhow::Result<estop::EStopHandle> {
     let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
     let source: Arc<dyn estop::Source> = match cfg.estop_source {
@@ -337,7 +330,7 @@ async fn start_estop(
         unlisted: cfg.estop_unlisted,
         reread: cfg.estop_reread,
     };
-    let handle = estop::EStop::start(source, clock, opts, tracker, cancel).await;
+    let handle = estop::EStop::start(source, clock, opts, tasks).await;
     if cfg.estop_source == EStopSourceKind::Db && fresh.db {
         handle
             .set(

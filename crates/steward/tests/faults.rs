@@ -495,3 +495,28 @@ async fn the_cancel_command_waits_for_the_run_to_end() {
         "{text}"
     );
 }
+
+/// A background component that ends on its own (a fail point stands for the bug) stops the
+/// node in order, with the component named as the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_background_component_stops_the_node_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(
+        &data,
+        &[
+            ("FAILPOINTS", "steward::policy_watcher_exit=return"),
+            ("STEWARD_POLICIES_REREAD", "200ms"),
+        ],
+    )
+    .await;
+    let status = server.wait_exit(LONG).await;
+    assert_eq!(status.code(), Some(1), "a fatal stop exits 1");
+    let last = std::fs::read_to_string(data.join("last-stop.json")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["kind"], "fatal", "{last}");
+    assert_eq!(last["component"], "policy watcher", "{last}");
+    let log = server.log_text();
+    assert!(log.contains("a background component failed"), "{log}");
+    assert!(log.contains("steward stopped"), "stopped in order:\n{log}");
+}

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp};
-use store::conformance::{new_run, spec};
 use store::{RunFilter, RunStore, Transition};
+use store_conformance::{new_run, spec};
 use store_postgres::PgStore;
 use store_postgres::testing::PgServer;
 use store_sqlite::SqliteStore;

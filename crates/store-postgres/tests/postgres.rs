@@ -13,26 +13,8 @@ async fn open(url: &str, tracker: &TaskTracker) -> Arc<PgStore> {
     Arc::new(PgStore::connect(url, tracker).await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance() {
-    let pg = PgServer::start().await;
-    let tracker = TaskTracker::new();
-    store::conformance::run_all(|| async {
-        open(&pg.fresh_db().await, &tracker).await as Arc<dyn RunStore>
-    })
-    .await;
-    store::conformance::run_estop_all(|| async {
-        open(&pg.fresh_db().await, &tracker).await as Arc<dyn EStopStore>
-    })
-    .await;
-    store::conformance::run_bucket_all(|| async {
-        open(&pg.fresh_db().await, &tracker).await as Arc<dyn BucketStore>
-    })
-    .await;
-}
-
 use domain::{NodeId, Timestamp};
-use store::conformance::{new_run, spec};
+use store_conformance::{new_run, spec};
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
@@ -156,7 +138,7 @@ async fn estop_saves_from_two_nodes_at_once_one_wins_and_both_see_it() {
     let tracker = TaskTracker::new();
     let stores = nodes(&pg, 2, &tracker).await;
     let list = |reason: &str| EStopList {
-        entries: vec![store::conformance::estop_entry(
+        entries: vec![store_conformance::estop_entry(
             "site=aap",
             EStopState::Stop,
             reason,
@@ -248,7 +230,7 @@ async fn an_estop_save_on_one_node_notifies_the_others() {
     }
     let before = *notes.borrow_and_update();
     let list = EStopList {
-        entries: vec![store::conformance::estop_entry(
+        entries: vec![store_conformance::estop_entry(
             "*",
             EStopState::Stop,
             "INC-1",

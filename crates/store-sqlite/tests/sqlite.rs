@@ -1,33 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
 use store::{EStopStore, RunStore};
 use store_sqlite::SqliteStore;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    store::conformance::run_all(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let path = dir.path().join(format!("db{i}.sqlite"));
-        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn RunStore> }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn estop_conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    store::conformance::run_estop_all(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let path = dir.path().join(format!("db{i}.sqlite"));
-        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn EStopStore> }
-    })
-    .await;
-}
 
 #[tokio::test]
 async fn a_second_handle_sees_estop_saves() {
@@ -37,7 +11,7 @@ async fn a_second_handle_sees_estop_saves() {
     let b = SqliteStore::open(&path).unwrap();
     assert_eq!(b.estop_version().await.unwrap(), 0);
     let list = domain::estop::EStopList {
-        entries: vec![store::conformance::estop_entry(
+        entries: vec![store_conformance::estop_entry(
             "*",
             domain::estop::EStopState::Stop,
             "INC-1",
@@ -55,7 +29,7 @@ async fn a_second_handle_sees_estop_saves() {
 async fn reopening_keeps_runs_and_schema() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("steward.db");
-    let nr = store::conformance::new_run(store::conformance::spec("hello", 1, 2));
+    let nr = store_conformance::new_run(store_conformance::spec("hello", 1, 2));
     {
         let s = SqliteStore::open(&path).unwrap();
         s.submit(nr.clone()).await.unwrap();
@@ -83,20 +57,8 @@ async fn writes_after_close_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let s = SqliteStore::open(&dir.path().join("steward.db")).unwrap();
     s.close().await.unwrap();
-    let nr = store::conformance::new_run(store::conformance::spec("hello", 1, 1));
+    let nr = store_conformance::new_run(store_conformance::spec("hello", 1, 1));
     assert_eq!(s.submit(nr).await.unwrap_err(), store::Error::Closed);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bucket_conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    store::conformance::run_bucket_all(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let path = dir.path().join(format!("b{i}.sqlite"));
-        async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn store::BucketStore> }
-    })
-    .await;
 }
 
 #[tokio::test]

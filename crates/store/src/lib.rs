@@ -1,5 +1,5 @@
 //! The storage contract. Backends (`store-sqlite`, later `store-postgres`) implement
-//! [`RunStore`] and [`EStopStore`] and pass [`conformance`]. Nothing here knows SQL.
+//! [`RunStore`] and [`EStopStore`] and pass the conformance suite (crate `store-conformance`). Nothing here knows SQL.
 //!
 //! Durability contract: when a method's future resolves `Ok`, the change is durable (fsynced).
 //! [`RunStore::apply_nowait`] queues transitions that are committed, in order, no later than
@@ -14,7 +14,6 @@ use domain::{
 };
 
 pub mod codec;
-pub mod conformance;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Error {

@@ -1,23 +1,73 @@
-//! The conformance suite: every backend runs [`run_all`] (runs) and [`run_estop_all`] (the
-//! e-stop list and its audit trail) against fresh, empty stores.
+//! The conformance suite of the storage contract: every backend passes every case, each on a
+//! fresh, empty store. A backend's test binary declares one test per case with
+//! [`conformance_tests!`], so a failing case never hides the others:
 //!
 //! ```ignore
-//! store::conformance::run_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn RunStore> }).await;
-//! store::conformance::run_estop_all(|| async { Arc::new(MyStore::open_fresh()) as Arc<dyn EStopStore> }).await;
+//! // Each factory returns (what keeps the store's resources alive, the store).
+//! store_conformance::conformance_tests! {
+//!     runs: fixture::runs,
+//!     estop: fixture::estop,
+//!     buckets: fixture::buckets,
+//! }
 //! ```
+//!
+//! Used only by tests (a dev-dependency of each backend).
 
 #![allow(clippy::unwrap_used)] // test code: a failed step should panic with its location
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use domain::estop::{AuditRecord, EStopList, EStopState, Entry, Target};
 use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp, WorkflowSpec};
 
-use crate::{
+use store::{
     CancelOutcome, EStopStore, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition,
 };
+
+/// One `#[tokio::test]` per conformance case. `runs`, `estop` and `buckets` name async
+/// functions that return `(guard, store)`: a fresh, empty store, and whatever must live as
+/// long as the test does (a temporary directory, a database server).
+#[macro_export]
+macro_rules! conformance_tests {
+    (runs: $runs:path, estop: $estop:path, buckets: $buckets:path $(,)?) => {
+        $crate::conformance_tests!(@cases $runs;
+            submit_stores_a_pending_run,
+            idempotency_key_returns_the_first_run,
+            exec_moves_submitted_to_queued_once,
+            exec_after_ttl_expires,
+            expire_sweeps_only_due_runs,
+            cancel_by_state,
+            transitions_record_progress,
+            run_finished_settles_leftovers,
+            leases_fence_writes,
+            recover_and_claim,
+            renew_reports_cancel_and_lost,
+            list_filters_and_pages,
+            nowait_writes_land_before_the_next_awaited_write,
+            unknown_runs_are_not_found,
+        );
+        $crate::conformance_tests!(@cases $estop;
+            estop_starts_empty_at_version_zero,
+            estop_save_replaces_the_list_and_appends_audit,
+            estop_save_with_a_stale_version_conflicts_and_stores_nothing,
+            estop_concurrent_saves_one_wins,
+            audit_lists_newest_first_by_target_with_limit,
+        );
+        $crate::conformance_tests!(@cases $buckets;
+            buckets_grant_once_per_key_and_refill,
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (_guard, store) = $make().await;
+                $crate::$case(store).await;
+            }
+        )*
+    };
+}
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 const HOUR: i64 = 3_600_000;
@@ -53,28 +103,6 @@ pub fn new_run(spec: WorkflowSpec) -> NewRun {
         expires_at: Timestamp(T0.0 + HOUR),
         cloned_from: None,
     }
-}
-
-/// Runs every check, each on a fresh store from `make`.
-pub async fn run_all<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Arc<dyn RunStore>>,
-{
-    submit_stores_a_pending_run(make().await).await;
-    idempotency_key_returns_the_first_run(make().await).await;
-    exec_moves_submitted_to_queued_once(make().await).await;
-    exec_after_ttl_expires(make().await).await;
-    expire_sweeps_only_due_runs(make().await).await;
-    cancel_by_state(make().await).await;
-    transitions_record_progress(make().await).await;
-    run_finished_settles_leftovers(make().await).await;
-    leases_fence_writes(make().await).await;
-    recover_and_claim(make().await).await;
-    renew_reports_cancel_and_lost(make().await).await;
-    list_filters_and_pages(make().await).await;
-    nowait_writes_land_before_the_next_awaited_write(make().await).await;
-    unknown_runs_are_not_found(make().await).await;
 }
 
 pub async fn submit_stores_a_pending_run(s: Arc<dyn RunStore>) {
@@ -561,19 +589,6 @@ pub async fn unknown_runs_are_not_found(s: Arc<dyn RunStore>) {
 
 // ---- the e-stop list and its audit trail ----
 
-/// Runs every e-stop check, each on a fresh store from `make`.
-pub async fn run_estop_all<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Arc<dyn EStopStore>>,
-{
-    estop_starts_empty_at_version_zero(make().await).await;
-    estop_save_replaces_the_list_and_appends_audit(make().await).await;
-    estop_save_with_a_stale_version_conflicts_and_stores_nothing(make().await).await;
-    estop_concurrent_saves_one_wins(make().await).await;
-    audit_lists_newest_first_by_target_with_limit(make().await).await;
-}
-
 pub fn estop_target(t: &str) -> Target {
     t.parse().unwrap()
 }
@@ -740,16 +755,7 @@ pub async fn audit_lists_newest_first_by_target_with_limit(s: Arc<dyn EStopStore
     );
 }
 
-/// Checks of [`crate::BucketStore`], each on a fresh store from `make`.
-pub async fn run_bucket_all<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Arc<dyn crate::BucketStore>>,
-{
-    buckets_grant_once_per_key_and_refill(make().await).await;
-}
-
-pub async fn buckets_grant_once_per_key_and_refill(s: Arc<dyn crate::BucketStore>) {
+pub async fn buckets_grant_once_per_key_and_refill(s: Arc<dyn store::BucketStore>) {
     let spec = ratelimit::BucketSpec {
         size: 1,
         refill: 1,
