@@ -23,6 +23,32 @@ mod maintenance;
 
 pub use domain::stop::ShutdownMode;
 
+/// A clock that follows tokio's time from a starting instant: with tokio's time paused (tests),
+/// every wait of the engine (retry backoff, timeouts, leases, TTL sweeps) and every timestamp
+/// it records advance together, so an hour passes in no time and stays consistent.
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    start: Timestamp,
+    at: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// Reads `start` at tokio's current instant.
+    pub fn starting_at(start: Timestamp) -> TokioClock {
+        TokioClock {
+            start,
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        let ms = i64::try_from(self.at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        Timestamp(self.start.0.saturating_add(ms))
+    }
+}
+
 /// The e-stop list as the engine sees it: the latest snapshot, and a wake-up on every change.
 pub type EStopFeed = tokio::sync::watch::Receiver<Arc<Snapshot>>;
 
