@@ -125,7 +125,10 @@ impl FileSource {
 
     async fn write(&self, list: &EStopList) -> Result<(), SourceError> {
         list.check().map_err(SourceError::InvalidArgument)?;
-        let bytes = to_bytes(list);
+        let bytes = to_bytes(list).map_err(|error| SourceError::Write {
+            path: self.path.clone(),
+            error,
+        })?;
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
             .await
@@ -360,11 +363,11 @@ async fn read_file(path: &Path) -> Result<EStopList, SourceError> {
     })
 }
 
-fn to_bytes(list: &EStopList) -> Vec<u8> {
-    // Serializing plain strings and enums cannot fail.
-    let mut b = serde_json::to_vec_pretty(list).unwrap_or_default();
+/// The file's text. An encoding failure is an error, never an empty file.
+fn to_bytes(list: &EStopList) -> io::Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(list).map_err(io::Error::other)?;
     b.push(b'\n');
-    b
+    Ok(b)
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -463,10 +466,12 @@ pub fn ensure_initial_file(path: &Path, fresh_install: bool) -> Result<bool, Sou
             set_at: String::new(),
         }],
     };
-    write_durably(path, &to_bytes(&list)).map_err(|error| SourceError::Write {
-        path: path.to_owned(),
-        error,
-    })?;
+    to_bytes(&list)
+        .and_then(|b| write_durably(path, &b))
+        .map_err(|error| SourceError::Write {
+            path: path.to_owned(),
+            error,
+        })?;
     tracing::info!(path = %path.display(), "created the e-stop file: everything may run (* go)");
     Ok(true)
 }

@@ -30,7 +30,7 @@ fn node_id(cfg: &ServeConfig) -> anyhow::Result<String> {
         (true, Some(id)) => return Ok(id),
         (true, None) => format!("node-{}", uuid::Uuid::now_v7().simple()),
     };
-    std::fs::write(&path, format!("{id}\n"))
+    estop::write_durably(&path, format!("{id}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
 }
@@ -378,7 +378,7 @@ fn record_stop(cfg: &ServeConfig, cause: &StopCause) {
     let path = cfg.data_dir.join(LAST_STOP_FILE);
     if let Err(e) = serde_json::to_string(cause)
         .map_err(std::io::Error::other)
-        .and_then(|s| std::fs::write(&path, s))
+        .and_then(|s| estop::write_durably(&path, s.as_bytes()))
     {
         tracing::warn!(error = %e, path = %path.display(), "could not record the stop cause");
     }

@@ -103,7 +103,7 @@ impl EStopStore for PgStore {
                 let next = current + 1;
                 c.execute(
                     "UPDATE estop_list SET version = $1, body = $2 WHERE id = 1",
-                    &[&next, &to_json(&list)],
+                    &[&next, &to_json(&list)?],
                 )
                 .await
                 .map_err(db_err)?;

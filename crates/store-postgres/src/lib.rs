@@ -653,7 +653,7 @@ impl RunStore for PgStore {
                     "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2),
                             version = version + 1
                      WHERE id = $1",
-                    &[&key, &to_json(&cause)],
+                    &[&key, &to_json(&cause)?],
                 )
                 .await
                 .map_err(db_err)?;

@@ -41,7 +41,8 @@ pub(crate) async fn collect_ids(
 
 pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
     let id = run.id.to_string();
-    let labels = to_json(&run.spec.labels);
+    let labels = to_json(&run.spec.labels)?;
+    let spec = to_json(&run.spec)?;
     // A concurrent Submit of the same key on another node: whoever inserts first wins, and
     // the other finds that run.
     let inserted = c
@@ -55,7 +56,7 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
                 &run.spec.name,
                 &labels,
                 &run.spec.idempotency_key,
-                &to_json(&run.spec),
+                &spec,
                 &run.created_at.0,
                 &run.expires_at.0,
                 &run.cloned_from.map(|c| c.to_string()),
@@ -200,7 +201,7 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
         push(
             &mut sql,
             " AND labels @> ?::text::jsonb",
-            Box::new(to_json(&f.labels)),
+            Box::new(to_json(&f.labels)?),
         );
     }
     if let Some(token) = &f.page_token {
@@ -249,7 +250,7 @@ pub(crate) async fn finish_unstarted(
             &key,
             &state.as_str(),
             &now.0,
-            &to_json(cause),
+            &to_json(cause)?,
             &cause.to_string(),
         ],
     )
@@ -300,7 +301,7 @@ pub(crate) async fn apply(
     // The writes, sent together: they run in order, in this transaction, behind the fence.
     let mut owned: Vec<(&'static str, Vec<Param>)> = Vec::new();
     for t in transitions {
-        statements(&key, t, &mut owned);
+        statements(&key, t, &mut owned)?;
     }
     let stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = owned
         .iter()
@@ -323,7 +324,7 @@ fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
 }
 
 /// The SQL for one transition, appended to `out`.
-fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>)>) {
+fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>)>) -> Result<()> {
     let k = || p(key.to_owned());
     match t {
         Transition::RunRunning { at } => out.push((
@@ -411,7 +412,7 @@ fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>
                     p(state.as_str()),
                     p(at.0),
                     p(error.clone()),
-                    p(stop_cause.as_ref().map(to_json)),
+                    p(stop_cause.as_ref().map(to_json).transpose()?),
                 ],
             ));
             out.push((
@@ -429,7 +430,8 @@ fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>
         }
         Transition::RunInterrupted { cause } => out.push((
             "UPDATE runs SET stop_cause = $2 WHERE id = $1",
-            vec![k(), p(to_json(cause))],
+            vec![k(), p(to_json(cause)?)],
         )),
     }
+    Ok(())
 }

@@ -94,11 +94,12 @@ impl EStopStore for SqliteStore {
                 )));
             }
             let next = current + 1;
+            let body = to_json(&list)?;
             c.prepare_cached(
                 "INSERT INTO estop_list (id, version, body) VALUES (1, ?1, ?2)
                  ON CONFLICT (id) DO UPDATE SET version = excluded.version, body = excluded.body",
             )
-            .and_then(|mut s| s.execute(params![next, to_json(&list)]))
+            .and_then(|mut s| s.execute(params![next, body]))
             .map_err(db_err)?;
             append(c, &audit)?;
             Ok(next)

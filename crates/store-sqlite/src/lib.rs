@@ -266,6 +266,8 @@ impl RunStore for SqliteStore {
                 }
             }
             let id = run.id.to_string();
+            let labels = to_json(&run.spec.labels)?;
+            let spec = to_json(&run.spec)?;
             c.prepare_cached(
                 "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at, cloned_from)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8)",
@@ -274,9 +276,9 @@ impl RunStore for SqliteStore {
                 s.execute(params![
                     id,
                     run.spec.name,
-                    to_json(&run.spec.labels),
+                    labels,
                     run.spec.idempotency_key,
-                    to_json(&run.spec),
+                    spec,
                     run.created_at.0,
                     run.expires_at.0,
                     run.cloned_from.map(|c| c.to_string()),
@@ -358,10 +360,11 @@ impl RunStore for SqliteStore {
                 rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause)?;
                 return Ok(CancelOutcome::Cancelled);
             }
+            let cause = to_json(&cause)?;
             c.prepare_cached(
                 "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?2), version = version + 1 WHERE id = ?1",
             )
-            .and_then(|mut s| s.execute(params![id.to_string(), to_json(&cause)]))
+            .and_then(|mut s| s.execute(params![id.to_string(), cause]))
             .map_err(db_err)?;
             Ok(CancelOutcome::Requested { lease_owner: owner.map(NodeId) })
         })

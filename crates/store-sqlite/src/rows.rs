@@ -215,10 +215,11 @@ pub(crate) fn finish_unstarted(
     cause: &StopCause,
 ) -> Result<()> {
     let key = id.to_string();
+    let cause_json = to_json(cause)?;
     c.prepare_cached(
         "UPDATE runs SET state = ?2, ended_at = ?3, stop_cause = ?4, error = ?5, version = version + 1 WHERE id = ?1",
     )
-    .and_then(|mut s| s.execute(params![key, state.as_str(), now.0, to_json(cause), cause.to_string()]))
+    .and_then(|mut s| s.execute(params![key, state.as_str(), now.0, cause_json, cause.to_string()]))
     .map_err(db_err)?;
     c.prepare_cached("UPDATE blocks SET state = 'skipped' WHERE run_id = ?1")
         .and_then(|mut s| s.execute([&key]))
@@ -300,13 +301,14 @@ pub(crate) fn apply(
                 }),
             Transition::RunFinished { state, at, error, stop_cause } => {
                 let leftover = store::leftover_state(*state).as_str();
+                let stop_cause = stop_cause.as_ref().map(to_json).transpose()?;
                 c.prepare_cached(
                     "UPDATE runs SET state = ?2, ended_at = ?3, error = ?4, stop_cause = ?5, cancel_requested = NULL,
                             lease_owner = NULL, lease_expires_at = NULL
                      WHERE id = ?1",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![key, state.as_str(), at.0, error, stop_cause.as_ref().map(to_json)])
+                    s.execute(params![key, state.as_str(), at.0, error, stop_cause])
                 })
                 .and_then(|_| {
                     c.prepare_cached(
@@ -325,9 +327,11 @@ pub(crate) fn apply(
                     .and_then(|mut s| s.execute(params![key, leftover, at.0]))
                 })
             }
-            Transition::RunInterrupted { cause } => c
-                .prepare_cached("UPDATE runs SET stop_cause = ?2 WHERE id = ?1")
-                .and_then(|mut s| s.execute(params![key, to_json(cause)])),
+            Transition::RunInterrupted { cause } => {
+                let cause = to_json(cause)?;
+                c.prepare_cached("UPDATE runs SET stop_cause = ?2 WHERE id = ?1")
+                    .and_then(|mut s| s.execute(params![key, cause]))
+            }
         };
         res.map_err(db_err)?;
     }

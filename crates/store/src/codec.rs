@@ -22,7 +22,9 @@ pub fn run_id(s: &str) -> Result<RunId> {
         .map_err(|e| Error::Corrupt(format!("run id {s:?}: {e}")))
 }
 
-/// JSON for a stored column; the domain's plain types always serialize.
-pub fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+/// JSON for a stored column. A value that does not encode is an error (nothing is written),
+/// never a `null` in its place.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| Error::Corrupt(format!("cannot encode a value to store: {e}")))
 }
