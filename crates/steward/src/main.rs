@@ -5,17 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-mod bench;
-mod budgets;
 mod client;
-mod config;
-mod notify;
 mod output;
-mod pidfile;
-mod policies;
-mod sdnotify;
-mod serve;
 mod stop;
+
+use node::config;
 
 #[derive(Parser)]
 #[command(
@@ -303,7 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             init_logging(cfg.log_json);
-            let cause = serve::serve(cfg).await?;
+            let cause = node::serve(cfg).await?;
             Ok(match cause {
                 domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {
                     ExitCode::SUCCESS

@@ -9,7 +9,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::output;
-use crate::pidfile::{STOP_REQUEST_FILE, live_pid};
+use node::pidfile::{STOP_REQUEST_FILE, live_pid};
 
 pub async fn stop(
     data_dir: &Path,

@@ -293,19 +293,19 @@ async fn a_job_that_leaves_its_process_group_dies_with_it() {
         })
         .await;
         let pid = read_pid(&escaped);
-        // It did leave the job's process group.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        assert_eq!(
-            fields[2],
-            pid.to_string(),
-            "setsid made it a group leader: {stat}"
-        );
+        // It does leave the job's process group (once `setsid` has run).
+        eventually(
+            "the escaped process to lead a group of its own",
+            LONG,
+            || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_owned))
+                        .is_some_and(|pgrp| pgrp == pid.to_string())
+                })
+            },
+        )
+        .await;
         c.cancel(pb::CancelRequest {
             id: id.clone(),
             reason: "test".into(),

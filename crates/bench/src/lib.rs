@@ -1,8 +1,11 @@
-//! `steward bench`: throughput and latency through the real API, on a durable SQLite file.
+//! `steward bench`: throughput and latency through the real API, on a durable SQLite file (or
+//! a PostgreSQL database).
 //!
-//! The server runs in this process (engine + API on a loopback port, data in a temporary
-//! directory); clients are real gRPC clients over TCP. Completion is observed through the
-//! engine's event stream, so measuring adds no API load.
+//! The node runs in this process, started by `node::Node::start` exactly as `steward serve`
+//! starts one (policies, e-stop file, job containment, supervised components), with its data
+//! in a temporary directory and its API on a loopback port; clients are real gRPC clients
+//! over TCP. Completion is observed through the engine's event stream, so measuring adds no
+//! API load. `startup_and_rss` runs the `steward` binary itself.
 
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
 
@@ -30,25 +33,26 @@ pub struct BenchOpts {
 }
 
 struct Bench {
+    /// The node's data directory.
     _dir: tempfile::TempDir,
+    node: node::Node,
     engine: Engine,
     store: Arc<dyn RunStore>,
-    /// The PostgreSQL backend's connections.
-    db_tasks: TaskTracker,
     addr: String,
-    tracker: TaskTracker,
-    token: CancellationToken,
 }
 
-/// The e-stop a benchmark server runs with.
+/// The e-stop a benchmark node starts with, in its e-stop file.
 enum EStopMode {
-    /// `* = go`, fixed.
+    /// `* = go` (what a fresh install writes).
     AllGo,
-    /// A fixed list.
+    /// A given list.
     Fixed(domain::estop::EStopList),
-    /// A real, watched `estop.json` in the data directory, starting as `* = go`.
+    /// `* = go`, for benchmarks that change the file or the list while they run.
     File,
 }
+
+/// The workflows the benchmarks submit, accepted as they are.
+const BENCH_POLICIES: &str = "[workflows.bench]\n[workflows.Erase]\n";
 
 async fn start(max_running_jobs: usize) -> anyhow::Result<Bench> {
     start_with(max_running_jobs, EStopMode::AllGo).await
@@ -58,93 +62,39 @@ async fn start_with(max_running_jobs: usize, mode: EStopMode) -> anyhow::Result<
     start_full(max_running_jobs, mode, None, None).await
 }
 
-/// A store of either backend, with what the engine and the e-stop need of it.
-enum AnyStore {
-    Sqlite(Arc<store_sqlite::SqliteStore>),
-    Postgres(Arc<store_postgres::PgStore>),
-}
-
-impl AnyStore {
-    fn estop(&self) -> Arc<dyn store::EStopStore> {
-        match self {
-            AnyStore::Sqlite(s) => s.clone(),
-            AnyStore::Postgres(s) => s.clone(),
-        }
-    }
-
-    fn runs(&self) -> Arc<dyn RunStore> {
-        match self {
-            AnyStore::Sqlite(s) => s.clone(),
-            AnyStore::Postgres(s) => s.clone(),
-        }
-    }
-
-    fn engine(&self, opts: EngineOptions, feed: engine::EStopFeed) -> Engine {
-        match self {
-            AnyStore::Sqlite(s) => Engine::new(opts, s.clone(), Arc::new(SystemClock), feed),
-            AnyStore::Postgres(s) => Engine::new(opts, s.clone(), Arc::new(SystemClock), feed),
-        }
-    }
-}
-
+/// A node started exactly as `steward serve` starts one (crate `node`), on a fresh data
+/// directory, listening on a free loopback port: the figures measure what users run.
 async fn start_full(
     max_running_jobs: usize,
     mode: EStopMode,
-    policies: Option<policy::PolicySet>,
+    policies: Option<&str>,
     database: Option<&str>,
 ) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
-    let db_tasks = TaskTracker::new();
-    let store = match database {
-        None => AnyStore::Sqlite(Arc::new(store_sqlite::SqliteStore::open(
-            &dir.path().join("steward.db"),
-        )?)),
-        Some(url) => AnyStore::Postgres(Arc::new(
-            store_postgres::PgStore::connect(url, &db_tasks)
-                .await
-                .with_context(|| format!("connecting to {url}"))?,
-        )),
-    };
-    let tracker = TaskTracker::new();
-    let token = CancellationToken::new();
-    let (feed, handle) = match mode {
-        EStopMode::AllGo => (engine::estop_all_go(), None),
-        EStopMode::Fixed(list) => (engine::estop_fixed(domain::estop::Snapshot::Ok(list)), None),
-        EStopMode::File => {
-            let path = dir.path().join("estop.json");
-            estop::write_durably(&path, br#"{"entries": [{"target": "*", "state": "go"}]}"#)?;
-            let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
-            let source = Arc::new(estop::FileSource::new(path, store.estop(), clock.clone()));
-            let h = estop::EStop::start(
-                source,
-                clock,
-                estop::EStopOptions::default(),
-                &tasks::Tasks::with(tracker.clone(), token.clone()).0,
-            )
-            .await;
-            (h.subscribe(), Some(h))
-        }
-    };
-    let mut opts = EngineOptions::new(NodeId("bench".into()));
-    opts.max_running_jobs = max_running_jobs;
-    // The sender may go: the set then stays as it is.
-    opts.policies = policies.map(|p| tokio::sync::watch::channel(Arc::new(p)).1);
-    let engine = store.engine(opts, feed);
-    engine.start();
-    let store = store.runs();
-    let api = api::Api::new(engine.clone(), handle, token.clone()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let router = api.router();
-    tracker.spawn(api::serve(listener, router, token.clone()));
+    std::fs::write(
+        dir.path().join("policies.toml"),
+        policies.unwrap_or(BENCH_POLICIES),
+    )?;
+    if let EStopMode::Fixed(list) = &mode {
+        estop::write_durably(&dir.path().join("estop.json"), &serde_json::to_vec(list)?)?;
+    }
+    let mut env = vec![(
+        "STEWARD_MAX_RUNNING_JOBS".to_owned(),
+        max_running_jobs.to_string(),
+    )];
+    if let Some(url) = database {
+        env.push(("STEWARD_DATABASE".to_owned(), url.to_owned()));
+        // Each benchmark node is a fresh one on a shared database: the file holds its list.
+        env.push(("STEWARD_ESTOP_SOURCE".to_owned(), "file".to_owned()));
+    }
+    let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &env)?;
+    let node = node::Node::start(cfg, None).await?;
     Ok(Bench {
+        engine: node.engine().clone(),
+        store: node.runs(),
+        addr: node.addr().to_string(),
+        node,
         _dir: dir,
-        db_tasks,
-        engine,
-        store,
-        addr,
-        tracker,
-        token,
     })
 }
 
@@ -158,19 +108,9 @@ impl Bench {
             signal: "bench".into(),
             mode: domain::stop::ShutdownMode::Drain,
         };
-        self.engine
-            .shutdown(
-                domain::stop::ShutdownMode::Drain,
-                cause,
-                Duration::from_secs(5),
-            )
-            .await;
-        self.token.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        let _ = self.store.close().await;
-        self.db_tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.db_tasks.wait()).await;
+        if let Err(e) = self.node.stop(cause, std::future::pending()).await {
+            tracing::warn!(error = %e, "stopping a benchmark node");
+        }
     }
 }
 
@@ -873,7 +813,7 @@ async fn policy_suite(o: &BenchOpts) -> anyhow::Result<()> {
 
     // Submit through gRPC, durable, against a server with no policies; interleaved rounds.
     let none = start_full(256, EStopMode::AllGo, None, None).await?;
-    let twenty = start_full(256, EStopMode::AllGo, Some(set), None).await?;
+    let twenty = start_full(256, EStopMode::AllGo, Some(TWENTY_POLICIES), None).await?;
     let rounds = 10;
     let per_round = (o.latency_runs / rounds).max(1);
     submit_latency(&none, &spec, 50).await?;
