@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use futures::future::BoxFuture;
 use store::codec::to_json;
+use store::rules::{CancelDecision, ExecDecision};
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
@@ -604,15 +605,15 @@ impl RunStore for PgStore {
                 let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
                 let expires_at: Option<i64> = rows::get(&row, 1)?;
                 let created_at: i64 = rows::get(&row, 2)?;
-                if state != RunState::Submitted {
-                    return Ok(ExecOutcome::AlreadyStarted(state));
-                }
-                if expires_at.is_some_and(|e| e <= now.0) {
-                    let ttl_secs = u64::try_from((expires_at.unwrap_or(now.0) - created_at) / 1000)
-                        .unwrap_or(0);
-                    let cause = StopCause::Expired { ttl_secs };
-                    rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
-                    return Ok(ExecOutcome::Expired);
+                match store::rules::exec(state, expires_at, created_at, now) {
+                    ExecDecision::AlreadyStarted(state) => {
+                        return Ok(ExecOutcome::AlreadyStarted(state));
+                    }
+                    ExecDecision::Expire(cause) => {
+                        rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
+                        return Ok(ExecOutcome::Expired);
+                    }
+                    ExecDecision::Queue => {}
                 }
                 c.execute(
                     "UPDATE runs SET state = 'queued', lease_owner = $2, lease_expires_at = $3,
@@ -642,12 +643,15 @@ impl RunStore for PgStore {
                     .ok_or(Error::NotFound(id))?;
                 let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
                 let owner: Option<String> = rows::get(&row, 1)?;
-                if state.is_terminal() {
-                    return Ok(CancelOutcome::AlreadyFinished(state));
-                }
-                if state == RunState::Submitted {
-                    rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause).await?;
-                    return Ok(CancelOutcome::Cancelled);
+                match store::rules::cancel(state) {
+                    CancelDecision::AlreadyFinished(state) => {
+                        return Ok(CancelOutcome::AlreadyFinished(state));
+                    }
+                    CancelDecision::CancelNow => {
+                        rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause).await?;
+                        return Ok(CancelOutcome::Cancelled);
+                    }
+                    CancelDecision::Request => {}
                 }
                 c.execute(
                     "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2),
@@ -682,8 +686,7 @@ impl RunStore for PgStore {
                     let id = store::codec::run_id(&rows::get::<String>(&row, 0)?)?;
                     let expires_at: i64 = rows::get(&row, 1)?;
                     let created_at: i64 = rows::get(&row, 2)?;
-                    let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
-                    let cause = StopCause::Expired { ttl_secs };
+                    let cause = store::rules::expired(expires_at, created_at);
                     rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
                     ids.push(id);
                 }

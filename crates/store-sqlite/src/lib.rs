@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use store::codec::to_json;
+use store::rules::{CancelDecision, ExecDecision};
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
@@ -326,13 +327,13 @@ impl RunStore for SqliteStore {
                 .map_err(db_err)?;
             let (state, expires_at, created_at) = row.ok_or(Error::NotFound(id))?;
             let state = store::codec::run_state(&state)?;
-            if state != RunState::Submitted {
-                return Ok(ExecOutcome::AlreadyStarted(state));
-            }
-            if expires_at.is_some_and(|e| e <= now.0) {
-                let ttl_secs = u64::try_from((expires_at.unwrap_or(now.0) - created_at) / 1000).unwrap_or(0);
-                rows::finish_unstarted(c, id, RunState::Expired, now, &StopCause::Expired { ttl_secs })?;
-                return Ok(ExecOutcome::Expired);
+            match store::rules::exec(state, expires_at, created_at, now) {
+                ExecDecision::AlreadyStarted(state) => return Ok(ExecOutcome::AlreadyStarted(state)),
+                ExecDecision::Expire(cause) => {
+                    rows::finish_unstarted(c, id, RunState::Expired, now, &cause)?;
+                    return Ok(ExecOutcome::Expired);
+                }
+                ExecDecision::Queue => {}
             }
             c.prepare_cached(
                 "UPDATE runs SET state = 'queued', lease_owner = ?2, lease_expires_at = ?3, version = version + 1
@@ -353,12 +354,13 @@ impl RunStore for SqliteStore {
                 .map_err(db_err)?;
             let (state, owner) = row.ok_or(Error::NotFound(id))?;
             let state = store::codec::run_state(&state)?;
-            if state.is_terminal() {
-                return Ok(CancelOutcome::AlreadyFinished(state));
-            }
-            if state == RunState::Submitted {
-                rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause)?;
-                return Ok(CancelOutcome::Cancelled);
+            match store::rules::cancel(state) {
+                CancelDecision::AlreadyFinished(state) => return Ok(CancelOutcome::AlreadyFinished(state)),
+                CancelDecision::CancelNow => {
+                    rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause)?;
+                    return Ok(CancelOutcome::Cancelled);
+                }
+                CancelDecision::Request => {}
             }
             let cause = to_json(&cause)?;
             c.prepare_cached(
@@ -386,14 +388,8 @@ impl RunStore for SqliteStore {
             let mut ids = Vec::with_capacity(due.len());
             for (id, expires_at, created_at) in due {
                 let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
-                let ttl_secs = u64::try_from((expires_at - created_at) / 1000).unwrap_or(0);
-                rows::finish_unstarted(
-                    c,
-                    id,
-                    RunState::Expired,
-                    now,
-                    &StopCause::Expired { ttl_secs },
-                )?;
+                let cause = store::rules::expired(expires_at, created_at);
+                rows::finish_unstarted(c, id, RunState::Expired, now, &cause)?;
                 ids.push(id);
             }
             Ok(ids)

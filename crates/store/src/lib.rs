@@ -14,6 +14,7 @@ use domain::{
 };
 
 pub mod codec;
+pub mod rules;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Error {
