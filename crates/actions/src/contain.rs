@@ -93,6 +93,10 @@ pub struct Supervisor {
     containment: Containment,
     ledger: PathBuf,
     boot_id: String,
+    /// Ended attempts' cgroups, removed one after another by a thread of their own.
+    cleaner: Option<std::sync::mpsc::Sender<PathBuf>>,
+    /// Without cgroups: ended attempts, for the scan that finds what left their groups.
+    scanner: Option<std::sync::mpsc::Sender<(Target, PathBuf)>>,
 }
 
 /// What [`Supervisor::sweep`] found and ended.
@@ -131,10 +135,16 @@ impl Supervisor {
                 },
             },
         };
+        let (cleaner, scanner) = match &containment {
+            Containment::Cgroup { .. } => (Some(start_cleaner()?), None),
+            Containment::ProcessGroup { .. } => (None, Some(start_scanner()?)),
+        };
         Ok(Supervisor {
             containment,
             ledger: ledger.to_owned(),
             boot_id,
+            cleaner,
+            scanner,
         })
     }
 
@@ -263,6 +273,8 @@ impl Supervisor {
             entry,
             path,
             procs,
+            cleaner: self.cleaner.clone(),
+            scanner: self.scanner.clone(),
             scan_env: matches!(self.containment, Containment::ProcessGroup { .. }),
             done: false,
         })
@@ -289,6 +301,8 @@ pub(crate) struct Attempt {
     scan_env: bool,
     /// Finished: nothing is left to clean up when dropped.
     done: bool,
+    cleaner: Option<std::sync::mpsc::Sender<PathBuf>>,
+    scanner: Option<std::sync::mpsc::Sender<(Target, PathBuf)>>,
 }
 
 impl Attempt {
@@ -307,21 +321,30 @@ impl Attempt {
         }
     }
 
-    /// Signals every process of the attempt: its cgroup's, or its group's (and, with process
-    /// groups, those that left the group but kept the job's environment).
+    /// Signals every process of the attempt: its cgroup's, or its group's. (Without a cgroup,
+    /// processes that left the group are found by the scan at the attempt's end.)
     pub(crate) fn signal(&self, sig: Signal) {
-        Target::of(&self.entry).signal(sig, self.scan_env);
+        Target::of(&self.entry).signal(sig, false);
     }
 
-    /// Kills what is left and waits (briefly) until it is gone, then drops the ledger entry.
+    /// Kills what is left and drops the ledger entry. A SIGKILL cannot be caught: once it is
+    /// sent (to the whole cgroup at once), nothing of the attempt runs user code again, so the
+    /// outcome need not wait for the cgroup to empty; its removal is left to a blocking task
+    /// (and, should the process die first, to the next start's sweep).
     pub(crate) async fn finish(mut self) {
         let target = Target::of(&self.entry);
-        target.signal(Signal::SIGKILL, self.scan_env);
-        if let Some(dir) = &self.entry.cgroup {
-            end_cgroup(dir).await;
+        target.signal(Signal::SIGKILL, false);
+        self.done = true;
+        if let (true, Some(scanner)) = (self.scan_env, &self.scanner) {
+            // Without a cgroup: what left the group but kept the job's environment is found by
+            // the scanner, off the runtime; the ledger entry goes once it has looked.
+            let _ = scanner.send((target, self.path.clone()));
+            return;
         }
         let _ = fs::remove_file(&self.path);
-        self.done = true;
+        if let (Some(dir), Some(cleaner)) = (self.entry.cgroup.clone(), &self.cleaner) {
+            let _ = cleaner.send(dir);
+        }
     }
 }
 
@@ -372,70 +395,30 @@ impl Target {
         }
     }
 
-    /// The processes of this attempt now.
+    /// The processes of this attempt now: its cgroup's; without one, and with `scan_env`,
+    /// those a scan of `/proc` finds (see [`scan`]). Without either, none: the caller signals
+    /// the process group as a whole.
     fn members(&self, scan_env: bool) -> BTreeSet<i32> {
         let mut pids = BTreeSet::new();
         if let Some(dir) = &self.cgroup {
             cgroup_pids(dir, &mut pids);
         }
-        if self.cgroup.is_none() || scan_env {
-            pids.extend(self.group_and_env_members(scan_env));
+        if self.cgroup.is_none() && scan_env {
+            pids.extend(scan(&[self]).into_iter().flatten());
         }
         pids.remove(&std::process::id().cast_signed());
         pids
-    }
-
-    /// Members of the recorded process group, and (with `scan_env`) processes carrying the
-    /// job's idempotency key, started since the attempt began. A group's id can be reused once
-    /// the group is empty, so group members count only while the group is provably the
-    /// attempt's: its leader still runs (same start time), or a member carries the key.
-    fn group_and_env_members(&self, scan_env: bool) -> BTreeSet<i32> {
-        let marker = format!("STEWARD_IDEMPOTENCY_KEY={}", self.key);
-        let mut in_group = BTreeSet::new();
-        let mut marked = BTreeSet::new();
-        let Ok(proc_dir) = fs::read_dir("/proc") else {
-            return marked;
-        };
-        for item in proc_dir.flatten() {
-            let Some(pid) = item
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Some(stat) = proc_stat(pid) else { continue };
-            if stat.state == 'Z' || stat.start < self.began {
-                continue;
-            }
-            let group_member = self.pgid == Some(stat.pgrp);
-            if !group_member && !scan_env {
-                continue;
-            }
-            let has_marker = fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()));
-            if has_marker {
-                marked.insert(pid);
-            }
-            if group_member {
-                in_group.insert(pid);
-            }
-        }
-        let leader_alive = match (self.pgid, self.leader_start) {
-            (Some(pgid), Some(start)) => proc_stat(pgid).is_some_and(|s| s.start == start),
-            _ => false,
-        };
-        if leader_alive || in_group.iter().any(|p| marked.contains(p)) {
-            marked.extend(in_group);
-        }
-        marked
     }
 
     fn signal(&self, sig: Signal, scan_env: bool) {
         if sig == Signal::SIGKILL
             && let Some(dir) = &self.cgroup
         {
+            // The whole cgroup, its sub-cgroups included, at once.
             cgroup_kill(dir);
+            if !scan_env {
+                return;
+            }
         }
         if let (Some(pgid), None) = (self.pgid, &self.cgroup) {
             // The group as a whole first: it reaches members the scan could not tell apart.
@@ -455,6 +438,95 @@ impl Target {
             }
         }
     }
+}
+
+/// For each target: the members of its recorded process group, and the processes that carry
+/// its job's idempotency key (`STEWARD_IDEMPOTENCY_KEY` in their environment), started since
+/// its attempt began. One pass over `/proc` serves every target. A group's id can be reused
+/// once the group is empty, so group members count only while the group is provably the
+/// attempt's: its leader still runs (same start time), or a member carries the key.
+fn scan(targets: &[&Target]) -> Vec<BTreeSet<i32>> {
+    let markers: Vec<Vec<u8>> = targets
+        .iter()
+        .map(|t| format!("STEWARD_IDEMPOTENCY_KEY={}", t.key).into_bytes())
+        .collect();
+    let mut in_group = vec![BTreeSet::new(); targets.len()];
+    let mut marked = vec![BTreeSet::new(); targets.len()];
+    let earliest = targets.iter().map(|t| t.began).min().unwrap_or(0);
+    if let Ok(proc_dir) = fs::read_dir("/proc") {
+        for item in proc_dir.flatten() {
+            let Some(pid) = item
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Some(stat) = proc_stat(pid) else { continue };
+            if stat.state == 'Z' || stat.start < earliest {
+                continue;
+            }
+            let mut env: Option<Vec<u8>> = None;
+            for (i, t) in targets.iter().enumerate() {
+                if stat.start < t.began {
+                    continue;
+                }
+                let env = env.get_or_insert_with(|| {
+                    fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()
+                });
+                if env.split(|b| *b == 0).any(|v| v == markers[i].as_slice()) {
+                    marked[i].insert(pid);
+                }
+                if t.pgid == Some(stat.pgrp) {
+                    in_group[i].insert(pid);
+                }
+            }
+        }
+    }
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let leader_alive = match (t.pgid, t.leader_start) {
+                (Some(pgid), Some(start)) => proc_stat(pgid).is_some_and(|s| s.start == start),
+                _ => false,
+            };
+            let mut found = std::mem::take(&mut marked[i]);
+            if leader_alive || in_group[i].iter().any(|p| found.contains(p)) {
+                found.extend(std::mem::take(&mut in_group[i]));
+            }
+            found
+        })
+        .collect()
+}
+
+/// The thread that ends what left the process groups of ended attempts (without cgroups):
+/// attempts that end together share one scan of `/proc`. Each ledger entry goes once its
+/// scan is done. It ends when the supervisor and every attempt are dropped.
+fn start_scanner() -> io::Result<std::sync::mpsc::Sender<(Target, PathBuf)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(Target, PathBuf)>();
+    std::thread::Builder::new()
+        .name("steward-job-scanner".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let targets: Vec<&Target> = batch.iter().map(|(t, _)| t).collect();
+                for pids in scan(&targets) {
+                    for pid in pids {
+                        if pid != std::process::id().cast_signed() {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                }
+                for (_, path) in &batch {
+                    let _ = fs::remove_file(path);
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 /// SIGTERM to every target, `grace` for them to exit, SIGKILL to what is left, and a short
@@ -628,13 +700,32 @@ async fn end_cgroup(dir: &Path) {
     remove_cgroup_tree(dir);
 }
 
-/// [`end_cgroup`] for a thread with no runtime (a dropped attempt).
+/// The thread that removes ended attempts' cgroups, in order, off the runtime: by the time
+/// it gets to one, its processes (SIGKILLed) are almost always gone. It ends when the
+/// supervisor and every attempt are dropped.
+fn start_cleaner() -> io::Result<std::sync::mpsc::Sender<PathBuf>> {
+    let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+    std::thread::Builder::new()
+        .name("steward-cgroup-cleaner".into())
+        .spawn(move || {
+            for dir in rx {
+                end_cgroup_blocking(&dir);
+            }
+        })?;
+    Ok(tx)
+}
+
+/// [`end_cgroup`] for a thread with no runtime (a dropped attempt, the cleaner).
 #[allow(clippy::disallowed_methods)] // runs on a thread of its own, never on the runtime
 fn end_cgroup_blocking(dir: &Path) {
-    cgroup_kill(dir);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while cgroup_populated(dir) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
+    if cgroup_populated(dir) {
+        cgroup_kill(dir);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut nap = Duration::from_micros(500);
+        while cgroup_populated(dir) && Instant::now() < deadline {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(50));
+        }
     }
     remove_cgroup_tree(dir);
 }

@@ -78,10 +78,15 @@ async fn start_full(
     if let EStopMode::Fixed(list) = &mode {
         estop::write_durably(&dir.path().join("estop.json"), &serde_json::to_vec(list)?)?;
     }
-    let mut env = vec![(
+    // The node takes the `STEWARD_*` settings of the environment, as `steward serve` does
+    // (`STEWARD_JOB_CONTAINMENT=process_group`, say); the benchmark's own come on top.
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("STEWARD_"))
+        .collect();
+    env.push((
         "STEWARD_MAX_RUNNING_JOBS".to_owned(),
         max_running_jobs.to_string(),
-    )];
+    ));
     if let Some(url) = database {
         env.push(("STEWARD_DATABASE".to_owned(), url.to_owned()));
         // Each benchmark node is a fresh one on a shared database: the file holds its list.
