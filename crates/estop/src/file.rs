@@ -10,8 +10,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use domain::Clock;
 use domain::estop::{AuditRecord, EStopList, EStopState, Entry, Target};
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use store::EStopStore;
 use tokio::sync::{Mutex, Notify};
 
@@ -34,7 +32,7 @@ pub struct FileSource {
     noticed: std::sync::Mutex<Vec<AuditRecord>>,
     wake: Arc<Notify>,
     /// Watching stops when the source is dropped.
-    watcher: Option<RecommendedWatcher>,
+    watcher: Option<FileWatch>,
 }
 
 impl FileSource {
@@ -377,30 +375,87 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// A watch on one file, ended when dropped.
+pub struct FileWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for FileWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileWatch")
+    }
+}
+
 /// Watches the directory of `path` (renames replace the file's inode, so watching the file
 /// itself would lose track of it) and wakes `wake` on every event that may have changed the
-/// file: writes, creations, removals and renames naming it, and lost events. Reads do not wake
-/// it. Watching stops when the returned watcher is dropped.
-pub fn watch_file(path: &Path, wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
+/// file: a write closed, a creation, a removal, a rename naming it, lost events. Only those
+/// kinds are asked of the kernel: the directory is the data directory, where the database
+/// writes all the time, and asking for every modification there would cost each of those
+/// writes an event (about an eighth of the core throughput). A file changed in place is seen
+/// when its writer closes it; the periodic re-read covers anything else.
+///
+/// inotify by hand (through `nix`): the `notify` crate asks for every modification and offers
+/// no way to narrow that.
+pub fn watch_file(path: &Path, wake: Arc<Notify>) -> io::Result<FileWatch> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
     let name = path.file_name().map(ToOwned::to_owned);
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            // Opens and reads (ours included) change nothing.
-            let read_only = matches!(ev.kind, EventKind::Access(a)
-                if a != AccessKind::Close(AccessMode::Write));
-            let ours =
-                ev.need_rescan() || ev.paths.iter().any(|p| p.file_name() == name.as_deref());
-            if ours && !read_only {
-                wake.notify_one();
+    let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    ino.add_watch(
+        parent_dir(path),
+        AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF,
+    )?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name("steward-file-watch".into())
+        .spawn(move || {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            while !stopped.load(Ordering::Relaxed) {
+                let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(250u16)) {
+                    Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching a file failed; the periodic re-read goes on");
+                        return;
+                    }
+                }
+                match ino.read_events() {
+                    Ok(events) => {
+                        let ours = events.iter().any(|e| {
+                            e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                                || e.mask.intersects(
+                                    AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF,
+                                )
+                                || e.name.as_deref() == name.as_deref()
+                        });
+                        if ours {
+                            wake.notify_one();
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an error watching a file; re-reading it");
+                        wake.notify_one();
+                    }
+                }
             }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "an error watching a file; re-reading it");
-            wake.notify_one();
-        }
-    })?;
-    w.watch(parent_dir(path), RecursiveMode::NonRecursive)?;
-    Ok(w)
+        })?;
+    Ok(FileWatch { stop })
 }
 
 /// Replaces `path` with `contents` atomically and durably: writes a temporary file in the same

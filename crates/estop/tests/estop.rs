@@ -788,3 +788,34 @@ async fn hostile_things_in_place_of_the_file_fail_closed_at_once() {
     }
     env.shutdown().await;
 }
+
+/// The e-stop file shares its directory with the database: a database writing all the time
+/// next to it must not wake the watcher (each wake is a re-read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_other_files_in_the_directory_do_not_wake_the_watcher() {
+    use std::io::Write;
+    let env = Env::new(Some(GO_ALL));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let _watch = estop::watch_file(&env.file, wake.clone()).unwrap();
+    // A file kept open and written, as SQLite writes its write-ahead log.
+    let mut wal = std::fs::File::create(env.etc.join("steward.db-wal")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let woken = wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    for _ in 0..2000 {
+        wal.write_all(&[0u8; 4096]).unwrap();
+    }
+    wal.sync_all().unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), woken.as_mut())
+            .await
+            .is_err(),
+        "writes to another file woke the watcher"
+    );
+    // A change to the watched file does.
+    env.replace_file(GO_ALL);
+    tokio::time::timeout(DEADLINE, woken)
+        .await
+        .expect("a change to the file wakes the watcher");
+}
