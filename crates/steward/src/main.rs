@@ -134,9 +134,10 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Measures throughput and latency on an in-process server (see BENCHMARKS.md).
+    /// Measures throughput and latency on an in-process node, started as `serve` starts one
+    /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy or all.
+        /// Which figures: core, shutdown, estop, policy, scaleout (needs --database) or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
