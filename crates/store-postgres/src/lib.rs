@@ -247,13 +247,39 @@ pub fn redacted_url(url: &str) -> std::result::Result<String, String> {
     if c.get_dbname().is_none() {
         return Err("the URL names no database (postgres://user@host:port/DATABASE)".into());
     }
-    Ok(match c.get_password() {
-        Some(p) if !p.is_empty() => {
-            let pw = String::from_utf8_lossy(p);
-            url.replacen(&format!(":{pw}@"), ":***@", 1)
+    Ok(hide_password(url))
+}
+
+/// `url` with the password of its user info and any `password=` parameter shown as `***`.
+/// Works on the text as written (percent-encoded or not), not on the decoded password: a
+/// decoded `p@ss` does not appear in `p%40ss`, and would be printed.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
         }
-        _ => url.to_owned(),
-    })
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Brings the schema up to date; returns whether it created it (an empty database).

@@ -180,6 +180,27 @@ fn database_urls_are_checked_and_their_passwords_hidden() {
         redacted_url("postgresql://steward@127.0.0.1/steward").unwrap(),
         "postgresql://steward@127.0.0.1/steward"
     );
+    // Percent-encoded, with an '@' of its own, or as a parameter: hidden all the same.
+    for (url, shown) in [
+        (
+            "postgres://steward:p%40ss%3Aw0rd@db:5432/steward",
+            "postgres://steward:***@db:5432/steward",
+        ),
+        (
+            "postgres://steward:p@ss@db/steward?sslmode=disable",
+            "postgres://steward:***@db/steward?sslmode=disable",
+        ),
+        (
+            "postgres://steward@db/steward?password=hunter2&application_name=x",
+            "postgres://steward@db/steward?password=***&application_name=x",
+        ),
+    ] {
+        let r = redacted_url(url).unwrap();
+        assert_eq!(r, shown);
+        for secret in ["p%40ss", "w0rd", "hunter2", "p@ss"] {
+            assert!(!r.contains(secret), "{url}: {r}");
+        }
+    }
     for (bad, why) in [
         ("mysql://x@y/z", "postgres://"),
         ("postgres://steward@127.0.0.1:5432", "names no database"),
