@@ -51,16 +51,6 @@ impl fmt::Display for Containment {
     }
 }
 
-impl Containment {
-    /// `cgroup` or `process_group`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Containment::Cgroup { .. } => "cgroup",
-            Containment::ProcessGroup { .. } => "process_group",
-        }
-    }
-}
-
 /// What the operator asked for (`job_containment`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContainmentMode {
@@ -686,18 +676,10 @@ fn cgroup_kill(dir: &Path) {
     }
 }
 
-/// SIGKILLs everything in `dir`, waits until it is empty (a moment: the kernel delivers the
-/// kill at once), and removes it.
+/// [`end_cgroup_blocking`] off the runtime, awaited.
 async fn end_cgroup(dir: &Path) {
-    if !dir.exists() {
-        return;
-    }
-    cgroup_kill(dir);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while cgroup_populated(dir) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    remove_cgroup_tree(dir);
+    let dir = dir.to_owned();
+    let _ = tokio::task::spawn_blocking(move || end_cgroup_blocking(&dir)).await;
 }
 
 /// The thread that removes ended attempts' cgroups, in order, off the runtime: by the time
@@ -715,8 +697,10 @@ fn start_cleaner() -> io::Result<std::sync::mpsc::Sender<PathBuf>> {
     Ok(tx)
 }
 
-/// [`end_cgroup`] for a thread with no runtime (a dropped attempt, the cleaner).
-#[allow(clippy::disallowed_methods)] // runs on a thread of its own, never on the runtime
+/// SIGKILLs whatever is left in `dir`, waits until it is empty (a moment: the kernel delivers
+/// the kill at once), and removes it. Blocking: call it on a thread of its own (the cleaner, a
+/// dropped attempt's) or through [`end_cgroup`].
+#[allow(clippy::disallowed_methods)] // never on the runtime: see above
 fn end_cgroup_blocking(dir: &Path) {
     if cgroup_populated(dir) {
         cgroup_kill(dir);

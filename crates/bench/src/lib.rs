@@ -80,9 +80,7 @@ async fn start_full(
     }
     // The node takes the `STEWARD_*` settings of the environment, as `steward serve` does
     // (`STEWARD_JOB_CONTAINMENT=process_group`, say); the benchmark's own come on top.
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("STEWARD_"))
-        .collect();
+    let mut env = node::config::environment()?;
     env.push((
         "STEWARD_MAX_RUNNING_JOBS".to_owned(),
         max_running_jobs.to_string(),

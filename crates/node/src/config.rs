@@ -280,6 +280,22 @@ const NOT_SETTINGS: &[&str] = &[
     "STEWARD_ATTEMPT",
 ];
 
+/// The process's `STEWARD_*` variables, for [`load`]. One that is not valid UTF-8 is an error,
+/// never skipped.
+pub fn environment() -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let Some(k) = k.to_str().filter(|k| k.starts_with("STEWARD_")) else {
+            continue;
+        };
+        let v = v
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("{k}: the value is not valid UTF-8"))?;
+        env.push((k.to_owned(), v));
+    }
+    Ok(env)
+}
+
 /// The config key a `STEWARD_*` variable sets: the rest of its name in lower case, `__`
 /// between the parts of a nested key (`STEWARD_BUCKETS__DISK__SIZE` is `buckets.disk.size`).
 /// `None` for variables that are not settings.

@@ -224,7 +224,6 @@ pub struct Node {
     store: NodeStore,
     db_tasks: TaskTracker,
     engine: Engine,
-    estop: estop::EStopHandle,
     api: api::Api,
     api_token: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -324,7 +323,6 @@ impl Node {
             store,
             db_tasks,
             engine,
-            estop,
             api,
             api_token,
             server,
@@ -344,10 +342,6 @@ impl Node {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-
-    pub fn estop(&self) -> &estop::EStopHandle {
-        &self.estop
     }
 
     /// The node's store, for benchmarks and tests that fill it directly.

@@ -282,16 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             print_config,
         } => {
-            let mut env: Vec<(String, String)> = Vec::new();
-            for (k, v) in std::env::vars_os() {
-                let Some(k) = k.to_str().filter(|k| k.starts_with("STEWARD_")) else {
-                    continue;
-                };
-                let v = v
-                    .into_string()
-                    .map_err(|_| anyhow::anyhow!("{k}: the value is not valid UTF-8"))?;
-                env.push((k.to_owned(), v));
-            }
+            let env = config::environment()?;
             let cfg = config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)?;
             if print_config {
                 output::line(&toml::to_string_pretty(&cfg)?);

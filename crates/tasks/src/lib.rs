@@ -64,16 +64,6 @@ impl Tasks {
         &self.tracker
     }
 
-    /// The same tracker and failure channel, with a child token: cancelling it stops only the
-    /// components spawned through it.
-    pub fn child(&self) -> Tasks {
-        Tasks {
-            tracker: self.tracker.clone(),
-            token: self.token.child_token(),
-            fatal: self.fatal.clone(),
-        }
-    }
-
     /// Runs `fut`, a component that lives until [`Tasks::token`] is cancelled. If it ends
     /// before that, or panics, the failure is reported as `StopCause::Fatal { component }`.
     pub fn spawn_component<F>(&self, component: &'static str, fut: F)
@@ -97,15 +87,6 @@ impl Tasks {
                 message,
             });
         });
-    }
-
-    /// Runs `fut`, a task with an end of its own (a run, a delivery), tracked so that
-    /// shutdown waits for it.
-    pub fn spawn<F>(&self, fut: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn(fut);
     }
 
     /// Stops every component and waits until all tasks have ended.
