@@ -2,56 +2,23 @@
 //! rows. Saves from several nodes are serialized on the list's row.
 
 use async_trait::async_trait;
-use domain::estop::{AuditRecord, EStopList, EStopState, Target};
-use store::{EStopStore, Error, Result};
-use tokio_postgres::Row;
+use domain::estop::{AuditRecord, EStopList, Target};
+use store::sql::{self, Statement};
+use store::{EStopStore, Result};
 
-use crate::rows::get;
+use crate::rows::{PgRow, get};
 use crate::{Conn, PgStore, db_err};
 use store::codec::to_json;
 
 async fn append(c: &Conn, records: &[AuditRecord]) -> Result<()> {
-    for r in records {
-        c.execute(
-            "INSERT INTO estop_audit (at, target, old_state, new_state, set_by, reason, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &r.at,
-                &r.target.to_string(),
-                &r.old_state.map(EStopState::as_str),
-                &r.new_state.map(EStopState::as_str),
-                &r.set_by,
-                &r.reason,
-                &r.source,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
-    }
-    Ok(())
-}
-
-fn parse_state(s: Option<String>) -> Result<Option<EStopState>> {
-    s.map(|s| {
-        s.parse()
-            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))
-    })
-    .transpose()
-}
-
-fn row_to_record(r: &Row) -> Result<AuditRecord> {
-    let target: String = get(r, 1)?;
-    Ok(AuditRecord {
-        at: get(r, 0)?,
-        target: target
-            .parse::<Target>()
-            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))?,
-        old_state: parse_state(get(r, 2)?)?,
-        new_state: parse_state(get(r, 3)?)?,
-        set_by: get(r, 4)?,
-        reason: get(r, 5)?,
-        source: get(r, 6)?,
-    })
+    let statements: Vec<Statement> = records
+        .iter()
+        .map(|r| Statement {
+            sql: sql::AUDIT_APPEND,
+            params: sql::audit_params(r),
+        })
+        .collect();
+    c.run_all(&statements).await
 }
 
 #[async_trait]
@@ -64,12 +31,10 @@ impl EStopStore for PgStore {
             .map_err(db_err)?;
         match row {
             None => Ok((EStopList::default(), 0)),
-            Some(r) => {
-                let body: String = get(&r, 1)?;
-                let list = EStopList::parse(&body)
-                    .map_err(|e| Error::Corrupt(format!("the stored e-stop list: {e}")))?;
-                Ok((list, get(&r, 0)?))
-            }
+            Some(r) => Ok((
+                store::codec::estop_list(&get::<String>(&r, 1)?)?,
+                get(&r, 0)?,
+            )),
         }
     }
 
@@ -90,17 +55,15 @@ impl EStopStore for PgStore {
                 .await
                 .map_err(db_err)?;
                 let current: i64 = get(
-                    &c.query_one("SELECT version FROM estop_list WHERE id = 1 FOR UPDATE", &[])
-                        .await
-                        .map_err(db_err)?,
+                    &c.query_one(
+                        "SELECT version FROM estop_list WHERE id = 1 FOR UPDATE",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_err)?,
                     0,
                 )?;
-                if current != expected_version {
-                    return Err(Error::Conflict(format!(
-                        "the e-stop list is at version {current}, not {expected_version}: it changed since it was read"
-                    )));
-                }
-                let next = current + 1;
+                let next = store::rules::estop_next_version(current, expected_version)?;
                 c.execute(
                     "UPDATE estop_list SET version = $1, body = $2 WHERE id = 1",
                     &[&next, &to_json(&list)?],
@@ -154,6 +117,6 @@ impl EStopStore for PgStore {
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(row_to_record).collect()
+        rows.iter().map(|r| sql::audit_record(&PgRow(r))).collect()
     }
 }

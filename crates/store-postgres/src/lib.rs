@@ -15,7 +15,7 @@
 //! batch reconnects. Schema migrations are numbered like SQLite's and applied under an advisory
 //! lock, so nodes starting together migrate once.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,11 +23,13 @@ use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use futures::future::BoxFuture;
 use store::codec::to_json;
 use store::rules::{CancelDecision, ExecDecision};
+use store::sql::{self, Statement, Value};
+use store::writer::{self, Finish, WriteConn, Writer};
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::task::TaskTracker;
 
@@ -44,10 +46,10 @@ const MIGRATIONS: &[&str] = &[
 ];
 /// Any fixed number: the advisory lock that serializes migrations between nodes.
 const MIGRATION_LOCK: i64 = 0x0053_7465_7761_7264;
-const MAX_BATCH: usize = 1024;
 const READERS: usize = 8;
+/// How long the writer waits before trying an unreachable database again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 /// A request in the writer's batch. Given no connection, it runs nothing and only hands back
 /// its finisher: the batch's transaction could not start, and nothing may run outside one.
 type WriteJob = Box<dyn for<'a> FnOnce(Option<&'a Conn>) -> BoxFuture<'a, (bool, Finish)> + Send>;
@@ -125,23 +127,42 @@ impl Conn {
         self.client.query_one(&st, p).await
     }
 
+    /// The rows of a query with shared parameters.
+    pub(crate) async fn rows(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let binds = rows::binds(params);
+        self.query(sql, &rows::refs(&binds)).await.map_err(db_err)
+    }
+
+    /// Runs one shared statement; the number of rows it changed.
+    pub(crate) async fn run(&self, st: &Statement) -> Result<u64> {
+        let binds = rows::binds(&st.params);
+        self.execute(st.sql, &rows::refs(&binds))
+            .await
+            .map_err(db_err)
+    }
+
     /// Runs `stmts` in order, sent together (pipelined): one round trip for all of them once
     /// they are prepared. Stops at the first error.
-    pub(crate) async fn execute_all(
-        &self,
-        stmts: &[(&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>)],
-    ) -> std::result::Result<(), tokio_postgres::Error> {
+    pub(crate) async fn run_all(&self, stmts: &[Statement]) -> Result<()> {
         use std::future::Future;
         use std::task::Poll;
         let mut prepared = Vec::with_capacity(stmts.len());
-        for (sql, _) in stmts {
-            prepared.push(self.prepared(sql).await?);
+        for st in stmts {
+            prepared.push(self.prepared(st.sql).await.map_err(db_err)?);
         }
+        let binds: Vec<Vec<rows::Bind<'_>>> =
+            stmts.iter().map(|st| rows::binds(&st.params)).collect();
+        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> =
+            binds.iter().map(|b| rows::refs(b)).collect();
         // Each request goes out when its future is first polled: poll them in order.
         let mut futs: Vec<_> = prepared
             .iter()
-            .zip(stmts)
-            .map(|(st, (_, p))| Box::pin(self.client.execute(st, p)))
+            .zip(&params)
+            .map(|(st, p)| Box::pin(self.client.execute(st, p)))
             .collect();
         let mut done: Vec<Option<std::result::Result<u64, tokio_postgres::Error>>> =
             futs.iter().map(|_| None).collect();
@@ -163,7 +184,7 @@ impl Conn {
         })
         .await;
         for r in done.into_iter().flatten() {
-            r?;
+            r.map_err(db_err)?;
         }
         Ok(())
     }
@@ -184,7 +205,7 @@ pub struct PgStore {
     estop_notes: tokio::sync::watch::Sender<u64>,
     /// Ends the listener on close.
     listener: tokio_util::sync::CancellationToken,
-    writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
+    writer: Writer<WriteJob>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
     readers: deadpool_postgres::Pool,
 }
@@ -321,81 +342,51 @@ async fn migrate(client: &mut Client) -> Result<bool> {
     Ok(current == 0)
 }
 
-async fn writer_loop(
+/// The writer's connection, connected again when it was lost.
+struct WriteConnection {
     url: String,
-    client: Client,
-    mut rx: mpsc::UnboundedReceiver<WriteJob>,
     tracker: TaskTracker,
-    done: oneshot::Sender<()>,
-) {
-    let mut client = Conn::new(client);
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
-    let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
-    while let Some(job) = rx.recv().await {
-        batch.push(job);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+    conn: Conn,
+    /// After a failed connect: no new attempt before this.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl WriteConn for WriteConnection {
+    type Job = WriteJob;
+    const BEGIN: &'static str = "BEGIN; SAVEPOINT op";
+
+    async fn ready(&mut self) -> Result<()> {
+        if !self.conn.is_closed() {
+            return Ok(());
+        }
+        if let Some(at) = self.retry_at.take() {
+            tokio::time::sleep_until(at).await;
+        }
+        match connect(&self.url, &self.tracker).await {
+            Ok(c) => {
+                tracing::info!("reconnected the database writer");
+                self.conn = Conn::new(c);
+                Ok(())
             }
-        }
-        if client.is_closed() {
-            match connect(&url, &tracker).await {
-                Ok(c) => {
-                    tracing::info!("reconnected the database writer");
-                    client = Conn::new(c);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the database is unreachable");
-                    fail_all(&mut batch, &e).await;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            Err(e) => {
+                tracing::error!(error = %e, "the database is unreachable");
+                self.retry_at = Some(tokio::time::Instant::now() + RECONNECT_PAUSE);
+                Err(e)
             }
-        }
-        // Each request in its own savepoint. Closing one and opening the next is one round
-        // trip; so are BEGIN with the first open, and the last close with COMMIT, whose result
-        // is the batch's: if anything in the transaction went wrong, nothing of it is kept.
-        if let Err(e) = client.batch_execute("BEGIN; SAVEPOINT op").await {
-            let e = db_err(e);
-            let _ = client.batch_execute("ROLLBACK").await;
-            fail_all(&mut batch, &e).await;
-            continue;
-        }
-        let n = batch.len();
-        let mut res = Ok(());
-        for (i, job) in batch.drain(..).enumerate() {
-            let (ok, fin) = job(Some(&client)).await;
-            finishers.push(fin);
-            let close = if ok {
-                "RELEASE SAVEPOINT op"
-            } else {
-                "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
-            };
-            if i + 1 < n {
-                if let Err(e) = client
-                    .batch_execute(&format!("{close}; SAVEPOINT op"))
-                    .await
-                {
-                    // The transaction is aborted: the rest fail, and so does the commit.
-                    tracing::error!(error = %e, "moving to the next savepoint failed");
-                }
-            } else {
-                res = client
-                    .batch_execute(&format!("{close}; COMMIT"))
-                    .await
-                    .map_err(db_err);
-            }
-        }
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "committing a batch failed");
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
-        for fin in finishers.drain(..) {
-            fin(res.clone());
         }
     }
-    let _ = done.send(());
+
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        self.conn.batch_execute(sql).await.map_err(db_err)
+    }
+
+    fn run(&mut self, job: WriteJob) -> impl std::future::Future<Output = (bool, Finish)> + Send {
+        job(Some(&self.conn))
+    }
+
+    async fn refuse(job: WriteJob) -> Finish {
+        job(None).await.1
+    }
 }
 
 /// The channel e-stop saves notify on.
@@ -457,14 +448,6 @@ async fn listen(
     }
 }
 
-/// Answers every job of `batch` with `e`, running none of them.
-async fn fail_all(batch: &mut Vec<WriteJob>, e: &Error) {
-    for job in batch.drain(..) {
-        let (_, fin) = job(None).await;
-        fin(Err(e.clone()));
-    }
-}
-
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), brings the schema up to date, and
     /// starts the writer on `tracker`. Closing the store ([`RunStore::close`]) ends the writer.
@@ -493,21 +476,24 @@ impl PgStore {
             estop_notes.clone(),
             listener.clone(),
         ));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (writer, mut rx) = Writer::new();
         let (done_tx, done_rx) = oneshot::channel();
-        tracker.spawn(writer_loop(
-            url.to_owned(),
-            client,
-            rx,
-            tracker.clone(),
-            done_tx,
-        ));
+        let mut conn = WriteConnection {
+            url: url.to_owned(),
+            tracker: tracker.clone(),
+            conn: Conn::new(client),
+            retry_at: None,
+        };
+        tracker.spawn(async move {
+            store::writer::run(&mut conn, &mut rx).await;
+            let _ = done_tx.send(());
+        });
         Ok(PgStore {
             url: url.to_owned(),
             created_schema,
             estop_notes,
             listener,
-            writer: RwLock::new(Some(tx)),
+            writer,
             writer_done: Mutex::new(Some(done_rx)),
             readers,
         })
@@ -523,12 +509,6 @@ impl PgStore {
         self.created_schema
     }
 
-    fn send(&self, job: WriteJob) -> Result<()> {
-        let guard = self.writer.read().map_err(|_| Error::Closed)?;
-        let tx = guard.as_ref().ok_or(Error::Closed)?;
-        tx.send(job).map_err(|_| Error::Closed)
-    }
-
     /// Runs `f` in the next batch; resolves once the batch is committed.
     async fn write<R, F>(&self, f: F) -> Result<R>
     where
@@ -536,21 +516,16 @@ impl PgStore {
         F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
+        self.writer.send(Box::new(move |conn| {
             Box::pin(async move {
                 let r = match conn {
                     Some(c) => f(c).await,
                     None => Err(Error::Closed),
                 };
-                let ok = r.is_ok();
-                let fin: Finish = Box::new(move |committed| {
-                    let _ = tx.send(committed.and(r));
-                });
-                (ok, fin)
+                writer::answer(r, tx)
             })
-        });
-        self.send(job)?;
-        rx.await.map_err(|_| Error::Closed)?
+        }))?;
+        writer::reply(rx).await
     }
 
     fn write_nowait<F>(&self, what: &'static str, f: F)
@@ -563,16 +538,10 @@ impl PgStore {
                     Some(c) => f(c).await,
                     None => Err(Error::Closed),
                 };
-                let ok = r.is_ok();
-                let fin: Finish = Box::new(move |committed| {
-                    if let Err(e) = committed.and(r) {
-                        tracing::warn!(error = %e, what, "a queued write failed");
-                    }
-                });
-                (ok, fin)
+                writer::log_failure(r, what)
             })
         });
-        if let Err(e) = self.send(job) {
+        if let Err(e) = self.writer.send(job) {
             tracing::warn!(error = %e, what, "could not queue a write");
         }
     }
@@ -619,37 +588,30 @@ impl RunStore for PgStore {
         let node = node.0.clone();
         self.write(move |c| {
             Box::pin(async move {
-                let key = id.to_string();
+                let key = Value::Text(id.to_string());
                 let row = c
-                    .query_opt(
+                    .rows(
                         "SELECT state, expires_at, created_at FROM runs WHERE id = $1 FOR UPDATE",
-                        &[&key],
+                        std::slice::from_ref(&key),
                     )
-                    .await
-                    .map_err(db_err)?
-                    .ok_or(Error::NotFound(id))?;
-                let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
-                let expires_at: Option<i64> = rows::get(&row, 1)?;
-                let created_at: i64 = rows::get(&row, 2)?;
+                    .await?;
+                let (state, expires_at, created_at) =
+                    sql::exec_row(&rows::first(&row).ok_or(Error::NotFound(id))?)?;
                 match store::rules::exec(state, expires_at, created_at, now) {
-                    ExecDecision::AlreadyStarted(state) => {
-                        return Ok(ExecOutcome::AlreadyStarted(state));
-                    }
+                    ExecDecision::AlreadyStarted(state) => Ok(ExecOutcome::AlreadyStarted(state)),
                     ExecDecision::Expire(cause) => {
                         rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
-                        return Ok(ExecOutcome::Expired);
+                        Ok(ExecOutcome::Expired)
                     }
-                    ExecDecision::Queue => {}
+                    ExecDecision::Queue => {
+                        c.run(&Statement {
+                            sql: sql::QUEUE,
+                            params: vec![key, node.into(), lease_until.0.into()],
+                        })
+                        .await?;
+                        Ok(ExecOutcome::Queued)
+                    }
                 }
-                c.execute(
-                    "UPDATE runs SET state = 'queued', lease_owner = $2, lease_expires_at = $3,
-                            version = version + 1
-                     WHERE id = $1",
-                    &[&key, &node, &lease_until.0],
-                )
-                .await
-                .map_err(db_err)?;
-                Ok(ExecOutcome::Queued)
             })
         })
         .await
@@ -658,38 +620,32 @@ impl RunStore for PgStore {
     async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome> {
         self.write(move |c| {
             Box::pin(async move {
-                let key = id.to_string();
+                let key = Value::Text(id.to_string());
                 let row = c
-                    .query_opt(
+                    .rows(
                         "SELECT state, lease_owner FROM runs WHERE id = $1 FOR UPDATE",
-                        &[&key],
+                        std::slice::from_ref(&key),
                     )
-                    .await
-                    .map_err(db_err)?
-                    .ok_or(Error::NotFound(id))?;
-                let state = store::codec::run_state(&rows::get::<String>(&row, 0)?)?;
-                let owner: Option<String> = rows::get(&row, 1)?;
+                    .await?;
+                let (state, owner) =
+                    sql::cancel_row(&rows::first(&row).ok_or(Error::NotFound(id))?)?;
                 match store::rules::cancel(state) {
                     CancelDecision::AlreadyFinished(state) => {
-                        return Ok(CancelOutcome::AlreadyFinished(state));
+                        Ok(CancelOutcome::AlreadyFinished(state))
                     }
                     CancelDecision::CancelNow => {
                         rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause).await?;
-                        return Ok(CancelOutcome::Cancelled);
+                        Ok(CancelOutcome::Cancelled)
                     }
-                    CancelDecision::Request => {}
+                    CancelDecision::Request => {
+                        c.run(&Statement {
+                            sql: sql::REQUEST_CANCEL,
+                            params: vec![key, to_json(&cause)?.into()],
+                        })
+                        .await?;
+                        Ok(CancelOutcome::Requested { lease_owner: owner })
+                    }
                 }
-                c.execute(
-                    "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, $2),
-                            version = version + 1
-                     WHERE id = $1",
-                    &[&key, &to_json(&cause)?],
-                )
-                .await
-                .map_err(db_err)?;
-                Ok(CancelOutcome::Requested {
-                    lease_owner: owner.map(NodeId),
-                })
             })
         })
         .await
@@ -699,20 +655,16 @@ impl RunStore for PgStore {
         self.write(move |c| {
             Box::pin(async move {
                 let due = c
-                    .query(
+                    .rows(
                         "SELECT id, expires_at, created_at FROM runs
                          WHERE state = 'submitted' AND expires_at <= $1
                          LIMIT 10000 FOR UPDATE SKIP LOCKED",
-                        &[&now.0],
+                        &[now.0.into()],
                     )
-                    .await
-                    .map_err(db_err)?;
+                    .await?;
                 let mut ids = Vec::with_capacity(due.len());
-                for row in due {
-                    let id = store::codec::run_id(&rows::get::<String>(&row, 0)?)?;
-                    let expires_at: i64 = rows::get(&row, 1)?;
-                    let created_at: i64 = rows::get(&row, 2)?;
-                    let cause = store::rules::expired(expires_at, created_at);
+                for row in &due {
+                    let (id, cause) = sql::due_row(&rows::PgRow(row))?;
                     rows::finish_unstarted(c, id, RunState::Expired, now, &cause).await?;
                     ids.push(id);
                 }
@@ -737,7 +689,7 @@ impl RunStore for PgStore {
                                   ORDER BY id LIMIT $3 FOR UPDATE)
                      RETURNING id"
                 );
-                rows::collect_ids(c, &sql, &[&node, &lease_until.0, &i64::from(limit)]).await
+                rows::collect_ids(c, &sql, &[node.into(), lease_until.0.into(), limit.into()]).await
             })
         })
         .await
@@ -760,8 +712,17 @@ impl RunStore for PgStore {
                                   ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
                      RETURNING id"
                 );
-                rows::collect_ids(c, &sql, &[&node, &now.0, &lease_until.0, &i64::from(limit)])
-                    .await
+                rows::collect_ids(
+                    c,
+                    &sql,
+                    &[
+                        node.into(),
+                        now.0.into(),
+                        lease_until.0.into(),
+                        limit.into(),
+                    ],
+                )
+                .await
             })
         })
         .await
@@ -777,31 +738,20 @@ impl RunStore for PgStore {
         let held = held.to_vec();
         self.write(move |c| {
             Box::pin(async move {
-                let rows_ = c
-                    .query(
+                let leased = c
+                    .rows(
                         &format!(
                             "UPDATE runs SET lease_expires_at = $2
                              WHERE lease_owner = $1 AND state IN {EXECUTING}
                              RETURNING id, cancel_requested"
                         ),
-                        &[&node, &lease_until.0],
+                        &[node.into(), lease_until.0.into()],
                     )
-                    .await
-                    .map_err(db_err)?;
-                let mut ours = std::collections::HashSet::new();
-                let mut renewal = LeaseRenewal::default();
-                for r in rows_ {
-                    let id = store::codec::run_id(&rows::get::<String>(&r, 0)?)?;
-                    let cancel: Option<String> = rows::get(&r, 1)?;
-                    if let Some(cause) = cancel {
-                        renewal
-                            .cancel_requested
-                            .push((id, store::codec::json(&cause)?));
-                    }
-                    ours.insert(id);
-                }
-                renewal.lost = held.into_iter().filter(|id| !ours.contains(id)).collect();
-                Ok(renewal)
+                    .await?
+                    .iter()
+                    .map(|r| sql::leased(&rows::PgRow(r)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(store::rules::renewal(leased, &held))
             })
         })
         .await
@@ -811,14 +761,12 @@ impl RunStore for PgStore {
         let node = node.0.clone();
         self.write(move |c| {
             Box::pin(async move {
-                c.execute(
-                    "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, version = version + 1
-                     WHERE id = $1 AND lease_owner = $2",
-                    &[&id.to_string(), &node],
-                )
+                c.run(&Statement {
+                    sql: sql::RELEASE,
+                    params: vec![id.to_string().into(), node.into()],
+                })
                 .await
-                .map_err(db_err)?;
-                Ok(())
+                .map(drop)
             })
         })
         .await
@@ -838,8 +786,7 @@ impl RunStore for PgStore {
     }
 
     async fn close(&self) -> Result<()> {
-        let sender = self.writer.write().ok().and_then(|mut w| w.take());
-        drop(sender);
+        self.writer.close();
         let done = self.writer_done.lock().ok().and_then(|mut d| d.take());
         if let Some(done) = done {
             let _ = done.await;

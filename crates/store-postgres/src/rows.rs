@@ -1,14 +1,15 @@
-//! SQL for single requests; each function runs inside the caller's transaction.
+//! SQL for single requests; each function runs inside the caller's transaction. The
+//! statements and decoders both backends share are in `store::sql`; what is here binds them
+//! to a PostgreSQL connection.
 
 use std::fmt::Write as _;
 
 use deadpool_postgres::GenericClient;
-use domain::{
-    BlockStatus, JobStatus, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp,
-};
+use domain::{Run, RunId, RunState, StopCause, Timestamp};
+use store::sql::{self, Statement, Value};
 use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, Transition, codec};
 use tokio_postgres::Row;
-use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 
 use crate::{Conn, db_err};
 use store::codec::to_json;
@@ -17,23 +18,73 @@ pub(crate) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     row.try_get(i).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
-fn ts(v: Option<i64>) -> Option<Timestamp> {
-    v.map(Timestamp)
+/// A PostgreSQL row read through [`sql::Row`].
+pub(crate) struct PgRow<'a>(pub(crate) &'a Row);
+
+impl sql::Row for PgRow<'_> {
+    fn int(&self, i: usize) -> Result<Option<i64>> {
+        match self.0.columns().get(i).map(|c| c.type_()) {
+            Some(&Type::INT4) => Ok(get::<Option<i32>>(self.0, i)?.map(i64::from)),
+            Some(&Type::INT2) => Ok(get::<Option<i16>>(self.0, i)?.map(i64::from)),
+            _ => get(self.0, i),
+        }
+    }
+
+    fn text(&self, i: usize) -> Result<Option<String>> {
+        get(self.0, i)
+    }
 }
 
-fn count(v: i64) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::Corrupt(format!("count {v} out of range")))
+/// The first row, if any, to read through [`sql::Row`].
+pub(crate) fn first(rows: &[Row]) -> Option<PgRow<'_>> {
+    rows.first().map(PgRow)
 }
 
-pub(crate) async fn collect_ids(
-    c: &Conn,
-    sql: &str,
-    p: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<RunId>> {
-    let rows = c.query(sql, p).await.map_err(db_err)?;
-    let mut ids = rows
+/// A [`Value`] bound to a PostgreSQL parameter of whatever integer or text type it has.
+#[derive(Debug)]
+pub(crate) struct Bind<'a>(&'a Value);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut tokio_postgres::types::private::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Text(s) => s.to_sql(ty, out),
+            Value::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <i64 as ToSql>::accepts(ty)
+            || <i32 as ToSql>::accepts(ty)
+            || <i16 as ToSql>::accepts(ty)
+            || <String as ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+pub(crate) fn binds(params: &[Value]) -> Vec<Bind<'_>> {
+    params.iter().map(Bind).collect()
+}
+
+pub(crate) fn refs<'a>(binds: &'a [Bind<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect()
+}
+
+pub(crate) async fn collect_ids(c: &Conn, sql: &str, params: &[Value]) -> Result<Vec<RunId>> {
+    let mut ids = c
+        .rows(sql, params)
+        .await?
         .iter()
-        .map(|r| codec::run_id(&get::<String>(r, 0)?))
+        .map(|r| sql::run_id(&PgRow(r)))
         .collect::<Result<Vec<_>>>()?;
     ids.sort();
     Ok(ids)
@@ -106,78 +157,18 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
 }
 
 pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> {
-    let key = id.to_string();
-    let row = c
-        .query_opt(
-            "SELECT spec, state, created_at, started_at, ended_at, expires_at, error, stop_cause,
-                    cancel_requested, lease_owner, lease_expires_at, cloned_from
-             FROM runs WHERE id = $1",
-            &[&key],
-        )
-        .await
-        .map_err(db_err)?
-        .ok_or(Error::NotFound(id))?;
-    let mut blocks: Vec<BlockStatus> = Vec::new();
-    for r in c
-        .query(
-            "SELECT state, started_at, ended_at FROM blocks WHERE run_id = $1 ORDER BY idx",
-            &[&key],
-        )
-        .await
-        .map_err(db_err)?
-    {
-        blocks.push(BlockStatus {
-            state: codec::job_state(&get::<String>(&r, 0)?)?,
-            started_at: ts(get(&r, 1)?),
-            ended_at: ts(get(&r, 2)?),
-            jobs: Vec::new(),
-        });
+    let key = [Value::Text(id.to_string())];
+    let binds = binds(&key);
+    let key = refs(&binds);
+    let head = c.query(sql::LOAD_RUN, &key).await.map_err(db_err)?;
+    let mut run = sql::RunReader::new(id, &first(&head).ok_or(Error::NotFound(id))?)?;
+    for r in &c.query(sql::LOAD_BLOCKS, &key).await.map_err(db_err)? {
+        run.block(&PgRow(r))?;
     }
-    for r in c
-        .query(
-            "SELECT block_idx, state, attempts, started_at, ended_at, error, exit_code, output
-             FROM jobs WHERE run_id = $1 ORDER BY block_idx, idx",
-            &[&key],
-        )
-        .await
-        .map_err(db_err)?
-    {
-        let bi: i64 = get(&r, 0)?;
-        let bi = usize::try_from(bi).unwrap_or(usize::MAX);
-        let job = JobStatus {
-            state: codec::job_state(&get::<String>(&r, 1)?)?,
-            attempts: count(get(&r, 2)?)?,
-            started_at: ts(get(&r, 3)?),
-            ended_at: ts(get(&r, 4)?),
-            error: get(&r, 5)?,
-            exit_code: get(&r, 6)?,
-            output: get(&r, 7)?,
-        };
-        blocks
-            .get_mut(bi)
-            .ok_or_else(|| Error::Corrupt(format!("run {id}: job of missing block {bi}")))?
-            .jobs
-            .push(job);
+    for r in &c.query(sql::LOAD_JOBS, &key).await.map_err(db_err)? {
+        run.job(&PgRow(r))?;
     }
-    let stop: Option<String> = get(&row, 7)?;
-    let cancel: Option<String> = get(&row, 8)?;
-    let cloned: Option<String> = get(&row, 11)?;
-    Ok(Run {
-        id,
-        spec: codec::json(&get::<String>(&row, 0)?)?,
-        state: codec::run_state(&get::<String>(&row, 1)?)?,
-        created_at: Timestamp(get(&row, 2)?),
-        started_at: ts(get(&row, 3)?),
-        ended_at: ts(get(&row, 4)?),
-        expires_at: ts(get(&row, 5)?),
-        error: get(&row, 6)?,
-        stop_cause: stop.as_deref().map(codec::json).transpose()?,
-        lease_owner: get::<Option<String>>(&row, 9)?.map(NodeId),
-        lease_expires_at: ts(get(&row, 10)?),
-        cloned_from: cloned.as_deref().map(codec::run_id).transpose()?,
-        cancel_requested: cancel.as_deref().map(codec::json).transpose()?,
-        blocks,
-    })
+    Ok(run.finish())
 }
 
 pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<RunPage> {
@@ -214,22 +205,10 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
         .map(|a| a.as_ref() as &(dyn ToSql + Sync))
         .collect();
     let rows = c.query(&sql, &params).await.map_err(db_err)?;
-    let mut runs = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let stop: Option<String> = get(r, 9)?;
-        runs.push(RunSummary {
-            id: codec::run_id(&get::<String>(r, 0)?)?,
-            name: get(r, 1)?,
-            desc: get::<Option<String>>(r, 2)?.unwrap_or_default(),
-            labels: codec::json(&get::<String>(r, 3)?)?,
-            state: codec::run_state(&get::<String>(r, 4)?)?,
-            created_at: Timestamp(get(r, 5)?),
-            started_at: ts(get(r, 6)?),
-            ended_at: ts(get(r, 7)?),
-            error: get(r, 8)?,
-            stop_cause: stop.as_deref().map(codec::json).transpose()?,
-        });
-    }
+    let runs = rows
+        .iter()
+        .map(|r| sql::summary(&PgRow(r)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(RunPage::from_overfetched(runs, size))
 }
 
@@ -241,34 +220,8 @@ pub(crate) async fn finish_unstarted(
     now: Timestamp,
     cause: &StopCause,
 ) -> Result<()> {
-    let key = id.to_string();
-    c.execute(
-        "UPDATE runs SET state = $2, ended_at = $3, stop_cause = $4, error = $5,
-                version = version + 1
-         WHERE id = $1",
-        &[
-            &key,
-            &state.as_str(),
-            &now.0,
-            &to_json(cause)?,
-            &cause.to_string(),
-        ],
-    )
-    .await
-    .map_err(db_err)?;
-    c.execute(
-        "UPDATE blocks SET state = 'skipped' WHERE run_id = $1",
-        &[&key],
-    )
-    .await
-    .map_err(db_err)?;
-    c.execute(
-        "UPDATE jobs SET state = 'skipped' WHERE run_id = $1",
-        &[&key],
-    )
-    .await
-    .map_err(db_err)?;
-    Ok(())
+    c.run_all(&sql::finish_unstarted(id, state, now, cause)?)
+        .await
 }
 
 pub(crate) async fn apply(
@@ -277,161 +230,21 @@ pub(crate) async fn apply(
     id: RunId,
     transitions: &[Transition],
 ) -> Result<()> {
-    let key = id.to_string();
+    let key = Value::Text(id.to_string());
     // The lease fence: this row lock is held to the end of the batch's transaction, so no
     // other node can claim the run between the check and the writes.
     let fenced = c
-        .execute(
-            "UPDATE runs SET version = version + 1 WHERE id = $1 AND lease_owner = $2",
-            &[&key, &node],
-        )
-        .await
-        .map_err(db_err)?;
+        .run(&Statement {
+            sql: sql::FENCE,
+            params: vec![key.clone(), node.into()],
+        })
+        .await?;
     if fenced == 0 {
-        let exists = c
-            .query_opt("SELECT 1 FROM runs WHERE id = $1", &[&key])
-            .await
-            .map_err(db_err)?;
-        return Err(if exists.is_some() {
-            Error::LeaseLost { run: id }
-        } else {
-            Error::NotFound(id)
-        });
+        let exists = c.rows(sql::RUN_EXISTS, &[key]).await?;
+        return Err(sql::unfenced(id, !exists.is_empty()));
     }
     // The writes, sent together: they run in order, in this transaction, behind the fence.
-    let mut owned: Vec<(&'static str, Vec<Param>)> = Vec::new();
-    for t in transitions {
-        statements(&key, t, &mut owned)?;
-    }
-    let stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = owned
-        .iter()
-        .map(|(sql, ps)| {
-            (
-                *sql,
-                ps.iter()
-                    .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                    .collect(),
-            )
-        })
-        .collect();
-    c.execute_all(&stmts).await.map_err(db_err)
-}
-
-type Param = Box<dyn ToSql + Sync + Send>;
-
-fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
-    Box::new(v)
-}
-
-/// The SQL for one transition, appended to `out`.
-fn statements(key: &str, t: &Transition, out: &mut Vec<(&'static str, Vec<Param>)>) -> Result<()> {
-    let k = || p(key.to_owned());
-    match t {
-        Transition::RunRunning { at } => out.push((
-            "UPDATE runs SET state = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1",
-            vec![k(), p(at.0)],
-        )),
-        Transition::RunPaused { .. } => {
-            out.push(("UPDATE runs SET state = 'paused' WHERE id = $1", vec![k()]));
-        }
-        Transition::BlockStarted { block, at } => out.push((
-            "UPDATE blocks SET state = 'running', started_at = COALESCE(started_at, $3)
-             WHERE run_id = $1 AND idx = $2",
-            vec![k(), p(i64::from(*block)), p(at.0)],
-        )),
-        Transition::JobStarted {
-            key: jk,
-            attempt,
-            at,
-        } => out.push((
-            "UPDATE jobs SET state = 'running', attempts = $4, started_at = COALESCE(started_at, $5)
-             WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
-            vec![
-                k(),
-                p(i64::from(jk.block)),
-                p(i64::from(jk.job)),
-                p(i64::from(*attempt)),
-                p(at.0),
-            ],
-        )),
-        Transition::JobFinished {
-            key: jk,
-            state,
-            at,
-            error,
-            exit_code,
-            output,
-        } => out.push((
-            "UPDATE jobs SET state = $4, ended_at = $5, error = $6, exit_code = $7, output = $8
-             WHERE run_id = $1 AND block_idx = $2 AND idx = $3",
-            vec![
-                k(),
-                p(i64::from(jk.block)),
-                p(i64::from(jk.job)),
-                p(state.as_str()),
-                p(at.0),
-                p(error.clone()),
-                p(*exit_code),
-                p(output.clone()),
-            ],
-        )),
-        Transition::JobInterrupted { key: jk, error } => out.push((
-            "UPDATE jobs SET state = 'pending', error = $4
-             WHERE run_id = $1 AND block_idx = $2 AND idx = $3 AND state = 'running'",
-            vec![
-                k(),
-                p(i64::from(jk.block)),
-                p(i64::from(jk.job)),
-                p(error.clone()),
-            ],
-        )),
-        Transition::BlockFinished { block, state, at } => {
-            out.push((
-                "UPDATE blocks SET state = $3, ended_at = $4 WHERE run_id = $1 AND idx = $2",
-                vec![k(), p(i64::from(*block)), p(state.as_str()), p(at.0)],
-            ));
-            out.push((
-                "UPDATE jobs SET state = 'skipped'
-                 WHERE run_id = $1 AND block_idx = $2 AND state = 'pending'",
-                vec![k(), p(i64::from(*block))],
-            ));
-        }
-        Transition::RunFinished {
-            state,
-            at,
-            error,
-            stop_cause,
-        } => {
-            let leftover = store::leftover_state(*state).as_str();
-            out.push((
-                "UPDATE runs SET state = $2, ended_at = $3, error = $4, stop_cause = $5,
-                        cancel_requested = NULL, lease_owner = NULL, lease_expires_at = NULL
-                 WHERE id = $1",
-                vec![
-                    k(),
-                    p(state.as_str()),
-                    p(at.0),
-                    p(error.clone()),
-                    p(stop_cause.as_ref().map(to_json).transpose()?),
-                ],
-            ));
-            out.push((
-                "UPDATE blocks SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
-                        ended_at = COALESCE(ended_at, $3)
-                 WHERE run_id = $1 AND state IN ('pending', 'running')",
-                vec![k(), p(leftover), p(at.0)],
-            ));
-            out.push((
-                "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'skipped' ELSE $2 END,
-                        ended_at = CASE state WHEN 'running' THEN $3 ELSE ended_at END
-                 WHERE run_id = $1 AND state IN ('pending', 'running')",
-                vec![k(), p(leftover), p(at.0)],
-            ));
-        }
-        Transition::RunInterrupted { cause } => out.push((
-            "UPDATE runs SET stop_cause = $2 WHERE id = $1",
-            vec![k(), p(to_json(cause)?)],
-        )),
-    }
-    Ok(())
+    let mut statements = Vec::with_capacity(transitions.len() + 2);
+    sql::transitions(id, transitions, &mut statements)?;
+    c.run_all(&statements).await
 }

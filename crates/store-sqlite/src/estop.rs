@@ -1,11 +1,12 @@
 //! [`EStopStore`] for SQLite: the list as one JSON row with a version, the audit trail as rows.
 
 use async_trait::async_trait;
-use domain::estop::{AuditRecord, EStopList, EStopState, Target};
+use domain::estop::{AuditRecord, EStopList, Target};
 use rusqlite::{Connection, OptionalExtension, params};
-use store::{EStopStore, Error, Result};
+use store::sql::{self, Statement};
+use store::{EStopStore, Result};
 
-use crate::{SqliteStore, db_err};
+use crate::{SqliteStore, db_err, rows};
 use store::codec::to_json;
 
 fn version(c: &Connection) -> Result<i64> {
@@ -16,47 +17,15 @@ fn version(c: &Connection) -> Result<i64> {
 }
 
 fn append(c: &Connection, records: &[AuditRecord]) -> Result<()> {
-    let mut stmt = c
-        .prepare_cached(
-            "INSERT INTO estop_audit (at, target, old_state, new_state, set_by, reason, source)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    records.iter().try_for_each(|r| {
+        rows::execute(
+            c,
+            &Statement {
+                sql: sql::AUDIT_APPEND,
+                params: sql::audit_params(r),
+            },
         )
-        .map_err(db_err)?;
-    for r in records {
-        stmt.execute(params![
-            r.at,
-            r.target.to_string(),
-            r.old_state.map(EStopState::as_str),
-            r.new_state.map(EStopState::as_str),
-            r.set_by,
-            r.reason,
-            r.source,
-        ])
-        .map_err(db_err)?;
-    }
-    Ok(())
-}
-
-fn parse_state(s: Option<String>) -> Result<Option<EStopState>> {
-    s.map(|s| {
-        s.parse()
-            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))
-    })
-    .transpose()
-}
-
-fn row_to_record(r: &rusqlite::Row<'_>) -> Result<AuditRecord> {
-    let target: String = r.get(1).map_err(db_err)?;
-    Ok(AuditRecord {
-        at: r.get(0).map_err(db_err)?,
-        target: target
-            .parse::<Target>()
-            .map_err(|e| Error::Corrupt(format!("e-stop audit: {e}")))?,
-        old_state: parse_state(r.get(2).map_err(db_err)?)?,
-        new_state: parse_state(r.get(3).map_err(db_err)?)?,
-        set_by: r.get(4).map_err(db_err)?,
-        reason: r.get(5).map_err(db_err)?,
-        source: r.get(6).map_err(db_err)?,
+        .map(drop)
     })
 }
 
@@ -70,11 +39,7 @@ impl EStopStore for SqliteStore {
                 .map_err(db_err)?;
             match row {
                 None => Ok((EStopList::default(), 0)),
-                Some((v, body)) => {
-                    let list = EStopList::parse(&body)
-                        .map_err(|e| Error::Corrupt(format!("the stored e-stop list: {e}")))?;
-                    Ok((list, v))
-                }
+                Some((v, body)) => Ok((store::codec::estop_list(&body)?, v)),
             }
         })
         .await
@@ -87,13 +52,7 @@ impl EStopStore for SqliteStore {
         audit: Vec<AuditRecord>,
     ) -> Result<i64> {
         self.write(move |c| {
-            let current = version(c)?;
-            if current != expected_version {
-                return Err(Error::Conflict(format!(
-                    "the e-stop list is at version {current}, not {expected_version}: it changed since it was read"
-                )));
-            }
-            let next = current + 1;
+            let next = store::rules::estop_next_version(version(c)?, expected_version)?;
             let body = to_json(&list)?;
             c.prepare_cached(
                 "INSERT INTO estop_list (id, version, body) VALUES (1, ?1, ?2)
@@ -121,20 +80,18 @@ impl EStopStore for SqliteStore {
     async fn audit_list(&self, target: Option<Target>, limit: u32) -> Result<Vec<AuditRecord>> {
         let limit = store::effective_audit_limit(limit);
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT at, target, old_state, new_state, set_by, reason, source
-                     FROM estop_audit WHERE ?1 IS NULL OR target = ?1
-                     ORDER BY seq DESC LIMIT ?2",
-                )
-                .map_err(db_err)?;
-            let mut rows = stmt
-                .query(params![target.map(|t| t.to_string()), limit])
-                .map_err(db_err)?;
             let mut out = Vec::new();
-            while let Some(r) = rows.next().map_err(db_err)? {
-                out.push(row_to_record(r)?);
-            }
+            rows::query(
+                c,
+                "SELECT at, target, old_state, new_state, set_by, reason, source
+                 FROM estop_audit WHERE $1 IS NULL OR target = $1
+                 ORDER BY seq DESC LIMIT $2",
+                &[target.map(|t| t.to_string()).into(), limit.into()],
+                |r| {
+                    out.push(sql::audit_record(r)?);
+                    Ok(())
+                },
+            )?;
             Ok(out)
         })
         .await

@@ -5,8 +5,9 @@
 //! in its own savepoint so that one failing request does not undo the others (group commit).
 //! Reads go to a small pool of WAL reader connections on the blocking thread pool.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -14,11 +15,13 @@ use domain::{NodeId, Run, RunId, RunState, StopCause, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use store::codec::to_json;
 use store::rules::{CancelDecision, ExecDecision};
+use store::sql::{self, Statement, Value};
+use store::writer::{self, Finish, WriteConn, Writer};
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
     Submitted, Transition,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 mod buckets;
 mod estop;
@@ -29,17 +32,15 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_estop.sql"),
     include_str!("../migrations/0003_buckets.sql"),
 ];
-const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 
-type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 /// A request in the writer's batch. Given no connection, it runs nothing and only hands back
 /// its finisher: the batch's transaction could not start, and nothing may run outside one.
 type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> (bool, Finish) + Send>;
 
 pub struct SqliteStore {
     path: PathBuf,
-    writer: RwLock<Option<mpsc::UnboundedSender<WriteJob>>>,
+    writer: Writer<WriteJob>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     /// At most READERS reads at once, so they reuse the pooled connections instead of each
@@ -101,48 +102,28 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteJob>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
-    let mut finishers: Vec<Finish> = Vec::with_capacity(MAX_BATCH);
-    while let Some(job) = rx.blocking_recv() {
-        batch.push(job);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let e = db_err(e);
-            for job in batch.drain(..) {
-                let (_, fin) = job(None);
-                fin(Err(e.clone()));
-            }
-            continue;
-        }
-        for job in batch.drain(..) {
-            let sp = conn.execute_batch("SAVEPOINT op");
-            let (ok, fin) = job(Some(&conn));
-            if sp.is_ok() {
-                let end = if ok {
-                    "RELEASE op"
-                } else {
-                    "ROLLBACK TO op; RELEASE op"
-                };
-                if let Err(e) = conn.execute_batch(end) {
-                    tracing::error!(error = %e, "closing a savepoint failed");
-                }
-            }
-            finishers.push(fin);
-        }
-        let res = conn.execute_batch("COMMIT").map_err(db_err);
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "committing a batch failed");
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for fin in finishers.drain(..) {
-            fin(res.clone());
-        }
+/// The write connection. Its calls block: the writer runs on a thread of its own, and each
+/// future below is ready when first polled.
+struct WriteConnection(Connection);
+
+impl WriteConn for WriteConnection {
+    type Job = WriteJob;
+    const BEGIN: &'static str = "BEGIN IMMEDIATE; SAVEPOINT op";
+
+    fn ready(&mut self) -> impl Future<Output = Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    fn execute(&mut self, sql: &str) -> impl Future<Output = Result<()>> + Send {
+        std::future::ready(self.0.execute_batch(sql).map_err(db_err))
+    }
+
+    fn run(&mut self, job: WriteJob) -> impl Future<Output = (bool, Finish)> + Send {
+        std::future::ready(job(Some(&self.0)))
+    }
+
+    fn refuse(job: WriteJob) -> impl Future<Output = Finish> + Send {
+        std::future::ready(job(None).1)
     }
 }
 
@@ -152,14 +133,19 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(db_err)?;
         configure(&conn).map_err(db_err)?;
         migrate(&mut conn)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (writer, mut rx) = Writer::new();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || {
+                futures::executor::block_on(store::writer::run(
+                    &mut WriteConnection(conn),
+                    &mut rx,
+                ));
+            })
             .map_err(|e| Error::Unavailable(format!("starting the writer thread: {e}")))?;
         Ok(SqliteStore {
             path: path.to_owned(),
-            writer: RwLock::new(Some(tx)),
+            writer,
             writer_thread: Mutex::new(Some(thread)),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
@@ -170,12 +156,6 @@ impl SqliteStore {
         &self.path
     }
 
-    fn send(&self, job: WriteJob) -> Result<()> {
-        let guard = self.writer.read().map_err(|_| Error::Closed)?;
-        let tx = guard.as_ref().ok_or(Error::Closed)?;
-        tx.send(job).map_err(|_| Error::Closed)
-    }
-
     /// Runs `f` in the next batch; resolves once the batch is durable.
     async fn write<R, F>(&self, f: F) -> Result<R>
     where
@@ -183,33 +163,19 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
-            let r = conn.map_or(Err(Error::Closed), f);
-            let ok = r.is_ok();
-            let fin: Finish = Box::new(move |committed| {
-                let _ = tx.send(committed.and(r));
-            });
-            (ok, fin)
-        });
-        self.send(job)?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.writer.send(Box::new(move |conn| {
+            writer::answer(conn.map_or(Err(Error::Closed), f), tx)
+        }))?;
+        writer::reply(rx).await
     }
 
     fn write_nowait<F>(&self, what: &'static str, f: F)
     where
         F: FnOnce(&Connection) -> Result<()> + Send + 'static,
     {
-        let job: WriteJob = Box::new(move |conn| {
-            let r = conn.map_or(Err(Error::Closed), f);
-            let ok = r.is_ok();
-            let fin: Finish = Box::new(move |committed| {
-                if let Err(e) = committed.and(r) {
-                    tracing::warn!(error = %e, what, "a queued write failed");
-                }
-            });
-            (ok, fin)
-        });
-        if let Err(e) = self.send(job) {
+        let job: WriteJob =
+            Box::new(move |conn| writer::log_failure(conn.map_or(Err(Error::Closed), f), what));
+        if let Err(e) = self.writer.send(job) {
             tracing::warn!(error = %e, what, "could not queue a write");
         }
     }
@@ -321,78 +287,83 @@ impl RunStore for SqliteStore {
     ) -> Result<ExecOutcome> {
         let node = node.0.clone();
         self.write(move |c| {
-            let row: Option<(String, Option<i64>, i64)> = c
-                .prepare_cached("SELECT state, expires_at, created_at FROM runs WHERE id = ?1")
-                .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
-                .map_err(db_err)?;
-            let (state, expires_at, created_at) = row.ok_or(Error::NotFound(id))?;
-            let state = store::codec::run_state(&state)?;
+            let key = Value::Text(id.to_string());
+            let (state, expires_at, created_at) = rows::query_opt(
+                c,
+                "SELECT state, expires_at, created_at FROM runs WHERE id = $1",
+                std::slice::from_ref(&key),
+                sql::exec_row,
+            )?
+            .ok_or(Error::NotFound(id))?;
             match store::rules::exec(state, expires_at, created_at, now) {
-                ExecDecision::AlreadyStarted(state) => return Ok(ExecOutcome::AlreadyStarted(state)),
+                ExecDecision::AlreadyStarted(state) => Ok(ExecOutcome::AlreadyStarted(state)),
                 ExecDecision::Expire(cause) => {
                     rows::finish_unstarted(c, id, RunState::Expired, now, &cause)?;
-                    return Ok(ExecOutcome::Expired);
+                    Ok(ExecOutcome::Expired)
                 }
-                ExecDecision::Queue => {}
+                ExecDecision::Queue => {
+                    rows::execute(
+                        c,
+                        &Statement {
+                            sql: sql::QUEUE,
+                            params: vec![key, node.into(), lease_until.0.into()],
+                        },
+                    )?;
+                    Ok(ExecOutcome::Queued)
+                }
             }
-            c.prepare_cached(
-                "UPDATE runs SET state = 'queued', lease_owner = ?2, lease_expires_at = ?3, version = version + 1
-                 WHERE id = ?1",
-            )
-            .and_then(|mut s| s.execute(params![id.to_string(), node, lease_until.0]))
-            .map_err(db_err)?;
-            Ok(ExecOutcome::Queued)
         })
         .await
     }
 
     async fn cancel(&self, id: RunId, cause: StopCause, now: Timestamp) -> Result<CancelOutcome> {
         self.write(move |c| {
-            let row: Option<(String, Option<String>)> = c
-                .prepare_cached("SELECT state, lease_owner FROM runs WHERE id = ?1")
-                .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-                .map_err(db_err)?;
-            let (state, owner) = row.ok_or(Error::NotFound(id))?;
-            let state = store::codec::run_state(&state)?;
+            let key = Value::Text(id.to_string());
+            let (state, owner) = rows::query_opt(
+                c,
+                "SELECT state, lease_owner FROM runs WHERE id = $1",
+                std::slice::from_ref(&key),
+                sql::cancel_row,
+            )?
+            .ok_or(Error::NotFound(id))?;
             match store::rules::cancel(state) {
-                CancelDecision::AlreadyFinished(state) => return Ok(CancelOutcome::AlreadyFinished(state)),
+                CancelDecision::AlreadyFinished(state) => Ok(CancelOutcome::AlreadyFinished(state)),
                 CancelDecision::CancelNow => {
                     rows::finish_unstarted(c, id, RunState::Cancelled, now, &cause)?;
-                    return Ok(CancelOutcome::Cancelled);
+                    Ok(CancelOutcome::Cancelled)
                 }
-                CancelDecision::Request => {}
+                CancelDecision::Request => {
+                    rows::execute(
+                        c,
+                        &Statement {
+                            sql: sql::REQUEST_CANCEL,
+                            params: vec![key, to_json(&cause)?.into()],
+                        },
+                    )?;
+                    Ok(CancelOutcome::Requested { lease_owner: owner })
+                }
             }
-            let cause = to_json(&cause)?;
-            c.prepare_cached(
-                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?2), version = version + 1 WHERE id = ?1",
-            )
-            .and_then(|mut s| s.execute(params![id.to_string(), cause]))
-            .map_err(db_err)?;
-            Ok(CancelOutcome::Requested { lease_owner: owner.map(NodeId) })
         })
         .await
     }
 
     async fn expire_submitted(&self, now: Timestamp) -> Result<Vec<RunId>> {
         self.write(move |c| {
-            let due: Vec<(String, i64, i64)> = c
-                .prepare_cached(
-                    "SELECT id, expires_at, created_at FROM runs
-                     WHERE state = 'submitted' AND expires_at <= ?1 LIMIT 10000",
-                )
-                .and_then(|mut s| {
-                    s.query_map([now.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })
-                .map_err(db_err)?;
-            let mut ids = Vec::with_capacity(due.len());
-            for (id, expires_at, created_at) in due {
-                let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
-                let cause = store::rules::expired(expires_at, created_at);
-                rows::finish_unstarted(c, id, RunState::Expired, now, &cause)?;
-                ids.push(id);
+            let mut due = Vec::new();
+            rows::query(
+                c,
+                "SELECT id, expires_at, created_at FROM runs
+                 WHERE state = 'submitted' AND expires_at <= $1 LIMIT 10000",
+                &[now.0.into()],
+                |r| {
+                    due.push(sql::due_row(r)?);
+                    Ok(())
+                },
+            )?;
+            for (id, cause) in &due {
+                rows::finish_unstarted(c, *id, RunState::Expired, now, cause)?;
             }
-            Ok(ids)
+            Ok(due.into_iter().map(|(id, _)| id).collect())
         })
         .await
     }
@@ -406,11 +377,11 @@ impl RunStore for SqliteStore {
         let node = node.0.clone();
         self.write(move |c| {
             let sql = format!(
-                "UPDATE runs SET lease_expires_at = ?2
-                 WHERE id IN (SELECT id FROM runs WHERE lease_owner = ?1 AND state IN {EXECUTING} ORDER BY id LIMIT ?3)
+                "UPDATE runs SET lease_expires_at = $2
+                 WHERE id IN (SELECT id FROM runs WHERE lease_owner = $1 AND state IN {EXECUTING} ORDER BY id LIMIT $3)
                  RETURNING id"
             );
-            rows::collect_ids(c, &sql, params![node, lease_until.0, limit])
+            rows::collect_ids(c, &sql, &[node.into(), lease_until.0.into(), limit.into()])
         })
         .await
     }
@@ -425,12 +396,16 @@ impl RunStore for SqliteStore {
         let node = node.0.clone();
         self.write(move |c| {
             let sql = format!(
-                "UPDATE runs SET lease_owner = ?1, lease_expires_at = ?3, version = version + 1
+                "UPDATE runs SET lease_owner = $1, lease_expires_at = $3, version = version + 1
                  WHERE id IN (SELECT id FROM runs WHERE state IN {EXECUTING}
-                              AND (lease_owner IS NULL OR lease_expires_at < ?2) ORDER BY id LIMIT ?4)
+                              AND (lease_owner IS NULL OR lease_expires_at < $2) ORDER BY id LIMIT $4)
                  RETURNING id"
             );
-            rows::collect_ids(c, &sql, params![node, now.0, lease_until.0, limit])
+            rows::collect_ids(
+                c,
+                &sql,
+                &[node.into(), now.0.into(), lease_until.0.into(), limit.into()],
+            )
         })
         .await
     }
@@ -444,30 +419,20 @@ impl RunStore for SqliteStore {
         let node = node.0.clone();
         let held = held.to_vec();
         self.write(move |c| {
-            c.prepare_cached(&format!(
-                "UPDATE runs SET lease_expires_at = ?2 WHERE lease_owner = ?1 AND state IN {EXECUTING}"
-            ))
-            .and_then(|mut s| s.execute(params![node, lease_until.0]))
-            .map_err(db_err)?;
-            let mut ours = std::collections::HashSet::new();
-            let mut renewal = LeaseRenewal::default();
-            let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT id, cancel_requested FROM runs WHERE lease_owner = ?1 AND state IN {EXECUTING}"
-                ))
-                .map_err(db_err)?;
-            let mut q = stmt.query([&node]).map_err(db_err)?;
-            while let Some(r) = q.next().map_err(db_err)? {
-                let id: String = r.get(0).map_err(db_err)?;
-                let id: RunId = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
-                let cancel: Option<String> = r.get(1).map_err(db_err)?;
-                if let Some(cause) = cancel {
-                    renewal.cancel_requested.push((id, store::codec::json(&cause)?));
-                }
-                ours.insert(id);
-            }
-            renewal.lost = held.into_iter().filter(|id| !ours.contains(id)).collect();
-            Ok(renewal)
+            let mut leased = Vec::new();
+            rows::query(
+                c,
+                &format!(
+                    "UPDATE runs SET lease_expires_at = $2 WHERE lease_owner = $1 AND state IN {EXECUTING}
+                     RETURNING id, cancel_requested"
+                ),
+                &[node.into(), lease_until.0.into()],
+                |r| {
+                    leased.push(sql::leased(r)?);
+                    Ok(())
+                },
+            )?;
+            Ok(store::rules::renewal(leased, &held))
         })
         .await
     }
@@ -475,13 +440,14 @@ impl RunStore for SqliteStore {
     async fn release(&self, node: &NodeId, id: RunId) -> Result<()> {
         let node = node.0.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, version = version + 1
-                 WHERE id = ?1 AND lease_owner = ?2",
+            rows::execute(
+                c,
+                &Statement {
+                    sql: sql::RELEASE,
+                    params: vec![id.to_string().into(), node.into()],
+                },
             )
-            .and_then(|mut s| s.execute(params![id.to_string(), node]))
-            .map_err(db_err)?;
-            Ok(())
+            .map(drop)
         })
         .await
     }
@@ -498,8 +464,7 @@ impl RunStore for SqliteStore {
     }
 
     async fn close(&self) -> Result<()> {
-        let sender = self.writer.write().ok().and_then(|mut w| w.take());
-        drop(sender);
+        self.writer.close();
         let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = thread {
             tokio::task::spawn_blocking(move || t.join())

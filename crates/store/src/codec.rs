@@ -28,3 +28,9 @@ pub fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v)
         .map_err(|e| Error::Corrupt(format!("cannot encode a value to store: {e}")))
 }
+
+/// The stored e-stop list.
+pub fn estop_list(body: &str) -> Result<domain::estop::EStopList> {
+    domain::estop::EStopList::parse(body)
+        .map_err(|e| Error::Corrupt(format!("the stored e-stop list: {e}")))
+}

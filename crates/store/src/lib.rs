@@ -15,6 +15,8 @@ use domain::{
 
 pub mod codec;
 pub mod rules;
+pub mod sql;
+pub mod writer;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Error {

@@ -2,7 +2,9 @@
 //! asks here what to do, and writes what it is told. Written once, so the backends cannot
 //! drift apart on what Exec, Cancel or expiry mean.
 
-use domain::{RunState, StopCause, Timestamp};
+use domain::{RunId, RunState, StopCause, Timestamp};
+
+use crate::LeaseRenewal;
 
 /// What Exec does to a run, given what is stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +59,35 @@ pub fn cancel(state: RunState) -> CancelDecision {
 pub fn expired(expires_at: i64, created_at: i64) -> StopCause {
     StopCause::Expired {
         ttl_secs: u64::try_from(expires_at.saturating_sub(created_at) / 1000).unwrap_or(0),
+    }
+}
+
+/// What a lease renewal tells the node: `leased` are the executing runs still leased to it,
+/// each with the cancel asked of it if any; `held` the runs it believed it held.
+pub fn renewal(leased: Vec<(RunId, Option<StopCause>)>, held: &[RunId]) -> LeaseRenewal {
+    let ours: std::collections::HashSet<RunId> = leased.iter().map(|(id, _)| *id).collect();
+    LeaseRenewal {
+        cancel_requested: leased
+            .into_iter()
+            .filter_map(|(id, cause)| cause.map(|c| (id, c)))
+            .collect(),
+        lost: held
+            .iter()
+            .filter(|id| !ours.contains(id))
+            .copied()
+            .collect(),
+    }
+}
+
+/// The version an e-stop save stores, found the list at `current` when it expected
+/// `expected`: the next one, or a conflict when someone saved in between.
+pub fn estop_next_version(current: i64, expected: i64) -> crate::Result<i64> {
+    if current == expected {
+        Ok(current + 1)
+    } else {
+        Err(crate::Error::Conflict(format!(
+            "the e-stop list is at version {current}, not {expected}: it changed since it was read"
+        )))
     }
 }
 
