@@ -239,6 +239,16 @@ impl Node {
     /// previous process of this data directory stopped, shown in `/metrics`. The caller holds
     /// the data directory's PID file.
     pub async fn start(cfg: ServeConfig, previous: Option<StopCause>) -> anyhow::Result<Node> {
+        Node::start_tuned(cfg, previous, |_| {}).await
+    }
+
+    /// [`Node::start`], with `tune` given the engine's options last: for tests of engine
+    /// intervals that no config key sets (the expiry sweep's, say).
+    pub async fn start_tuned(
+        cfg: ServeConfig,
+        previous: Option<StopCause>,
+        tune: impl FnOnce(&mut EngineOptions),
+    ) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
         let db_tasks = TaskTracker::new();
@@ -292,6 +302,7 @@ impl Node {
             &tasks,
         )?;
         opts.policies = Some(policies.feed.clone());
+        tune(&mut opts);
         let estop = start_estop(&cfg, store.estop(), fresh, &tasks).await?;
         let engine = store.engine(opts, estop.subscribe());
         let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -342,6 +353,11 @@ impl Node {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The router the listener serves, for tests that call it in process.
+    pub fn router(&self) -> axum::Router {
+        self.api.router()
     }
 
     /// The node's store, for benchmarks and tests that fill it directly.

@@ -4,38 +4,21 @@
 //! Watch against a change that lands while the stream is being opened. A test binary of its
 //! own: the fail point it sets is process-wide.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::{NodeId, SystemClock};
-use engine::{Engine, EngineOptions};
 use proto::v1 as pb;
 use proto::v1::steward_client::StewardClient;
-use store_sqlite::SqliteStore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_opened_just_before_a_change_sees_it_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
-    let engine = Engine::new(
-        EngineOptions::new(NodeId("test".into())),
-        store,
-        Arc::new(SystemClock),
-        engine::estop_all_go(),
-    );
-    engine.start();
-    let stop = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), None, stop.clone()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = api.router();
-    let tasks = TaskTracker::new();
-    tasks.spawn(api::serve(listener, router, stop.clone()));
-    let mut c = StewardClient::connect(format!("http://{addr}"))
+    std::fs::write(dir.path().join("policies.toml"), "[workflows.w]\n").unwrap();
+    let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &[]).unwrap();
+    let node = node::Node::start(cfg, None).await.unwrap();
+    let mut c = StewardClient::connect(format!("http://{}", node.addr()))
         .await
         .unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
     let spec: pb::WorkReq =
         serde_json::from_str(r#"{"name": "w", "blocks": [{"jobs": [{"action": "noop"}]}]}"#)
             .unwrap();
@@ -74,5 +57,4 @@ async fn a_watch_opened_just_before_a_change_sees_it_at_once() {
         took < Duration::from_millis(900),
         "the change was missed and found by the re-poll: {took:?}, states {states:?}"
     );
-    stop.cancel();
 }

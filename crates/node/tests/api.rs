@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used)]
 
-//! The API end to end, in process: a real engine on a real SQLite file in a temporary
-//! directory, and `Api::router()` served by `axum::serve` on 127.0.0.1:0. gRPC goes through a
-//! real tonic client over TCP; HTTP/JSON goes through the same router with
+//! The API end to end, in process: a node started by `Node::start` (the wiring `steward
+//! serve` uses) on a real SQLite file in a temporary directory, listening on 127.0.0.1:0. gRPC
+//! goes through a real tonic client over TCP; HTTP/JSON goes through the same router with
 //! `tower::ServiceExt::oneshot` (the workspace's reqwest is built without a TLS provider), and
 //! a plain HTTP/1.1 request over TCP checks that the one listener serves both. No mocks.
 //!
@@ -13,17 +13,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{NodeId, RunId, SystemClock};
-use engine::{Engine, EngineOptions};
+use domain::RunId;
+use engine::EngineOptions;
 use proto::v1 as pb;
 use proto::v1::steward_client::StewardClient;
 use serde_json::{Value, json};
-use store_sqlite::SqliteStore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -34,51 +30,34 @@ const DEADLINE: Duration = Duration::from_secs(20);
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-/// One Steward API server on 127.0.0.1:<ephemeral>, with a gRPC client and its router.
+/// One Steward node on 127.0.0.1:<ephemeral>, with a gRPC client and its router.
 struct Server {
     dir: tempfile::TempDir,
     addr: SocketAddr,
     grpc: StewardClient<Channel>,
     /// The same router the listener serves, for HTTP calls through `tower::ServiceExt`.
     router: axum::Router,
-    /// Stops the listener and ends Watch streams when the test ends.
-    stop: CancellationToken,
-    _engine: Engine,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    _node: node::Node,
 }
 
 async fn server() -> Server {
     server_with(|_| {}).await
 }
 
-async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
+/// The workflows the tests submit: a fresh node refuses those its policy file does not name.
+const POLICIES: &str = "[workflows.t]\n[workflows.k]\n[workflows.x]\n[workflows.w]\n\
+    [workflows.cloneme]\n[workflows.SatelliteDiskErase]\n[workflows.hello]\n[workflows.alpha]\n\
+    [workflows.beta]\n[workflows.gamma]\n[workflows.JsonBody]\n[workflows.long]\n";
+
+/// A node on the default configuration (a 200 ms kill grace) and [`POLICIES`], its engine
+/// options given to `tune` last.
+async fn server_with(tune: impl FnOnce(&mut EngineOptions)) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
-    let mut opts = EngineOptions::new(NodeId("test".into()));
-    opts.kill_grace = Duration::from_millis(200);
-    tweak(&mut opts);
-    let engine = Engine::new(opts, store, Arc::new(SystemClock), engine::estop_all_go());
-    engine.start();
-
-    let stop = CancellationToken::new();
-    let api = api::Api::new(engine.clone(), None, stop.clone()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = api.router();
-    let http = api.router();
-    let until = stop.clone();
-    TaskTracker::new().spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(until.cancelled_owned())
-            .await
-            .unwrap();
-    });
-
+    std::fs::write(dir.path().join("policies.toml"), POLICIES).unwrap();
+    let env = [("STEWARD_KILL_GRACE".to_owned(), "200ms".to_owned())];
+    let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &env).unwrap();
+    let node = node::Node::start_tuned(cfg, None, tune).await.unwrap();
+    let addr = node.addr();
     let grpc = StewardClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -86,9 +65,8 @@ async fn server_with(tweak: impl FnOnce(&mut EngineOptions)) -> Server {
         dir,
         addr,
         grpc,
-        router: http,
-        stop,
-        _engine: engine,
+        router: node.router(),
+        _node: node,
     }
 }
 
@@ -902,7 +880,9 @@ async fn validate_checks_a_spec_and_stores_nothing() {
     assert_eq!(code, 200);
     assert_eq!(
         body,
-        json!({"valid": true, "violations": [], "policies": []})
+        json!({"valid": true, "violations": [], "policies": [
+            {"policy": "workflows", "passed": true, "violations": []}
+        ]})
     );
 
     let (code, body) = s.post("/v1/validate", bad).await;
@@ -1740,7 +1720,12 @@ async fn health_readiness_and_metrics() {
 
     let (code, body) = s.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body, json!({"status": "ready"}));
+    assert_eq!(body["status"], "ready", "{body}");
+    let containment = body["job_containment"].as_str().unwrap_or_default();
+    assert!(
+        containment.starts_with("cgroup") || containment.starts_with("process_group"),
+        "{body}"
+    );
 
     let (code, _, text) = s.http("GET", "/metrics", &[], "").await;
     assert_eq!(code, 200);
