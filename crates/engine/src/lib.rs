@@ -128,6 +128,10 @@ pub struct EngineOptions {
     /// Keeps each `shell` job's processes together and records them, so that what a crash
     /// left running is ended before a job runs again; `None`: process groups only.
     pub supervisor: Option<Arc<actions::Supervisor>>,
+    /// Other nodes share the store and take over runs whose leases lapse (PostgreSQL). Then a
+    /// node that could not renew its leases for a whole `lease_ttl` must stop driving its
+    /// runs: [`Engine::failure`] answers `StopCause::LostStore`.
+    pub shared_store: bool,
 }
 
 /// The policy set in force, swapped whole on a reload.
@@ -148,6 +152,7 @@ impl EngineOptions {
             buckets: std::collections::BTreeMap::new(),
             policies: None,
             supervisor: None,
+            shared_store: false,
         }
     }
 }
@@ -380,7 +385,8 @@ impl Engine {
     }
 
     /// Resolves when one of the engine's background loops ends before the engine is stopped,
-    /// or panics: a `StopCause::Fatal` naming it. The node must then stop.
+    /// or panics (a `StopCause::Fatal` naming it), or when a shared store stayed out of reach
+    /// past the leases (`StopCause::LostStore`). The node must then stop.
     pub async fn failure(&self) -> StopCause {
         self.inner.loop_failures.lock().await.next().await
     }

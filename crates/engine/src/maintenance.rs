@@ -101,6 +101,9 @@ fn held_runs(inner: &Inner) -> Vec<RunId> {
 
 async fn renew_loop(inner: &Arc<Inner>) {
     let normal = (inner.opts.lease_ttl / 3).max(Duration::from_millis(100));
+    // Every lease this node holds runs at least to `lease_ttl` after the last renewal.
+    let mut renewed = Instant::now();
+    let mut lost = false;
     loop {
         // A renewal is a write: while the store refuses writes it is also the probe that
         // finds it taking them again, so it comes sooner.
@@ -124,6 +127,7 @@ async fn renew_loop(inner: &Arc<Inner>) {
             .await
         {
             Ok(renewal) => {
+                renewed = Instant::now();
                 inner.store_recovered();
                 for (id, cause) in renewal.cancel_requested {
                     inner.halt_run(
@@ -143,6 +147,19 @@ async fn renew_loop(inner: &Arc<Inner>) {
                     inner.store_failed(&e);
                 }
                 tracing::warn!(error = %e, "renewing leases failed; retrying");
+                let unrenewed = renewed.elapsed();
+                if inner.opts.shared_store && !lost && unrenewed >= inner.opts.lease_ttl {
+                    // Other nodes may take over this node's runs now: driving them on could
+                    // run a job twice.
+                    lost = true;
+                    let message = format!(
+                        "no lease renewal for {:.1} s (lease_ttl {:.1} s): {e}",
+                        unrenewed.as_secs_f64(),
+                        inner.opts.lease_ttl.as_secs_f64()
+                    );
+                    tracing::error!(%message, "the leases lapsed: this node stops driving its runs");
+                    inner.loops.report(StopCause::LostStore { message });
+                }
             }
         }
     }

@@ -163,7 +163,7 @@ pub enum Database {
 }
 
 impl Database {
-    fn is_embedded(&self) -> bool {
+    pub fn is_embedded(&self) -> bool {
         matches!(self, Database::Sqlite(_))
     }
 

@@ -261,6 +261,7 @@ impl Node {
         opts.kill_grace = cfg.kill_grace;
         opts.output_limit = cfg.output_limit;
         opts.estop_unlisted = cfg.estop_unlisted;
+        opts.shared_store = !cfg.database.is_embedded();
         opts.buckets = cfg
             .buckets
             .iter()
@@ -390,6 +391,8 @@ impl Node {
     ) -> anyhow::Result<StopCause> {
         let mode = match &cause {
             StopCause::Signal { mode, .. } | StopCause::StopCommand { mode } => *mode,
+            // Other nodes may be taking over the runs: nothing of them may go on here.
+            StopCause::LostStore { .. } => ShutdownMode::Now,
             _ => ShutdownMode::Drain,
         };
         tracing::info!(%cause, kind = cause.kind(), %mode, "stopping");

@@ -216,9 +216,11 @@ async fn a_database_outage_mid_run_is_ridden_out() {
     let yaml = format!(
         "name: erase\nblocks:\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n  - jobs: [{job}, {job}]\n"
     );
-    // The e-stop list in a file here: this is about the runs' store riding out the outage.
+    // The e-stop list in a file here: this is about the runs' store riding out the outage,
+    // which is shorter than the lease.
     let mut env = node_env(&url);
     env.push(("STEWARD_ESTOP_SOURCE", "file".to_owned()));
+    env.push(("STEWARD_LEASE_TTL", "15s".to_owned()));
     let node = start_node(&dir.path().join("a"), &env).await;
     let mut c = node.client().await;
     let id = submit(&mut c, &yaml).await;
@@ -246,6 +248,47 @@ async fn a_database_outage_mid_run_is_ridden_out() {
     assert_eq!(wait_terminal(&mut c, &again, LONG).await.state, "completed");
 }
 
+/// A node that cannot renew its leases for a whole `lease_ttl` (the database out of reach)
+/// must stop driving its runs, which another node may take over now: its jobs are ended, it
+/// stops with the cause `lost_store` recorded and exit code 1, and once the database is back
+/// the run resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_past_the_lease_stops_the_node_with_lost_store() {
+    let mut pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = node_env(&url);
+    env.push(("STEWARD_ESTOP_SOURCE", "file".to_owned()));
+    let data = dir.path().join("a");
+    let mut node = start_node(&data, &env).await;
+    let mut c = node.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let child = read_pid(&pidfile);
+
+    pg.stop_now();
+    let exit = node.wait_exit(LONG).await;
+    assert_eq!(exit.code(), Some(1), "{}", node.log_text());
+    assert!(process_gone(child), "the job outlived its lease");
+    let last = std::fs::read_to_string(data.join("last-stop.json")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["kind"], "lost_store", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("no lease renewal"),
+        "{last}"
+    );
+
+    pg.start_again().await;
+    std::fs::remove_file(&pidfile).unwrap();
+    let node = start_node(&data, &env).await;
+    eventually("the job to run again", LONG, || pidfile.exists()).await;
+    let mut c = node.client().await;
+    assert_eq!(status(&mut c, &id).await.state, "running");
+}
+
 /// With the e-stop list in the database, a database that cannot be read stops everything (fail
 /// closed) and says so, until it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +296,10 @@ async fn a_database_outage_fails_closed_when_the_estop_lives_there() {
     let mut pg = PgServer::start().await;
     let url = pg.fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&dir.path().join("a"), &node_env(&url)).await;
+    // An outage shorter than the lease.
+    let mut env = node_env(&url);
+    env.push(("STEWARD_LEASE_TTL", "15s".to_owned()));
+    let node = start_node(&dir.path().join("a"), &env).await;
     let mut c = node.client().await;
     let pidfile = dir.path().join("pid");
     start_long_job(&mut c, &pidfile, "erase", "aap").await;

@@ -123,11 +123,17 @@ impl PgServer {
     pub async fn restart(&mut self, down_for: Duration) {
         self.stop_now();
         tokio::time::sleep(down_for).await;
+        self.start_again().await;
+    }
+
+    /// Starts the server stopped by [`PgServer::stop_now`] again, on the same port and data.
+    pub async fn start_again(&mut self) {
         self.child = spawn(&self.bin, self.user, self.dir.path(), self.port);
         self.wait_ready().await;
     }
 
-    fn stop_now(&mut self) {
+    /// Stops the server at once, as a crash would.
+    pub fn stop_now(&mut self) {
         // SIGQUIT: immediate shutdown, the postmaster ends its backends.
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = nix::sys::signal::kill(

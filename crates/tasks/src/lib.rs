@@ -89,6 +89,12 @@ impl Tasks {
         });
     }
 
+    /// Reports a reason the node must stop that a component found (the store lost, say),
+    /// alongside the component failures.
+    pub fn report(&self, cause: StopCause) {
+        let _ = self.fatal.send(cause);
+    }
+
     /// Stops every component and waits until all tasks have ended.
     pub async fn shutdown(&self) {
         self.token.cancel();
