@@ -1,68 +1,146 @@
-//! Server configuration in stages: the raw file (serde, unknown keys refused) → `STEWARD_*`
-//! environment overrides → command-line flags → validated [`ServeConfig`].
+//! Server configuration: `steward.toml`, then `STEWARD_*` environment overrides, then
+//! command-line flags, read into [`ServeConfig`]. Each key is one field of it: its type (or
+//! its `deserialize_with`) checks the value as it is read, so an error names the key; its
+//! default is in `ServeConfig::default`. Unknown keys are refused.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_DATA_DIR: &str = "./steward-data";
 
-/// `steward.toml` as written. Every key optional; unknown keys are errors.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub listen: Option<String>,
+/// The configuration `steward serve` runs with. Serialized, it is a config file that loads back
+/// (`--print-config`): the data directory (a flag) and what a start fills in are left out, and
+/// secrets are hidden.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+    #[serde(deserialize_with = "de::listen")]
+    pub listen: SocketAddr,
     /// Where runs are stored: left out, the embedded SQLite database in the data directory; a
     /// `postgres://` URL, a PostgreSQL database that several nodes can share.
-    pub database: Option<String>,
-    pub node_id: Option<String>,
-    pub submit_ttl: Option<String>,
-    pub max_running_jobs: Option<usize>,
-    pub shutdown_grace: Option<String>,
-    pub kill_grace: Option<String>,
-    pub lease_ttl: Option<String>,
-    pub output_limit: Option<usize>,
-    /// `text` or `json`.
-    pub log_format: Option<String>,
-    /// Where the e-stop list lives: `file` (default) or `db`.
-    pub estop_source: Option<String>,
+    #[serde(skip_serializing_if = "Database::is_embedded")]
+    pub database: Database,
+    /// Empty: the name kept in the data directory (`node_id` file) is used.
+    #[serde(
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "de::non_empty"
+    )]
+    pub node_id: String,
+    #[serde(with = "de::duration")]
+    pub submit_ttl: Duration,
+    #[serde(deserialize_with = "de::max_running_jobs")]
+    pub max_running_jobs: usize,
+    #[serde(with = "de::duration")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "de::duration")]
+    pub kill_grace: Duration,
+    #[serde(with = "de::duration")]
+    pub lease_ttl: Duration,
+    #[serde(deserialize_with = "de::output_limit")]
+    pub output_limit: usize,
+    /// `log_format`: `text` or `json`.
+    #[serde(rename = "log_format", with = "de::log_format")]
+    pub log_json: bool,
+    /// Where the e-stop list lives: `file` or `db`; left out, `db` when the database is shared
+    /// (nodes sharing a database share its e-stop list), else `file`. See
+    /// [`ServeConfig::estop_source`].
+    #[serde(rename = "estop_source", skip_serializing_if = "Option::is_none")]
+    pub estop_source_set: Option<EStopSourceKind>,
     /// The e-stop file (default: `estop.json` in the data directory).
-    pub estop_file: Option<String>,
-    /// The e-stop state of runs no entry matches: `stop` (default, fail closed) or `go`.
-    pub estop_unlisted: Option<String>,
+    #[serde(deserialize_with = "de::path")]
+    pub estop_file: PathBuf,
+    /// The e-stop state of runs no entry matches: `stop` (fail closed) or `go`.
+    #[serde(deserialize_with = "de::stop_or_go")]
+    pub estop_unlisted: domain::estop::EStopState,
     /// How often the e-stop list is re-read even without a change notification.
-    pub estop_reread: Option<String>,
+    #[serde(with = "de::duration")]
+    pub estop_reread: Duration,
     /// The policy file (default: `policies.toml` in the data directory).
-    pub policies: Option<String>,
+    #[serde(deserialize_with = "de::path")]
+    pub policies: PathBuf,
     /// How often the policy file is checked for changes.
-    pub policies_reread: Option<String>,
+    #[serde(with = "de::duration")]
+    pub policies_reread: Duration,
     /// Named token buckets for `token_bucket` jobs: `[buckets.NAME] size, refill, every`.
-    pub buckets: Option<std::collections::BTreeMap<String, RawBucket>>,
+    #[serde(deserialize_with = "de::buckets")]
+    pub buckets: BTreeMap<String, BucketConfig>,
     /// Per workflow: `failures` failed runs within `window` trip the e-stop for it.
-    pub error_budgets: Option<std::collections::BTreeMap<String, RawBudget>>,
+    #[serde(deserialize_with = "de::error_budgets")]
+    pub error_budgets: BTreeMap<String, BudgetConfig>,
     /// Webhooks told of failed and stopped runs and of e-stop changes: `[[notify]]`.
-    pub notify: Option<Vec<RawNotify>>,
-    /// How a `shell` job's processes are kept together: `auto` (default: a cgroup per attempt
-    /// where cgroup v2 allows it, else a process group), `cgroup` or `process_group`.
-    pub job_containment: Option<String>,
+    pub notify: Vec<NotifyConfig>,
+    /// How a `shell` job's processes are kept together: `auto` (a cgroup per attempt where
+    /// cgroup v2 allows it, else a process group), `cgroup` or `process_group`.
+    pub job_containment: JobContainment,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawNotify {
-    pub url: String,
-    /// `json` (default) or `slack`.
-    pub format: Option<String>,
-    /// Which: `run_failed`, `run_stopped`, `estop` (default: all).
-    pub events: Option<Vec<String>>,
+impl Default for ServeConfig {
+    fn default() -> ServeConfig {
+        ServeConfig {
+            data_dir: PathBuf::new(),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7420))),
+            database: Database::Sqlite(PathBuf::new()),
+            node_id: String::new(),
+            submit_ttl: Duration::from_secs(3600),
+            max_running_jobs: 256,
+            shutdown_grace: Duration::from_secs(25),
+            kill_grace: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(30),
+            output_limit: 16 * 1024,
+            log_json: false,
+            estop_source_set: None,
+            estop_file: PathBuf::new(),
+            estop_unlisted: domain::estop::EStopState::Stop,
+            estop_reread: Duration::from_secs(1),
+            policies: PathBuf::new(),
+            policies_reread: Duration::from_secs(1),
+            buckets: BTreeMap::new(),
+            error_budgets: BTreeMap::new(),
+            notify: Vec::new(),
+            job_containment: JobContainment::Auto,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Where the e-stop list lives.
+    pub fn estop_source(&self) -> EStopSourceKind {
+        self.estop_source_set
+            .unwrap_or(if self.database.is_embedded() {
+                EStopSourceKind::File
+            } else {
+                EStopSourceKind::Db
+            })
+    }
+
+    /// Fills in what defaults to a place in the data directory.
+    fn in_data_dir(mut self, data_dir: &Path) -> ServeConfig {
+        self.data_dir = data_dir.to_owned();
+        if matches!(&self.database, Database::Sqlite(p) if p.as_os_str().is_empty()) {
+            self.database = Database::Sqlite(data_dir.join("steward.db"));
+        }
+        if self.estop_file.as_os_str().is_empty() {
+            self.estop_file = data_dir.join("estop.json");
+        }
+        if self.policies.as_os_str().is_empty() {
+            self.policies = data_dir.join("policies.toml");
+        }
+        self
+    }
 }
 
 /// What a webhook is told of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotifyEvent {
     RunFailed,
@@ -87,20 +165,32 @@ impl NotifyEvent {
 }
 
 /// The body a webhook gets: the event as JSON, or Slack's `{"text": ...}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotifyFormat {
+    #[default]
     Json,
     Slack,
 }
 
-#[derive(Clone, Serialize)]
+/// `[[notify]]`: a webhook.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
-    /// Webhook URLs carry their secret (a Slack URL's path): shown as scheme and host only.
-    #[serde(serialize_with = "redact_url")]
+    /// An `http://` or `https://` URL. Webhook URLs carry their secret (a Slack URL's path):
+    /// shown as scheme and host only.
+    #[serde(serialize_with = "redact_url", deserialize_with = "de::webhook_url")]
     pub url: reqwest::Url,
+    /// `json` (default) or `slack`.
+    #[serde(default)]
     pub format: NotifyFormat,
+    /// Which: `run_failed`, `run_stopped`, `estop` (default: all).
+    #[serde(default = "all_events", deserialize_with = "de::events")]
     pub events: Vec<NotifyEvent>,
+}
+
+fn all_events() -> Vec<NotifyEvent> {
+    NotifyEvent::ALL.to_vec()
 }
 
 impl std::fmt::Debug for NotifyConfig {
@@ -121,35 +211,31 @@ fn redact_url<S: serde::Serializer>(url: &reqwest::Url, s: S) -> Result<S::Ok, S
     s.serialize_str(&redacted(url))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// `[buckets.NAME]`: a token bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBucket {
+pub struct BucketConfig {
     /// Tokens it holds at most (and starts with).
+    #[serde(deserialize_with = "de::at_least_one")]
     pub size: u64,
     /// Tokens added each `every` (default 1).
-    pub refill: Option<u64>,
-    pub every: String,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawBudget {
-    pub failures: u32,
-    pub window: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BucketConfig {
-    pub size: u64,
+    #[serde(default = "one", deserialize_with = "de::at_least_one")]
     pub refill: u64,
-    #[serde(with = "humantime_serde_str")]
+    #[serde(with = "de::duration")]
     pub every: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+fn one() -> u64 {
+    1
+}
+
+/// `[error_budgets.WORKFLOW]`: an error budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
+    #[serde(deserialize_with = "de::at_least_one")]
     pub failures: u32,
-    #[serde(with = "humantime_serde_str")]
+    #[serde(with = "de::duration")]
     pub window: Duration,
 }
 
@@ -190,7 +276,20 @@ impl Serialize for Database {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+impl<'de> Deserialize<'de> for Database {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Database, D::Error> {
+        let url = String::deserialize(d)?;
+        let url = url.trim();
+        store_postgres::redacted_url(url).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{e}; leave it out for the embedded SQLite database, or give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            ))
+        })?;
+        Ok(Database::Postgres(url.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EStopSourceKind {
     File,
@@ -198,7 +297,7 @@ pub enum EStopSourceKind {
 }
 
 /// `job_containment`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobContainment {
     Auto,
@@ -216,56 +315,176 @@ impl JobContainment {
     }
 }
 
-/// The validated configuration `steward serve` runs with. Serialized, it is a config file
-/// that loads back (`--print-config`): the data directory (a flag) and what a start fills in
-/// are left out, and secrets are hidden.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServeConfig {
-    #[serde(skip)]
-    pub data_dir: PathBuf,
-    pub listen: SocketAddr,
-    /// Left out when it is the embedded database in the data directory.
-    #[serde(skip_serializing_if = "Database::is_embedded")]
-    pub database: Database,
-    /// Empty: the name kept in the data directory (`node_id` file) is used.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub node_id: String,
-    #[serde(with = "humantime_serde_str")]
-    pub submit_ttl: Duration,
-    pub max_running_jobs: usize,
-    #[serde(with = "humantime_serde_str")]
-    pub shutdown_grace: Duration,
-    #[serde(with = "humantime_serde_str")]
-    pub kill_grace: Duration,
-    #[serde(with = "humantime_serde_str")]
-    pub lease_ttl: Duration,
-    pub output_limit: usize,
-    #[serde(rename = "log_format", serialize_with = "log_format")]
-    pub log_json: bool,
-    pub estop_source: EStopSourceKind,
-    pub estop_file: PathBuf,
-    pub estop_unlisted: domain::estop::EStopState,
-    #[serde(with = "humantime_serde_str")]
-    pub estop_reread: Duration,
-    pub policies: PathBuf,
-    #[serde(with = "humantime_serde_str")]
-    pub policies_reread: Duration,
-    pub buckets: std::collections::BTreeMap<String, BucketConfig>,
-    pub error_budgets: std::collections::BTreeMap<String, BudgetConfig>,
-    pub notify: Vec<NotifyConfig>,
-    pub job_containment: JobContainment,
-}
+/// How values are read and checked, each error saying what is wrong (serde adds the key).
+mod de {
+    use std::collections::BTreeMap;
+    use std::fmt::Display;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
 
-fn log_format<S: serde::Serializer>(json: &bool, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if *json { "json" } else { "text" })
-}
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
 
-mod humantime_serde_str {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
+    use super::{BucketConfig, BudgetConfig, NotifyEvent};
+
+    pub mod duration {
+        use super::*;
+
+        pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(&humantime::format_duration(*d))
+        }
+
+        /// A duration greater than 0, written `30s`, `10m`, `1h`...
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            let s = String::deserialize(d)?;
+            let v = humantime::parse_duration(s.trim()).map_err(|_| {
+                D::Error::custom(format!(
+                    "invalid duration {s:?}: expected e.g. 30s, 10m or 1h"
+                ))
+            })?;
+            if v.is_zero() {
+                return Err(D::Error::custom("must be greater than 0"));
+            }
+            Ok(v)
+        }
+    }
+
+    pub mod log_format {
+        use super::*;
+
+        pub fn serialize<S: serde::Serializer>(json: &bool, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(if *json { "json" } else { "text" })
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+            match String::deserialize(d)?.as_str() {
+                "text" => Ok(false),
+                "json" => Ok(true),
+                other => Err(D::Error::custom(format!(
+                    "{other:?} is not one of: text, json"
+                ))),
+            }
+        }
+    }
+
+    pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|_| {
+            D::Error::custom(format!("{s:?} is not an address such as 127.0.0.1:7420"))
+        })
+    }
+
+    pub fn stop_or_go<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<domain::estop::EStopState, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "stop" => Ok(domain::estop::EStopState::Stop),
+            "go" => Ok(domain::estop::EStopState::Go),
+            other => Err(D::Error::custom(format!(
+                "{other:?} is not one of: stop, go"
+            ))),
+        }
+    }
+
+    pub fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Err(D::Error::custom("must not be empty"));
+        }
+        Ok(s)
+    }
+
+    pub fn path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        non_empty(d).map(PathBuf::from)
+    }
+
+    fn in_range<'de, D: Deserializer<'de>, T>(d: D, lo: T, hi: T, unit: &str) -> Result<T, D::Error>
+    where
+        T: Deserialize<'de> + PartialOrd + Display,
+    {
+        let v = T::deserialize(d)?;
+        if v < lo || v > hi {
+            return Err(D::Error::custom(format!(
+                "{v}{unit} is out of range {lo}..={hi}"
+            )));
+        }
+        Ok(v)
+    }
+
+    pub fn max_running_jobs<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        in_range(d, 1, 100_000, "")
+    }
+
+    pub fn output_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        in_range(d, 256, 16 * 1024 * 1024, " bytes")
+    }
+
+    pub fn at_least_one<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + PartialOrd + From<u8>,
+    {
+        let v = T::deserialize(d)?;
+        if v < T::from(1) {
+            return Err(D::Error::custom("must be at least 1"));
+        }
+        Ok(v)
+    }
+
+    pub fn buckets<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, BucketConfig>, D::Error> {
+        let map = BTreeMap::<String, BucketConfig>::deserialize(d)?;
+        if let Some(name) = map.keys().find(|n| {
+            n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        }) {
+            return Err(D::Error::custom(format!(
+                "{name:?}: a bucket name holds only letters, digits, '_', '-' and '.'"
+            )));
+        }
+        Ok(map)
+    }
+
+    pub fn error_budgets<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, BudgetConfig>, D::Error> {
+        let map = BTreeMap::<String, BudgetConfig>::deserialize(d)?;
+        for name in map.keys() {
+            let spec = domain::WorkflowSpec {
+                name: name.clone(),
+                ..Default::default()
+            };
+            let mut errs = Vec::new();
+            spec.validate_into(&mut errs);
+            if let Some(e) = errs.iter().find(|e| e.path == "name") {
+                return Err(D::Error::custom(format!("{name}: {}", e.message)));
+            }
+        }
+        Ok(map)
+    }
+
+    pub fn webhook_url<'de, D: Deserializer<'de>>(d: D) -> Result<reqwest::Url, D::Error> {
+        let s = String::deserialize(d)?;
+        let url: reqwest::Url = s.trim().parse().map_err(D::Error::custom)?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(D::Error::custom(format!(
+                "{:?} is not an http:// or https:// URL",
+                url.scheme()
+            )));
+        }
+        Ok(url)
+    }
+
+    pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NotifyEvent>, D::Error> {
+        let list = Vec::<NotifyEvent>::deserialize(d)?;
+        if list.is_empty() {
+            return Err(D::Error::custom("empty; leave it out for every event"));
+        }
+        Ok(list)
     }
 }
 
@@ -332,7 +551,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 /// Applies every `STEWARD_*` variable of `env` to the config file's `table`, where it wins.
 /// Every key of the file can be set so, nested ones included; a variable that names no key
 /// is refused like an unknown key in the file (a typo in a unit file must not pass silently).
-fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Result<RawConfig> {
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Result<ServeConfig> {
     // Variables whose typed reading (`20`, `true`) was refused, to be taken as strings.
     let mut as_string: Vec<&str> = Vec::new();
     loop {
@@ -351,12 +570,12 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
             applied.push((var, path.join(".")));
         }
         let error =
-            match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(merged)) {
+            match serde_path_to_error::deserialize::<_, ServeConfig>(toml::Value::Table(merged)) {
                 Ok(raw) => return Ok(raw),
                 Err(e) => e,
             };
         let at = error.path().to_string();
-        let inner = error.into_inner().to_string();
+        let inner = error.into_inner().message().trim_end().to_owned();
         // The variable whose key the error is at (or under, for an unknown key).
         let unknown = inner
             .strip_prefix("unknown field `")
@@ -393,21 +612,6 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
     }
 }
 
-fn duration(key: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
-    match v {
-        None => Ok(default),
-        Some(s) => {
-            let d = humantime::parse_duration(s.trim()).map_err(|_| {
-                anyhow::anyhow!("{key}: invalid duration {s:?}: expected e.g. 30s, 10m or 1h")
-            })?;
-            if d.is_zero() {
-                bail!("{key}: must be greater than 0");
-            }
-            Ok(d)
-        }
-    }
-}
-
 /// Builds the server configuration from the file, the environment and the flags.
 pub fn load(
     data_dir: &Path,
@@ -422,8 +626,8 @@ pub fn load(
     };
     let mut table = match std::fs::read_to_string(&path) {
         Ok(text) => {
-            // Read as the typed config first: its errors name the line.
-            toml::from_str::<RawConfig>(&text)
+            // Read as the config first: its errors name the key and the line.
+            check_file(&text)
                 .with_context(|| format!("reading the config file {}", path.display()))?;
             toml::from_str::<toml::Table>(&text)
                 .with_context(|| format!("reading the config file {}", path.display()))?
@@ -433,202 +637,36 @@ pub fn load(
             return Err(e).with_context(|| format!("reading the config file {}", path.display()));
         }
     };
-    let mut raw = apply_env(&mut table, env)?;
+    let mut cfg = apply_env(&mut table, env)?;
     if let Some(l) = listen_flag {
-        raw.listen = Some(l.to_owned());
-    }
-    let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let listen: SocketAddr = listen_s.parse().with_context(|| {
-        format!("listen: {listen_s:?} is not an address such as 127.0.0.1:7420")
-    })?;
-    let max_running_jobs = raw.max_running_jobs.unwrap_or(256);
-    if !(1..=100_000).contains(&max_running_jobs) {
-        bail!("max_running_jobs: {max_running_jobs} is out of range 1..=100000");
-    }
-    let output_limit = raw.output_limit.unwrap_or(16 * 1024);
-    if !(256..=16 * 1024 * 1024).contains(&output_limit) {
-        bail!("output_limit: {output_limit} bytes is out of range 256..=16777216");
-    }
-    let log_json = match raw.log_format.as_deref() {
-        None | Some("text") => false,
-        Some("json") => true,
-        Some(other) => bail!("log_format: {other:?} is not one of: text, json"),
-    };
-    let node_id = match raw.node_id {
-        Some(n) if n.trim().is_empty() => bail!("node_id: must not be empty"),
-        Some(n) => n,
-        None => String::new(), // filled from the data directory by `serve`
-    };
-    let database = match raw.database {
-        None => Database::Sqlite(data_dir.join("steward.db")),
-        Some(url) => match store_postgres::redacted_url(url.trim()) {
-            Ok(_) => Database::Postgres(url.trim().to_owned()),
-            Err(e) => bail!(
-                "database: {e}; leave it out for the embedded SQLite database, or give postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-            ),
-        },
-    };
-    let estop_source = match raw.estop_source.as_deref() {
-        // Nodes sharing a database share its e-stop list: a stop set on one reaches them all.
-        None if matches!(database, Database::Postgres(_)) => EStopSourceKind::Db,
-        None | Some("file") => EStopSourceKind::File,
-        Some("db") => EStopSourceKind::Db,
-        Some(other) => bail!("estop_source: {other:?} is not one of: file, db"),
-    };
-    let estop_unlisted = match raw.estop_unlisted.as_deref() {
-        None | Some("stop") => domain::estop::EStopState::Stop,
-        Some("go") => domain::estop::EStopState::Go,
-        Some(other) => bail!("estop_unlisted: {other:?} is not one of: stop, go"),
-    };
-    let estop_file = match raw.estop_file {
-        Some(f) if f.trim().is_empty() => bail!("estop_file: must not be empty"),
-        Some(f) => PathBuf::from(f),
-        None => data_dir.join("estop.json"),
-    };
-    let mut buckets = std::collections::BTreeMap::new();
-    for (name, b) in raw.buckets.unwrap_or_default() {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
-            bail!("buckets.{name}: a bucket name holds only letters, digits, '_', '-' and '.'");
-        }
-        if b.size == 0 {
-            bail!("buckets.{name}.size: must be at least 1");
-        }
-        let refill = b.refill.unwrap_or(1);
-        if refill == 0 {
-            bail!("buckets.{name}.refill: must be at least 1");
-        }
-        let every = duration(
-            &format!("buckets.{name}.every"),
-            Some(b.every),
-            Duration::ZERO,
-        )?;
-        buckets.insert(
-            name,
-            BucketConfig {
-                size: b.size,
-                refill,
-                every,
-            },
-        );
-    }
-    let mut error_budgets = std::collections::BTreeMap::new();
-    for (name, b) in raw.error_budgets.unwrap_or_default() {
-        let spec = domain::WorkflowSpec {
-            name: name.clone(),
-            ..Default::default()
-        };
-        let mut errs = Vec::new();
-        spec.validate_into(&mut errs);
-        if let Some(e) = errs.iter().find(|e| e.path == "name") {
-            bail!("error_budgets.{name}: {}", e.message);
-        }
-        if b.failures == 0 {
-            bail!("error_budgets.{name}.failures: must be at least 1");
-        }
-        let window = duration(
-            &format!("error_budgets.{name}.window"),
-            Some(b.window),
-            Duration::ZERO,
-        )?;
-        error_budgets.insert(
-            name,
-            BudgetConfig {
-                failures: b.failures,
-                window,
-            },
-        );
-    }
-    let mut notify = Vec::new();
-    for (i, n) in raw.notify.unwrap_or_default().into_iter().enumerate() {
-        let url: reqwest::Url = n
-            .url
-            .trim()
+        cfg.listen = l
             .parse()
-            .map_err(|e| anyhow::anyhow!("notify[{i}].url: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            bail!(
-                "notify[{i}].url: {:?} is not an http:// or https:// URL",
-                url.scheme()
-            );
-        }
-        let format = match n.format.as_deref() {
-            None | Some("json") => NotifyFormat::Json,
-            Some("slack") => NotifyFormat::Slack,
-            Some(other) => bail!("notify[{i}].format: {other:?} is not one of: json, slack"),
-        };
-        let events = match n.events {
-            None => NotifyEvent::ALL.to_vec(),
-            Some(list) if list.is_empty() => {
-                bail!("notify[{i}].events: empty; leave it out for every event")
-            }
-            Some(list) => list
-                .iter()
-                .map(|e| {
-                    NotifyEvent::ALL
-                        .into_iter()
-                        .find(|k| k.as_str() == e)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "notify[{i}].events: {e:?} is not one of: run_failed, run_stopped, estop"
-                            )
-                        })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
-        };
-        notify.push(NotifyConfig {
-            url,
-            format,
-            events,
-        });
+            .with_context(|| format!("--listen: {l:?} is not an address such as 127.0.0.1:7420"))?;
     }
-    let policies = match raw.policies {
-        Some(p) if p.trim().is_empty() => bail!("policies: must not be empty"),
-        Some(p) => PathBuf::from(p),
-        None => data_dir.join("policies.toml"),
+    Ok(cfg.in_data_dir(data_dir))
+}
+
+/// The file's text read as the config: an error says the key, what is wrong and the line.
+fn check_file(text: &str) -> anyhow::Result<()> {
+    let de = toml::de::Deserializer::parse(text)?;
+    let Err(e) = serde_path_to_error::deserialize::<_, ServeConfig>(de) else {
+        return Ok(());
     };
-    let job_containment = match raw.job_containment.as_deref() {
-        None | Some("auto") => JobContainment::Auto,
-        Some("cgroup") => JobContainment::Cgroup,
-        Some("process_group") => JobContainment::ProcessGroup,
-        Some(other) => {
-            bail!("job_containment: {other:?} is not one of: auto, cgroup, process_group")
-        }
-    };
-    Ok(ServeConfig {
-        job_containment,
-        notify,
-        policies,
-        policies_reread: duration(
-            "policies_reread",
-            raw.policies_reread,
-            Duration::from_secs(1),
-        )?,
-        buckets,
-        error_budgets,
-        estop_source,
-        estop_file,
-        estop_unlisted,
-        estop_reread: duration("estop_reread", raw.estop_reread, Duration::from_secs(1))?,
-        data_dir: data_dir.to_owned(),
-        listen,
-        database,
-        node_id,
-        submit_ttl: duration("submit_ttl", raw.submit_ttl, Duration::from_secs(3600))?,
-        max_running_jobs,
-        shutdown_grace: duration(
-            "shutdown_grace",
-            raw.shutdown_grace,
-            Duration::from_secs(25),
-        )?,
-        kill_grace: duration("kill_grace", raw.kill_grace, Duration::from_secs(10))?,
-        lease_ttl: duration("lease_ttl", raw.lease_ttl, Duration::from_secs(30))?,
-        output_limit,
-        log_json,
-    })
+    let key = e.path().to_string();
+    let inner = e.into_inner();
+    let line = inner
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let mut msg = String::new();
+    if key != "." && !key.is_empty() {
+        msg.push_str(&key);
+        msg.push_str(": ");
+    }
+    msg.push_str(inner.message().trim_end());
+    if let Some(line) = line {
+        msg.push_str(&format!(" (line {line})"));
+    }
+    bail!(msg)
 }
 
 #[cfg(test)]
@@ -658,7 +696,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = load(dir.path(), None, None, &[]).unwrap();
         assert!(matches!(&c.database, Database::Sqlite(p) if *p == dir.path().join("steward.db")));
-        assert_eq!(c.estop_source, EStopSourceKind::File);
+        assert_eq!(c.estop_source(), EStopSourceKind::File);
         let env = vars_of(&[(
             "STEWARD_DATABASE",
             "postgres://steward:hunter2@db:5432/steward",
@@ -666,7 +704,7 @@ mod tests {
         let c = load(dir.path(), None, None, &env).unwrap();
         assert!(matches!(&c.database, Database::Postgres(u) if u.contains("hunter2")));
         assert_eq!(
-            c.estop_source,
+            c.estop_source(),
             EStopSourceKind::Db,
             "nodes sharing a database share the e-stop list"
         );
@@ -680,7 +718,7 @@ mod tests {
         std::fs::write(dir.path().join("steward.toml"), "estop_source = \"file\"\n").unwrap();
         let c = load(dir.path(), None, None, &env).unwrap();
         assert_eq!(
-            c.estop_source,
+            c.estop_source(),
             EStopSourceKind::File,
             "an explicit choice stands"
         );
@@ -833,11 +871,23 @@ mod tests {
             ),
             (
                 "[error_budgets.\"9x\"]\nfailures = 3\nwindow = \"10m\"\n",
-                "error_budgets.9x",
+                "error_budgets: 9x: \"9x\" is not a valid workflow name",
             ),
             (
                 "[error_budgets.X]\nfailures = 3\nwindow = \"10m\"\ncolour = 1\n",
                 "unknown field `colour`",
+            ),
+            (
+                "# buckets\n[buckets.b]\nsize = 1\nevery = \"never\"\n",
+                "buckets.b.every: invalid duration \"never\": expected e.g. 30s, 10m or 1h (line 4)",
+            ),
+            (
+                "[[notify]]\nurl = \"http://x/y\"\nevents = [\"boom\"]\n",
+                "notify[0].events[0]: unknown variant `boom`",
+            ),
+            (
+                "estop_unlisted = \"pause\"\n",
+                "estop_unlisted: \"pause\" is not one of: stop, go",
             ),
             (
                 "estop_reread = \"often\"\n",

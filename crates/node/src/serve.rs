@@ -449,7 +449,7 @@ async fn start_estop(
     tasks: &tasks::Tasks,
 ) -> anyhow::Result<estop::EStopHandle> {
     let clock: Arc<dyn domain::Clock> = Arc::new(SystemClock);
-    let source: Arc<dyn estop::Source> = match cfg.estop_source {
+    let source: Arc<dyn estop::Source> = match cfg.estop_source() {
         EStopSourceKind::File => {
             if estop::ensure_initial_file(&cfg.estop_file, fresh.local)? {
                 tracing::info!(path = %cfg.estop_file.display(), "created the e-stop file: * = go");
@@ -471,7 +471,7 @@ async fn start_estop(
         reread: cfg.estop_reread,
     };
     let handle = estop::EStop::start(source, clock, opts, tasks).await;
-    if cfg.estop_source == EStopSourceKind::Db && fresh.db {
+    if cfg.estop_source() == EStopSourceKind::Db && fresh.db {
         handle
             .set(
                 domain::estop::Target::All,
