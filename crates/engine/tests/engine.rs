@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::estop::{EStopList, EStopState, Entry, Snapshot};
-use domain::{JobState, NodeId, RunId, RunState, StopCause, SystemClock, WorkflowSpec};
+use domain::{Clock, JobState, NodeId, RunId, RunState, StopCause, SystemClock, WorkflowSpec};
 use engine::{Engine, EngineError, EngineOptions, ShutdownMode};
 use store_sqlite::SqliteStore;
 
@@ -304,7 +304,8 @@ async fn drain_leaves_runs_waiting_for_a_slot_queued_and_unrun() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     f.engine.exec(waiting).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The second run's block has started: its job is waiting for the slot the first one holds.
+    wait_block(&f.engine, waiting, 0, JobState::Running).await;
     let cause = domain::StopCause::Signal {
         signal: "SIGTERM".into(),
         mode: ShutdownMode::Drain,
@@ -328,6 +329,16 @@ async fn drain_leaves_runs_waiting_for_a_slot_queued_and_unrun() {
         "and its job never ran"
     );
     assert_eq!(run.lease_owner, None);
+}
+
+async fn wait_block(engine: &Engine, id: RunId, block: usize, state: JobState) {
+    for _ in 0..2000 {
+        if engine.status(id).await.unwrap().blocks[block].state == state {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("block {block} of {id} never became {state}");
 }
 
 async fn wait_job(engine: &Engine, id: RunId, block: usize, job: usize, state: JobState) {
@@ -399,17 +410,19 @@ async fn estop_stop_refuses_new_work_and_stops_running_runs_for_good() {
     );
 
     f.set_estop(vec![entry("*", EStopState::Go)]);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        f.engine.status(running).await.unwrap().state,
-        RunState::Stopped,
-        "stopped stays stopped"
-    );
     f.engine.exec(idle).await.unwrap();
     assert_ne!(
         f.engine.status(idle).await.unwrap().state,
         RunState::Submitted,
         "Exec is accepted again after go"
+    );
+    // The engine acts on the go: a run executed after it starts its job. Whatever the go could
+    // have done to the stopped run, it has done by now.
+    wait_job(&f.engine, idle, 0, 0, JobState::Running).await;
+    assert_eq!(
+        f.engine.status(running).await.unwrap().state,
+        RunState::Stopped,
+        "stopped stays stopped"
     );
     f.engine.cancel(idle, "test", "done").await.unwrap();
     assert_eq!(
@@ -442,6 +455,14 @@ async fn estop_pause_then_go_resumes_without_rerunning_jobs() {
         entry("Roll", EStopState::Pause),
     ]);
     wait_job(&f.engine, id, 0, 0, JobState::Completed).await;
+    for _ in 0..2000 {
+        if f.engine.status(id).await.unwrap().state == RunState::Paused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The pause is held a while after the in-flight job ended, so that a job started in spite
+    // of it would be seen: its start would be recorded before the go below.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let run = f.engine.status(id).await.unwrap();
     assert_eq!(run.state, RunState::Paused);
@@ -451,10 +472,19 @@ async fn estop_pause_then_go_resumes_without_rerunning_jobs() {
         "nothing new starts while paused"
     );
 
+    let go_at = SystemClock.now();
     f.set_estop(vec![entry("*", EStopState::Go)]);
     let run = wait_terminal(&f.engine, id).await;
     assert_eq!(run.state, RunState::Completed);
     assert!(run.blocks[0].jobs.iter().all(|j| j.attempts == 1));
+    // Every job has run now, once: none of the held ones started before the go.
+    for (ji, job) in run.blocks[0].jobs.iter().enumerate().skip(1) {
+        assert!(
+            job.started_at.is_some_and(|t| t >= go_at),
+            "job {ji} started while paused: {:?} before the go at {go_at:?}",
+            job.started_at
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(&log).unwrap().lines().count(),
         3,

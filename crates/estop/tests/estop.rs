@@ -798,8 +798,8 @@ async fn writes_to_other_files_in_the_directory_do_not_wake_the_watcher() {
     let wake = Arc::new(tokio::sync::Notify::new());
     let _watch = estop::watch_file(&env.file, wake.clone()).unwrap();
     // A file kept open and written, as SQLite writes its write-ahead log.
+    // The watch is in place once `watch_file` returns: no need to wait for its thread.
     let mut wal = std::fs::File::create(env.etc.join("steward.db-wal")).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let woken = wake.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();

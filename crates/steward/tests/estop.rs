@@ -144,13 +144,32 @@ async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
 
     let out = cli(&server, &["estop", "set", "SatelliteDiskErase", "go"]);
     assert!(out.status.success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(status(&mut c, &id).await.state, "stopped");
     let out = cli(&server, &["clone", &id, "--exec"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The node acts on the go: the clone, executed after it, starts its job. Whatever the go
+    // could have done to the stopped run, it has done by now.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let clone = stdout.lines().next().unwrap_or_default().trim().to_owned();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let run = status(&mut c, &clone).await;
+        if run.blocks[0].jobs[0].state == "running" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clone never started its job: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status(&mut c, &id).await.state,
+        "stopped",
+        "a stopped run stays stopped after go"
     );
 
     // Every change is in the audit trail, newest first.

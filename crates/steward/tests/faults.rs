@@ -14,7 +14,7 @@ const LONG: Duration = Duration::from_secs(60);
 async fn a_run_ending_during_a_lease_renewal_is_no_lost_lease() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = Server::start(
+    let mut server = Server::start(
         &data,
         &[
             ("STEWARD_LEASE_TTL", "3s"),
@@ -41,7 +41,9 @@ async fn a_run_ending_during_a_lease_renewal_is_no_lost_lease() {
     for id in &ids {
         assert_eq!(wait_terminal(&mut c, id, LONG).await.state, "completed");
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A renewal in progress finishes before the process exits: once it has exited, every
+    // renewal that held one of these runs has said what it found.
+    server.stop().await;
     let log = server.log_text();
     assert!(
         log.contains("run ended while its lease was renewed"),
@@ -395,8 +397,11 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
     std::fs::write(data.join("policies.toml"), TEST_POLICIES).unwrap();
     let server =
         Server::start_logged(&data, Some(dir.path()), &[("STEWARD_KILL_GRACE", "1s")]).await;
+    // Each job notes whether the disk was full (the filler there) when it began.
+    let filler = data.join("filler");
     let job = sh(&format!(
-        "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; trap 'echo TERM $STEWARD_IDEMPOTENCY_KEY >> {l}; exit 1' TERM; sleep 3 & wait; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        "if [ -e {f} ]; then echo full $STEWARD_IDEMPOTENCY_KEY >> {l}; fi; echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; trap 'echo TERM $STEWARD_IDEMPOTENCY_KEY >> {l}; exit 1' TERM; sleep 3 & wait; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        f = filler.display(),
         l = log.display()
     ));
     let mut c = server.client().await;
@@ -415,7 +420,7 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
         count(&log, "start") == runs
     })
     .await;
-    fill(&data.join("filler"));
+    fill(&filler);
     // SQLite writes into the room its write-ahead log already has: submissions use it up.
     let mut refused = false;
     for i in 0..5000 {
@@ -452,7 +457,8 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
         count(&log, "done") == runs
     })
     .await;
-    // While the store refuses writes, nothing new starts.
+    // While the store refuses writes, nothing new starts. The disk stays full a while; a job
+    // that began in that time says so itself (checked once every job has run).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         count(&log, "start"),
@@ -460,7 +466,7 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
         "a job started on a failing store"
     );
 
-    std::fs::remove_file(data.join("filler")).unwrap();
+    std::fs::remove_file(&filler).unwrap();
     for id in &ids {
         let run = wait_terminal(&mut c, id, LONG).await;
         assert_eq!(run.state, "completed", "{run:?}");
@@ -468,6 +474,11 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
     let (code, body) = http_get(&server.addr, "/readyz").await.unwrap();
     assert_eq!(code, 200, "{body}");
     let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        count(&log, "full"),
+        0,
+        "a job started on a failing store:\n{text}"
+    );
     assert_eq!(count(&log, "TERM"), 0, "no job was signalled:\n{text}");
     assert_eq!(count(&log, "start"), 2 * runs, "each job ran once:\n{text}");
     assert_eq!(count(&log, "done"), 2 * runs, "each job ran once:\n{text}");

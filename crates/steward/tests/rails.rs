@@ -179,24 +179,30 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(
         data.join("steward.toml"),
-        "[error_budgets.Flaky]\nfailures = 3\nwindow = \"10m\"\n",
+        "[error_budgets.Flaky]\nfailures = 3\nwindow = \"10m\"\n[error_budgets.Other]\nfailures = 1\nwindow = \"10m\"\n",
     )
     .unwrap();
     let failing =
         "name: Flaky\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 1']}}]\n";
-    let fail =
-        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>| {
-            let id = submit(c, failing).await;
+    let fail_as =
+        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
+               name: &str| {
+            let id = submit(c, &failing.replace("Flaky", name)).await;
             c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
             assert_eq!(wait_terminal(c, &id, LONG).await.state, "failed");
         };
-    let entry = async |addr: &str| {
+    let fail =
+        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>| {
+            fail_as(c, "Flaky").await;
+        };
+    let entry_of = async |addr: &str, target: &str| {
         let mut e = proto::v1::e_stop_client::EStopClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
         let list = e.list(pb::EStopListRequest {}).await.unwrap().into_inner();
-        list.entries.into_iter().find(|x| x.target == "Flaky")
+        list.entries.into_iter().find(|x| x.target == target)
     };
+    let entry = async |addr: &str| entry_of(addr, "Flaky").await;
 
     let mut server = Server::start(&data, &[]).await;
     let mut c = server.client().await;
@@ -224,7 +230,18 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     // An operator lets the workflow run again: the failures before the trip are spent.
     cli_as("ana", &server.addr, &["estop", "set", "Flaky", "go"]);
     fail(&mut c).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Failures are counted one at a time, in the order the runs ended: once the failure of a
+    // later run (of a workflow whose budget is one failure) has tripped its budget, the
+    // Flaky failure has been counted.
+    fail_as(&mut c, "Other").await;
+    let deadline = std::time::Instant::now() + LONG;
+    while entry_of(&server.addr, "Other").await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the later budget never tripped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         entry(&server.addr).await.unwrap().state,
         "go",

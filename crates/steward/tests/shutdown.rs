@@ -278,7 +278,12 @@ async fn a_second_signal_stops_now() {
         .unwrap();
 
     server.signal(Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first signal has been taken: the engine is draining. (A second SIGTERM sent before
+    // that could merge with the first.)
+    eventually("the drain to begin", LONG, || {
+        server.log_text().contains("shutdown begins")
+    })
+    .await;
     assert!(
         server.child.try_wait().unwrap().is_none(),
         "a drain waits for the in-flight job (grace 25 s)"
@@ -293,7 +298,12 @@ async fn a_second_signal_stops_now() {
     );
     assert!(process_gone(pid));
     let log = server.log_text();
-    assert!(log.contains("second stop request"), "{log}");
+    // Only a process still draining hears the second request: the drain did not end on its
+    // own while the job was in flight.
+    assert!(
+        log.contains("second stop request"),
+        "a drain waits for the in-flight job (grace 25 s): {log}"
+    );
     // The cause recorded is the one that decided how the process stopped: `now`.
     let last = std::fs::read_to_string(data.join("last-stop.json")).unwrap();
     let last: serde_json::Value = serde_json::from_str(&last).unwrap();
