@@ -227,6 +227,7 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
         spec: Some(spec_to_wire(&r.spec)),
         // Filled by the caller, which knows the e-stop list.
         estop: None,
+        submitted_by: r.submitted_by.clone(),
     }
 }
 
@@ -242,6 +243,43 @@ pub fn summary_to_wire(r: &RunSummary) -> pb::RunSummary {
         ended_at: ts(r.ended_at),
         error: r.error.clone().unwrap_or_default(),
         stop_cause: r.stop_cause.as_ref().map(stop_cause_to_wire),
+        submitted_by: r.submitted_by.clone(),
+    }
+}
+
+pub fn token_to_wire(t: &store::TokenRecord) -> pb::Token {
+    pb::Token {
+        name: t.name.clone(),
+        role: t.role.to_string(),
+        scopes: scopes_to_wire(&t.scope),
+        created_by: t.created_by.clone(),
+        created_at: t.created_at.to_rfc3339(),
+        expires_at: ts(t.expires_at),
+        last_used_at: ts(t.last_used_at),
+    }
+}
+
+fn scopes_to_wire(s: &domain::auth::Scope) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .workflows
+        .iter()
+        .map(|w| format!("workflow={w}"))
+        .collect();
+    for (k, vs) in &s.labels {
+        out.extend(vs.iter().map(|v| format!("{k}={v}")));
+    }
+    out
+}
+
+pub fn access_to_wire(a: &store::AccessRecord) -> pb::AccessRecord {
+    pb::AccessRecord {
+        at: a.at.to_rfc3339(),
+        actor: a.actor.clone(),
+        call: a.call.clone(),
+        target: a.target.clone(),
+        allowed: a.allowed,
+        peer: a.peer.clone(),
+        detail: a.detail.clone(),
     }
 }
 

@@ -1,20 +1,20 @@
 //! The gRPC face of the API.
 
 use proto::v1 as pb;
+use proto::v1::admin_server::Admin;
 use proto::v1::e_stop_server::EStop;
 use proto::v1::steward_server::Steward;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::service::{RunStream, Service};
 
-/// Who is calling, for audit fields (`x-steward-actor` metadata).
-fn actor<T>(req: &Request<T>) -> Result<String, Status> {
-    crate::service::actor(
-        req.metadata()
-            .get("x-steward-actor")
-            .map(|v| v.to_str().unwrap_or("\u{fffd}")),
-    )
-    .map_err(Status::from)
+/// Who is calling: the caller the router's authentication put on the request.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
 }
 
 #[tonic::async_trait]
@@ -23,22 +23,25 @@ impl Steward for Service {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = caller(&req)?;
         let spec = Service::wire_spec(req.into_inner().spec)?;
-        Ok(Response::new(Service::submit(self, spec).await?))
+        Ok(Response::new(Service::submit(self, &who, spec).await?))
     }
 
     async fn exec(
         &self,
         req: Request<pb::ExecRequest>,
     ) -> Result<Response<pb::ExecResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            Service::exec(self, &req.into_inner().id).await?,
+            Service::exec(self, &who, &req.into_inner().id).await?,
         ))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::Run>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            Service::status(self, &req.into_inner().id).await?,
+            Service::status(self, &who, &req.into_inner().id).await?,
         ))
     }
 
@@ -46,7 +49,10 @@ impl Steward for Service {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        Ok(Response::new(Service::list(self, req.into_inner()).await?))
+        let who = caller(&req)?;
+        Ok(Response::new(
+            Service::list(self, &who, req.into_inner()).await?,
+        ))
     }
 
     type WatchStream =
@@ -57,7 +63,8 @@ impl Steward for Service {
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         use futures::StreamExt;
-        let stream: RunStream = Service::watch(self, &req.into_inner().id).await?;
+        let who = caller(&req)?;
+        let stream: RunStream = Service::watch(self, &who, &req.into_inner().id).await?;
         Ok(Response::new(Box::pin(
             stream.map(|r| r.map_err(Status::from)),
         )))
@@ -67,10 +74,10 @@ impl Steward for Service {
         &self,
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        let who = actor(&req)?;
+        let who = caller(&req)?;
         let r = req.into_inner();
         Ok(Response::new(
-            Service::cancel(self, &r.id, &r.reason, &who).await?,
+            Service::cancel(self, &who, &r.id, &r.reason).await?,
         ))
     }
 
@@ -78,8 +85,9 @@ impl Steward for Service {
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            Service::clone_run(self, &req.into_inner().id).await?,
+            Service::clone_run(self, &who, &req.into_inner().id).await?,
         ))
     }
 
@@ -87,8 +95,9 @@ impl Steward for Service {
         &self,
         req: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let who = caller(&req)?;
         let spec = Service::wire_spec(req.into_inner().spec);
-        Ok(Response::new(Service::validate(self, spec)))
+        Ok(Response::new(Service::validate(self, &who, spec)?))
     }
 }
 
@@ -96,26 +105,27 @@ impl Steward for Service {
 impl EStop for Service {
     async fn list(
         &self,
-        _req: Request<pb::EStopListRequest>,
+        req: Request<pb::EStopListRequest>,
     ) -> Result<Response<pb::EStopListResponse>, Status> {
-        Ok(Response::new(self.estop_list()?))
+        let who = caller(&req)?;
+        Ok(Response::new(self.estop_list(&who)?))
     }
 
     async fn set(
         &self,
         req: Request<pb::EStopSetRequest>,
     ) -> Result<Response<pb::AuditRecord>, Status> {
-        let who = actor(&req)?;
-        Ok(Response::new(self.estop_set(req.into_inner(), &who).await?))
+        let who = caller(&req)?;
+        Ok(Response::new(self.estop_set(&who, req.into_inner()).await?))
     }
 
     async fn clear(
         &self,
         req: Request<pb::EStopClearRequest>,
     ) -> Result<Response<pb::EStopClearResponse>, Status> {
-        let who = actor(&req)?;
+        let who = caller(&req)?;
         Ok(Response::new(
-            self.estop_clear(req.into_inner(), &who).await?,
+            self.estop_clear(&who, req.into_inner()).await?,
         ))
     }
 
@@ -123,6 +133,50 @@ impl EStop for Service {
         &self,
         req: Request<pb::EStopAuditRequest>,
     ) -> Result<Response<pb::EStopAuditResponse>, Status> {
-        Ok(Response::new(self.estop_audit(req.into_inner()).await?))
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.estop_audit(&who, req.into_inner()).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            Service::create_token(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(Service::list_tokens(self, &who).await?))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            Service::revoke_token(self, &who, &req.into_inner().name).await?,
+        ))
+    }
+
+    async fn access_log(
+        &self,
+        req: Request<pb::AccessLogRequest>,
+    ) -> Result<Response<pb::AccessLogResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            Service::access_log(self, &who, req.into_inner()).await?,
+        ))
     }
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,6 +15,7 @@ use proto::v1 as pb;
 use serde::Deserialize;
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::service::{ApiError, Service};
 
 /// Room for the largest spec (`domain::spec::MAX_SPEC_BYTES`) and its envelope.
@@ -62,14 +63,6 @@ fn screaming_snake(camel: &str) -> String {
     out
 }
 
-fn actor(headers: &HeaderMap) -> Result<String, ApiError> {
-    crate::service::actor(
-        headers
-            .get("x-steward-actor")
-            .map(|v| v.to_str().unwrap_or("\u{fffd}")),
-    )
-}
-
 /// A spec from a request body: `{"spec": WorkReq}` (the SubmitRequest message), or a
 /// workflow file as is (YAML or JSON, the schema of docs/workflows.md).
 fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
@@ -89,28 +82,35 @@ fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
 
 async fn submit(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     body: String,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
     let spec = spec_from_body(&body)?;
-    st.service.submit(spec).await.map(Json)
+    st.service.submit(&who, spec).await.map(Json)
 }
 
-async fn validate(State(st): State<AppState>, body: String) -> Json<pb::ValidateResponse> {
-    Json(st.service.validate(spec_from_body(&body)))
+async fn validate(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: String,
+) -> Result<Json<pb::ValidateResponse>, ApiError> {
+    st.service.validate(&who, spec_from_body(&body)).map(Json)
 }
 
 async fn exec(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<pb::ExecResponse>, ApiError> {
-    st.service.exec(&id).await.map(Json)
+    st.service.exec(&who, &id).await.map(Json)
 }
 
 async fn status(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<pb::Run>, ApiError> {
-    st.service.status(&id).await.map(Json)
+    st.service.status(&who, &id).await.map(Json)
 }
 
 #[derive(Deserialize, Default)]
@@ -127,6 +127,7 @@ struct ListQuery {
 
 async fn list(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::ListResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
@@ -158,7 +159,7 @@ async fn list(
         page_size: q.page_size.unwrap_or(0),
         page_token: q.page_token.unwrap_or_default(),
     };
-    st.service.list(req).await.map(Json)
+    st.service.list(&who, req).await.map(Json)
 }
 
 #[derive(Deserialize, Default)]
@@ -170,8 +171,8 @@ struct CancelBody {
 
 async fn cancel(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: String,
 ) -> Result<Json<pb::CancelResponse>, ApiError> {
     let body: CancelBody = if body.trim().is_empty() {
@@ -180,22 +181,24 @@ async fn cancel(
         serde_json::from_str(&body)
             .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?
     };
-    st.service
-        .cancel(&id, &body.reason, &actor(&headers)?)
-        .await
-        .map(Json)
+    st.service.cancel(&who, &id, &body.reason).await.map(Json)
 }
 
 async fn clone_run(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
-    st.service.clone_run(&id).await.map(Json)
+    st.service.clone_run(&who, &id).await.map(Json)
 }
 
 /// Server-sent events: one `run` event per change, the last when the run is terminal.
-async fn watch(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let stream = st.service.watch(&id).await?;
+async fn watch(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stream = st.service.watch(&who, &id).await?;
     let events = stream.map(|r| {
         let ev = match r {
             Ok(run) => Event::default().event("run").json_data(run),
@@ -210,8 +213,11 @@ async fn watch(State(st): State<AppState>, Path(id): Path<String>) -> Result<Res
         .into_response())
 }
 
-async fn estop_list(State(st): State<AppState>) -> Result<Json<pb::EStopListResponse>, ApiError> {
-    st.service.estop_list().map(Json)
+async fn estop_list(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+) -> Result<Json<pb::EStopListResponse>, ApiError> {
+    st.service.estop_list(&who).map(Json)
 }
 
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, ApiError> {
@@ -225,24 +231,21 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, 
 /// `POST /v1/estop` with `{"target": "site=aap", "state": "stop", "reason": "INC-42"}`.
 async fn estop_set(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Extension<Caller>,
     body: String,
 ) -> Result<Json<pb::AuditRecord>, ApiError> {
     let req: pb::EStopSetRequest = json_body(&body)?;
-    st.service.estop_set(req, &actor(&headers)?).await.map(Json)
+    st.service.estop_set(&who, req).await.map(Json)
 }
 
 /// `POST /v1/estop/clear` with `{"target": "site=aap", "reason": "..."}`.
 async fn estop_clear(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Extension<Caller>,
     body: String,
 ) -> Result<Json<pb::EStopClearResponse>, ApiError> {
     let req: pb::EStopClearRequest = json_body(&body)?;
-    st.service
-        .estop_clear(req, &actor(&headers)?)
-        .await
-        .map(Json)
+    st.service.estop_clear(&who, req).await.map(Json)
 }
 
 /// `?target=&limit=`: an empty value is the same as none.
@@ -255,6 +258,7 @@ struct AuditQuery {
 
 async fn estop_audit(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::EStopAuditResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
@@ -271,7 +275,51 @@ async fn estop_audit(
         target: q.target.unwrap_or_default(),
         limit,
     };
-    st.service.estop_audit(req).await.map(Json)
+    st.service.estop_audit(&who, req).await.map(Json)
+}
+
+/// `POST /v1/tokens` with `{"name": "ci", "role": "submitter", "scopes": ["workflow=deploy"],
+/// "expires_in": "30d"}`.
+async fn create_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: String,
+) -> Result<Json<pb::CreateTokenResponse>, ApiError> {
+    let req: pb::CreateTokenRequest = json_body(&body)?;
+    st.service.create_token(&who, req).await.map(Json)
+}
+
+async fn list_tokens(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+) -> Result<Json<pb::ListTokensResponse>, ApiError> {
+    st.service.list_tokens(&who).await.map(Json)
+}
+
+async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<pb::RevokeTokenResponse>, ApiError> {
+    st.service.revoke_token(&who, &name).await.map(Json)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AccessQuery {
+    limit: Option<u32>,
+}
+
+async fn access_log(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    query: Result<Query<AccessQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<pb::AccessLogResponse>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let req = pb::AccessLogRequest {
+        limit: q.limit.unwrap_or(0),
+    };
+    st.service.access_log(&who, req).await.map(Json)
 }
 
 async fn healthz() -> &'static str {
@@ -327,6 +375,9 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/estop", get(estop_list).post(estop_set))
         .route("/v1/estop/clear", post(estop_clear))
         .route("/v1/estop/audit", get(estop_audit))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/v1/access", get(access_log))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use engine::Engine;
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
 pub mod convert;
 mod grpc;
 pub mod http;
@@ -29,9 +30,13 @@ pub async fn serve(
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    // The peer address reaches the handlers (the access log records it).
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 /// What the handlers share.
@@ -194,6 +199,7 @@ impl Api {
     pub async fn new(
         engine: Engine,
         estop: Option<estop::EStopHandle>,
+        auth: Arc<auth::Authenticator>,
         shutdown: CancellationToken,
     ) -> Api {
         let health = tonic_health::server::HealthReporter::new();
@@ -206,6 +212,7 @@ impl Api {
                     engine,
                     estop,
                     shutdown,
+                    auth,
                 },
                 health,
                 started: Arc::new(std::time::Instant::now()),
@@ -245,30 +252,68 @@ impl Api {
 
     /// One router for everything: requests with a gRPC content type go to tonic, the rest to
     /// the HTTP routes, where an unknown path answers 404 with a JSON error (never the gRPC
-    /// fallback's empty 200, which a script with a typo would take for success).
+    /// fallback's empty 200, which a script with a typo would take for success). Every request
+    /// but health, readiness and metrics is authenticated first: its caller goes on the
+    /// request, or it is refused (401 / UNAUTHENTICATED) before any handler sees it.
     pub fn router(&self) -> axum::Router {
         let steward = proto::v1::steward_server::StewardServer::new(self.state.service.clone())
             .max_decoding_message_size(http::MAX_BODY_BYTES);
         let estop = proto::v1::e_stop_server::EStopServer::new(self.state.service.clone());
+        let admin = proto::v1::admin_server::AdminServer::new(self.state.service.clone());
         let health = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.state.health.clone()),
         );
         let grpc = tonic::service::Routes::new(steward)
             .add_service(estop)
+            .add_service(admin)
             .add_service(health)
             .prepare()
             .into_axum_router();
         let http = http::router(self.state.clone());
+        let auth = self.state.service.auth.clone();
         axum::Router::new().fallback_service(tower::service_fn(
-            move |req: axum::extract::Request| {
-                let to = if is_grpc(&req) {
+            move |mut req: axum::extract::Request| {
+                let grpc_call = is_grpc(&req);
+                let to = if grpc_call {
                     grpc.clone()
                 } else {
                     http.clone()
                 };
-                tower::ServiceExt::oneshot(to, req)
+                let auth = auth.clone();
+                async move {
+                    if !is_open(&req, grpc_call) {
+                        let peer = req
+                            .extensions()
+                            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                            .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+                        let credential = req
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .map(|v| v.as_bytes().to_vec());
+                        match auth.authenticate(credential.as_deref(), peer).await {
+                            Ok(caller) => {
+                                req.extensions_mut().insert(caller);
+                            }
+                            Err(e) if grpc_call => {
+                                return Ok(tonic::Status::from(e).into_http());
+                            }
+                            Err(e) => return Ok(axum::response::IntoResponse::into_response(e)),
+                        }
+                    }
+                    tower::ServiceExt::oneshot(to, req).await
+                }
             },
         ))
+    }
+}
+
+/// Health, readiness and metrics answer without a token (probes and scrapers have none).
+fn is_open(req: &axum::extract::Request, grpc: bool) -> bool {
+    let path = req.uri().path();
+    if grpc {
+        path.starts_with("/grpc.health.v1.Health/")
+    } else {
+        matches!(path, "/healthz" | "/readyz" | "/metrics")
     }
 }
 

@@ -3,6 +3,9 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use domain::auth::Call;
 use domain::limits;
 use domain::{RunId, RunState, WorkflowSpec};
 use engine::{Engine, EngineError};
@@ -10,6 +13,7 @@ use futures::Stream;
 use proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Authenticator, Caller};
 use crate::convert;
 
 /// An API error: a gRPC code, a message, and for bad specs every field violation.
@@ -81,6 +85,8 @@ pub struct Service {
     pub estop: Option<estop::EStopHandle>,
     /// Fired at shutdown: ends Watch streams so the listener can close.
     pub shutdown: CancellationToken,
+    /// Checks tokens; keeps the access log.
+    pub auth: Arc<Authenticator>,
 }
 
 fn policy_violation(v: &policy::Violation) -> pb::FieldViolation {
@@ -115,19 +121,68 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     domain::limits::check_len(field, value, max).map_err(invalid)
 }
 
-/// The actor a client names (`x-steward-actor`): `anonymous` when absent, refused when too
-/// long or holding control characters (it is written to the audit trail and the log).
-pub fn actor(header: Option<&str>) -> Result<String, ApiError> {
-    let Some(a) = header.map(str::trim).filter(|a| !a.is_empty()) else {
-        return Ok("anonymous".to_owned());
-    };
-    check_len("x-steward-actor", a, limits::MAX_ACTOR_LEN)?;
-    if a.chars().any(char::is_control) {
-        return Err(invalid(
-            "x-steward-actor: must not hold control characters".into(),
-        ));
+/// A token as `req` asks for it, checked field by field (its hash is filled in later).
+pub fn new_token(
+    req: &pb::CreateTokenRequest,
+    by: &str,
+    now: domain::Timestamp,
+) -> Result<store::TokenRecord, ApiError> {
+    let name = req.name.trim();
+    if name.is_empty() {
+        return Err(invalid("name: required".into()));
     }
-    Ok(a.to_owned())
+    check_len("name", name, limits::MAX_ACTOR_LEN)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+    {
+        return Err(invalid(format!(
+            "name: {} holds a character other than letters, digits, '_', '-', '.' and '@'",
+            limits::clip(name)
+        )));
+    }
+    let role = req
+        .role
+        .parse::<domain::auth::Role>()
+        .map_err(|e| invalid(format!("role: {e}")))?;
+    if req.scopes.len() > 32 {
+        return Err(invalid(format!(
+            "scopes: {} given; the limit is 32",
+            req.scopes.len()
+        )));
+    }
+    let mut scope = domain::auth::Scope::default();
+    for (i, sc) in req.scopes.iter().enumerate() {
+        scope
+            .add(sc)
+            .map_err(|e| invalid(format!("scopes[{i}]: {e}")))?;
+    }
+    let expires_at = match req.expires_in.trim() {
+        "" => None,
+        text => {
+            check_len("expires_in", text, 64)?;
+            let d = humantime::parse_duration(text).map_err(|_| {
+                invalid(format!(
+                    "expires_in: {} is not a duration such as 30d or 12h",
+                    limits::clip(text)
+                ))
+            })?;
+            if d.is_zero() {
+                return Err(invalid("expires_in: must be greater than 0".into()));
+            }
+            Some(now.plus(d))
+        }
+    };
+    Ok(store::TokenRecord {
+        name: name.to_owned(),
+        hash: String::new(),
+        role,
+        scope,
+        created_by: by.to_owned(),
+        created_at: now,
+        expires_at,
+        last_used_at: None,
+    })
 }
 
 pub fn parse_id(id: &str) -> Result<RunId, ApiError> {
@@ -147,25 +202,101 @@ impl Service {
         convert::spec_from_wire(spec).map_err(|e| ApiError::invalid_spec(&e))
     }
 
-    pub async fn submit(&self, spec: WorkflowSpec) -> Result<pb::SubmitResponse, ApiError> {
-        let s = self.engine.submit(spec).await?;
+    /// Refuses `call` unless the caller's role allows it, logging the refusal.
+    pub fn authorize(&self, caller: &Caller, call: &Call, target: &str) -> Result<(), ApiError> {
+        caller.principal.check(call).map_err(|why| {
+            self.auth
+                .log_refusal(caller.name(), &call.to_string(), target, &caller.peer, &why);
+            ApiError::new(tonic::Code::PermissionDenied, why)
+        })
+    }
+
+    /// Refuses `call` on something outside the caller's scope, logging the refusal.
+    fn check_scope(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        target: &str,
+        covered: bool,
+    ) -> Result<(), ApiError> {
+        if covered {
+            return Ok(());
+        }
+        let why = format!(
+            "token {:?} is scoped to {}, which does not cover {target}",
+            caller.name(),
+            caller.principal.scope
+        );
+        self.auth
+            .log_refusal(caller.name(), &call.to_string(), target, &caller.peer, &why);
+        Err(ApiError::new(tonic::Code::PermissionDenied, why))
+    }
+
+    /// Checks that the caller may make `call` on run `id`, reading the run only when its
+    /// scope or its ownership matters.
+    async fn authorize_on_run(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        id: RunId,
+    ) -> Result<(), ApiError> {
+        let target = id.to_string();
+        self.authorize(caller, call, &target)?;
+        if !caller.principal.scope.is_unlimited() {
+            let run = self.engine.status(id).await?;
+            self.check_scope(
+                caller,
+                call,
+                &format!("run {id} ({})", run.spec.name),
+                caller
+                    .principal
+                    .scope
+                    .covers_run(&run.spec.name, &run.spec.labels),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        spec: WorkflowSpec,
+    ) -> Result<pb::SubmitResponse, ApiError> {
+        self.authorize(caller, &Call::Submit, &spec.name)?;
+        self.check_scope(
+            caller,
+            &Call::Submit,
+            &format!("workflow {:?}", spec.name),
+            caller.principal.scope.covers_run(&spec.name, &spec.labels),
+        )?;
+        let s = self.engine.submit_as(spec, caller.name()).await?;
+        self.auth.log_allowed(
+            caller,
+            "Submit",
+            &s.id.to_string(),
+            if s.created { "" } else { "existing run" },
+        );
         Ok(pb::SubmitResponse {
             id: s.id.to_string(),
             created: s.created,
         })
     }
 
-    pub async fn exec(&self, id: &str) -> Result<pb::ExecResponse, ApiError> {
+    pub async fn exec(&self, caller: &Caller, id: &str) -> Result<pb::ExecResponse, ApiError> {
         let id = parse_id(id)?;
+        self.authorize_on_run(caller, &Call::Exec, id).await?;
         self.engine.exec(id).await?;
+        self.auth.log_allowed(caller, "Exec", &id.to_string(), "");
         Ok(pb::ExecResponse {
             id: id.to_string(),
             state: RunState::Queued.to_string(),
         })
     }
 
-    pub async fn status(&self, id: &str) -> Result<pb::Run, ApiError> {
-        let run = self.engine.status(parse_id(id)?).await?;
+    pub async fn status(&self, caller: &Caller, id: &str) -> Result<pb::Run, ApiError> {
+        let id = parse_id(id)?;
+        self.authorize(caller, &Call::Status, &id.to_string())?;
+        let run = self.engine.status(id).await?;
         Ok(self.run_to_wire(&run))
     }
 
@@ -185,7 +316,8 @@ impl Service {
         })
     }
 
-    pub fn estop_list(&self) -> Result<pb::EStopListResponse, ApiError> {
+    pub fn estop_list(&self, caller: &Caller) -> Result<pb::EStopListResponse, ApiError> {
+        self.authorize(caller, &Call::EStopList, "")?;
         let h = self.estop()?;
         let snap = h.snapshot();
         let (entries, readable, error) = match snap.as_ref() {
@@ -207,8 +339,8 @@ impl Service {
 
     pub async fn estop_set(
         &self,
+        caller: &Caller,
         req: pb::EStopSetRequest,
-        actor: &str,
     ) -> Result<pb::AuditRecord, ApiError> {
         let h = self.estop()?;
         check_len("reason", &req.reason, limits::MAX_REASON_LEN)?;
@@ -217,26 +349,50 @@ impl Service {
             .state
             .parse::<domain::estop::EStopState>()
             .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("state: {e}")))?;
+        let call = Call::EStopSet { state };
+        self.authorize(caller, &call, &target.to_string())?;
+        self.check_scope(
+            caller,
+            &call,
+            &format!("target {target}"),
+            caller.principal.scope.covers_target(&target),
+        )?;
         let rec = h
-            .set(target, state, req.reason, actor.to_owned())
+            .set(target, state, req.reason, caller.name().to_owned())
             .await
             .map_err(source_err)?;
+        self.auth.log_allowed(
+            caller,
+            &call.to_string(),
+            &rec.target.to_string(),
+            &rec.reason,
+        );
         tracing::warn!(target = %rec.target, new_state = ?rec.new_state, set_by = %rec.set_by, reason = %rec.reason, "e-stop changed");
         Ok(convert::audit_to_wire(&rec))
     }
 
     pub async fn estop_clear(
         &self,
+        caller: &Caller,
         req: pb::EStopClearRequest,
-        actor: &str,
     ) -> Result<pb::EStopClearResponse, ApiError> {
         let h = self.estop()?;
         check_len("reason", &req.reason, limits::MAX_REASON_LEN)?;
         let target = parse_target(&req.target)?;
+        self.authorize(caller, &Call::EStopClear, &target.to_string())?;
+        self.check_scope(
+            caller,
+            &Call::EStopClear,
+            &format!("target {target}"),
+            caller.principal.scope.covers_target(&target),
+        )?;
+        let shown = target.to_string();
         let rec = h
-            .clear(target, actor.to_owned(), req.reason)
+            .clear(target, caller.name().to_owned(), req.reason.clone())
             .await
             .map_err(source_err)?;
+        self.auth
+            .log_allowed(caller, "EStopClear", &shown, &req.reason);
         Ok(pb::EStopClearResponse {
             cleared: rec.is_some(),
             record: rec.as_ref().map(convert::audit_to_wire),
@@ -245,8 +401,10 @@ impl Service {
 
     pub async fn estop_audit(
         &self,
+        caller: &Caller,
         req: pb::EStopAuditRequest,
     ) -> Result<pb::EStopAuditResponse, ApiError> {
+        self.authorize(caller, &Call::EStopAudit, "")?;
         let h = self.estop()?;
         let target = if req.target.is_empty() {
             None
@@ -265,7 +423,12 @@ impl Service {
         })
     }
 
-    pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        req: pb::ListRequest,
+    ) -> Result<pb::ListResponse, ApiError> {
+        self.authorize(caller, &Call::List, "")?;
         check_len("name", &req.name, domain::spec::MAX_NAME_LEN)?;
         check_len("page_token", &req.page_token, limits::MAX_RUN_ID_LEN)?;
         if req.labels.len() > domain::spec::MAX_LABELS {
@@ -307,21 +470,42 @@ impl Service {
 
     pub async fn cancel(
         &self,
+        caller: &Caller,
         id: &str,
         reason: &str,
-        actor: &str,
     ) -> Result<pb::CancelResponse, ApiError> {
         let id = parse_id(id)?;
         check_len("reason", reason, limits::MAX_REASON_LEN)?;
-        let state = self.engine.cancel(id, actor, reason).await?;
+        let any = Call::Cancel { own: false };
+        if caller.principal.role.allows(&any) {
+            self.authorize_on_run(caller, &any, id).await?;
+        } else {
+            // Whose run it is decides: read it.
+            let run = self.engine.status(id).await?;
+            let call = Call::Cancel {
+                own: !run.submitted_by.is_empty() && run.submitted_by == caller.name(),
+            };
+            self.authorize_on_run(caller, &call, id).await?;
+        }
+        let state = self.engine.cancel(id, caller.name(), reason).await?;
+        self.auth
+            .log_allowed(caller, "Cancel", &id.to_string(), reason);
         Ok(pb::CancelResponse {
             id: id.to_string(),
             state: state.to_string(),
         })
     }
 
-    pub async fn clone_run(&self, id: &str) -> Result<pb::SubmitResponse, ApiError> {
-        let new = self.engine.clone_run(parse_id(id)?).await?;
+    pub async fn clone_run(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<pb::SubmitResponse, ApiError> {
+        let id = parse_id(id)?;
+        self.authorize_on_run(caller, &Call::Clone, id).await?;
+        let new = self.engine.clone_run(id, caller.name()).await?;
+        self.auth
+            .log_allowed(caller, "Clone", &new.to_string(), &format!("clone of {id}"));
         Ok(pb::SubmitResponse {
             id: new.to_string(),
             created: true,
@@ -329,7 +513,16 @@ impl Service {
     }
 
     /// Submit's checks without storing anything: the spec's problems and every policy's verdict.
-    pub fn validate(&self, spec: Result<WorkflowSpec, ApiError>) -> pb::ValidateResponse {
+    pub fn validate(
+        &self,
+        caller: &Caller,
+        spec: Result<WorkflowSpec, ApiError>,
+    ) -> Result<pb::ValidateResponse, ApiError> {
+        self.authorize(caller, &Call::Validate, "")?;
+        Ok(self.validated(spec))
+    }
+
+    fn validated(&self, spec: Result<WorkflowSpec, ApiError>) -> pb::ValidateResponse {
         let spec = match spec {
             Ok(s) => s,
             Err(e) => {
@@ -369,9 +562,96 @@ impl Service {
         }
     }
 
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        req: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, ApiError> {
+        self.authorize(caller, &Call::Tokens, &req.name)?;
+        let token = new_token(&req, caller.name(), self.auth.now())?;
+        let (secret, hash) = crate::auth::new_secret()?;
+        let token = store::TokenRecord { hash, ..token };
+        self.auth
+            .store()
+            .token_create(token.clone())
+            .await
+            .map_err(|e| match e {
+                store::Error::Conflict(m) => ApiError::new(tonic::Code::AlreadyExists, m),
+                other => ApiError::new(tonic::Code::Unavailable, other.to_string()),
+            })?;
+        self.auth.forget();
+        self.auth
+            .log_allowed(caller, "CreateToken", &token.name, token.role.as_str());
+        Ok(pb::CreateTokenResponse {
+            token: Some(convert::token_to_wire(&token)),
+            secret,
+        })
+    }
+
+    pub async fn list_tokens(&self, caller: &Caller) -> Result<pb::ListTokensResponse, ApiError> {
+        self.authorize(caller, &Call::Tokens, "")?;
+        let tokens = self
+            .auth
+            .store()
+            .token_list()
+            .await
+            .map_err(|e| ApiError::new(tonic::Code::Unavailable, e.to_string()))?;
+        Ok(pb::ListTokensResponse {
+            tokens: tokens.iter().map(convert::token_to_wire).collect(),
+        })
+    }
+
+    pub async fn revoke_token(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<pb::RevokeTokenResponse, ApiError> {
+        check_len("name", name, limits::MAX_ACTOR_LEN)?;
+        self.authorize(caller, &Call::Tokens, name)?;
+        let revoked = self
+            .auth
+            .store()
+            .token_revoke(name)
+            .await
+            .map_err(|e| ApiError::new(tonic::Code::Unavailable, e.to_string()))?;
+        self.auth.forget();
+        self.auth.log_allowed(
+            caller,
+            "RevokeToken",
+            name,
+            if revoked { "" } else { "no such token" },
+        );
+        Ok(pb::RevokeTokenResponse { revoked })
+    }
+
+    pub async fn access_log(
+        &self,
+        caller: &Caller,
+        req: pb::AccessLogRequest,
+    ) -> Result<pb::AccessLogResponse, ApiError> {
+        self.authorize(caller, &Call::AccessLog, "")?;
+        if req.limit > store::MAX_PAGE_SIZE {
+            return Err(invalid(format!(
+                "limit: {} is over the limit of {}",
+                req.limit,
+                store::MAX_PAGE_SIZE
+            )));
+        }
+        let records = self
+            .auth
+            .store()
+            .access_list(req.limit)
+            .await
+            .map_err(|e| ApiError::new(tonic::Code::Unavailable, e.to_string()))?;
+        Ok(pb::AccessLogResponse {
+            records: records.iter().map(convert::access_to_wire).collect(),
+        })
+    }
+
     /// The run now, then on every change until it is terminal (or the server stops).
-    pub async fn watch(&self, id: &str) -> Result<RunStream, ApiError> {
+    pub async fn watch(&self, caller: &Caller, id: &str) -> Result<RunStream, ApiError> {
         let id = parse_id(id)?;
+        self.authorize(caller, &Call::Watch, &id.to_string())?;
         // Subscribe before reading: a change that lands between the two is then both in the
         // first read and in the feed, never in neither.
         let rx = self.engine.subscribe();

@@ -70,6 +70,18 @@ async fn start_full(
     policies: Option<&str>,
     database: Option<&str>,
 ) -> anyhow::Result<Bench> {
+    start_env(max_running_jobs, mode, policies, database, &[]).await
+}
+
+/// [`start_full`] with settings of the benchmark's own (`STEWARD_AUTH=none`, say), which win
+/// over the environment's.
+async fn start_env(
+    max_running_jobs: usize,
+    mode: EStopMode,
+    policies: Option<&str>,
+    database: Option<&str>,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
     std::fs::write(
         dir.path().join("policies.toml"),
@@ -81,6 +93,11 @@ async fn start_full(
     // The node takes the `STEWARD_*` settings of the environment, as `steward serve` does
     // (`STEWARD_JOB_CONTAINMENT=process_group`, say); the benchmark's own come on top.
     let mut env = node::config::environment()?;
+    env.extend(
+        settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     env.push((
         "STEWARD_MAX_RUNNING_JOBS".to_owned(),
         max_running_jobs.to_string(),
@@ -101,9 +118,47 @@ async fn start_full(
     })
 }
 
+/// Adds the data directory's admin token to every request, when the node wrote one (tokens
+/// on): the benchmark's clients authenticate as users' clients do.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    fn of(dir: &std::path::Path) -> anyhow::Result<Bearer> {
+        match std::fs::read_to_string(dir.join(node::ADMIN_TOKEN_FILE)) {
+            Ok(t) => Ok(Bearer(Some(format!("Bearer {}", t.trim()).parse()?))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Bearer(None)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+async fn channel(addr: &str, dir: &std::path::Path) -> anyhow::Result<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        ch,
+        Bearer::of(dir)?,
+    ))
+}
+
 impl Bench {
-    async fn client(&self) -> anyhow::Result<StewardClient<tonic::transport::Channel>> {
-        Ok(StewardClient::connect(format!("http://{}", self.addr)).await?)
+    async fn client(&self) -> anyhow::Result<StewardClient<Channel>> {
+        Ok(StewardClient::new(
+            channel(&self.addr, self._dir.path()).await?,
+        ))
     }
 
     async fn stop(self) {
@@ -241,6 +296,7 @@ async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration
             created_at: now,
             expires_at: now.plus(Duration::from_secs(3600)),
             cloned_from: None,
+            submitted_by: "bench".into(),
         };
         ids.push(nr.id);
         pending.push(b.store.submit(nr));
@@ -291,13 +347,14 @@ async fn startup_and_rss() -> anyhow::Result<(Duration, u64)> {
         .spawn()?;
     let deadline = started + Duration::from_secs(30);
     let ready = loop {
-        if let Ok(mut c) = StewardClient::connect(format!("http://{addr}")).await
-            && c.list(pb::ListRequest {
-                page_size: 1,
-                ..Default::default()
-            })
-            .await
-            .is_ok()
+        if let Ok(ch) = channel(&addr, dir.path()).await
+            && StewardClient::new(ch)
+                .list(pb::ListRequest {
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
         {
             break started.elapsed();
         }
@@ -340,15 +397,17 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "estop" => estop_suite(&o).await,
         "policy" => policy_suite(&o).await,
         "scaleout" => scaleout_suite(&o).await,
+        "auth" => auth_suite(&o).await,
         "all" => {
             core(&o).await?;
             shutdown(&o).await?;
             estop_suite(&o).await?;
-            policy_suite(&o).await
+            policy_suite(&o).await?;
+            auth_suite(&o).await
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, scaleout or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, scaleout or all"
             )
         }
     }
@@ -441,6 +500,7 @@ async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
                 created_at: now,
                 expires_at: now.plus(Duration::from_secs(3600)),
                 cloned_from: None,
+                submitted_by: "bench".into(),
             };
             ids.push(nr.id);
             pending.push(store.submit(nr));
@@ -664,7 +724,7 @@ async fn propagation(via_file: bool, runs: usize) -> anyhow::Result<Vec<Duration
         std::fs::rename(&tmp, dir.join("estop.json"))?;
     } else {
         let mut e =
-            proto::v1::e_stop_client::EStopClient::connect(format!("http://{}", b.addr)).await?;
+            proto::v1::e_stop_client::EStopClient::new(channel(&b.addr, b._dir.path()).await?);
         e.set(pb::EStopSetRequest {
             target: "site=aap".into(),
             state: "stop".into(),
@@ -935,5 +995,69 @@ async fn scaleout_suite(o: &BenchOpts) -> anyhow::Result<()> {
             ms(percentile(&s, 1.0))
         );
     }
+    Ok(())
+}
+
+/// What tokens cost: core throughput and Submit latency with `auth = "token"` (every call
+/// authenticated, mutating calls written to the access log) against `auth = "none"`, the two
+/// nodes measured in alternating rounds.
+async fn auth_suite(o: &BenchOpts) -> anyhow::Result<()> {
+    let none = start_env(
+        256,
+        EStopMode::AllGo,
+        None,
+        None,
+        &[("STEWARD_AUTH", "none")],
+    )
+    .await?;
+    let token = start_env(
+        256,
+        EStopMode::AllGo,
+        None,
+        None,
+        &[("STEWARD_AUTH", "token")],
+    )
+    .await?;
+    anyhow::ensure!(
+        token._dir.path().join(node::ADMIN_TOKEN_FILE).exists(),
+        "the token node wrote no admin token"
+    );
+    let rounds = 4;
+    let runs_per_round = (o.runs / rounds).max(100);
+    throughput(&none, 200, 3, o.concurrency).await?;
+    throughput(&token, 200, 3, o.concurrency).await?;
+    let (mut rate_none, mut rate_token) = (0.0, 0.0);
+    for _ in 0..rounds {
+        rate_none += throughput(&none, runs_per_round, 3, o.concurrency).await?;
+        rate_token += throughput(&token, runs_per_round, 3, o.concurrency).await?;
+    }
+    let (rate_none, rate_token) = (rate_none / rounds as f64, rate_token / rounds as f64);
+    let spec = noop_spec(1);
+    submit_latency(&none, &spec, 50).await?;
+    submit_latency(&token, &spec, 50).await?;
+    let per_round = (o.latency_runs / 10).max(1);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        a.extend(submit_latency(&none, &spec, per_round).await?);
+        b.extend(submit_latency(&token, &spec, per_round).await?);
+    }
+    none.stop().await;
+    token.stop().await;
+    a.sort();
+    b.sort();
+    println!(
+        "auth: throughput, {} runs x 3 noop jobs in {rounds} alternating rounds, {} clients: none {rate_none:.0} runs/s, tokens {rate_token:.0} runs/s; ratio {:.2}",
+        runs_per_round * rounds,
+        o.concurrency,
+        rate_token / rate_none
+    );
+    println!(
+        "auth: Submit latency, interleaved: none p50 {} p99 {}; tokens p50 {} p99 {}; ratio of p50 {:.2}",
+        ms(percentile(&a, 0.5)),
+        ms(percentile(&a, 0.99)),
+        ms(percentile(&b, 0.5)),
+        ms(percentile(&b, 0.99)),
+        percentile(&b, 0.5).as_secs_f64() / percentile(&a, 0.5).as_secs_f64()
+    );
     Ok(())
 }

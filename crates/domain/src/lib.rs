@@ -1,5 +1,6 @@
 //! Steward's vocabulary. Everything here is plain data and pure functions: no I/O, no async.
 
+pub mod auth;
 pub mod clock;
 pub mod estop;
 pub mod ids;

@@ -36,6 +36,9 @@ pub struct Run {
     pub cloned_from: Option<RunId>,
     /// A Cancel that the node driving the run has yet to carry out.
     pub cancel_requested: Option<StopCause>,
+    /// The name of the token that submitted it (empty when authentication is off).
+    #[serde(default)]
+    pub submitted_by: String,
     pub blocks: Vec<BlockStatus>,
 }
 
@@ -52,6 +55,9 @@ pub struct RunSummary {
     pub ended_at: Option<Timestamp>,
     pub error: Option<String>,
     pub stop_cause: Option<StopCause>,
+    /// The name of the token that submitted it (empty when authentication is off).
+    #[serde(default)]
+    pub submitted_by: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

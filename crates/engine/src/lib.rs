@@ -420,15 +420,26 @@ impl Engine {
         }
     }
 
-    /// Validates and stores a spec; runs nothing (handshake step 1).
+    /// Validates and stores a spec; runs nothing (handshake step 1). Nobody in particular
+    /// submits it (authentication off); see [`Engine::submit_as`].
     pub async fn submit(&self, spec: WorkflowSpec) -> Result<store::Submitted, EngineError> {
-        self.submit_inner(spec, None).await
+        self.submit_as(spec, "").await
+    }
+
+    /// [`Engine::submit`] for the token named `by`, recorded as the run's submitter.
+    pub async fn submit_as(
+        &self,
+        spec: WorkflowSpec,
+        by: &str,
+    ) -> Result<store::Submitted, EngineError> {
+        self.submit_inner(spec, None, by).await
     }
 
     async fn submit_inner(
         &self,
         spec: WorkflowSpec,
         cloned_from: Option<RunId>,
+        by: &str,
     ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
         let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
@@ -448,6 +459,7 @@ impl Engine {
                 created_at: now,
                 expires_at: now.plus(self.inner.opts.submit_ttl),
                 cloned_from,
+                submitted_by: by.to_owned(),
             })
             .await?;
         if !submitted.created
@@ -561,11 +573,13 @@ impl Engine {
     }
 
     /// Submits a new run with the spec of an old one (its idempotency key dropped).
-    pub async fn clone_run(&self, id: RunId) -> Result<RunId, EngineError> {
+    /// Submits a copy of run `id`'s spec (without its idempotency key) for the token named
+    /// `by`.
+    pub async fn clone_run(&self, id: RunId, by: &str) -> Result<RunId, EngineError> {
         let run = self.inner.store.get(id).await?;
         let mut spec = run.spec;
         spec.idempotency_key = None;
-        Ok(self.submit_inner(spec, Some(id)).await?.id)
+        Ok(self.submit_inner(spec, Some(id), by).await?.id)
     }
 
     /// Stops the engine (docs/operating.md, Stopping). The first cause wins; calling again with `Now`

@@ -464,6 +464,17 @@ pub fn watch_file(path: &Path, wake: Arc<Notify>) -> io::Result<FileWatch> {
 /// keeps its permissions; if `path` is a symbolic link, the file it points to is replaced and
 /// the link stays.
 pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_durably_as(path, contents, None)
+}
+
+/// [`write_durably`] for a secret: the file is readable and writable by its owner only
+/// (mode 0600) from the moment it exists.
+pub fn write_durably_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_durably_as(path, contents, Some(0o600))
+}
+
+fn write_durably_as(path: &Path, contents: &[u8], mode: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     static N: AtomicU64 = AtomicU64::new(0);
     let path = match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)?,
@@ -483,9 +494,18 @@ pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let res = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        if let Ok(m) = fs::metadata(&path) {
-            f.set_permissions(m.permissions())?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode.unwrap_or(0o666))
+            .open(&tmp)?;
+        match (mode, fs::metadata(&path)) {
+            (None, Ok(m)) => f.set_permissions(m.permissions())?,
+            (Some(mode), _) => {
+                use std::os::unix::fs::PermissionsExt as _;
+                f.set_permissions(fs::Permissions::from_mode(mode))?;
+            }
+            (None, Err(_)) => {}
         }
         f.write_all(contents)?;
         f.sync_all()?;

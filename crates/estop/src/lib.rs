@@ -45,7 +45,7 @@ mod service;
 pub use db::{DEFAULT_POLL as DEFAULT_DB_POLL, DbSource};
 pub use file::{
     FileSource, INITIAL_REASON, MAX_ESTOP_FILE_BYTES, READ_TIMEOUT, ensure_initial_file,
-    read_capped, read_capped_async, watch_file, write_durably,
+    read_capped, read_capped_async, watch_file, write_durably, write_durably_private,
 };
 pub use service::{API_SOURCE, EStop, EStopHandle, EStopOptions};
 

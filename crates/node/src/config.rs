@@ -80,6 +80,17 @@ pub struct ServeConfig {
     /// How a `shell` job's processes are kept together: `auto` (a cgroup per attempt where
     /// cgroup v2 allows it, else a process group), `cgroup` or `process_group`.
     pub job_containment: JobContainment,
+    /// `token` (every call but health, readiness and metrics needs a token) or `none` (every
+    /// caller is an admin; only on a loopback `listen` address).
+    pub auth: Auth,
+}
+
+/// `auth`: whether calls need a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Auth {
+    Token,
+    None,
 }
 
 impl Default for ServeConfig {
@@ -108,6 +119,7 @@ impl Default for ServeConfig {
             error_budgets: BTreeMap::new(),
             notify: Vec::new(),
             job_containment: JobContainment::Auto,
+            auth: Auth::Token,
         }
     }
 }
@@ -642,6 +654,12 @@ pub fn load(
         cfg.listen = l
             .parse()
             .with_context(|| format!("--listen: {l:?} is not an address such as 127.0.0.1:7420"))?;
+    }
+    if cfg.auth == Auth::None && !cfg.listen.ip().is_loopback() {
+        bail!(
+            "auth = \"none\" serves every caller as an admin, so it is allowed only on a loopback address, and listen is {}: remove `auth = \"none\"` (tokens are the default; the first start writes an admin token to admin.token in the data directory), or listen on 127.0.0.1",
+            cfg.listen
+        );
     }
     Ok(cfg.in_data_dir(data_dir))
 }

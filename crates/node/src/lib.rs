@@ -13,4 +13,4 @@ mod notify;
 mod policies;
 mod sdnotify;
 
-pub use serve::{Node, serve};
+pub use serve::{ADMIN_TOKEN_FILE, Node, serve};

@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Database, EStopSourceKind, ServeConfig};
+use crate::config::{Auth, Database, EStopSourceKind, ServeConfig};
 use crate::pidfile::{self, PidFile};
 use crate::sdnotify;
 
@@ -33,6 +33,46 @@ fn node_id(cfg: &ServeConfig) -> anyhow::Result<String> {
     estop::write_durably(&path, format!("{id}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
+}
+
+/// The file the first start of a data directory writes the admin token's secret to.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Creates an admin token and writes its secret to `DATA_DIR/admin.token` (mode 0600), so that
+/// the first start needs no other step. The token is named `admin`, or `admin-` and a random
+/// suffix when another node of a shared database took that name.
+async fn bootstrap_admin(cfg: &ServeConfig, tokens: &dyn store::AuthStore) -> anyhow::Result<()> {
+    let path = cfg.data_dir.join(ADMIN_TOKEN_FILE);
+    let (secret, hash) = api::auth::new_secret().map_err(|e| anyhow::anyhow!(e.message))?;
+    estop::write_durably_private(&path, format!("{secret}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let now = domain::Clock::now(&SystemClock);
+    let mut name = "admin".to_owned();
+    for _ in 0..4 {
+        let token = store::TokenRecord {
+            name: name.clone(),
+            hash: hash.clone(),
+            role: domain::auth::Role::Admin,
+            scope: domain::auth::Scope::default(),
+            created_by: "steward".into(),
+            created_at: now,
+            expires_at: None,
+            last_used_at: None,
+        };
+        match tokens.token_create(token).await {
+            Ok(()) => {
+                tracing::warn!(token = %name, file = %path.display(), "created an admin token; its secret is in the file (mode 0600): keep it safe, or revoke it once you have tokens of your own");
+                return Ok(());
+            }
+            Err(store::Error::Conflict(_)) => {
+                // The last characters of a v7 UUID are random.
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                name = format!("admin-{}", &id[id.len() - 8..]);
+            }
+            Err(e) => return Err(e).context("storing the admin token"),
+        }
+    }
+    anyhow::bail!("storing the admin token: every name tried was taken")
 }
 
 /// Reads (and removes) the request `steward stop` left before signalling us.
@@ -93,6 +133,13 @@ pub enum NodeStore {
 
 impl NodeStore {
     pub fn runs(&self) -> Arc<dyn RunStore> {
+        match self {
+            NodeStore::Sqlite(s) => s.clone(),
+            NodeStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    fn auth(&self) -> Arc<dyn store::AuthStore> {
         match self {
             NodeStore::Sqlite(s) => s.clone(),
             NodeStore::Postgres(s) => s.clone(),
@@ -253,6 +300,11 @@ impl Node {
             .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
         let db_tasks = TaskTracker::new();
         let (store, fresh) = open_store(&cfg, &db_tasks).await?;
+        // Before the node_id file marks the data directory as started: a start that dies in
+        // between makes a new admin token the next time.
+        if cfg.auth == Auth::Token && !cfg.data_dir.join("node_id").exists() {
+            bootstrap_admin(&cfg, store.auth().as_ref()).await?;
+        }
         let node = node_id(&cfg)?;
         let mut opts = EngineOptions::new(NodeId(node.clone()));
         opts.max_running_jobs = cfg.max_running_jobs;
@@ -311,7 +363,16 @@ impl Node {
             .with_context(|| format!("listening on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let api_token = CancellationToken::new();
-        let mut api = api::Api::new(engine.clone(), Some(estop.clone()), api_token.clone()).await;
+        let auth = Arc::new(api::auth::Authenticator::new(
+            match cfg.auth {
+                Auth::Token => api::auth::AuthMode::Token,
+                Auth::None => api::auth::AuthMode::None,
+            },
+            store.auth(),
+            Arc::new(SystemClock),
+        ));
+        let mut api =
+            api::Api::new(engine.clone(), Some(estop.clone()), auth, api_token.clone()).await;
         api.set_policy_alert(policies.alert.clone());
         api.set_previous_stop(previous);
         api.set_job_containment(containment.to_string());

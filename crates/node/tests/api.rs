@@ -54,7 +54,11 @@ const POLICIES: &str = "[workflows.t]\n[workflows.k]\n[workflows.x]\n[workflows.
 async fn server_with(tune: impl FnOnce(&mut EngineOptions)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policies.toml"), POLICIES).unwrap();
-    let env = [("STEWARD_KILL_GRACE".to_owned(), "200ms".to_owned())];
+    let env = [
+        ("STEWARD_KILL_GRACE".to_owned(), "200ms".to_owned()),
+        // The tests of access control are in tests/auth.rs.
+        ("STEWARD_AUTH".to_owned(), "none".to_owned()),
+    ];
     let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &env).unwrap();
     let node = node::Node::start_tuned(cfg, None, tune).await.unwrap();
     let addr = node.addr();
@@ -958,7 +962,6 @@ async fn submit_stores_without_running_and_exec_runs_it() {
     assert!(sub.created);
     assert!(sub.id.parse::<RunId>().is_ok(), "{}", sub.id);
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!marker.exists(), "Submit must not execute");
     let run = s.status(&sub.id).await;
     assert_eq!(run.state, "submitted");
@@ -976,9 +979,10 @@ async fn submit_stores_without_running_and_exec_runs_it() {
     );
     assert_eq!(run.spec.as_ref().unwrap().name, "hello");
 
+    // Only a submitted run is queued by Exec: nothing had started it since the Submit.
     let exec = s.exec(&sub.id).await.unwrap();
     assert_eq!(exec.id, sub.id);
-    assert_eq!(exec.state, "queued");
+    assert_eq!(exec.state, "queued", "Submit must not execute");
 
     let run = s.wait_terminal(&sub.id).await;
     assert_eq!(run.state, "completed", "{run:#?}");
@@ -1013,7 +1017,7 @@ async fn a_second_exec_is_already_exists_and_runs_nothing_again() {
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("completed"), "{err:?}");
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The run was terminal before that Exec, which was refused: nothing of it can run again.
     assert_eq!(lines(&log), 1, "the job ran exactly once");
     let run = s.status(&id).await;
     assert_eq!(run.state, "completed");
@@ -1109,6 +1113,8 @@ async fn cancel_of_a_submitted_run_cancels_it_for_good() {
         id: id.clone(),
         reason: "wrong site".into(),
     });
+    // A name the client picks changes nothing: the caller is the token's (here, with tokens
+    // off, `anonymous`).
     req.metadata_mut()
         .insert("x-steward-actor", "ana".parse().unwrap());
     let resp = s.grpc().cancel(req).await.unwrap().into_inner();
@@ -1120,7 +1126,10 @@ async fn cancel_of_a_submitted_run_cancels_it_for_good() {
     assert_ne!(run.ended_at, "");
     let cause = run.stop_cause.unwrap();
     assert_eq!(cause.kind, "cancelled");
-    assert_eq!(cause.details.get("by").map(String::as_str), Some("ana"));
+    assert_eq!(
+        cause.details.get("by").map(String::as_str),
+        Some("anonymous")
+    );
     assert_eq!(
         cause.details.get("reason").map(String::as_str),
         Some("wrong site")
@@ -1149,7 +1158,7 @@ async fn cancel_of_a_submitted_run_cancels_it_for_good() {
         Some("wrong site"),
         "the first cause stays"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cancelled is terminal and Exec was refused: the job can never run.
     assert!(!marker.exists());
 }
 
@@ -1180,11 +1189,14 @@ async fn clone_gives_a_new_submitted_run_with_the_same_spec() {
     assert_eq!(new.blocks[0].jobs[0].state, "pending");
     assert_eq!(s.status(&old).await.cloned_from, "");
 
-    // The clone is a run like any other: Exec runs it once more.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The clone is a run like any other: Exec runs it once more. Exec queues only a run that
+    // is still submitted, so nothing ran the clone before it.
     assert_eq!(lines(&log), 1, "a clone is only submitted");
-    s.exec(&resp.id).await.unwrap();
-    assert_eq!(s.wait_terminal(&resp.id).await.state, "completed");
+    let exec = s.exec(&resp.id).await.unwrap();
+    assert_eq!(exec.state, "queued", "a clone is only submitted");
+    let clone = s.wait_terminal(&resp.id).await;
+    assert_eq!(clone.state, "completed");
+    assert_eq!(clone.blocks[0].jobs[0].attempts, 1);
     assert_eq!(lines(&log), 2);
 
     // Submitting the original spec again still finds the original run.
@@ -1450,12 +1462,16 @@ async fn http_submit_exec_status_in_the_proto3_json_shape() {
     assert_eq!(code, 200, "{run}");
     assert_eq!(run["id"], id.as_str());
     assert_eq!(run["state"], "submitted");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!marker.exists(), "Submit must not execute");
 
+    // Only a submitted run is queued by Exec: nothing had started it since the Submit.
     let (code, exec) = s.post(&format!("/v1/runs/{id}/exec"), "").await;
     assert_eq!(code, 200, "{exec}");
-    assert_eq!(exec, json!({"id": id, "state": "queued"}));
+    assert_eq!(
+        exec,
+        json!({"id": id, "state": "queued"}),
+        "Submit must not execute"
+    );
 
     s.wait_terminal(&id).await;
     let (code, run) = s.get(&format!("/v1/runs/{id}")).await;
@@ -1638,7 +1654,7 @@ async fn http_list_cancel_clone_and_errors() {
     let (_, run) = s.get(&format!("/v1/runs/{long}")).await;
     assert_eq!(run["stop_cause"]["kind"], "cancelled", "{run}");
     assert_eq!(run["stop_cause"]["details"]["reason"], "x", "{run}");
-    assert_eq!(run["stop_cause"]["details"]["by"], "ana", "{run}");
+    assert_eq!(run["stop_cause"]["details"]["by"], "anonymous", "{run}");
     assert!(run["stop_cause"]["message"].as_str().unwrap().contains('x'));
     let (_, body) = s.get("/v1/runs?state=cancelled").await;
     assert_eq!(body["runs"][0]["id"], long.as_str(), "{body}");
@@ -1788,7 +1804,7 @@ async fn exec_after_the_submit_ttl_is_failed_precondition_and_expires_the_run() 
     let (code, body) = s.post(&format!("/v1/runs/{id}/exec"), "").await;
     assert_eq!(code, 409, "{body}");
     assert_eq!(s.status(&id).await.state, "expired");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Expired is terminal and every Exec was refused: the job can never run.
     assert!(!marker.exists());
 }
 
@@ -2006,19 +2022,6 @@ async fn hostile_grpc_input_gets_a_clear_error_at_once() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains("the limit is 1024"),
-        "{}",
-        err.message()
-    );
-    let mut req = tonic::Request::new(pb::CancelRequest {
-        id: "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b".into(),
-        reason: String::new(),
-    });
-    req.metadata_mut()
-        .insert("x-steward-actor", "a".repeat(300).parse().unwrap());
-    let err = s.grpc().cancel(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message().contains("x-steward-actor"),
         "{}",
         err.message()
     );

@@ -13,7 +13,8 @@ use proto::v1::steward_client::StewardClient;
 async fn a_watch_opened_just_before_a_change_sees_it_at_once() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policies.toml"), "[workflows.w]\n").unwrap();
-    let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &[]).unwrap();
+    let env = [("STEWARD_AUTH".to_owned(), "none".to_owned())];
+    let cfg = node::config::load(dir.path(), None, Some("127.0.0.1:0"), &env).unwrap();
     let node = node::Node::start(cfg, None).await.unwrap();
     let mut c = StewardClient::connect(format!("http://{}", node.addr()))
         .await

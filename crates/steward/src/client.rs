@@ -16,44 +16,62 @@ const EXIT_NOT_COMPLETED: u8 = 2;
 
 type Client = StewardClient<Channel>;
 
-async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
-    let url = if opts.addr.contains("://") {
+/// The server's URL from `--addr`.
+fn url(opts: &ClientOpts) -> String {
+    if opts.addr.contains("://") {
         opts.addr.clone()
     } else {
         format!("http://{}", opts.addr)
-    };
-    StewardClient::connect(url.clone())
+    }
+}
+
+async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
+    set_token(opts)?;
+    let url = url(opts);
+    tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--addr {url:?}"))?
+        .connect()
         .await
         .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))
 }
 
-/// Who is running this command, as recorded on e-stop changes and cancels: `STEWARD_ACTOR`,
-/// else the login name (`USER`, `LOGNAME`, then the password database), else the uid.
-fn actor() -> &'static str {
-    static ACTOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ACTOR.get_or_init(|| {
-        let env = |k| {
-            std::env::var(k)
+async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
+    Ok(StewardClient::new(channel(opts).await?))
+}
+
+/// The `authorization` value every request carries: `Bearer` and the token of `--token`
+/// (`STEWARD_TOKEN`), else the one in the data directory's `admin.token` when it can be read,
+/// else none (a server without authentication).
+static AUTHORIZATION: std::sync::OnceLock<
+    Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+> = std::sync::OnceLock::new();
+
+fn set_token(opts: &ClientOpts) -> anyhow::Result<()> {
+    let token = match opts.token.as_deref().map(str::trim) {
+        Some(t) if !t.is_empty() => Some(t.to_owned()),
+        _ => {
+            let file = opts.data_dir.join(node::ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(&file)
                 .ok()
-                .filter(|v: &String| !v.trim().is_empty())
-        };
-        env("STEWARD_ACTOR")
-            .or_else(|| env("USER"))
-            .or_else(|| env("LOGNAME"))
-            .or_else(|| {
-                nix::unistd::User::from_uid(nix::unistd::getuid())
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-            })
-            .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
-    })
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+        }
+    };
+    let value = token
+        .map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| anyhow!("the token holds characters a header cannot carry"))
+        })
+        .transpose()?;
+    let _ = AUTHORIZATION.set(value);
+    Ok(())
 }
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    if let Ok(v) = actor().parse() {
-        req.metadata_mut().insert("x-steward-actor", v);
+    if let Some(Some(v)) = AUTHORIZATION.get() {
+        req.metadata_mut().insert("authorization", v.clone());
     }
     req
 }
@@ -379,14 +397,7 @@ pub async fn validate(opts: &ClientOpts, file: &Path, offline: bool) -> anyhow::
 
 pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Result<ExitCode> {
     use proto::v1::e_stop_client::EStopClient;
-    let url = if opts.addr.contains("://") {
-        opts.addr.clone()
-    } else {
-        format!("http://{}", opts.addr)
-    };
-    let mut c = EStopClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))?;
+    let mut c = EStopClient::new(channel(opts).await?);
     match cmd {
         crate::EstopCommand::List => {
             let l = c
@@ -463,4 +474,87 @@ pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Resul
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+pub async fn token(opts: &ClientOpts, cmd: crate::TokenCommand) -> anyhow::Result<ExitCode> {
+    use proto::v1::admin_client::AdminClient;
+    let mut c = AdminClient::new(channel(opts).await?);
+    match cmd {
+        crate::TokenCommand::Create {
+            name,
+            role,
+            expires,
+            scopes,
+        } => {
+            let r = c
+                .create_token(request(pb::CreateTokenRequest {
+                    name,
+                    role,
+                    scopes,
+                    expires_in: expires.unwrap_or_default(),
+                }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else {
+                if let Some(t) = &r.token {
+                    output::token_line(t);
+                }
+                output::line(&format!(
+                    "secret (shown this once; send it as `authorization: Bearer SECRET`, or set STEWARD_TOKEN):\n{}",
+                    r.secret
+                ));
+            }
+        }
+        crate::TokenCommand::List => {
+            let r = c
+                .list_tokens(request(pb::ListTokensRequest {}))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else {
+                for t in &r.tokens {
+                    output::token_line(t);
+                }
+            }
+        }
+        crate::TokenCommand::Revoke { name } => {
+            let r = c
+                .revoke_token(request(pb::RevokeTokenRequest { name: name.clone() }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if opts.json {
+                output::json(&r);
+            } else if r.revoked {
+                output::line(&format!("revoked {name}"));
+            } else {
+                output::line(&format!("there is no token named {name}; nothing changed"));
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit(opts: &ClientOpts, limit: u32) -> anyhow::Result<ExitCode> {
+    use proto::v1::admin_client::AdminClient;
+    let mut c = AdminClient::new(channel(opts).await?);
+    let r = c
+        .access_log(request(pb::AccessLogRequest { limit }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if opts.json {
+        output::json(&r);
+    } else {
+        for a in &r.records {
+            output::access_line(a);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,12 @@ pub struct ClientOpts {
     /// Machine-readable output (the API's JSON).
     #[arg(long, global = true)]
     pub json: bool,
+    /// The API token (default: the data directory's admin.token, when it can be read).
+    #[arg(long, env = "STEWARD_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where to find admin.token when no token is given.
+    #[arg(long, env = "STEWARD_DATA_DIR", default_value = config::DEFAULT_DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -134,10 +140,24 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// API tokens: create (the secret is shown once), list, revoke. Admin only.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// The access log: every mutating call and every refusal, newest first. Admin only.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Measures throughput and latency on an in-process node, started as `serve` starts one
     /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy, scaleout (needs --database) or all.
+        /// Which figures: core, shutdown, estop, policy, auth, scaleout (needs --database) or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
@@ -170,6 +190,28 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Creates a token and prints its secret, once.
+    Create {
+        /// Its name: the actor recorded for what it does.
+        name: String,
+        /// viewer, submitter, responder, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// How long it lasts (30d, 12h); by default it does not expire.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Narrows it: workflow=NAME or LABEL=VALUE (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Lists tokens (never their secrets).
+    List,
+    /// Revokes a token at once, on every node.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -326,6 +368,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client,
         } => client::validate(&client, &file, offline).await,
         Command::Estop { command, client } => client::estop(&client, command).await,
+        Command::Token { command, client } => client::token(&client, command).await,
+        Command::Audit { limit, client } => client::audit(&client, limit).await,
         Command::Bench {
             suite,
             runs,

@@ -154,3 +154,39 @@ pub fn audit_line(r: &pb::AuditRecord) {
         r.reason
     );
 }
+
+pub fn token_line(t: &pb::Token) {
+    let scopes = if t.scopes.is_empty() {
+        "*".to_owned()
+    } else {
+        t.scopes.join(",")
+    };
+    let expires = if t.expires_at.is_empty() {
+        "never"
+    } else {
+        &t.expires_at
+    };
+    let used = if t.last_used_at.is_empty() {
+        "never"
+    } else {
+        &t.last_used_at
+    };
+    line(&format!(
+        "{}  role {}  scope {scopes}  created {} by {}  expires {expires}  last used {used}",
+        t.name, t.role, t.created_at, t.created_by
+    ));
+}
+
+pub fn access_line(a: &pb::AccessRecord) {
+    let verdict = if a.allowed { "allowed" } else { "REFUSED" };
+    let target = if a.target.is_empty() { "-" } else { &a.target };
+    let detail = if a.detail.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", a.detail)
+    };
+    line(&format!(
+        "{}  {verdict}  {}  {}  {target}  from {}{detail}",
+        a.at, a.actor, a.call, a.peer
+    ));
+}

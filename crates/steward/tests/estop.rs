@@ -8,13 +8,24 @@ use crate::harness::*;
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// Runs a client command against `server` (whose tokens are off).
 fn cli(server: &Server, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
-        .args(args)
+    cli_with(server, None, args)
+}
+
+/// Runs a client command against `server` with `token`. The login name is someone else's:
+/// only the token names the caller.
+fn cli_with(server: &Server, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
         .env("STEWARD_ADDR", &server.addr)
-        .env("USER", "ana")
-        .output()
-        .unwrap()
+        .env("USER", "mallory")
+        .env("STEWARD_ACTOR", "mallory")
+        .env_remove("STEWARD_TOKEN");
+    if let Some(t) = token {
+        cmd.env("STEWARD_TOKEN", t);
+    }
+    cmd.output().unwrap()
 }
 
 /// Replaces the e-stop file the way an editor or `mv` would.
@@ -81,8 +92,16 @@ async fn a_hand_edit_of_the_file_stops_running_jobs_without_an_api_call() {
 async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = Server::start(&data, &[("STEWARD_KILL_GRACE", "1s")]).await;
+    let server = Server::start(
+        &data,
+        &[("STEWARD_KILL_GRACE", "1s"), ("STEWARD_AUTH", "token")],
+    )
+    .await;
     let mut c = server.client().await;
+    // An operator, and a pager that may pull the cord but not release it.
+    let ana = server.token("ana", "operator");
+    let pager = server.token("pager", "responder");
+    let cli = |server: &Server, args: &[&str]| cli_with(server, Some(&ana), args);
     let pidfile = dir.path().join("pid");
     let id = start_long_job(&mut c, &pidfile, "SatelliteDiskErase", "aap").await;
 
@@ -139,8 +158,19 @@ async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
         "name: SatelliteDiskErase\nblocks:\n  - jobs: [{action: noop}]\n",
     )
     .await;
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains("FAILED_PRECONDITION"), "{body}");
+    assert_eq!(code, 401, "no token: {body}");
+    // The pager cannot release the stop, and is told why.
+    let out = cli_with(
+        &server,
+        Some(&pager),
+        &["estop", "set", "SatelliteDiskErase", "go"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("responder"),
+        "{err}"
+    );
 
     let out = cli(&server, &["estop", "set", "SatelliteDiskErase", "go"]);
     assert!(out.status.success());
@@ -193,39 +223,48 @@ async fn operators_stop_from_the_cli_and_everyone_sees_who_and_why() {
     assert_eq!(ours[1]["reason"], "disks vanishing at aap");
     assert!(!ours[1]["at"].as_str().unwrap().is_empty());
 
-    // Without USER or LOGNAME (cron, systemd, sudo -i), the change still names a person: the
-    // account from the password database; STEWARD_ACTOR overrides both.
-    let whoami = nix::unistd::User::from_uid(nix::unistd::getuid())
+    // Who is recorded is the token, whatever the client's environment says (USER and
+    // STEWARD_ACTOR name someone else here).
+    let out = cli_with(
+        &server,
+        Some(&pager),
+        &["estop", "set", "site=zzz", "pause", "--reason", "who"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = cli(&server, &["estop", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let entry = list["entries"]
+        .as_array()
         .unwrap()
-        .unwrap()
-        .name;
-    for (actor, want) in [(None, whoami.as_str()), (Some("oncall-bob"), "oncall-bob")] {
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.args(["estop", "set", "site=zzz", "pause", "--reason", "who"])
-            .env("STEWARD_ADDR", &server.addr)
-            .env_remove("USER")
-            .env_remove("LOGNAME")
-            .env_remove("STEWARD_ACTOR");
-        if let Some(a) = actor {
-            cmd.env("STEWARD_ACTOR", a);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let list = cli(&server, &["estop", "list", "--json"]);
-        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-        let entry = list["entries"]
-            .as_array()
-            .unwrap()
+        .iter()
+        .find(|e| e["target"] == "site=zzz")
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["set_by"], "pager", "{entry}");
+    // The access log has every change and the refusal.
+    let out = cli_with(
+        &server,
+        server.admin_token().as_deref(),
+        &["audit", "--json"],
+    );
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = log["records"].as_array().unwrap();
+    assert!(
+        records
             .iter()
-            .find(|e| e["target"] == "site=zzz")
-            .cloned()
-            .unwrap();
-        assert_eq!(entry["set_by"], want, "{entry}");
-    }
+            .any(|r| r["actor"] == "pager" && r["allowed"] == false && r["call"] == "EStopSet go"),
+        "{log}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["actor"] == "ana" && r["allowed"] == true && r["call"] == "EStopSet stop"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

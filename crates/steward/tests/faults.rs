@@ -492,14 +492,14 @@ async fn the_cancel_command_waits_for_the_run_to_end() {
     let mut c = server.client().await;
     let pidfile = dir.path().join("pid");
     let id = start_long_job(&mut c, &pidfile, "x", "aap").await;
-    let out = cli_as("ana", &server.addr, &["cancel", &id, "--reason", "test"]);
+    let out = cli_as(None, &server.addr, &["cancel", &id, "--reason", "test"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim(), format!("{id} cancelled"));
     assert_eq!(status(&mut c, &id).await.state, "cancelled");
     assert!(process_gone(read_pid(&pidfile)));
 
     let id = start_long_job(&mut c, &dir.path().join("pid2"), "x", "aap").await;
-    let out = cli_as("ana", &server.addr, &["cancel", &id, "--no-wait"]);
+    let out = cli_as(None, &server.addr, &["cancel", &id, "--no-wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.trim() == format!("{id} cancelled") || text.contains("cancel accepted"),

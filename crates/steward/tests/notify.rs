@@ -80,8 +80,9 @@ async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {
         ),
     )
     .unwrap();
-    let node = Server::start(&data, &[]).await;
+    let node = Server::start(&data, &[("STEWARD_AUTH", "token")]).await;
     let mut c = node.client().await;
+    let ana = node.token("ana", "operator");
 
     // A failed run.
     let failed = submit(
@@ -111,7 +112,7 @@ async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {
     let pidfile = dir.path().join("pid");
     let running = start_long_job(&mut c, &pidfile, "erase", "aap").await;
     cli_as(
-        "ana",
+        Some(&ana),
         &node.addr,
         &["estop", "set", "site=aap", "stop", "--reason", "INC-9"],
     );

@@ -184,17 +184,14 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     .unwrap();
     let failing =
         "name: Flaky\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 1']}}]\n";
-    let fail_as =
-        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
-               name: &str| {
-            let id = submit(c, &failing.replace("Flaky", name)).await;
-            c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
-            assert_eq!(wait_terminal(c, &id, LONG).await.state, "failed");
-        };
-    let fail =
-        async |c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>| {
-            fail_as(c, "Flaky").await;
-        };
+    let fail_as = async |c: &mut Client, name: &str| {
+        let id = submit(c, &failing.replace("Flaky", name)).await;
+        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        assert_eq!(wait_terminal(c, &id, LONG).await.state, "failed");
+    };
+    let fail = async |c: &mut Client| {
+        fail_as(c, "Flaky").await;
+    };
     let entry_of = async |addr: &str, target: &str| {
         let mut e = proto::v1::e_stop_client::EStopClient::connect(format!("http://{addr}"))
             .await
@@ -228,7 +225,7 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     assert_eq!(tripped.set_by, "error_budget");
 
     // An operator lets the workflow run again: the failures before the trip are spent.
-    cli_as("ana", &server.addr, &["estop", "set", "Flaky", "go"]);
+    cli_as(None, &server.addr, &["estop", "set", "Flaky", "go"]);
     fail(&mut c).await;
     // Failures are counted one at a time, in the order the runs ended: once the failure of a
     // later run (of a workflow whose budget is one failure) has tripped its budget, the

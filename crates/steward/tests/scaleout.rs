@@ -144,17 +144,20 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
     let pg = PgServer::start().await;
     let url = pg.fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
-    let env = node_env(&url);
+    let mut env = node_env(&url);
+    env.push(("STEWARD_AUTH", "token".to_owned()));
     let a = start_node(&dir.path().join("a"), &env).await;
     let b = start_node(&dir.path().join("b"), &env).await;
     let pidfile = dir.path().join("pid");
     let mut ca = a.client().await;
     let id = start_long_job(&mut ca, &pidfile, "erase", "aap").await;
     let child = read_pid(&pidfile);
+    // A token made through A serves on B: the nodes share the tokens.
+    let ana = a.token("ana", "responder");
 
     // The stop goes to B; the run lives on A.
     cli_as(
-        "ana",
+        Some(&ana),
         &b.addr,
         &["estop", "set", "site=aap", "stop", "--reason", "INC-7"],
     );
@@ -168,10 +171,9 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
     .await;
 
     // Both nodes refuse new work for the target, and both show the same list and audit trail.
-    for addr in [&a.addr, &b.addr] {
-        let mut c = proto::v1::steward_client::StewardClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    for node in [&a, &b] {
+        let addr = &node.addr;
+        let mut c = node.client().await;
         let err = c
             .submit(pb::SubmitRequest {
                 spec: Some(spec(
@@ -186,9 +188,7 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
             "{addr}: {err:?}"
         );
         assert!(err.message().contains("INC-7"), "{}", err.message());
-        let mut e = proto::v1::e_stop_client::EStopClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+        let mut e = proto::v1::e_stop_client::EStopClient::new(node.channel().await);
         let audit = e
             .audit(pb::EStopAuditRequest {
                 target: "site=aap".into(),
@@ -199,9 +199,6 @@ async fn an_estop_set_through_one_node_stops_runs_on_another() {
             .into_inner();
         assert_eq!(audit.records.len(), 1, "{addr}");
         // Runs are shared too: B answers for a run that A drove.
-        let mut c = proto::v1::steward_client::StewardClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
         assert_eq!(status(&mut c, &id).await.state, "stopped");
     }
 }

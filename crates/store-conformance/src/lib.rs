@@ -8,6 +8,7 @@
 //!     runs: fixture::runs,
 //!     estop: fixture::estop,
 //!     buckets: fixture::buckets,
+//!     auth: fixture::auth,
 //! }
 //! ```
 //!
@@ -25,12 +26,12 @@ use store::{
     CancelOutcome, EStopStore, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition,
 };
 
-/// One `#[tokio::test]` per conformance case. `runs`, `estop` and `buckets` name async
+/// One `#[tokio::test]` per conformance case. `runs`, `estop`, `buckets` and `auth` name async
 /// functions that return `(guard, store)`: a fresh, empty store, and whatever must live as
 /// long as the test does (a temporary directory, a database server).
 #[macro_export]
 macro_rules! conformance_tests {
-    (runs: $runs:path, estop: $estop:path, buckets: $buckets:path $(,)?) => {
+    (runs: $runs:path, estop: $estop:path, buckets: $buckets:path, auth: $auth:path $(,)?) => {
         $crate::conformance_tests!(@cases $runs;
             submit_stores_a_pending_run,
             idempotency_key_returns_the_first_run,
@@ -56,6 +57,10 @@ macro_rules! conformance_tests {
         );
         $crate::conformance_tests!(@cases $buckets;
             buckets_grant_once_per_key_and_refill,
+        );
+        $crate::conformance_tests!(@cases $auth;
+            tokens_are_found_by_hash_listed_by_name_and_revoked,
+            access_log_lists_newest_first_with_limit,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -102,6 +107,7 @@ pub fn new_run(spec: WorkflowSpec) -> NewRun {
         created_at: T0,
         expires_at: Timestamp(T0.0 + HOUR),
         cloned_from: None,
+        submitted_by: "ci".into(),
     }
 }
 
@@ -117,6 +123,11 @@ pub async fn submit_stores_a_pending_run(s: Arc<dyn RunStore>) {
     assert_eq!(run.spec, sp);
     assert_eq!(run.created_at, T0);
     assert_eq!(run.expires_at, Some(Timestamp(T0.0 + HOUR)));
+    assert_eq!(run.submitted_by, "ci");
+    assert_eq!(
+        s.list(&RunFilter::default()).await.unwrap().runs[0].submitted_by,
+        "ci"
+    );
     assert_eq!(run.blocks.len(), 2);
     for b in &run.blocks {
         assert_eq!(b.state, JobState::Pending);
@@ -794,4 +805,88 @@ pub async fn buckets_grant_once_per_key_and_refill(s: Arc<dyn store::BucketStore
         later.granted && !later.already,
         "a token after the refill interval"
     );
+}
+
+fn token(name: &str, hash: &str, role: domain::auth::Role) -> store::TokenRecord {
+    let mut scope = domain::auth::Scope::default();
+    scope.add("site=aap").unwrap();
+    store::TokenRecord {
+        name: name.into(),
+        hash: hash.into(),
+        role,
+        scope,
+        created_by: "admin".into(),
+        created_at: T0,
+        expires_at: Some(T0.plus(std::time::Duration::from_secs(3600))),
+        last_used_at: None,
+    }
+}
+
+pub async fn tokens_are_found_by_hash_listed_by_name_and_revoked(s: Arc<dyn store::AuthStore>) {
+    use domain::auth::Role;
+    let ci = token("ci", "h-ci", Role::Submitter);
+    let mut pager = token("pager", "h-pager", Role::Responder);
+    pager.scope = domain::auth::Scope::default();
+    pager.expires_at = None;
+    s.token_create(pager.clone()).await.unwrap();
+    s.token_create(ci.clone()).await.unwrap();
+    assert_eq!(s.token_by_hash("h-ci").await.unwrap(), Some(ci.clone()));
+    assert_eq!(s.token_by_hash("nope").await.unwrap(), None);
+
+    // A name in use: refused, nothing stored.
+    let again = token("ci", "h-other", Role::Admin);
+    assert!(matches!(
+        s.token_create(again).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(s.token_by_hash("h-other").await.unwrap(), None);
+    assert_eq!(
+        s.token_list().await.unwrap(),
+        vec![ci.clone(), pager.clone()],
+        "by name"
+    );
+
+    // Uses are recorded (queued), never moving back in time.
+    s.token_used("ci", T0.plus(std::time::Duration::from_secs(5)));
+    s.token_used("ci", T0.plus(std::time::Duration::from_secs(2)));
+    assert!(!s.token_revoke("nobody").await.unwrap());
+    let used = s.token_by_hash("h-ci").await.unwrap().unwrap();
+    assert_eq!(
+        used.last_used_at,
+        Some(T0.plus(std::time::Duration::from_secs(5)))
+    );
+
+    assert!(s.token_revoke("ci").await.unwrap());
+    assert!(!s.token_revoke("ci").await.unwrap());
+    assert_eq!(s.token_by_hash("h-ci").await.unwrap(), None);
+    assert_eq!(s.token_list().await.unwrap(), vec![pager]);
+    // The name is free again; the old secret stays dead.
+    s.token_create(token("ci", "h-ci2", Role::Viewer))
+        .await
+        .unwrap();
+    assert_eq!(s.token_by_hash("h-ci").await.unwrap(), None);
+}
+
+pub async fn access_log_lists_newest_first_with_limit(s: Arc<dyn store::AuthStore>) {
+    let rec = |i: i64, allowed: bool| store::AccessRecord {
+        at: Timestamp(T0.0 + i),
+        actor: format!("t{i}"),
+        call: "Submit".into(),
+        target: format!("run-{i}"),
+        allowed,
+        peer: "127.0.0.1:5000".into(),
+        detail: if allowed {
+            String::new()
+        } else {
+            "role viewer".into()
+        },
+    };
+    s.access_append(vec![rec(1, true), rec(2, false)]);
+    s.access_append(vec![rec(3, true)]);
+    // Reading the log waits for the appends queued before it.
+    assert_eq!(
+        s.access_list(0).await.unwrap(),
+        vec![rec(3, true), rec(2, false), rec(1, true)]
+    );
+    assert_eq!(s.access_list(1).await.unwrap(), vec![rec(3, true)]);
 }

@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::task::TaskTracker;
 
+mod auth;
 mod buckets;
 mod estop;
 mod rows;
@@ -43,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_estop.sql"),
     include_str!("../migrations/0003_buckets.sql"),
+    include_str!("../migrations/0004_auth.sql"),
 ];
 /// Any fixed number: the advisory lock that serializes migrations between nodes.
 const MIGRATION_LOCK: i64 = 0x0053_7465_7761_7264;

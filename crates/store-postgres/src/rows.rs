@@ -99,8 +99,8 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
     let inserted = c
         .execute(
             "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at,
-                               expires_at, cloned_from)
-             VALUES ($1, $2, $3::text::jsonb, $4, $5, 'submitted', $6, $7, $8)
+                               expires_at, cloned_from, submitted_by)
+             VALUES ($1, $2, $3::text::jsonb, $4, $5, 'submitted', $6, $7, $8, $9)
              ON CONFLICT (idempotency_key) DO NOTHING",
             &[
                 &id,
@@ -111,6 +111,7 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
                 &run.created_at.0,
                 &run.expires_at.0,
                 &run.cloned_from.map(|c| c.to_string()),
+                &run.submitted_by,
             ],
         )
         .await
@@ -174,7 +175,7 @@ pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> 
 pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<RunPage> {
     let mut sql = String::from(
         "SELECT id, name, (spec::jsonb) ->> 'desc', labels::text, state, created_at, started_at,
-                ended_at, error, stop_cause FROM runs WHERE TRUE",
+                ended_at, error, stop_cause, submitted_by FROM runs WHERE TRUE",
     );
     let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     let mut push = |sql: &mut String, fmt: &str, v: Box<dyn ToSql + Sync + Send>| {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use store::{BucketStore, EStopStore, RunStore};
+use store::{AuthStore, BucketStore, EStopStore, RunStore};
 use store_postgres::PgStore;
 use store_postgres::testing::PgServer;
 use tokio_util::task::TaskTracker;
@@ -39,8 +39,14 @@ async fn buckets() -> (Guard, Arc<dyn BucketStore>) {
     (g, s)
 }
 
+async fn auth() -> (Guard, Arc<dyn AuthStore>) {
+    let (g, s) = open().await;
+    (g, s)
+}
+
 store_conformance::conformance_tests! {
     runs: runs,
     estop: estop,
     buckets: buckets,
+    auth: auth,
 }

@@ -23,6 +23,7 @@ use store::{
 };
 use tokio::sync::oneshot;
 
+mod auth;
 mod buckets;
 mod estop;
 mod rows;
@@ -31,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_estop.sql"),
     include_str!("../migrations/0003_buckets.sql"),
+    include_str!("../migrations/0004_auth.sql"),
 ];
 const READERS: usize = 4;
 
@@ -236,8 +238,9 @@ impl RunStore for SqliteStore {
             let labels = to_json(&run.spec.labels)?;
             let spec = to_json(&run.spec)?;
             c.prepare_cached(
-                "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at, cloned_from)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8)",
+                "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at, cloned_from,
+                                   submitted_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8, ?9)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -249,6 +252,7 @@ impl RunStore for SqliteStore {
                     run.created_at.0,
                     run.expires_at.0,
                     run.cloned_from.map(|c| c.to_string()),
+                    run.submitted_by,
                 ])
             })
             .map_err(db_err)?;

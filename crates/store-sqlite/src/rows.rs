@@ -109,7 +109,7 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
 pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
     let mut sql = String::from(
         "SELECT id, name, json_extract(spec, '$.desc'), labels, state, created_at, started_at, ended_at,
-                error, stop_cause FROM runs WHERE 1 = 1",
+                error, stop_cause, submitted_by FROM runs WHERE 1 = 1",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     if !f.states.is_empty() {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use store::{BucketStore, EStopStore, RunStore};
+use store::{AuthStore, BucketStore, EStopStore, RunStore};
 use store_sqlite::SqliteStore;
 
 fn open() -> (tempfile::TempDir, Arc<SqliteStore>) {
@@ -28,8 +28,14 @@ async fn buckets() -> (tempfile::TempDir, Arc<dyn BucketStore>) {
     (dir, s)
 }
 
+async fn auth() -> (tempfile::TempDir, Arc<dyn AuthStore>) {
+    let (g, s) = open();
+    (g, s)
+}
+
 store_conformance::conformance_tests! {
     runs: runs,
     estop: estop,
     buckets: buckets,
+    auth: auth,
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use domain::auth::{Role, Scope};
 use domain::estop::{AuditRecord, EStopList, Target};
 use domain::{
     JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec,
@@ -49,6 +50,8 @@ pub struct NewRun {
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
     pub cloned_from: Option<RunId>,
+    /// The token that submitted it.
+    pub submitted_by: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,4 +364,62 @@ pub trait BucketStore: Send + Sync + 'static {
         grant_key: &str,
         now: Timestamp,
     ) -> Result<BucketTake>;
+}
+
+/// An API token as stored: never its secret, only the secret's SHA-256 (hex).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The public name: the actor recorded for everything the token does.
+    pub name: String,
+    pub hash: String,
+    pub role: Role,
+    pub scope: Scope,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+}
+
+/// One line of the access log: a mutating call or a refusal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessRecord {
+    pub at: Timestamp,
+    /// The token's name; `-` when the call carried no valid token.
+    pub actor: String,
+    /// The call, as the role table names it (`Submit`, `EStopSet stop`...).
+    pub call: String,
+    /// What it acted on: a run ID, an e-stop target, a token name; empty when nothing.
+    pub target: String,
+    pub allowed: bool,
+    /// The client's address.
+    pub peer: String,
+    /// Why it was refused, or what it did.
+    pub detail: String,
+}
+
+/// API tokens and the access log, shared by every node of a database.
+#[async_trait]
+pub trait AuthStore: Send + Sync + 'static {
+    /// Stores a new token. A name in use is [`Error::Conflict`].
+    async fn token_create(&self, token: TokenRecord) -> Result<()>;
+
+    /// The token whose secret hashes to `hash`, if there is one.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
+
+    /// Every token, by name.
+    async fn token_list(&self) -> Result<Vec<TokenRecord>>;
+
+    /// Deletes the token named `name`; `false` when there is none.
+    async fn token_revoke(&self, name: &str) -> Result<bool>;
+
+    /// Records that the token was used at `at` (queued like [`RunStore::apply_nowait`]).
+    fn token_used(&self, name: &str, at: Timestamp);
+
+    /// Appends to the access log (queued like [`RunStore::apply_nowait`]).
+    fn access_append(&self, records: Vec<AccessRecord>);
+
+    /// The newest `limit` records (0 means [`DEFAULT_PAGE_SIZE`], at most
+    /// [`MAX_PAGE_SIZE`]), newest first, appends queued through this handle before the call
+    /// included.
+    async fn access_list(&self, limit: u32) -> Result<Vec<AccessRecord>>;
 }

@@ -287,7 +287,7 @@ fn json_opt<T: serde::de::DeserializeOwned>(r: &dyn Row, i: usize) -> Result<Opt
 /// A run's row. `$1` the run.
 pub const LOAD_RUN: &str =
     "SELECT spec, state, created_at, started_at, ended_at, expires_at, error, stop_cause,
-            cancel_requested, lease_owner, lease_expires_at, cloned_from
+            cancel_requested, lease_owner, lease_expires_at, cloned_from, submitted_by
      FROM runs WHERE id = $1";
 
 /// A run's blocks, in order. `$1` the run.
@@ -321,6 +321,7 @@ impl RunReader {
                 lease_owner: r.text(9)?.map(NodeId),
                 lease_expires_at: ts(r, 10)?,
                 cloned_from: r.text(11)?.as_deref().map(codec::run_id).transpose()?,
+                submitted_by: text(r, 12)?,
                 blocks: Vec::new(),
             },
         })
@@ -371,7 +372,7 @@ impl RunReader {
 }
 
 /// A run of a List page, from the columns `id, name, desc, labels (JSON text), state,
-/// created_at, started_at, ended_at, error, stop_cause`.
+/// created_at, started_at, ended_at, error, stop_cause, submitted_by`.
 pub fn summary(r: &dyn Row) -> Result<RunSummary> {
     Ok(RunSummary {
         id: codec::run_id(&text(r, 0)?)?,
@@ -384,6 +385,7 @@ pub fn summary(r: &dyn Row) -> Result<RunSummary> {
         ended_at: ts(r, 7)?,
         error: r.text(8)?,
         stop_cause: json_opt(r, 9)?,
+        submitted_by: text(r, 10)?,
     })
 }
 
@@ -451,5 +453,84 @@ pub fn audit_record(r: &dyn Row) -> Result<AuditRecord> {
         set_by: text(r, 4)?,
         reason: text(r, 5)?,
         source: text(r, 6)?,
+    })
+}
+
+/// Stores a token. `$1` name, `$2` hash, `$3` role, `$4` scope (JSON), `$5` created by,
+/// `$6` created at, `$7` expires at.
+pub const TOKEN_CREATE: &str =
+    "INSERT INTO tokens (name, hash, role, scope, created_by, created_at, expires_at)
+ VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The parameters of [`TOKEN_CREATE`].
+pub fn token_params(t: &crate::TokenRecord) -> Result<Vec<Value>> {
+    Ok(vec![
+        t.name.clone().into(),
+        t.hash.clone().into(),
+        t.role.as_str().into(),
+        to_json(&t.scope)?.into(),
+        t.created_by.clone().into(),
+        t.created_at.0.into(),
+        t.expires_at.map(|e| e.0).into(),
+    ])
+}
+
+/// The columns [`token`] reads, for `SELECT {TOKEN_COLUMNS} FROM tokens`.
+pub const TOKEN_COLUMNS: &str =
+    "name, hash, role, scope, created_by, created_at, expires_at, last_used_at";
+
+/// A token from the columns of [`TOKEN_COLUMNS`].
+pub fn token(r: &dyn Row) -> Result<crate::TokenRecord> {
+    Ok(crate::TokenRecord {
+        name: text(r, 0)?,
+        hash: text(r, 1)?,
+        role: text(r, 2)?.parse().map_err(Error::Corrupt)?,
+        scope: codec::json(&text(r, 3)?)?,
+        created_by: text(r, 4)?,
+        created_at: Timestamp(int(r, 5)?),
+        expires_at: ts(r, 6)?,
+        last_used_at: ts(r, 7)?,
+    })
+}
+
+/// Records a token's use. `$1` the name, `$2` when.
+pub const TOKEN_USED: &str = "UPDATE tokens SET last_used_at = $2 WHERE name = $1 AND (last_used_at IS NULL OR last_used_at < $2)";
+
+/// Deletes a token. `$1` the name.
+pub const TOKEN_REVOKE: &str = "DELETE FROM tokens WHERE name = $1";
+
+/// Appends to the access log.
+pub const ACCESS_APPEND: &str =
+    "INSERT INTO access_log (at, actor, call, target, allowed, peer, detail)
+ VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The parameters of [`ACCESS_APPEND`].
+pub fn access_params(a: &crate::AccessRecord) -> Vec<Value> {
+    vec![
+        a.at.0.into(),
+        a.actor.clone().into(),
+        a.call.clone().into(),
+        a.target.clone().into(),
+        Value::Int(i64::from(a.allowed)),
+        a.peer.clone().into(),
+        a.detail.clone().into(),
+    ]
+}
+
+/// The newest access log records. `$1` how many.
+pub const ACCESS_LIST: &str =
+    "SELECT at, actor, call, target, allowed, peer, detail FROM access_log
+ ORDER BY seq DESC LIMIT $1";
+
+/// An access record from the columns of [`ACCESS_LIST`].
+pub fn access_record(r: &dyn Row) -> Result<crate::AccessRecord> {
+    Ok(crate::AccessRecord {
+        at: Timestamp(int(r, 0)?),
+        actor: text(r, 1)?,
+        call: text(r, 2)?,
+        target: text(r, 3)?,
+        allowed: int(r, 4)? != 0,
+        peer: text(r, 5)?,
+        detail: text(r, 6)?,
     })
 }

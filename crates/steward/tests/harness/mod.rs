@@ -8,7 +8,41 @@ use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
 use proto::v1::steward_client::StewardClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// Adds a token to every request, when there is one.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Bearer {
+        Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that carries a token (or none).
+pub type Authed = InterceptedService<Channel, Bearer>;
+pub type Client = StewardClient<Authed>;
+
+/// A channel to `addr` carrying `token`.
+pub async fn channel_as(addr: &str, token: Option<&str>) -> Authed {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    InterceptedService::new(ch, Bearer::new(token))
+}
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_steward");
 
@@ -72,6 +106,9 @@ impl Server {
             .arg(data_dir)
             .args(["--listen", &addr])
             .env("RUST_LOG", "info")
+            // Calls need no token unless a test sets STEWARD_AUTH=token: the tests of other
+            // features call as the anonymous admin; those of who did what turn tokens on.
+            .env("STEWARD_AUTH", "none")
             .env_remove("FAILPOINTS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -116,10 +153,39 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn client(&self) -> StewardClient<Channel> {
-        StewardClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    /// The admin token the first start wrote, when tokens are on.
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_owned())
+    }
+
+    /// A client of the API, carrying the admin token when tokens are on.
+    pub async fn client(&self) -> Client {
+        StewardClient::new(self.channel().await)
+    }
+
+    /// A channel carrying the admin token when tokens are on.
+    pub async fn channel(&self) -> Authed {
+        channel_as(&self.addr, self.admin_token().as_deref()).await
+    }
+
+    /// Creates a token named `name` with `role` through the CLI (as the admin); its secret.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "create", name, "--role", role, "--json"])
+            .args(["--addr", &self.addr, "--data-dir"])
+            .arg(&self.data_dir)
+            .env_remove("STEWARD_TOKEN")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "steward token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["secret"].as_str().unwrap().to_owned()
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -215,7 +281,7 @@ pub fn spec(yaml: &str) -> pb::WorkReq {
     api::convert::spec_to_wire(&domain::WorkflowSpec::parse(yaml).unwrap())
 }
 
-pub async fn submit(c: &mut StewardClient<Channel>, yaml: &str) -> String {
+pub async fn submit(c: &mut Client, yaml: &str) -> String {
     c.submit(pb::SubmitRequest {
         spec: Some(spec(yaml)),
     })
@@ -225,7 +291,7 @@ pub async fn submit(c: &mut StewardClient<Channel>, yaml: &str) -> String {
     .id
 }
 
-pub async fn status(c: &mut StewardClient<Channel>, id: &str) -> pb::Run {
+pub async fn status(c: &mut Client, id: &str) -> pb::Run {
     c.status(pb::StatusRequest { id: id.to_owned() })
         .await
         .unwrap()
@@ -240,7 +306,7 @@ pub fn is_terminal(state: &str) -> bool {
 }
 
 /// Polls Status until the run is terminal.
-pub async fn wait_terminal(c: &mut StewardClient<Channel>, id: &str, within: Duration) -> pb::Run {
+pub async fn wait_terminal(c: &mut Client, id: &str, within: Duration) -> pb::Run {
     let deadline = Instant::now() + within;
     loop {
         let run = status(c, id).await;
@@ -286,7 +352,7 @@ pub fn sh(script: &str) -> String {
 /// Submits and executes a run `name` labelled `site=SITE` whose first job sleeps 5 minutes in a
 /// grandchild whose PID it writes to `pidfile`; returns once that PID is written.
 pub async fn start_long_job(
-    c: &mut proto::v1::steward_client::StewardClient<tonic::transport::Channel>,
+    c: &mut Client,
     pidfile: &std::path::Path,
     name: &str,
     site: &str,
@@ -319,15 +385,17 @@ pub fn read_pid(pidfile: &Path) -> i32 {
         .unwrap()
 }
 
-/// Runs a `steward` client command against `addr` as `actor`; panics with its stderr unless it
-/// succeeds.
-pub fn cli_as(actor: &str, addr: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN)
-        .args(args)
+/// Runs a `steward` client command against `addr` with `token` (none: the server has tokens
+/// off); panics with its stderr unless it succeeds.
+pub fn cli_as(token: Option<&str>, addr: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .args(["--addr", addr])
-        .env("STEWARD_ACTOR", actor)
-        .output()
-        .unwrap();
+        .env_remove("STEWARD_TOKEN");
+    if let Some(t) = token {
+        cmd.env("STEWARD_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "steward {args:?}: {}",
