@@ -14,6 +14,7 @@ pub mod convert;
 mod grpc;
 pub mod http;
 pub mod service;
+pub mod tls;
 
 pub use service::{ApiError, Service};
 
@@ -37,6 +38,30 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` fires.
+pub async fn serve_tls(
+    listener: tls::TlsListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<tls::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+/// The client's address, as the listener recorded it.
+fn peer_of(req: &axum::extract::Request) -> String {
+    use axum::extract::ConnectInfo;
+    let ext = req.extensions();
+    ext.get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<ConnectInfo<tls::Peer>>().map(|c| c.0.0))
+        .map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
 
 /// What the handlers share.
@@ -282,10 +307,7 @@ impl Api {
                 let auth = auth.clone();
                 async move {
                     if !is_open(&req, grpc_call) {
-                        let peer = req
-                            .extensions()
-                            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                            .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+                        let peer = peer_of(&req);
                         let credential = req
                             .headers()
                             .get(axum::http::header::AUTHORIZATION)

@@ -83,6 +83,20 @@ pub struct ServeConfig {
     /// `token` (every call but health, readiness and metrics needs a token) or `none` (every
     /// caller is an admin; only on a loopback `listen` address).
     pub auth: Auth,
+    /// TLS on the listener: the certificate chain and its private key (PEM files), both or
+    /// neither; read again when they change.
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `auth`: whether calls need a token.
@@ -120,6 +134,8 @@ impl Default for ServeConfig {
             notify: Vec::new(),
             job_containment: JobContainment::Auto,
             auth: Auth::Token,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -411,6 +427,10 @@ mod de {
         non_empty(d).map(PathBuf::from)
     }
 
+    pub fn some_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        path(d).map(Some)
+    }
+
     fn in_range<'de, D: Deserializer<'de>, T>(d: D, lo: T, hi: T, unit: &str) -> Result<T, D::Error>
     where
         T: Deserialize<'de> + PartialOrd + Display,
@@ -506,6 +526,8 @@ const NOT_SETTINGS: &[&str] = &[
     "STEWARD_ADDR",
     "STEWARD_ACTOR",
     "STEWARD_TOKEN",
+    "STEWARD_DATA_DIR",
+    "STEWARD_TLS_CA",
     "STEWARD_IDEMPOTENCY_KEY",
     "STEWARD_RUN_ID",
     "STEWARD_ATTEMPT",
@@ -654,6 +676,11 @@ pub fn load(
         cfg.listen = l
             .parse()
             .with_context(|| format!("--listen: {l:?} is not an address such as 127.0.0.1:7420"))?;
+    }
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not: give both, or neither"),
+        (None, Some(_)) => bail!("tls_key is set but tls_cert is not: give both, or neither"),
+        _ => {}
     }
     if cfg.auth == Auth::None && !cfg.listen.ip().is_loopback() {
         bail!(

@@ -377,9 +377,28 @@ impl Node {
         api.set_previous_stop(previous);
         api.set_job_containment(containment.to_string());
         let router = api.router();
-        let server = tasks
-            .tracker()
-            .spawn(api::serve(listener, router, api_token.clone()));
+        let server = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                let cert = api::tls::Certificate::open(cert, key)
+                    .context("loading the TLS certificate")?;
+                let listener = api::tls::TlsListener::new(
+                    listener,
+                    cert.server_config()?,
+                    tasks.tracker(),
+                    api_token.clone(),
+                )?;
+                tasks.spawn_component("tls certificate reloader", {
+                    let token = tasks.token().clone();
+                    async move { cert.watch(token).await }
+                });
+                tasks
+                    .tracker()
+                    .spawn(api::serve_tls(listener, router, api_token.clone()))
+            }
+            _ => tasks
+                .tracker()
+                .spawn(api::serve(listener, router, api_token.clone())),
+        };
         engine.start();
         crate::budgets::watch(&tasks, engine.clone(), estop.clone(), &cfg.error_budgets);
         crate::notify::start(

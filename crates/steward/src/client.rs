@@ -28,8 +28,23 @@ fn url(opts: &ClientOpts) -> String {
 async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
     set_token(opts)?;
     let url = url(opts);
-    tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("--addr {url:?}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--addr {url:?}"))?;
+    if url.starts_with("https://") {
+        let tls = match &opts.tls_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading --tls-ca {}", ca.display()))?;
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+        };
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    } else if opts.tls_ca.is_some() {
+        anyhow::bail!("--tls-ca is for https:// addresses; --addr is {url}");
+    }
+    endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))

@@ -33,6 +33,10 @@ pub struct ClientOpts {
     /// The API token (default: the data directory's admin.token, when it can be read).
     #[arg(long, env = "STEWARD_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The CA certificate (PEM) that signed the server's certificate, for an https:// address
+    /// (default: the system's roots).
+    #[arg(long, env = "STEWARD_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
     /// Where to find admin.token when no token is given.
     #[arg(long, env = "STEWARD_DATA_DIR", default_value = config::DEFAULT_DATA_DIR, global = true)]
     pub data_dir: PathBuf,

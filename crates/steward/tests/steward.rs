@@ -10,6 +10,7 @@ mod policies;
 mod rails;
 mod scaleout;
 mod shutdown;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
