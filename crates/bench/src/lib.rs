@@ -93,11 +93,26 @@ async fn start_env(
     // The node takes the `STEWARD_*` settings of the environment, as `steward serve` does
     // (`STEWARD_JOB_CONTAINMENT=process_group`, say); the benchmark's own come on top.
     let mut env = node::config::environment()?;
-    env.extend(
-        settings
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
+    if settings.iter().any(|(k, _)| *k == "STEWARD_TLS_CERT") {
+        // A certificate of a CA of the benchmark's own, for 127.0.0.1.
+        let ca = api::tls::testing::Ca::new();
+        let leaf = ca.leaf("steward bench");
+        std::fs::write(dir.path().join(BENCH_CA), &ca.pem)?;
+        std::fs::write(dir.path().join("cert.pem"), &leaf.cert_pem)?;
+        std::fs::write(dir.path().join("key.pem"), &leaf.key_pem)?;
+        env.push((
+            "STEWARD_TLS_KEY".to_owned(),
+            dir.path().join("key.pem").display().to_string(),
+        ));
+    }
+    env.extend(settings.iter().map(|(k, v)| {
+        let v = if *k == "STEWARD_TLS_CERT" {
+            dir.path().join("cert.pem").display().to_string()
+        } else {
+            (*v).to_owned()
+        };
+        ((*k).to_owned(), v)
+    }));
     env.push((
         "STEWARD_MAX_RUNNING_JOBS".to_owned(),
         max_running_jobs.to_string(),
@@ -144,10 +159,23 @@ impl tonic::service::Interceptor for Bearer {
 
 type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
+/// The CA file the benchmark writes into a TLS node's data directory.
+const BENCH_CA: &str = "bench-ca.pem";
+
+/// A channel to the node of `dir`: over TLS (trusting the benchmark's CA) when the node was
+/// given a certificate, with its admin token when tokens are on.
 async fn channel(addr: &str, dir: &std::path::Path) -> anyhow::Result<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let ca = dir.join(BENCH_CA);
+    let endpoint = if ca.exists() {
+        let port = addr.rsplit(':').next().unwrap_or_default();
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca)?)),
+        )?
+    } else {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    };
+    let ch = endpoint.connect().await?;
     Ok(tonic::service::interceptor::InterceptedService::new(
         ch,
         Bearer::of(dir)?,
@@ -998,9 +1026,9 @@ async fn scaleout_suite(o: &BenchOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What tokens cost: core throughput and Submit latency with `auth = "token"` (every call
-/// authenticated, mutating calls written to the access log) against `auth = "none"`, the two
-/// nodes measured in alternating rounds.
+/// What tokens and TLS cost: core throughput and Submit latency on a node with `auth =
+/// "token"` (every call authenticated, mutating calls written to the access log) and TLS,
+/// against one with neither, the two measured in alternating rounds.
 async fn auth_suite(o: &BenchOpts) -> anyhow::Result<()> {
     let none = start_env(
         256,
@@ -1015,7 +1043,7 @@ async fn auth_suite(o: &BenchOpts) -> anyhow::Result<()> {
         EStopMode::AllGo,
         None,
         None,
-        &[("STEWARD_AUTH", "token")],
+        &[("STEWARD_AUTH", "token"), ("STEWARD_TLS_CERT", "")],
     )
     .await?;
     anyhow::ensure!(
@@ -1046,13 +1074,13 @@ async fn auth_suite(o: &BenchOpts) -> anyhow::Result<()> {
     a.sort();
     b.sort();
     println!(
-        "auth: throughput, {} runs x 3 noop jobs in {rounds} alternating rounds, {} clients: none {rate_none:.0} runs/s, tokens {rate_token:.0} runs/s; ratio {:.2}",
+        "auth: throughput, {} runs x 3 noop jobs in {rounds} alternating rounds, {} clients: none {rate_none:.0} runs/s, tokens and TLS {rate_token:.0} runs/s; ratio {:.2}",
         runs_per_round * rounds,
         o.concurrency,
         rate_token / rate_none
     );
     println!(
-        "auth: Submit latency, interleaved: none p50 {} p99 {}; tokens p50 {} p99 {}; ratio of p50 {:.2}",
+        "auth: Submit latency, interleaved: none p50 {} p99 {}; tokens and TLS p50 {} p99 {}; ratio of p50 {:.2}",
         ms(percentile(&a, 0.5)),
         ms(percentile(&a, 0.99)),
         ms(percentile(&b, 0.5)),
