@@ -13,6 +13,7 @@ pub mod auth;
 pub mod convert;
 mod grpc;
 pub mod http;
+pub mod local;
 pub mod service;
 pub mod tls;
 
@@ -52,6 +53,76 @@ pub async fn serve_tls(
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
+}
+
+/// Serves `router` (an [`Api::local_router`]) on the break-glass socket until `shutdown`.
+pub async fn serve_local(
+    listener: local::LocalListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<local::LocalPeer>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+/// How a router learns who calls.
+#[derive(Clone)]
+enum Gate {
+    /// A bearer token, checked by the authenticator.
+    Tokens(Arc<auth::Authenticator>),
+    /// The break-glass socket: the kernel vouched for the caller's user.
+    Local,
+}
+
+/// What a request says about its caller, taken off it before anything is awaited.
+struct Knock {
+    credential: Option<Vec<u8>>,
+    peer: String,
+    local: Option<local::LocalPeer>,
+}
+
+impl Knock {
+    fn of(req: &axum::extract::Request) -> Knock {
+        Knock {
+            credential: req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes().to_vec()),
+            peer: peer_of(req),
+            local: req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<local::LocalPeer>>()
+                .map(|c| c.0),
+        }
+    }
+}
+
+impl Gate {
+    async fn caller(&self, knock: Knock) -> Result<auth::Caller, ApiError> {
+        match self {
+            Gate::Tokens(auth) => {
+                auth.authenticate(knock.credential.as_deref(), knock.peer)
+                    .await
+            }
+            Gate::Local => {
+                let peer = knock.local.ok_or_else(|| {
+                    ApiError::new(tonic::Code::Unauthenticated, "no peer credentials")
+                })?;
+                Ok(auth::Caller {
+                    principal: domain::auth::Principal {
+                        name: peer.name(),
+                        role: domain::auth::Role::Admin,
+                        scope: domain::auth::Scope::default(),
+                    },
+                    peer: peer.describe(),
+                })
+            }
+        }
+    }
 }
 
 /// The client's address, as the listener recorded it.
@@ -281,6 +352,16 @@ impl Api {
     /// but health, readiness and metrics is authenticated first: its caller goes on the
     /// request, or it is refused (401 / UNAUTHENTICATED) before any handler sees it.
     pub fn router(&self) -> axum::Router {
+        self.gated(Gate::Tokens(self.state.service.auth.clone()))
+    }
+
+    /// The same API for the break-glass socket: no token; the caller is an admin named after
+    /// the local user the kernel reports (see [`local`]).
+    pub fn local_router(&self) -> axum::Router {
+        self.gated(Gate::Local)
+    }
+
+    fn gated(&self, gate: Gate) -> axum::Router {
         let steward = proto::v1::steward_server::StewardServer::new(self.state.service.clone())
             .max_decoding_message_size(http::MAX_BODY_BYTES);
         let estop = proto::v1::e_stop_server::EStopServer::new(self.state.service.clone());
@@ -295,7 +376,6 @@ impl Api {
             .prepare()
             .into_axum_router();
         let http = http::router(self.state.clone());
-        let auth = self.state.service.auth.clone();
         axum::Router::new().fallback_service(tower::service_fn(
             move |mut req: axum::extract::Request| {
                 let grpc_call = is_grpc(&req);
@@ -304,15 +384,10 @@ impl Api {
                 } else {
                     http.clone()
                 };
-                let auth = auth.clone();
+                let gate = gate.clone();
                 async move {
                     if !is_open(&req, grpc_call) {
-                        let peer = peer_of(&req);
-                        let credential = req
-                            .headers()
-                            .get(axum::http::header::AUTHORIZATION)
-                            .map(|v| v.as_bytes().to_vec());
-                        match auth.authenticate(credential.as_deref(), peer).await {
+                        match gate.caller(Knock::of(&req)).await {
                             Ok(caller) => {
                                 req.extensions_mut().insert(caller);
                             }

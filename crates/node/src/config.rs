@@ -97,6 +97,10 @@ pub struct ServeConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_key: Option<PathBuf>,
+    /// The break-glass socket (default: `steward.sock` in the data directory): the API for the
+    /// server's own user and root on this machine, without a token.
+    #[serde(deserialize_with = "de::path")]
+    pub socket: PathBuf,
 }
 
 /// `auth`: whether calls need a token.
@@ -136,6 +140,7 @@ impl Default for ServeConfig {
             auth: Auth::Token,
             tls_cert: None,
             tls_key: None,
+            socket: PathBuf::new(),
         }
     }
 }
@@ -162,6 +167,9 @@ impl ServeConfig {
         }
         if self.policies.as_os_str().is_empty() {
             self.policies = data_dir.join("policies.toml");
+        }
+        if self.socket.as_os_str().is_empty() {
+            self.socket = data_dir.join("steward.sock");
         }
         self
     }

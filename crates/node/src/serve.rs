@@ -399,6 +399,20 @@ impl Node {
                 .tracker()
                 .spawn(api::serve(listener, router, api_token.clone())),
         };
+        let local = api::local::LocalListener::bind(&cfg.socket).with_context(|| {
+            format!(
+                "opening the break-glass socket {} (config key `socket`)",
+                cfg.socket.display()
+            )
+        })?;
+        tasks.spawn_component("break-glass socket", {
+            let (router, stop) = (api.local_router(), tasks.token().clone());
+            async move {
+                if let Err(e) = api::serve_local(local, router, stop).await {
+                    tracing::error!(error = %e, "the break-glass socket failed");
+                }
+            }
+        });
         engine.start();
         crate::budgets::watch(&tasks, engine.clone(), estop.clone(), &cfg.error_budgets);
         crate::notify::start(

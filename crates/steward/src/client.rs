@@ -27,6 +27,9 @@ fn url(opts: &ClientOpts) -> String {
 
 async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
     set_token(opts)?;
+    if let Some(path) = opts.addr.strip_prefix("unix:") {
+        return local_channel(Path::new(path)).await;
+    }
     let url = url(opts);
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("--addr {url:?}"))?;
@@ -48,6 +51,25 @@ async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
         .connect()
         .await
         .with_context(|| format!("connecting to steward at {url} (set --addr or STEWARD_ADDR)"))
+}
+
+/// A channel over the break-glass socket (`--addr unix:PATH`): no token, no TLS; the server
+/// knows the caller from the socket.
+async fn local_channel(path: &Path) -> anyhow::Result<Channel> {
+    let path = path.to_owned();
+    let shown = path.display().to_string();
+    // The URI is required and unused: every connection goes to the socket.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to the break-glass socket {shown}"))
 }
 
 async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {

@@ -344,3 +344,122 @@ async fn a_server_with_an_unreadable_list_starts_and_runs_nothing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("ALERT"));
 }
+
+/// The break-glass socket: with the token table unreadable, the server's own user sets `*
+/// stop` over the data directory's socket, without a token, and mints a new admin token; the
+/// stop reaches the running job. Another user cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_break_glass_socket_stops_everything_while_tokens_cannot_be_checked() {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &[("STEWARD_KILL_GRACE", "1s"), ("STEWARD_AUTH", "token")],
+    )
+    .await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "SatelliteDiskErase", "aap").await;
+    // Status over the socket: no token needed.
+    let status_of = |server: &Server, id: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["status", id, "--json", "--addr"])
+            .arg(format!(
+                "unix:{}",
+                server.data_dir.join("steward.sock").display()
+            ))
+            .output()
+            .unwrap();
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        run["state"].as_str().unwrap_or_default().to_owned()
+    };
+    let socket = data.join("steward.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    // The token table goes: no token can be checked any more.
+    let db = rusqlite::Connection::open(data.join("steward.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch("ALTER TABLE tokens RENAME TO tokens_lost")
+        .unwrap();
+    // Once the node's short cache of checked tokens has lapsed, token calls fail.
+    let deadline = std::time::Instant::now() + LONG;
+    let err = loop {
+        match c.list(pb::ListRequest::default()).await {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "tokens are still checked against a table that is gone"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    let local = format!("unix:{}", socket.display());
+    let out = std::process::Command::new(BIN)
+        .args([
+            "estop",
+            "set",
+            "*",
+            "stop",
+            "--reason",
+            "INC-1: break glass",
+        ])
+        .args(["--addr", &local])
+        .env_remove("STEWARD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + LONG;
+    while !process_gone(read_pid(&pidfile)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job outlived the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = std::fs::read_to_string(data.join("estop.json")).unwrap();
+    let whoami = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    assert!(
+        list.contains(&format!("local:{whoami}")) && list.contains("break glass"),
+        "{list}"
+    );
+    assert_eq!(status_of(&server, &id), "stopped");
+
+    // The tokens come back; a new admin token is minted over the socket.
+    db.execute_batch("ALTER TABLE tokens_lost RENAME TO tokens")
+        .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["token", "create", "rescue", "--role", "admin", "--json"])
+        .args(["--addr", &local])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["token"]["created_by"], format!("local:{whoami}"));
+
+    // Another user cannot even connect.
+    if nix::unistd::geteuid().is_root() {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(["estop", "set", "*", "go", "--addr", &local])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "another user used the socket");
+    }
+}
