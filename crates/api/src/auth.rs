@@ -115,10 +115,13 @@ impl Authenticator {
         self.clock.now()
     }
 
-    /// The caller that `authorization` (the header or metadata value, if any) names.
+    /// The caller that `authorization` (the header or metadata value, if any) names, or else
+    /// the common name of the verified client certificate (`client_cert`) the connection was
+    /// made with.
     pub async fn authenticate(
         &self,
         authorization: Option<&[u8]>,
+        client_cert: Option<&str>,
         peer: String,
     ) -> Result<Caller, ApiError> {
         if self.mode == AuthMode::None {
@@ -137,6 +140,9 @@ impl Authenticator {
             e
         };
         let Some(value) = authorization else {
+            if let Some(name) = client_cert {
+                return self.by_certificate(name, peer).await;
+            }
             return Err(refuse(
                 "no token: send `authorization: Bearer TOKEN` (see `steward token create`)",
             ));
@@ -156,7 +162,7 @@ impl Authenticator {
             return Err(refuse("the authorization value is not `Bearer TOKEN`"));
         };
         let hash = hash(secret);
-        let token = match self.lookup(&hash).await {
+        let token = match self.lookup(&hash, &hash).await {
             Ok(t) => t,
             Err(e) => {
                 return Err(ApiError::new(
@@ -168,6 +174,31 @@ impl Authenticator {
         let Some(token) = token else {
             return Err(refuse("unknown or revoked token"));
         };
+        self.admit(token, peer)
+    }
+
+    /// The caller of a connection made with a client certificate named `name`: the token of
+    /// that name.
+    async fn by_certificate(&self, name: &str, peer: String) -> Result<Caller, ApiError> {
+        let token = match self.lookup(&format!("cert:{name}"), name).await {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ApiError::new(
+                    tonic::Code::Unavailable,
+                    format!("cannot check the token now: {e}"),
+                ));
+            }
+        };
+        let Some(token) = token else {
+            let why = format!("the client certificate names {name:?}, which is no token");
+            self.log_refusal("-", "Authenticate", name, &peer, &why);
+            return Err(unauthenticated(&why));
+        };
+        self.admit(token, peer)
+    }
+
+    /// A caller with `token`, unless it has expired.
+    fn admit(&self, token: TokenRecord, peer: String) -> Result<Caller, ApiError> {
         let now = self.clock.now();
         if token.expires_at.is_some_and(|e| e <= now) {
             let e = unauthenticated(&format!("token {:?} has expired", token.name));
@@ -185,19 +216,25 @@ impl Authenticator {
         })
     }
 
-    async fn lookup(&self, hash: &str) -> store::Result<Option<TokenRecord>> {
+    /// The token cached under `key`, or looked up: by hash, or for a `cert:` key by `what`,
+    /// its name.
+    async fn lookup(&self, key: &str, what: &str) -> store::Result<Option<TokenRecord>> {
         if let Ok(cache) = self.cache.lock()
-            && let Some((at, t)) = cache.get(hash)
+            && let Some((at, t)) = cache.get(key)
             && at.elapsed() < CACHE_TTL
         {
             return Ok(t.clone());
         }
-        let t = self.store.token_by_hash(hash).await?;
+        let t = if key.starts_with("cert:") {
+            self.store.token_by_name(what).await?
+        } else {
+            self.store.token_by_hash(what).await?
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
-            cache.insert(hash.to_owned(), (Instant::now(), t.clone()));
+            cache.insert(key.to_owned(), (Instant::now(), t.clone()));
         }
         Ok(t)
     }

@@ -82,6 +82,8 @@ enum Gate {
 struct Knock {
     credential: Option<Vec<u8>>,
     peer: String,
+    /// The common name of a verified client certificate.
+    client_cert: Option<String>,
     local: Option<local::LocalPeer>,
 }
 
@@ -93,6 +95,10 @@ impl Knock {
                 .get(axum::http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes().to_vec()),
             peer: peer_of(req),
+            client_cert: req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<tls::Peer>>()
+                .and_then(|c| c.0.client.clone()),
             local: req
                 .extensions()
                 .get::<axum::extract::ConnectInfo<local::LocalPeer>>()
@@ -105,8 +111,12 @@ impl Gate {
     async fn caller(&self, knock: Knock) -> Result<auth::Caller, ApiError> {
         match self {
             Gate::Tokens(auth) => {
-                auth.authenticate(knock.credential.as_deref(), knock.peer)
-                    .await
+                auth.authenticate(
+                    knock.credential.as_deref(),
+                    knock.client_cert.as_deref(),
+                    knock.peer,
+                )
+                .await
             }
             Gate::Local => {
                 let peer = knock.local.ok_or_else(|| {
@@ -131,7 +141,7 @@ fn peer_of(req: &axum::extract::Request) -> String {
     let ext = req.extensions();
     ext.get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0)
-        .or_else(|| ext.get::<ConnectInfo<tls::Peer>>().map(|c| c.0.0))
+        .or_else(|| ext.get::<ConnectInfo<tls::Peer>>().map(|c| c.0.addr))
         .map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
 

@@ -115,12 +115,40 @@ impl Certificate {
     }
 
     /// The server configuration that serves this certificate, offering HTTP/2 and HTTP/1.1.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    /// With `client_ca`, clients may present a certificate that CA signed (and none other);
+    /// its subject's common name then names the caller's token.
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_ca: Option<&Path>,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Setup(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&read_pem(ca)?) {
+                    let cert =
+                        cert.map_err(|e| file_err(ca, format!("not a PEM certificate: {e}")))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| file_err(ca, format!("not a CA certificate: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(file_err(ca, "holds no certificate"));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| file_err(ca, e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -161,19 +189,31 @@ impl ResolvesServerCert for Certificate {
     }
 }
 
-/// The client's address of a TLS connection, as `axum`'s connect info.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
+/// Who is on the other end of a TLS connection, as `axum`'s connect info.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The common name of the client certificate the connection was made with, verified
+    /// against `tls_client_ca`.
+    pub client: Option<String>,
+}
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
-        Peer(*stream.remote_addr())
+        stream.remote_addr().clone()
     }
+}
+
+/// The subject's common name of a certificate.
+fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }
 
 /// TCP connections that finished a TLS handshake, for `axum::serve`.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
     local: SocketAddr,
 }
 
@@ -216,7 +256,13 @@ impl TlsListener {
                     };
                     match done {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let client = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(common_name);
+                            let _ = tx.send((tls, Peer { addr: peer, client })).await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -232,7 +278,7 @@ impl TlsListener {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
@@ -242,8 +288,11 @@ impl axum::serve::Listener for TlsListener {
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        Ok(Peer {
+            addr: self.local,
+            client: None,
+        })
     }
 }
 
@@ -283,6 +332,20 @@ pub mod testing {
             Ca {
                 pem: cert.pem(),
                 issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// A client certificate whose subject's common name is `name`.
+        pub fn client(&self, name: &str) -> Leaf {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate().expect("a key");
+            let cert = params.signed_by(&key, &self.issuer).expect("a certificate");
+            Leaf {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                der: cert.der().clone(),
             }
         }
 

@@ -97,6 +97,14 @@ pub struct ServeConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_key: Option<PathBuf>,
+    /// With TLS: the CA (PEM) whose client certificates are taken as credentials, the
+    /// subject's common name naming the token.
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
     /// The break-glass socket (default: `steward.sock` in the data directory): the API for the
     /// server's own user and root on this machine, without a token.
     #[serde(deserialize_with = "de::path")]
@@ -140,6 +148,7 @@ impl Default for ServeConfig {
             auth: Auth::Token,
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             socket: PathBuf::new(),
         }
     }
@@ -689,6 +698,9 @@ pub fn load(
         (Some(_), None) => bail!("tls_cert is set but tls_key is not: give both, or neither"),
         (None, Some(_)) => bail!("tls_key is set but tls_cert is not: give both, or neither"),
         _ => {}
+    }
+    if cfg.tls_client_ca.is_some() && cfg.tls_cert.is_none() {
+        bail!("tls_client_ca needs TLS: set tls_cert and tls_key too");
     }
     if cfg.auth == Auth::None && !cfg.listen.ip().is_loopback() {
         bail!(

@@ -383,7 +383,7 @@ impl Node {
                     .context("loading the TLS certificate")?;
                 let listener = api::tls::TlsListener::new(
                     listener,
-                    cert.server_config()?,
+                    cert.server_config(cfg.tls_client_ca.as_deref())?,
                     tasks.tracker(),
                     api_token.clone(),
                 )?;

@@ -183,3 +183,118 @@ async fn bad_tls_settings_stop_the_start_with_a_clear_error() {
     assert!(err.contains("key.pem"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A client certificate from `ca`, for a tonic client.
+async fn client_with_certificate(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    client: Option<&api::tls::testing::Leaf>,
+) -> anyhow::Result<StewardClient<tonic::transport::Channel>> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem));
+    if let Some(c) = client {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            &c.cert_pem,
+            &c.key_pem,
+        ));
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(StewardClient::new(ch))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_the_token_it_acts_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = leaf(&ca, "server");
+    std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let ca_file = dir.path().join("ca.pem").display().to_string();
+    let n = node(
+        dir.path(),
+        &[
+            ("STEWARD_AUTH", "token"),
+            ("STEWARD_TLS_CLIENT_CA", &ca_file),
+        ],
+    )
+    .await
+    .unwrap();
+    let addr = n.addr();
+    let admin = std::fs::read_to_string(dir.path().join(node::ADMIN_TOKEN_FILE)).unwrap();
+    let mut create = tonic::Request::new(pb::CreateTokenRequest {
+        name: "ci-bot".into(),
+        role: "viewer".into(),
+        ..Default::default()
+    });
+    create.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", admin.trim()).parse().unwrap(),
+    );
+    let admin_client = proto::v1::admin_client::AdminClient::new(
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    admin_client.clone().create_token(create).await.unwrap();
+
+    // The certificate of "ci-bot": no token sent, the viewer's rights.
+    let bot = ca.client("ci-bot");
+    let mut c = client_with_certificate(addr, &ca, Some(&bot))
+        .await
+        .unwrap();
+    c.list(pb::ListRequest::default()).await.unwrap();
+    let err = c
+        .submit(pb::SubmitRequest {
+            spec: Some(
+                serde_json::from_str(
+                    r#"{"name": "t", "blocks": [{"jobs": [{"action": "noop"}]}]}"#,
+                )
+                .unwrap(),
+            ),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("ci-bot"), "{err:?}");
+
+    // A certificate naming no token, and none at all: refused.
+    let stranger = ca.client("stranger");
+    let err = client_with_certificate(addr, &ca, Some(&stranger))
+        .await
+        .unwrap()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let err = client_with_certificate(addr, &ca, None)
+        .await
+        .unwrap()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // A certificate another CA signed: the handshake fails.
+    let other = Ca::new().client("ci-bot");
+    let res = async {
+        client_with_certificate(addr, &ca, Some(&other))
+            .await?
+            .list(pb::ListRequest::default())
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(res.is_err(), "a certificate of an unknown CA was taken");
+}

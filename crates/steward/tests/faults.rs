@@ -531,3 +531,28 @@ async fn a_dying_background_component_stops_the_node_and_is_named() {
     assert!(log.contains("a background component failed"), "{log}");
     assert!(log.contains("steward stopped"), "stopped in order:\n{log}");
 }
+
+/// `auth = "none"` serves everyone as an admin: the binary refuses it on an address that is
+/// not loopback, saying how to turn tokens on, and starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_none_off_loopback_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "0.0.0.0:0"])
+        .env("STEWARD_AUTH", "none")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loopback") && err.contains("auth = \"none\""),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("steward.db").exists(),
+        "the refused start touched the data directory"
+    );
+}

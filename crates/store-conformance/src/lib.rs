@@ -832,6 +832,8 @@ pub async fn tokens_are_found_by_hash_listed_by_name_and_revoked(s: Arc<dyn stor
     s.token_create(ci.clone()).await.unwrap();
     assert_eq!(s.token_by_hash("h-ci").await.unwrap(), Some(ci.clone()));
     assert_eq!(s.token_by_hash("nope").await.unwrap(), None);
+    assert_eq!(s.token_by_name("ci").await.unwrap(), Some(ci.clone()));
+    assert_eq!(s.token_by_name("h-ci").await.unwrap(), None);
 
     // A name in use: refused, nothing stored.
     let again = token("ci", "h-other", Role::Admin);

@@ -47,6 +47,20 @@ impl AuthStore for PgStore {
         rows.first().map(|r| sql::token(&PgRow(r))).transpose()
     }
 
+    async fn token_by_name(&self, name: &str) -> Result<Option<TokenRecord>> {
+        let c = self.reader().await?;
+        let params = [Value::Text(name.to_owned())];
+        let b = binds(&params);
+        let rows = c
+            .query(
+                &format!("SELECT {} FROM tokens WHERE name = $1", sql::TOKEN_COLUMNS),
+                &refs(&b),
+            )
+            .await
+            .map_err(db_err)?;
+        rows.first().map(|r| sql::token(&PgRow(r))).transpose()
+    }
+
     async fn token_list(&self) -> Result<Vec<TokenRecord>> {
         let c = self.reader().await?;
         let rows = c

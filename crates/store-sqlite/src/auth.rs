@@ -48,6 +48,19 @@ impl AuthStore for SqliteStore {
         .await
     }
 
+    async fn token_by_name(&self, name: &str) -> Result<Option<TokenRecord>> {
+        let name = Value::Text(name.to_owned());
+        self.read(move |c| {
+            rows::query_opt(
+                c,
+                &format!("SELECT {} FROM tokens WHERE name = $1", sql::TOKEN_COLUMNS),
+                &[name],
+                sql::token,
+            )
+        })
+        .await
+    }
+
     async fn token_list(&self) -> Result<Vec<TokenRecord>> {
         self.read(|c| {
             let mut out = Vec::new();

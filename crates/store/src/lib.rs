@@ -406,6 +406,9 @@ pub trait AuthStore: Send + Sync + 'static {
     /// The token whose secret hashes to `hash`, if there is one.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
 
+    /// The token named `name`, if there is one (a client certificate names its token).
+    async fn token_by_name(&self, name: &str) -> Result<Option<TokenRecord>>;
+
     /// Every token, by name.
     async fn token_list(&self) -> Result<Vec<TokenRecord>>;
 
