@@ -162,16 +162,7 @@ impl Authenticator {
             return Err(refuse("the authorization value is not `Bearer TOKEN`"));
         };
         let hash = hash(secret);
-        let token = match self.lookup(&hash, &hash).await {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(ApiError::new(
-                    tonic::Code::Unavailable,
-                    format!("cannot check the token now: {e}"),
-                ));
-            }
-        };
-        let Some(token) = token else {
+        let Some(token) = self.lookup(&hash, &hash).await? else {
             return Err(refuse("unknown or revoked token"));
         };
         self.admit(token, peer)
@@ -180,16 +171,7 @@ impl Authenticator {
     /// The caller of a connection made with a client certificate named `name`: the token of
     /// that name.
     async fn by_certificate(&self, name: &str, peer: String) -> Result<Caller, ApiError> {
-        let token = match self.lookup(&format!("cert:{name}"), name).await {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(ApiError::new(
-                    tonic::Code::Unavailable,
-                    format!("cannot check the token now: {e}"),
-                ));
-            }
-        };
-        let Some(token) = token else {
+        let Some(token) = self.lookup(&format!("cert:{name}"), name).await? else {
             let why = format!("the client certificate names {name:?}, which is no token");
             self.log_refusal("-", "Authenticate", name, &peer, &why);
             return Err(unauthenticated(&why));
@@ -217,19 +199,25 @@ impl Authenticator {
     }
 
     /// The token cached under `key`, or looked up: by hash, or for a `cert:` key by `what`,
-    /// its name.
-    async fn lookup(&self, key: &str, what: &str) -> store::Result<Option<TokenRecord>> {
+    /// its name. A store that cannot answer is `UNAVAILABLE`: the caller may try again.
+    async fn lookup(&self, key: &str, what: &str) -> Result<Option<TokenRecord>, ApiError> {
         if let Ok(cache) = self.cache.lock()
             && let Some((at, t)) = cache.get(key)
             && at.elapsed() < CACHE_TTL
         {
             return Ok(t.clone());
         }
-        let t = if key.starts_with("cert:") {
-            self.store.token_by_name(what).await?
+        let found = if key.starts_with("cert:") {
+            self.store.token_by_name(what).await
         } else {
-            self.store.token_by_hash(what).await?
+            self.store.token_by_hash(what).await
         };
+        let t = found.map_err(|e| {
+            ApiError::new(
+                tonic::Code::Unavailable,
+                format!("cannot check the token now: {e}"),
+            )
+        })?;
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_MAX {
                 cache.clear();

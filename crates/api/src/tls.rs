@@ -338,22 +338,19 @@ pub mod testing {
         /// A client certificate whose subject's common name is `name`.
         pub fn client(&self, name: &str) -> Leaf {
             let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
-            params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-            let key = KeyPair::generate().expect("a key");
-            let cert = params.signed_by(&key, &self.issuer).expect("a certificate");
-            Leaf {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
-                der: cert.der().clone(),
-            }
+            self.sign(params, name)
         }
 
         /// A certificate for `127.0.0.1` and `localhost`, named `name`.
         pub fn leaf(&self, name: &str) -> Leaf {
-            let mut params =
+            let params =
                 CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
                     .expect("leaf params");
+            self.sign(params, name)
+        }
+
+        fn sign(&self, mut params: CertificateParams, name: &str) -> Leaf {
             params.distinguished_name.push(DnType::CommonName, name);
             let key = KeyPair::generate().expect("a key");
             let cert = params.signed_by(&key, &self.issuer).expect("a certificate");

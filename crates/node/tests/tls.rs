@@ -75,14 +75,7 @@ async fn tls_client(
     addr: std::net::SocketAddr,
     ca: &Ca,
 ) -> anyhow::Result<StewardClient<tonic::transport::Channel>> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem));
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
-    Ok(StewardClient::new(ch))
+    client_with_certificate(addr, ca, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
