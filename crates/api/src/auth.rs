@@ -26,6 +26,11 @@ const USE_RECORD_EVERY: Duration = Duration::from_secs(60);
 /// The longest `Authorization` value looked at.
 const MAX_CREDENTIAL_LEN: usize = 256;
 
+/// Refusals written to the access log per second, at most: a flood of bad requests cannot
+/// grow the log (or load the database) faster than this. The rest are counted, and the count
+/// is written when the flood ends.
+pub const MAX_REFUSALS_LOGGED: u32 = 100;
+
 /// The name recorded for calls when authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -86,6 +91,8 @@ pub struct Authenticator {
     cache: Mutex<HashMap<String, (Instant, Option<TokenRecord>)>>,
     /// When each token's use was last recorded.
     used: Mutex<HashMap<String, Instant>>,
+    /// The current second's refusals: when it began, how many were logged, how many not.
+    refusals: Mutex<(Instant, u32, u64)>,
 }
 
 fn unauthenticated(message: &str) -> ApiError {
@@ -100,6 +107,7 @@ impl Authenticator {
             clock,
             cache: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
+            refusals: Mutex::new((Instant::now(), 0, 0)),
         }
     }
 
@@ -257,9 +265,42 @@ impl Authenticator {
         self.append(caller.name(), call, target, true, &caller.peer, detail);
     }
 
-    /// Records a refused call.
+    /// Records a refused call, unless [`MAX_REFUSALS_LOGGED`] were recorded this second.
     pub fn log_refusal(&self, actor: &str, call: &str, target: &str, peer: &str, why: &str) {
-        self.append(actor, call, target, false, peer, why);
+        let (log, dropped) = {
+            let Ok(mut r) = self.refusals.lock() else {
+                return;
+            };
+            let mut dropped = 0;
+            if r.0.elapsed() >= Duration::from_secs(1) {
+                dropped = r.2;
+                *r = (Instant::now(), 0, 0);
+            }
+            let log = r.1 < MAX_REFUSALS_LOGGED;
+            if log {
+                r.1 += 1;
+            } else {
+                r.2 += 1;
+            }
+            (log, dropped)
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                refusals = dropped,
+                "refusals over the access log's limit were not logged"
+            );
+            self.append(
+                "-",
+                "Refusals",
+                "",
+                false,
+                "-",
+                &format!("{dropped} refusals within a second over the limit of {MAX_REFUSALS_LOGGED} were not logged one by one"),
+            );
+        }
+        if log {
+            self.append(actor, call, target, false, peer, why);
+        }
     }
 
     fn append(

@@ -813,3 +813,51 @@ async fn a_token_revoked_on_one_node_is_refused_by_another_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A flood of bad tokens cannot grow the access log without bound: at most
+/// `MAX_REFUSALS_LOGGED` refusals a second are written one by one, and the rest as a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_is_logged_as_a_count() {
+    let n = node().await;
+    let flood = 3 * api::auth::MAX_REFUSALS_LOGGED;
+    let started = std::time::Instant::now();
+    for _ in 0..flood {
+        let err = n
+            .steward()
+            .list(req(pb::ListRequest::default(), Some("stw_guess")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let took = started.elapsed();
+    // The next second's first refusal writes the count of the last one's.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _ = n
+        .steward()
+        .list(req(pb::ListRequest::default(), Some("stw_guess")))
+        .await
+        .unwrap_err();
+    let log = n
+        .admin_client()
+        .access_log(req(pb::AccessLogRequest { limit: 1000 }, Some(&n.admin)))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let one_by_one = log.iter().filter(|a| a.call == "Authenticate").count();
+    let counted: u64 = log
+        .iter()
+        .filter(|a| a.call == "Refusals")
+        .map(|a| a.detail.split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    let seconds = u32::try_from(took.as_secs()).unwrap() + 2;
+    assert!(
+        one_by_one <= (seconds * api::auth::MAX_REFUSALS_LOGGED) as usize,
+        "{one_by_one} refusals logged one by one in {took:?}"
+    );
+    assert_eq!(
+        one_by_one as u64 + counted,
+        u64::from(flood) + 1,
+        "every refusal is logged or counted"
+    );
+}
