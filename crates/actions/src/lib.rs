@@ -35,6 +35,8 @@ pub struct JobContext {
     /// Keeps a `shell` job's processes together and records them in the node's ledger;
     /// `None`: a process group only, nothing recorded (embedded use, tests).
     pub supervisor: Option<std::sync::Arc<Supervisor>>,
+    /// Steward's own files: `write_file` refuses to write them.
+    pub protected: Protected,
 }
 
 /// What a successful attempt produced.
@@ -68,6 +70,7 @@ pub enum ActionError {
 
 pub use calls::*;
 pub use contain::{Containment, ContainmentMode, Supervisor, SweepReport};
+pub use guard::Protected;
 pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client};
 pub use shell::ShellArgs;
 pub use sleep::SleepArgs;
@@ -77,6 +80,7 @@ pub use write_file::WriteFileArgs;
 mod args;
 mod calls;
 mod contain;
+mod guard;
 mod http;
 mod shell;
 mod sleep;

@@ -58,8 +58,13 @@ impl WriteFileArgs {
             None => Some(DEFAULT_MODE),
             Some(Value::String(s)) => {
                 let m = parse_mode(s);
-                if m.is_none() {
-                    a.error("mode", format!("{s:?} is not a file mode: expected octal digits such as \"0644\" or \"600\""));
+                match m {
+                    None => a.error("mode", format!("{s:?} is not a file mode: expected octal digits such as \"0644\" or \"600\"")),
+                    Some(bits) if bits & 0o7000 != 0 => a.error(
+                        "mode",
+                        format!("{s:?} sets the setuid, setgid or sticky bit, which a job may not set"),
+                    ),
+                    Some(_) => {}
                 }
                 m
             }
@@ -124,7 +129,8 @@ pub(crate) async fn run(args: &WriteFileArgs, ctx: &JobContext) -> Result<JobOut
     }
     let args = args.clone();
     let path = args.path.display().to_string();
-    let outcome = tokio::task::spawn_blocking(move || write(&args)).await;
+    let protected = ctx.protected.clone();
+    let outcome = tokio::task::spawn_blocking(move || write(&args, &protected)).await;
     let failed = |message: String| ActionError::Failed {
         message,
         exit_code: None,
@@ -140,13 +146,29 @@ pub(crate) async fn run(args: &WriteFileArgs, ctx: &JobContext) -> Result<JobOut
     }
 }
 
-fn write(args: &WriteFileArgs) -> io::Result<String> {
-    let path = &args.path;
+fn write(args: &WriteFileArgs, protected: &crate::Protected) -> io::Result<String> {
+    // Into the directory as it resolves now, checked: a symlink among its directories (one
+    // an earlier job made, say) cannot lead the write into Steward's own files.
+    let parent = args.path.parent().unwrap_or(Path::new("/"));
+    let dir = crate::guard::resolved(parent);
+    let path = &match args.path.file_name() {
+        Some(name) => dir.join(name),
+        None => args.path.clone(),
+    };
+    if let Some(what) = protected.covering(path) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refused: {} is {what} (as it resolves now); a job may not write Steward's own files",
+                path.display()
+            ),
+        ));
+    }
     let digest = sha256_hex(args.content.as_bytes());
     if is_unchanged(path, args.content.len(), &digest, args.mode)? {
         return Ok(format!("unchanged {} (sha256 {digest})", path.display()));
     }
-    let dir = path.parent().unwrap_or(Path::new("/"));
+    let dir = dir.as_path();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -31,6 +31,7 @@ fn ctx() -> JobContext {
         kill_grace: Duration::from_secs(5),
         output_limit: 64 * 1024,
         supervisor: None,
+        protected: actions::Protected::default(),
     }
 }
 

@@ -596,6 +596,7 @@ impl Driver<'_> {
                 kill_grace: inner.opts.kill_grace,
                 output_limit: inner.opts.output_limit,
                 supervisor: inner.opts.supervisor.clone(),
+                protected: inner.opts.protected.clone(),
             };
             let mut timed_out = false;
             let result = {

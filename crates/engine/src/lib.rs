@@ -132,6 +132,9 @@ pub struct EngineOptions {
     /// node that could not renew its leases for a whole `lease_ttl` must stop driving its
     /// runs: [`Engine::failure`] answers `StopCause::LostStore`.
     pub shared_store: bool,
+    /// Steward's own files: Submit refuses a `write_file` job that would write them, and the
+    /// action checks again when it runs.
+    pub protected: actions::Protected,
 }
 
 /// The policy set in force, swapped whole on a reload.
@@ -153,6 +156,7 @@ impl EngineOptions {
             policies: None,
             supervisor: None,
             shared_store: false,
+            protected: actions::Protected::default(),
         }
     }
 }
@@ -324,12 +328,38 @@ impl Engine {
         spec: &WorkflowSpec,
     ) -> (Result<(), SpecError>, Option<policy::Verdicts>) {
         let checked = actions::validate_spec(spec).and_then(|calls| {
+            self.check_writes(&calls)?;
             self.check_buckets(&calls).map_err(|e| match e {
                 EngineError::InvalidSpec(s) => s,
                 other => SpecError(vec![domain::FieldError::new("spec", other.to_string())]),
             })
         });
         (checked, self.policy_verdicts(spec))
+    }
+
+    /// No `write_file` job may write Steward's own files.
+    fn check_writes(&self, calls: &[Vec<actions::ActionCall>]) -> Result<(), SpecError> {
+        let mut errs = Vec::new();
+        for (bi, row) in calls.iter().enumerate() {
+            for (ji, call) in row.iter().enumerate() {
+                if let actions::ActionCall::WriteFile(a) = call
+                    && let Some(what) = self.inner.opts.protected.covering(&a.path)
+                {
+                    errs.push(domain::FieldError::new(
+                        format!("blocks[{bi}].jobs[{ji}].args.path"),
+                        format!(
+                            "{} is {what}; a job may not write Steward's own files",
+                            a.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError(errs))
+        }
     }
 
     /// Every `token_bucket` job must name a configured bucket.
@@ -443,6 +473,8 @@ impl Engine {
     ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
         let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
+        self.check_writes(&calls)
+            .map_err(EngineError::InvalidSpec)?;
         self.check_buckets(&calls)?;
         if let Some(verdicts) = self.policy_verdicts(&spec) {
             verdicts.into_result().map_err(EngineError::Policy)?;

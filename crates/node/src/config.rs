@@ -22,6 +22,9 @@ pub const DEFAULT_DATA_DIR: &str = "./steward-data";
 pub struct ServeConfig {
     #[serde(skip)]
     pub data_dir: PathBuf,
+    /// The config file read, if any.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     #[serde(deserialize_with = "de::listen")]
     pub listen: SocketAddr,
     /// Where runs are stored: left out, the embedded SQLite database in the data directory; a
@@ -123,6 +126,7 @@ impl Default for ServeConfig {
     fn default() -> ServeConfig {
         ServeConfig {
             data_dir: PathBuf::new(),
+            config_file: None,
             listen: DEFAULT_LISTEN
                 .parse()
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7420))),
@@ -155,6 +159,26 @@ impl Default for ServeConfig {
 }
 
 impl ServeConfig {
+    /// Steward's own files, which no job may write.
+    pub fn protected(&self) -> actions::Protected {
+        let mut p = vec![
+            (self.data_dir.clone(), "Steward's data directory"),
+            (self.policies.clone(), "the policy file"),
+            (self.estop_file.clone(), "the e-stop file"),
+            (self.socket.clone(), "the break-glass socket"),
+        ];
+        if let Some(f) = &self.config_file {
+            p.push((f.clone(), "the config file"));
+        }
+        for f in [&self.tls_cert, &self.tls_key, &self.tls_client_ca]
+            .into_iter()
+            .flatten()
+        {
+            p.push((f.clone(), "a TLS file"));
+        }
+        actions::Protected::new(p)
+    }
+
     /// Where the e-stop list lives.
     pub fn estop_source(&self) -> EStopSourceKind {
         self.estop_source_set
@@ -675,8 +699,10 @@ pub fn load(
         Some(p) => (p.to_owned(), true),
         None => (default_file, false),
     };
+    let mut read = None;
     let mut table = match std::fs::read_to_string(&path) {
         Ok(text) => {
+            read = Some(path.clone());
             // Read as the config first: its errors name the key and the line.
             check_file(&text)
                 .with_context(|| format!("reading the config file {}", path.display()))?;
@@ -689,6 +715,7 @@ pub fn load(
         }
     };
     let mut cfg = apply_env(&mut table, env)?;
+    cfg.config_file = read;
     if let Some(l) = listen_flag {
         cfg.listen = l
             .parse()

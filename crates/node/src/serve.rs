@@ -178,6 +178,17 @@ async fn open_store(
     Ok(match &cfg.database {
         Database::Sqlite(db_path) => {
             let fresh = !db_path.exists();
+            if fresh {
+                // Created readable by this user only; SQLite gives its WAL and shared-memory
+                // files the database file's mode.
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(db_path)
+                    .with_context(|| format!("creating the database {}", db_path.display()))?;
+            }
             let store = Arc::new(
                 store_sqlite::SqliteStore::open(db_path)
                     .with_context(|| format!("opening the database {}", db_path.display()))?,
@@ -208,11 +219,36 @@ async fn open_store(
     })
 }
 
+/// Creates the data directory readable by this user only (mode 0700), or warns when an
+/// existing one is open to others: it holds the database, the admin token and the socket.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        return Ok(());
+    }
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading the data directory {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:04o}", mode & 0o7777),
+            "the data directory is open to other users; it holds the database and the admin token: chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
 /// Serves until stopped; returns why it stopped.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let started = Instant::now();
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+    private_dir(&cfg.data_dir)?;
     let pid = PidFile::acquire(&cfg.data_dir)?;
     let previous = previous_stop(&cfg, pid.stale.as_deref());
     let _ = std::fs::remove_file(cfg.data_dir.join(pidfile::STOP_REQUEST_FILE));
@@ -296,8 +332,7 @@ impl Node {
         previous: Option<StopCause>,
         tune: impl FnOnce(&mut EngineOptions),
     ) -> anyhow::Result<Node> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+        private_dir(&cfg.data_dir)?;
         let db_tasks = TaskTracker::new();
         let (store, fresh) = open_store(&cfg, &db_tasks).await?;
         // Before the node_id file marks the data directory as started: a start that dies in
@@ -314,6 +349,7 @@ impl Node {
         opts.output_limit = cfg.output_limit;
         opts.estop_unlisted = cfg.estop_unlisted;
         opts.shared_store = !cfg.database.is_embedded();
+        opts.protected = cfg.protected();
         opts.buckets = cfg
             .buckets
             .iter()

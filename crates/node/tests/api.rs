@@ -32,7 +32,10 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// One Steward node on 127.0.0.1:<ephemeral>, with a gRPC client and its router.
 struct Server {
+    /// The node's data directory.
     dir: tempfile::TempDir,
+    /// Where the tests' jobs write (never the data directory: jobs may not write there).
+    scratch: tempfile::TempDir,
     addr: SocketAddr,
     grpc: StewardClient<Channel>,
     /// The same router the listener serves, for HTTP calls through `tower::ServiceExt`.
@@ -67,6 +70,7 @@ async fn server_with(tune: impl FnOnce(&mut EngineOptions)) -> Server {
         .unwrap();
     Server {
         dir,
+        scratch: tempfile::tempdir().unwrap(),
         addr,
         grpc,
         router: node.router(),
@@ -79,9 +83,9 @@ impl Server {
         self.grpc.clone()
     }
 
-    /// A path inside the test's temporary directory.
+    /// A path in the test's scratch directory.
     fn file(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
+        self.scratch.path().join(name)
     }
 
     // --- gRPC helpers ---
@@ -2058,4 +2062,79 @@ async fn a_used_idempotency_key_with_another_spec_is_refused() {
         "{msg}"
     );
     assert_eq!(s.run_count().await, 1);
+}
+
+/// A job cannot switch off its own guardrails: `write_file` to the policy file or into the
+/// data directory is refused at Submit, naming the field; through a symlink an earlier job
+/// made, it is refused when it runs and the file is untouched; setuid, setgid and sticky
+/// modes are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_file_cannot_touch_stewards_own_files() {
+    let s = server().await;
+    let data = s.dir.path().to_owned();
+    let write = |path: &std::path::Path, mode: &str| {
+        format!(
+            "name: t\nblocks:\n  - jobs: [{{action: write_file, args: {{path: {}, content: x, mode: \"{mode}\"}}}}]\n",
+            path.display()
+        )
+    };
+    for (path, mode, want) in [
+        (data.join("policies.toml"), "0644", "the policy file"),
+        (data.join("estop.json"), "0644", "the e-stop file"),
+        (data.join("new-file"), "0644", "data directory"),
+        (data.join("sub/../steward.db"), "0644", "data directory"),
+        (
+            std::env::temp_dir().join("steward-setuid"),
+            "4755",
+            "setuid",
+        ),
+        (
+            std::env::temp_dir().join("steward-sticky"),
+            "1777",
+            "sticky",
+        ),
+    ] {
+        let err = s
+            .grpc()
+            .submit(pb::SubmitRequest {
+                spec: Some(wire(&write(&path, mode))),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{path:?}: {err:?}");
+        assert!(
+            err.message().contains(want) && err.message().contains("blocks[0].jobs[0].args"),
+            "{path:?}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(s.run_count().await, 0, "nothing was stored");
+
+    // Through a symlink made by an earlier job of the same run.
+    let scratch = tempfile::tempdir().unwrap();
+    let link = scratch.path().join("link");
+    let before = std::fs::read(data.join("estop.json")).unwrap();
+    let yaml = format!(
+        "name: t\nblocks:\n  - jobs: [{{action: shell, args: {{argv: [ln, -s, {data}, {link}]}}}}]\n  - jobs: [{{action: write_file, args: {{path: {target}, content: '{{\"entries\": []}}'}}}}]\n",
+        data = data.display(),
+        link = link.display(),
+        target = link.join("estop.json").display(),
+    );
+    let id = s.submit_id(&yaml).await;
+    s.exec(&id).await.unwrap();
+    let run = s.wait_terminal(&id).await;
+    assert_eq!(run.state, "failed", "{run:#?}");
+    let job = &run.blocks[1].jobs[0];
+    assert!(
+        job.error.contains("refused") && job.error.contains("e-stop file"),
+        "{job:?}"
+    );
+    assert_eq!(std::fs::read(data.join("estop.json")).unwrap(), before);
+
+    // Elsewhere, writes work.
+    let ok = scratch.path().join("ok.txt");
+    let id = s.submit_id(&write(&ok, "0640")).await;
+    s.exec(&id).await.unwrap();
+    assert_eq!(s.wait_terminal(&id).await.state, "completed");
+    assert_eq!(std::fs::read_to_string(&ok).unwrap(), "x");
 }

@@ -556,3 +556,38 @@ async fn auth_none_off_loopback_refuses_to_start() {
         "the refused start touched the data directory"
     );
 }
+
+/// A fresh start keeps its files to itself: the data directory 0700, the database (and its
+/// WAL), the admin token and the socket 0600. A start on a data directory open to others
+/// warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server =
+        Server::start_logged(&data, Some(dir.path()), &[("STEWARD_AUTH", "token")]).await;
+    // A write, so that the WAL exists.
+    let token = server.token("someone", "viewer");
+    assert!(!token.is_empty());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for f in [
+        "steward.db",
+        "steward.db-wal",
+        "admin.token",
+        "steward.sock",
+    ] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    assert!(!server.log_text().contains("open to other users"));
+    server.stop().await;
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start_logged(&data, Some(dir.path()), &[]).await;
+    assert!(
+        server.log_text().contains("open to other users"),
+        "{}",
+        server.log_text()
+    );
+}

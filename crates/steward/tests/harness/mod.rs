@@ -95,7 +95,10 @@ impl Server {
     ) -> Server {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        std::fs::create_dir_all(data_dir).unwrap();
+        // With a log directory of its own, the data directory is left for steward to create.
+        if log_dir.is_none() {
+            std::fs::create_dir_all(data_dir).unwrap();
+        }
         let log = log_dir
             .unwrap_or(data_dir)
             .join(format!("server-{port}.log"));

@@ -1,0 +1,127 @@
+//! Steward's own files, which no job may write (docs/security.md, Guardrails): the data
+//! directory (database, tokens, the socket, the job ledger), the config, policy and e-stop
+//! files, the TLS files. Automation that could rewrite its own policies or e-stop list would
+//! have no guardrails.
+//!
+//! A path is checked as written (`..` folded) and as it resolves: the symlinks among its
+//! existing directories followed. At Submit the check refuses what is plainly protected; the
+//! `write_file` action checks again just before it writes, into the directory the check
+//! resolved, so a symlink an earlier job made does not lead it into a protected place.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+/// The protected paths, each with what it is ("the policy file").
+#[derive(Clone, Debug, Default)]
+pub struct Protected(Arc<[(PathBuf, &'static str)]>);
+
+/// `path` with `.` and `..` folded, without touching the disk.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `path` with the symlinks of its longest existing ancestor resolved; the rest as written.
+pub(crate) fn resolved(path: &Path) -> PathBuf {
+    let path = lexical(path);
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path,
+        }
+    }
+}
+
+impl Protected {
+    /// Protects each of `entries` (a file or a directory and everything in it).
+    pub fn new(entries: impl IntoIterator<Item = (PathBuf, &'static str)>) -> Protected {
+        let mut all = Vec::new();
+        for (p, what) in entries {
+            let abs = if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().unwrap_or_default().join(p)
+            };
+            let (lex, real) = (lexical(&abs), resolved(&abs));
+            if real != lex {
+                all.push((real, what));
+            }
+            all.push((lex, what));
+        }
+        Protected(all.into())
+    }
+
+    /// What protected thing `path` is, or lies inside, as written or as it resolves: the
+    /// closest one (the policy file rather than the data directory that holds it).
+    pub fn covering(&self, path: &Path) -> Option<&'static str> {
+        let candidates = [lexical(path), resolved(path)];
+        self.0
+            .iter()
+            .filter(|(p, _)| candidates.iter().any(|c| c.starts_with(p)))
+            .max_by_key(|(p, _)| p.components().count())
+            .map(|(_, what)| *what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_inside_protected_ones_are_found_as_written_and_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let policies = dir.path().join("etc/policies.toml");
+        let p = Protected::new([
+            (data.clone(), "the data directory"),
+            (policies.clone(), "the policy file"),
+        ]);
+        assert_eq!(
+            p.covering(&data.join("estop.json")),
+            Some("the data directory")
+        );
+        let inner = Protected::new([
+            (data.clone(), "the data directory"),
+            (data.join("policies.toml"), "the policy file"),
+        ]);
+        assert_eq!(
+            inner.covering(&data.join("policies.toml")),
+            Some("the policy file")
+        );
+        assert_eq!(p.covering(&policies), Some("the policy file"));
+        assert_eq!(
+            p.covering(&dir.path().join("x/../data/steward.db")),
+            Some("the data directory")
+        );
+        assert_eq!(p.covering(&dir.path().join("elsewhere/file")), None);
+        assert_eq!(p.covering(&dir.path().join("data2/file")), None);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        assert_eq!(
+            p.covering(&link.join("estop.json")),
+            Some("the data directory")
+        );
+    }
+}
