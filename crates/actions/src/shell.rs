@@ -154,6 +154,13 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
         });
     }
     let mut cmd = Command::new(program);
+    // The server's own settings and credentials (`STEWARD_DATABASE` with its password,
+    // `STEWARD_TOKEN`, `STEWARD_SECRET_*`...) are not the job's.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("STEWARD_")) {
+            cmd.env_remove(&k);
+        }
+    }
     cmd.args(rest)
         .envs(&args.env)
         .env("STEWARD_IDEMPOTENCY_KEY", &ctx.idempotency_key)
@@ -441,7 +448,8 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
 /// cgroup's `cgroup.procs` opened by the parent) so that everything it starts stays inside,
 /// and sets `PR_SET_PDEATHSIG` to SIGKILL, so that a Steward that dies (kill -9, crash) does
 /// not leave the job's leader running unsupervised while a restarted Steward runs the job
-/// again. The leader's own children are not covered by the death signal: the ledger finds them
+/// again. Every descriptor above stderr is marked close-on-exec, so the job gets none of the
+/// server's (its sockets, its database, whatever the server itself inherited). The leader's own children are not covered by the death signal: the ledger finds them
 /// at the next start (see `contain`).
 ///
 /// Linux sends the death signal when the *thread* that spawned the child exits, not the
@@ -452,8 +460,9 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
 fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
-    // prctl(2) and getppid(2), which are async-signal-safe, and allocates nothing (errors come
-    // from raw errno values). The descriptor stays open in the parent until the spawn returns.
+    // prctl(2), getppid(2) and close_range(2), which are async-signal-safe, and allocates
+    // nothing (errors come from raw errno values). The descriptor stays open in the parent
+    // until the spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = cgroup_procs {
@@ -467,6 +476,14 @@ fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>) {
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // After the cgroup write, which needs its descriptor: nothing above stderr
+            // survives the exec. A kernel without close_range (before 5.11) keeps them.
+            let _ = libc::syscall(
+                libc::SYS_close_range,
+                3_u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

@@ -591,3 +591,64 @@ async fn a_fresh_data_directory_is_private() {
         server.log_text()
     );
 }
+
+/// A job gets nothing of the server's: none of its `STEWARD_*` settings or credentials in its
+/// environment (only the job's own three), and no open descriptor beyond stdin, stdout and
+/// stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_inherits_no_credentials_or_descriptors_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("STEWARD_TOKEN", "stw_leak-me"),
+            ("STEWARD_KILL_GRACE", "1s"),
+        ],
+    )
+    .await;
+    let mut c = server.client().await;
+    // `env`, then the descriptors `ls` itself holds: only 0, 1 and 2, and the directory it
+    // reads.
+    let job = sh("env; ls -l /proc/self/fd");
+    let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let run = wait_terminal(&mut c, &id, Duration::from_secs(60)).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    let out = &run.blocks[0].jobs[0].output;
+    assert!(!out.contains("leak-me"), "{out}");
+    let steward_vars: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("STEWARD_"))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    let mut sorted = steward_vars.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        [
+            "STEWARD_ATTEMPT",
+            "STEWARD_IDEMPOTENCY_KEY",
+            "STEWARD_RUN_ID"
+        ],
+        "{out}"
+    );
+    let fds: Vec<&str> = out.lines().filter(|l| l.contains(" -> ")).collect();
+    let unexpected: Vec<&&str> = fds
+        .iter()
+        .filter(|l| {
+            let fd = l
+                .split(" -> ")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .last()
+                .unwrap();
+            !matches!(fd, "0" | "1" | "2") && !l.ends_with("/fd")
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "descriptors of the server: {unexpected:?}\n{out}"
+    );
+    assert!(fds.len() >= 3, "{out}");
+}
