@@ -61,12 +61,10 @@ impl LocalListener {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        // Created with no access for others, then bound: there is no moment at which another
-        // user could connect.
-        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-        let bound = UnixListener::bind(path);
-        nix::sys::stat::umask(old);
-        let listener = bound?;
+        // Bound, then closed to others. The umask is process-wide (and jobs forked meanwhile
+        // would inherit it), so it is left alone: until the chmod, the data directory (0700)
+        // and the peer credential check below keep others out.
+        let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(LocalListener {
             listener,
