@@ -309,6 +309,18 @@ async fn latency(b: &Bench, n: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(samples)
 }
 
+/// A run of `spec` to store directly, as Submit would, created at `now`.
+fn new_run(spec: &domain::WorkflowSpec, now: domain::Timestamp) -> store::NewRun {
+    store::NewRun {
+        id: RunId::new_v7(),
+        spec: spec.clone(),
+        created_at: now,
+        expires_at: now.plus(Duration::from_secs(3600)),
+        cloned_from: None,
+        submitted_by: "bench".into(),
+    }
+}
+
 /// Status p50 with `stored` runs in the database.
 async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration>> {
     let spec = domain::WorkflowSpec::parse(
@@ -318,14 +330,7 @@ async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration
     let mut ids = Vec::with_capacity(stored);
     let mut pending = futures::stream::FuturesUnordered::new();
     for _ in 0..stored {
-        let nr = store::NewRun {
-            id: RunId::new_v7(),
-            spec: spec.clone(),
-            created_at: now,
-            expires_at: now.plus(Duration::from_secs(3600)),
-            cloned_from: None,
-            submitted_by: "bench".into(),
-        };
+        let nr = new_run(&spec, now);
         ids.push(nr.id);
         pending.push(b.store.submit(nr));
         if pending.len() >= 1024 {
@@ -522,14 +527,7 @@ async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
         let mut ids = Vec::with_capacity(n);
         let mut pending = futures::stream::FuturesUnordered::new();
         for _ in 0..n {
-            let nr = store::NewRun {
-                id: RunId::new_v7(),
-                spec: spec.clone(),
-                created_at: now,
-                expires_at: now.plus(Duration::from_secs(3600)),
-                cloned_from: None,
-                submitted_by: "bench".into(),
-            };
+            let nr = new_run(&spec, now);
             ids.push(nr.id);
             pending.push(store.submit(nr));
             if pending.len() >= 1024 {

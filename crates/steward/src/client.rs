@@ -113,6 +113,15 @@ fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
+/// Prints `v` as the API's JSON with `--json`, else as `text` prints it.
+fn show<T: serde::Serialize>(opts: &ClientOpts, v: &T, text: impl FnOnce(&T)) {
+    if opts.json {
+        output::json(v);
+    } else {
+        text(v);
+    }
+}
+
 fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", code_name(s.code()), s.message())
 }
@@ -235,11 +244,9 @@ async fn watch(
     }
     let run = last.ok_or_else(|| anyhow!("the server closed the watch without an answer"))?;
     if !print_each {
-        if opts.json {
-            output::json(&run);
-        } else {
-            output::run(&run);
-        }
+        show(opts, &run, |run| {
+            output::run(run);
+        });
     }
     let terminal = matches!(
         run.state.as_str(),
@@ -268,11 +275,9 @@ pub async fn status(opts: &ClientOpts, id: &str, follow: bool) -> anyhow::Result
         .await
         .map_err(status_err)?
         .into_inner();
-    if opts.json {
-        output::json(&run);
-    } else {
-        output::run(&run);
-    }
+    show(opts, &run, |run| {
+        output::run(run);
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -303,11 +308,9 @@ pub async fn list(
         .await
         .map_err(status_err)?
         .into_inner();
-    if opts.json {
-        output::json(&resp);
-    } else {
-        output::runs(&resp);
-    }
+    show(opts, &resp, |resp| {
+        output::runs(resp);
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -368,11 +371,9 @@ pub async fn clone_run(opts: &ClientOpts, id: &str, exec: bool) -> anyhow::Resul
         .await
         .map_err(status_err)?
         .into_inner();
-    if opts.json {
-        output::json(&resp);
-    } else {
+    show(opts, &resp, |resp| {
         output::line(&resp.id);
-    }
+    });
     if exec {
         return exec_inner(opts, &mut c, &resp.id, false, false).await;
     }
@@ -442,11 +443,9 @@ pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if opts.json {
-                output::json(&l);
-            } else {
-                output::estop_list(&l);
-            }
+            show(opts, &l, |l| {
+                output::estop_list(l);
+            });
             Ok(if l.readable {
                 ExitCode::SUCCESS
             } else {
@@ -467,11 +466,9 @@ pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if opts.json {
-                output::json(&r);
-            } else {
-                output::audit_line(&r);
-            }
+            show(opts, &r, |r| {
+                output::audit_line(r);
+            });
             Ok(ExitCode::SUCCESS)
         }
         crate::EstopCommand::Clear { target, reason } => {
@@ -501,13 +498,11 @@ pub async fn estop(opts: &ClientOpts, cmd: crate::EstopCommand) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if opts.json {
-                output::json(&r);
-            } else {
+            show(opts, &r, |r| {
                 for rec in &r.records {
                     output::audit_line(rec);
                 }
-            }
+            });
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -533,9 +528,7 @@ pub async fn token(opts: &ClientOpts, cmd: crate::TokenCommand) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if opts.json {
-                output::json(&r);
-            } else {
+            show(opts, &r, |r| {
                 if let Some(t) = &r.token {
                     output::token_line(t);
                 }
@@ -543,7 +536,7 @@ pub async fn token(opts: &ClientOpts, cmd: crate::TokenCommand) -> anyhow::Resul
                     "secret (shown this once; send it as `authorization: Bearer SECRET`, or set STEWARD_TOKEN):\n{}",
                     r.secret
                 ));
-            }
+            });
         }
         crate::TokenCommand::List => {
             let r = c
@@ -551,13 +544,11 @@ pub async fn token(opts: &ClientOpts, cmd: crate::TokenCommand) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if opts.json {
-                output::json(&r);
-            } else {
+            show(opts, &r, |r| {
                 for t in &r.tokens {
                     output::token_line(t);
                 }
-            }
+            });
         }
         crate::TokenCommand::Revoke { name } => {
             let r = c
@@ -586,12 +577,10 @@ pub async fn audit(opts: &ClientOpts, limit: u32) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status_err)?
         .into_inner();
-    if opts.json {
-        output::json(&r);
-    } else {
+    show(opts, &r, |r| {
         for a in &r.records {
             output::access_line(a);
         }
-    }
+    });
     Ok(ExitCode::SUCCESS)
 }
