@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use domain::FieldError;
 use serde_json::{Map, Value};
 
+use crate::secret::Text;
+
 /// Names a JSON value's type the way a spec author writes it.
 pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
@@ -95,30 +97,59 @@ impl<'a> Args<'a> {
         }
     }
 
-    /// An optional map of strings to strings. Every bad entry is reported.
-    pub(crate) fn string_map(&mut self, field: &str) -> BTreeMap<String, String> {
+    /// A field that takes a string or a secret reference `{secret: NAME}`.
+    pub(crate) fn text(&mut self, field: &str, required: bool) -> Option<Text> {
+        let v = if required {
+            self.required(field)?
+        } else {
+            self.get(field)?
+        };
+        self.text_value(field, "", v)
+    }
+
+    fn text_value(&mut self, field: &str, entry: &str, v: &Value) -> Option<Text> {
+        match v {
+            Value::String(s) => Some(Text::Plain(s.clone())),
+            Value::Object(_) => match Text::reference(v) {
+                Ok(Some(name)) => Some(Text::Secret(name)),
+                Ok(None) => None,
+                Err(m) => {
+                    self.error(field, format!("{entry}{m}"));
+                    None
+                }
+            },
+            other => {
+                self.error(
+                    field,
+                    format!(
+                        "{entry}must be a string or {{secret: NAME}}, not {}{}",
+                        kind(other),
+                        quote_hint(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// An optional map of strings to strings or secret references. Every bad entry is
+    /// reported.
+    pub(crate) fn text_map(&mut self, field: &str) -> BTreeMap<String, Text> {
         let mut out = BTreeMap::new();
         let Some(v) = self.get(field) else { return out };
         let Value::Object(m) = v else {
             self.error(
                 field,
-                format!("must be a map of strings to strings, not {}", kind(v)),
+                format!(
+                    "must be a map of names to strings or {{secret: NAME}}, not {}",
+                    kind(v)
+                ),
             );
             return out;
         };
         for (k, v) in m {
-            match v {
-                Value::String(s) => {
-                    out.insert(k.clone(), s.clone());
-                }
-                other => self.error(
-                    field,
-                    format!(
-                        "value of {k:?} must be a string, not {}{}",
-                        kind(other),
-                        quote_hint(other)
-                    ),
-                ),
+            if let Some(t) = self.text_value(field, &format!("value of {k:?} "), v) {
+                out.insert(k.clone(), t);
             }
         }
         out

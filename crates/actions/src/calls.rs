@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::args::Args;
+use crate::secret::{SecretName, Sensitive, Text};
 use crate::*;
 
 /// One job's action with its checked, typed args.
@@ -55,12 +56,47 @@ impl ActionCall {
         }
     }
 
+    /// Every secret the call names, with its field under `args` (`env.DB_PASSWORD`).
+    pub fn secret_refs(&self) -> Vec<(String, &SecretName)> {
+        let mut refs = Vec::new();
+        match self {
+            ActionCall::Shell(a) => {
+                for (k, v) in &a.env {
+                    if let Text::Secret(n) = v {
+                        refs.push((format!("env.{k}"), n));
+                    }
+                }
+            }
+            ActionCall::Http(a) => {
+                if let Text::Secret(n) = &a.url {
+                    refs.push(("url".into(), n));
+                }
+                for (k, v) in &a.headers {
+                    if let Text::Secret(n) = v {
+                        refs.push((format!("headers.{k}"), n));
+                    }
+                }
+                if let Some(Text::Secret(n)) = &a.body {
+                    refs.push(("body".into(), n));
+                }
+            }
+            ActionCall::WriteFile(a) => {
+                if let Text::Secret(n) = &a.content {
+                    refs.push(("content".into(), n));
+                }
+            }
+            ActionCall::Sleep(_) | ActionCall::TokenBucket(_) | ActionCall::Noop => {}
+        }
+        refs
+    }
+
     /// Runs one attempt (see the crate docs for the contract).
     pub async fn run(&self, ctx: &JobContext) -> Result<JobOutput, ActionError> {
-        match self {
-            ActionCall::Shell(a) => shell::run(a, ctx).await,
-            ActionCall::Http(a) => http::run(a, ctx).await,
-            ActionCall::WriteFile(a) => write_file::run(a, ctx).await,
+        let mut sensitive = Sensitive::default();
+        let mut result = match self {
+            ActionCall::Shell(a) => shell::run(a, ctx, &mut sensitive).await,
+            ActionCall::Http(a) => http::run(a, ctx, &mut sensitive).await,
+            ActionCall::WriteFile(a) => write_file::run(a, ctx, &mut sensitive).await,
             ActionCall::Sleep(a) => sleep::run(a, ctx).await,
             ActionCall::TokenBucket(a) => Err(ActionError::Fatal {
                 message: format!(
@@ -70,7 +106,16 @@ impl ActionCall {
                 output: String::new(),
             }),
             ActionCall::Noop => Ok(JobOutput::default()),
+        };
+        match &mut result {
+            Ok(out) => sensitive.scrub(&mut out.output),
+            Err(e) => {
+                for t in e.texts_mut().into_iter().flatten() {
+                    sensitive.scrub(t);
+                }
+            }
         }
+        result
     }
 }
 

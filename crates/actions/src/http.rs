@@ -10,6 +10,9 @@ use reqwest::{Method, Url};
 use serde_json::{Map, Value};
 
 use crate::args::{Args, kind};
+use crate::deny::HttpDeny;
+use crate::redact::{is_sensitive_header, redact_url, url_secrets};
+use crate::secret::{Sensitive, Text};
 use crate::tail::Tail;
 use crate::{ActionError, JobContext, JobOutput};
 
@@ -105,15 +108,16 @@ impl fmt::Display for ExpectStatus {
     }
 }
 
-/// `http` args: `{url, method, headers, body, expect_status}`.
+/// `http` args: `{url, method, headers, body, expect_status}`. The URL, header values and the
+/// body may be secret references.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HttpArgs {
-    /// An `http://` or `https://` URL (validated).
-    pub url: String,
+    /// An `http://` or `https://` URL (validated when written out; a secret's when resolved).
+    pub url: Text,
     pub method: HttpMethod,
     /// Sent as given, after `Idempotency-Key`, which they may not set.
-    pub headers: BTreeMap<String, String>,
-    pub body: Option<String>,
+    pub headers: BTreeMap<String, Text>,
+    pub body: Option<Text>,
     pub expect_status: ExpectStatus,
 }
 
@@ -121,10 +125,10 @@ pub struct HttpArgs {
 impl fmt::Debug for HttpArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpArgs")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.url.describe(redact_url))
             .field("method", &self.method)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field("body_len", &self.body.as_ref().map(String::len))
+            .field("body", &self.body)
             .field("expect_status", &self.expect_status)
             .finish()
     }
@@ -140,13 +144,15 @@ impl HttpArgs {
             job_path,
             &["url", "method", "headers", "body", "expect_status"],
         );
-        let url = a.string("url", true).and_then(|s| match check_url(s) {
-            Ok(()) => Some(s.to_owned()),
-            Err(m) => {
-                a.error("url", m);
-                None
-            }
-        });
+        let url = a
+            .text("url", true)
+            .and_then(|t| match t.plain().map(check_url) {
+                Some(Err(m)) => {
+                    a.error("url", m);
+                    None
+                }
+                _ => Some(t),
+            });
         let method = match a.string("method", false) {
             None => Some(HttpMethod::Get),
             Some(s) => {
@@ -164,7 +170,7 @@ impl HttpArgs {
                 m
             }
         };
-        let headers = a.string_map("headers");
+        let headers = a.text_map("headers");
         for (k, v) in &headers {
             if HeaderName::from_bytes(k.as_bytes()).is_err() {
                 a.error("headers", format!("{k:?} is not a valid header name"));
@@ -174,7 +180,7 @@ impl HttpArgs {
                     format!("{IDEMPOTENCY_KEY_HEADER} is set by Steward and cannot be overridden"),
                 );
             }
-            if HeaderValue::from_str(v).is_err() {
+            if v.plain().is_some_and(|v| HeaderValue::from_str(v).is_err()) {
                 a.error(
                     "headers",
                     format!(
@@ -183,7 +189,7 @@ impl HttpArgs {
                 );
             }
         }
-        let body = a.string("body", false).map(str::to_owned);
+        let body = a.text("body", false);
         let expect_status = parse_expect_status(&mut a);
         let args = match (url, method, expect_status) {
             (Some(url), Some(method), Some(expect_status)) => Some(HttpArgs {
@@ -251,19 +257,7 @@ fn parse_expect_status(a: &mut Args<'_>) -> Option<ExpectStatus> {
     }
 }
 
-/// The URL without its password, for messages and logs.
-fn redact_url(s: &str) -> String {
-    match Url::parse(s) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("REDACTED"));
-            url.to_string()
-        }
-        Ok(url) => url.to_string(),
-        Err(_) => "<invalid URL>".into(),
-    }
-}
-
-/// One client for every `http` job, built on first use. HTTPS goes through rustls with the
+/// One client for Steward's own requests (webhooks), built on first use. HTTPS goes through rustls with the
 /// `ring` provider and the platform's trust store, handed to reqwest as a ready config so that
 /// no process-wide rustls provider is installed. Idle connections are not kept: a pooled
 /// connection belongs to the tokio runtime that opened it, and jobs are few and far between.
@@ -276,15 +270,8 @@ pub fn shared_client() -> Result<&'static reqwest::Client, String> {
 }
 
 fn build_client() -> Result<reqwest::Client, String> {
-    use rustls_platform_verifier::BuilderVerifierExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_platform_verifier())
-        .map_err(|e| format!("cannot set up TLS: {e}"))?
-        .with_no_client_auth();
     reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
+        .tls_backend_preconfigured(tls_config()?.clone())
         .pool_max_idle_per_host(0)
         .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -306,39 +293,203 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Redirects followed before the job fails.
+const MAX_REDIRECTS: usize = 10;
+
+/// Headers not carried to another host by a redirect.
+const CROSS_HOST_DROPPED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "www-authenticate",
+];
+
+/// The TLS settings every `http` job's client uses, built once.
+fn tls_config() -> Result<&'static rustls::ClientConfig, String> {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    static TLS: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_platform_verifier())
+            .map_err(|e| format!("cannot set up TLS: {e}"))?
+            .with_no_client_auth())
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Why a hop could not be sent.
+enum HopError {
+    /// The destination is denied, or the URL is unusable: no retry can help.
+    Refused(String),
+    Failed(String),
+}
+
+/// A client for one request to `url`, after `deny` has passed its host and every address it
+/// resolves to, connecting only to those addresses. It follows no redirect (each hop is
+/// checked anew) and uses no proxy (a proxy would reach what the list denies).
+async fn client_for(url: &Url, deny: &HttpDeny) -> Result<reqwest::Client, HopError> {
+    let tls = tls_config().map_err(HopError::Refused)?;
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| HopError::Refused(format!("{} has no port", redact_url(url.as_str()))))?;
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls.clone())
+        .pool_max_idle_per_host(0)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION")));
+    let refused = |d: crate::deny::Denied| HopError::Refused(d.to_string());
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => deny.check_addr((ip, port).into()).map_err(refused)?,
+        Some(url::Host::Ipv6(ip)) => deny.check_addr((ip, port).into()).map_err(refused)?,
+        Some(url::Host::Domain(name)) => {
+            deny.check_name(name, port).map_err(refused)?;
+            let addrs: Vec<_> = tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| HopError::Failed(format!("cannot resolve {name}: {e}")))?
+                .collect();
+            if addrs.is_empty() {
+                return Err(HopError::Failed(format!("{name} resolves to no address")));
+            }
+            for a in &addrs {
+                deny.check_addr(*a)
+                    .map_err(|d| HopError::Refused(format!("{name} resolves to {d}")))?;
+            }
+            builder = builder.resolve_to_addrs(name, &addrs);
+        }
+        None => return Err(HopError::Refused("the URL names no host".into())),
+    }
+    builder.build().map_err(|e| {
+        HopError::Refused(format!("cannot build the HTTP client: {}", error_chain(&e)))
+    })
+}
+
 /// Sends the request, keeping a bounded tail of the response body as output. Redirects are
-/// followed (up to 10). Fails if the final status is not expected.
-pub(crate) async fn run(args: &HttpArgs, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+/// followed (up to 10), each destination checked against `http_deny`. Fails if the final
+/// status is not expected.
+pub(crate) async fn run(
+    args: &HttpArgs,
+    ctx: &JobContext,
+    sensitive: &mut Sensitive,
+) -> Result<JobOutput, ActionError> {
     let fatal = |message: String| ActionError::Fatal {
         message,
         output: String::new(),
     };
-    let client = shared_client().map_err(fatal)?;
-    let url = Url::parse(&args.url).map_err(|e| fatal(format!("invalid URL: {e}")))?;
-    let what = format!("{} {}", args.method, redact_url(&args.url));
-
-    let mut req = client
-        .request(args.method.to_reqwest(), url)
-        .header(IDEMPOTENCY_KEY_HEADER, &ctx.idempotency_key);
+    let secrets = &ctx.guardrails.secrets;
+    let url_text = sensitive.resolve(&args.url, secrets, false)?;
+    for part in url_secrets(&url_text) {
+        sensitive.add(&part);
+    }
+    if args.url.plain().is_none()
+        && let Ok(u) = Url::parse(&url_text)
+    {
+        // A server that echoes what it was asked shows the path and query, not the URL.
+        let path_and_query = &u[url::Position::BeforePath..url::Position::AfterQuery];
+        if path_and_query != "/" {
+            sensitive.add(path_and_query);
+        }
+        for (_, v) in u.query_pairs() {
+            sensitive.add(&v);
+        }
+    }
+    let what = format!("{} {}", args.method, args.url.describe(redact_url));
+    if args.url.plain().is_none()
+        && let Err(m) = check_url(&url_text)
+    {
+        return Err(fatal(format!("{what}: the secret's URL {m}")));
+    }
+    let mut url = Url::parse(&url_text).map_err(|e| fatal(format!("{what}: invalid URL: {e}")))?;
+    let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in &args.headers {
-        req = req.header(k, v);
+        let v = sensitive.resolve(v, secrets, is_sensitive_header(k))?;
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) else {
+            return Err(fatal(format!(
+                "{what}: header {k}: the secret's value is not a valid header value"
+            )));
+        };
+        headers.append(name, value);
     }
-    if let Some(body) = &args.body {
-        req = req.body(body.clone());
-    }
+    let mut body = match &args.body {
+        Some(b) => Some(sensitive.resolve(b, secrets, false)?),
+        None => None,
+    };
+    let mut method = args.method.to_reqwest();
+    let deny = &ctx.guardrails.http_deny;
 
     let mut tail = Tail::new(ctx.output_limit);
     let exchange = async {
-        let mut resp = req.send().await?;
+        let mut hops = 0;
+        let mut resp = loop {
+            let client = client_for(&url, deny).await?;
+            let mut req = client
+                .request(method.clone(), url.clone())
+                .header(IDEMPOTENCY_KEY_HEADER, &ctx.idempotency_key)
+                .headers(headers.clone());
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| HopError::Failed(error_chain(&e.without_url())))?;
+            let status = resp.status();
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok());
+            let (true, Some(location)) = (status.is_redirection(), location) else {
+                break resp;
+            };
+            if status == reqwest::StatusCode::NOT_MODIFIED {
+                break resp;
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(HopError::Failed(format!(
+                    "more than {MAX_REDIRECTS} redirects"
+                )));
+            }
+            let next = url
+                .join(location)
+                .map_err(|e| HopError::Failed(format!("redirected to an invalid URL: {e}")))?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(HopError::Refused(format!(
+                    "redirected to a {}:// URL",
+                    next.scheme()
+                )));
+            }
+            // What browsers and reqwest do: 303, and 301/302 after a POST, become a GET.
+            let to_get = status == reqwest::StatusCode::SEE_OTHER && method != Method::HEAD
+                || matches!(status.as_u16(), 301 | 302) && method == Method::POST;
+            if to_get {
+                method = Method::GET;
+                body = None;
+            }
+            if next.host_str() != url.host_str()
+                || next.port_or_known_default() != url.port_or_known_default()
+            {
+                for h in CROSS_HOST_DROPPED {
+                    headers.remove(*h);
+                }
+            }
+            url = next;
+        };
         let status = resp.status();
-        let body = async {
+        let read = async {
             while let Some(chunk) = resp.chunk().await? {
                 tail.push(&chunk);
             }
             Ok::<_, reqwest::Error>(())
         }
         .await;
-        Ok::<_, reqwest::Error>((status, body))
+        Ok::<_, HopError>((status, read))
     };
     let outcome = tokio::select! {
         biased;
@@ -355,10 +506,11 @@ pub(crate) async fn run(args: &HttpArgs, ctx: &JobContext) -> Result<JobOutput, 
         output,
     };
     match outcome {
-        Err(e) => Err(failed(
-            format!("{what}: {}", error_chain(&e.without_url())),
+        Err(HopError::Refused(m)) => Err(ActionError::Fatal {
+            message: format!("{what}: refused: {m}"),
             output,
-        )),
+        }),
+        Err(HopError::Failed(m)) => Err(failed(format!("{what}: {m}"), output)),
         Ok((status, _)) if !args.expect_status.accepts(status.as_u16()) => Err(failed(
             format!(
                 "{what}: unexpected HTTP status {status} (expected {})",
@@ -387,14 +539,5 @@ mod tests {
     #[test]
     fn the_client_builds_with_tls() {
         shared_client().unwrap();
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("https://u:secret@example.com/x"),
-            "https://u:REDACTED@example.com/x"
-        );
-        assert_eq!(redact_url("http://example.com/"), "http://example.com/");
     }
 }

@@ -9,10 +9,14 @@
 //!   group is gone) and returns `ActionError::Cancelled`. Timeouts are the engine's: it cancels
 //!   `ctx.cancel` when a job's timeout passes.
 //! - `validate_spec(spec)` = structural checks of `domain` + every job's args.
+//! - Secret references are resolved when an attempt starts; whatever the attempt returns
+//!   (output, error) has every resolved secret, and every value the redaction rule hides,
+//!   replaced by `***` before the engine sees it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{FieldError, RunId, SpecError, WorkflowSpec};
+use domain::{FieldError, RunAs, RunId, SpecError, WorkflowSpec};
 use tokio_util::sync::CancellationToken;
 
 /// The names of the built-in actions.
@@ -34,9 +38,48 @@ pub struct JobContext {
     pub output_limit: usize,
     /// Keeps a `shell` job's processes together and records them in the node's ledger;
     /// `None`: a process group only, nothing recorded (embedded use, tests).
-    pub supervisor: Option<std::sync::Arc<Supervisor>>,
+    pub supervisor: Option<Arc<Supervisor>>,
+    /// What the node holds every job to.
+    pub guardrails: Arc<Guardrails>,
+    /// The user a `shell` job runs as: its workflow's policy's, else the node's; `None`: the
+    /// server's own.
+    pub run_as: Option<RunAs>,
+}
+
+/// What a node holds every job to, and the secrets jobs may draw on; set once at start.
+#[derive(Clone, Debug, Default)]
+pub struct Guardrails {
     /// Steward's own files: `write_file` refuses to write them.
     pub protected: Protected,
+    /// Where `{secret: NAME}` values come from.
+    pub secrets: Secrets,
+    /// Where `http` jobs may not connect.
+    pub http_deny: HttpDeny,
+}
+
+impl From<SecretError> for ActionError {
+    /// A secret that cannot be read now may be there at the next attempt.
+    fn from(e: SecretError) -> ActionError {
+        ActionError::Failed {
+            message: e.to_string(),
+            exit_code: None,
+            output: String::new(),
+        }
+    }
+}
+
+impl ActionError {
+    /// The texts a scrub must cover.
+    fn texts_mut(&mut self) -> [Option<&mut String>; 2] {
+        match self {
+            ActionError::Failed {
+                message, output, ..
+            }
+            | ActionError::Fatal { message, output } => [Some(message), Some(output)],
+            ActionError::Cancelled { output } => [Some(output), None],
+            ActionError::NotStarted { message } => [Some(message), None],
+        }
+    }
 }
 
 /// What a successful attempt produced.
@@ -70,9 +113,12 @@ pub enum ActionError {
 
 pub use calls::*;
 pub use contain::{Containment, ContainmentMode, Supervisor, SweepReport};
+pub use deny::{DEFAULT_HTTP_DENY, Denied, HttpDeny};
 pub use guard::Protected;
 pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client};
-pub use shell::ShellArgs;
+pub use redact::{redact_args, redact_spec, redact_url};
+pub use secret::{MASK, SecretError, SecretName, Secrets, Text};
+pub use shell::{ShellArgs, check_run_as};
 pub use sleep::SleepArgs;
 pub use token_bucket::TokenBucketArgs;
 pub use write_file::WriteFileArgs;
@@ -80,8 +126,11 @@ pub use write_file::WriteFileArgs;
 mod args;
 mod calls;
 mod contain;
+mod deny;
 mod guard;
 mod http;
+mod redact;
+mod secret;
 mod shell;
 mod sleep;
 mod tail;

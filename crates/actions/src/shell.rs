@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use domain::FieldError;
+use domain::{FieldError, RunAs};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -20,6 +20,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::args::{Args, kind, nul_check, quote_hint};
 use crate::contain::Attempt;
+use crate::secret::{Sensitive, Text};
 use crate::tail::Tail;
 use crate::{ActionError, JobContext, JobOutput};
 
@@ -41,8 +42,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct ShellArgs {
     /// The program (looked up in `PATH` unless it contains a `/`) and its arguments.
     pub argv: Vec<String>,
-    /// Added to the environment Steward itself runs with.
-    pub env: BTreeMap<String, String>,
+    /// Added to the environment Steward itself runs with (less its `STEWARD_*` variables).
+    pub env: BTreeMap<String, Text>,
     /// Working directory (absolute); Steward's own when absent.
     pub cwd: Option<PathBuf>,
 }
@@ -65,7 +66,7 @@ impl ShellArgs {
     ) -> Result<ShellArgs, Vec<FieldError>> {
         let mut a = Args::new(map, job_path, &["argv", "env", "cwd"]);
         let argv = parse_argv(&mut a);
-        let env = a.string_map("env");
+        let env = a.text_map("env");
         for (k, v) in &env {
             if k.is_empty() || k.contains(['=', '\0']) {
                 a.error(
@@ -80,7 +81,10 @@ impl ShellArgs {
                     format!("{k} is set by Steward and cannot be overridden"),
                 );
             }
-            if let Some(m) = nul_check(&format!("value of {k:?}"), v) {
+            if let Some(m) = v
+                .plain()
+                .and_then(|v| nul_check(&format!("value of {k:?}"), v))
+            {
                 a.error("env", m);
             }
         }
@@ -141,7 +145,11 @@ fn parse_argv(a: &mut Args<'_>) -> Option<Vec<String>> {
 ///
 /// On `ctx.cancel` the group gets SIGTERM, the leader has `ctx.kill_grace` to exit, then the
 /// group gets SIGKILL. If this future is dropped instead, the group is SIGKILLed at once.
-pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+pub(crate) async fn run(
+    args: &ShellArgs,
+    ctx: &JobContext,
+    sensitive: &mut Sensitive,
+) -> Result<JobOutput, ActionError> {
     let Some((program, rest)) = args.argv.split_first() else {
         return Err(ActionError::Fatal {
             message: "argv is empty".into(),
@@ -153,7 +161,51 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
             output: String::new(),
         });
     }
+    let mut env = Vec::with_capacity(args.env.len());
+    for (k, v) in &args.env {
+        let v = sensitive
+            .resolve(
+                v,
+                &ctx.guardrails.secrets,
+                crate::redact::is_sensitive_env(k),
+            )
+            .map_err(ActionError::from)?;
+        if v.contains('\0') {
+            return Err(ActionError::Fatal {
+                message: format!("env {k}: the secret's value holds a NUL byte"),
+                output: String::new(),
+            });
+        }
+        env.push((k, v));
+    }
+    let identity = match &ctx.run_as {
+        Some(r) => {
+            let r = r.clone();
+            match tokio::task::spawn_blocking(move || Identity::resolve(&r)).await {
+                Ok(Ok(id)) => id,
+                Ok(Err(message)) => {
+                    return Err(ActionError::Fatal {
+                        message,
+                        output: String::new(),
+                    });
+                }
+                Err(e) => {
+                    return Err(ActionError::Failed {
+                        message: format!("looking up run_as did not complete: {e}"),
+                        exit_code: None,
+                        output: String::new(),
+                    });
+                }
+            }
+        }
+        None => None,
+    };
     let mut cmd = Command::new(program);
+    if let Some(id) = &identity {
+        cmd.env("HOME", &id.home)
+            .env("USER", &id.name)
+            .env("LOGNAME", &id.name);
+    }
     // The server's own settings and credentials (`STEWARD_DATABASE` with its password,
     // `STEWARD_TOKEN`, `STEWARD_SECRET_*`...) are not the job's.
     for (k, _) in std::env::vars_os() {
@@ -162,7 +214,7 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
         }
     }
     cmd.args(rest)
-        .envs(&args.env)
+        .envs(env)
         .env("STEWARD_IDEMPOTENCY_KEY", &ctx.idempotency_key)
         .env("STEWARD_RUN_ID", ctx.run_id.to_string())
         .env("STEWARD_ATTEMPT", ctx.attempt.to_string())
@@ -184,7 +236,11 @@ pub(crate) async fn run(args: &ShellArgs, ctx: &JobContext) -> Result<JobOutput,
         ),
         None => None,
     };
-    prepare_child(&mut cmd, attempt.as_ref().and_then(Attempt::procs_fd));
+    prepare_child(
+        &mut cmd,
+        attempt.as_ref().and_then(Attempt::procs_fd),
+        identity,
+    );
     let mut child = cmd
         .spawn()
         .map_err(|e| spawn_error(program, args.cwd.as_deref(), &e))?;
@@ -456,13 +512,93 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
 /// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
 /// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
 /// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
+/// Checks that `r` names a user this node can run jobs as: it exists, and the server may
+/// switch to it (it runs as root, or as that user already). Blocking: NSS may ask a
+/// directory service.
+pub fn check_run_as(r: &RunAs) -> Result<(), String> {
+    Identity::resolve(r).map(|_| ())
+}
+
+/// Who a job runs as when it is not the server's own user (`run_as`).
+struct Identity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    /// Supplementary groups.
+    groups: Vec<libc::gid_t>,
+    name: String,
+    home: PathBuf,
+}
+
+impl Identity {
+    /// Looks `r` up; `None` when it is the server's own identity already (nothing to drop).
+    /// Blocking: NSS may ask a directory service.
+    fn resolve(r: &RunAs) -> Result<Option<Identity>, String> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        let bad = |m: String| format!("run_as {r}: {m}");
+        let entry = match r.user.parse::<u32>() {
+            Ok(n) => User::from_uid(Uid::from_raw(n)),
+            Err(_) => User::from_name(&r.user),
+        }
+        .map_err(|e| bad(format!("cannot look up the user: {e}")))?;
+        let (uid, name, home, primary) = match (entry, r.user.parse::<u32>()) {
+            (Some(u), _) => (u.uid.as_raw(), u.name, u.dir, Some(u.gid.as_raw())),
+            // A bare uid with no entry: allowed with an explicit group.
+            (None, Ok(n)) => (n, r.user.clone(), PathBuf::from("/"), None),
+            (None, Err(_)) => return Err(bad(format!("no user {:?} on this node", r.user))),
+        };
+        let gid = match &r.group {
+            Some(g) => match g.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => Group::from_name(g)
+                    .map_err(|e| bad(format!("cannot look up the group: {e}")))?
+                    .ok_or_else(|| bad(format!("no group {g:?} on this node")))?
+                    .gid
+                    .as_raw(),
+            },
+            None => primary.ok_or_else(|| {
+                bad("a user id with no account needs a group: \"UID:GROUP\"".into())
+            })?,
+        };
+        let groups = match (&r.group, primary) {
+            (None, Some(primary)) => {
+                let cname = std::ffi::CString::new(name.clone())
+                    .map_err(|_| bad("the user name holds a NUL byte".into()))?;
+                nix::unistd::getgrouplist(&cname, Gid::from_raw(primary))
+                    .map_err(|e| bad(format!("cannot list the user's groups: {e}")))?
+                    .into_iter()
+                    .map(Gid::as_raw)
+                    .collect()
+            }
+            _ => vec![gid],
+        };
+        let (euid, egid) = (Uid::effective().as_raw(), Gid::effective().as_raw());
+        if uid == euid && gid == egid {
+            return Ok(None);
+        }
+        if euid != 0 {
+            return Err(bad(format!(
+                "switching to another user needs the server to run as root, and it runs as uid {euid}"
+            )));
+        }
+        Ok(Some(Identity {
+            uid,
+            gid,
+            groups,
+            name,
+            home,
+        }))
+    }
+}
+
 #[allow(unsafe_code)]
-fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>) {
+fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>, identity: Option<Identity>) {
     let parent = nix::unistd::getpid();
+    let drop_to = identity.map(|id| (id.uid, id.gid, id.groups));
     // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
-    // prctl(2), getppid(2) and close_range(2), which are async-signal-safe, and allocates
-    // nothing (errors come from raw errno values). The descriptor stays open in the parent
-    // until the spawn returns.
+    // setgroups(2), setgid(2), setuid(2), prctl(2), getppid(2) and close_range(2), which are
+    // async-signal-safe, and allocates nothing (the group list was built before the fork;
+    // errors come from raw errno values). The descriptor stays open in the parent until the
+    // spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = cgroup_procs {
@@ -470,6 +606,16 @@ fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>) {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // After the cgroup write (moving needs the server's rights), before the prctl
+            // (a change of identity clears the parent-death signal). Groups first: after
+            // setuid, setgroups is no longer allowed.
+            if let Some((uid, gid, groups)) = &drop_to
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(io::Error::last_os_error());
             }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The parent may have died before the prctl: then nobody would ever signal us.

@@ -11,27 +11,28 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::args::{Args, kind, nul_check};
+use crate::secret::{Sensitive, Text};
 use crate::{ActionError, JobContext, JobOutput};
 
 pub const DEFAULT_MODE: u32 = 0o644;
 
-/// `write_file` args: `{path: /abs/file, content: text, mode: "0644"}`.
+/// `write_file` args: `{path: /abs/file, content: text, mode: "0644"}`; the content may be a
+/// secret reference.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WriteFileArgs {
     /// Absolute; its directory must exist.
     pub path: PathBuf,
-    pub content: String,
+    pub content: Text,
     /// Permission bits (at most `0o7777`).
     pub mode: u32,
 }
 
-/// The content may be a secret: only its size and hash are shown.
+/// The content may be sensitive: only its size is shown.
 impl fmt::Debug for WriteFileArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WriteFileArgs")
             .field("path", &self.path)
-            .field("content_len", &self.content.len())
-            .field("content_sha256", &sha256_hex(self.content.as_bytes()))
+            .field("content", &self.content)
             .field("mode", &format_args!("{:04o}", self.mode))
             .finish()
     }
@@ -53,7 +54,7 @@ impl WriteFileArgs {
                 a.error("path", "must name a file, not a directory");
             }
         }
-        let content = a.string("content", true).map(str::to_owned);
+        let content = a.text("content", true);
         let mode = match a.get("mode") {
             None => Some(DEFAULT_MODE),
             Some(Value::String(s)) => {
@@ -121,16 +122,28 @@ fn hex(bytes: &[u8]) -> String {
 /// new one, never a mix. A symlink at `path` is replaced by a regular file.
 ///
 /// The work is short and not interrupted once started: `ctx.cancel` is only checked before.
-pub(crate) async fn run(args: &WriteFileArgs, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+pub(crate) async fn run(
+    args: &WriteFileArgs,
+    ctx: &JobContext,
+    sensitive: &mut Sensitive,
+) -> Result<JobOutput, ActionError> {
     if ctx.cancel.is_cancelled() {
         return Err(ActionError::Cancelled {
             output: String::new(),
         });
     }
-    let args = args.clone();
+    let content = sensitive.resolve(&args.content, &ctx.guardrails.secrets, false)?;
+    let target = args.path.clone();
+    let mode = args.mode;
     let path = args.path.display().to_string();
-    let protected = ctx.protected.clone();
-    let outcome = tokio::task::spawn_blocking(move || write(&args, &protected)).await;
+    let guardrails = ctx.guardrails.clone();
+    // A secret's digest would let anyone who sees the output test guesses against it.
+    let show_digest = args.content.plain().is_some();
+    let outcome = tokio::task::spawn_blocking(move || {
+        write(&target, content.as_bytes(), mode, &guardrails.protected)
+            .map(|w| w.describe(show_digest))
+    })
+    .await;
     let failed = |message: String| ActionError::Failed {
         message,
         exit_code: None,
@@ -146,14 +159,41 @@ pub(crate) async fn run(args: &WriteFileArgs, ctx: &JobContext) -> Result<JobOut
     }
 }
 
-fn write(args: &WriteFileArgs, protected: &crate::Protected) -> io::Result<String> {
+/// What [`write`] did.
+struct Written {
+    path: PathBuf,
+    /// `None`: the file already held the content.
+    bytes: Option<usize>,
+    digest: String,
+}
+
+impl Written {
+    fn describe(&self, show_digest: bool) -> String {
+        let what = match self.bytes {
+            None => format!("unchanged {}", self.path.display()),
+            Some(n) => format!("wrote {n} bytes to {}", self.path.display()),
+        };
+        if show_digest {
+            format!("{what} (sha256 {})", self.digest)
+        } else {
+            what
+        }
+    }
+}
+
+fn write(
+    target: &Path,
+    content: &[u8],
+    mode: u32,
+    protected: &crate::Protected,
+) -> io::Result<Written> {
     // Into the directory as it resolves now, checked: a symlink among its directories (one
     // an earlier job made, say) cannot lead the write into Steward's own files.
-    let parent = args.path.parent().unwrap_or(Path::new("/"));
+    let parent = target.parent().unwrap_or(Path::new("/"));
     let dir = crate::guard::resolved(parent);
-    let path = &match args.path.file_name() {
+    let path = &match target.file_name() {
         Some(name) => dir.join(name),
-        None => args.path.clone(),
+        None => target.to_owned(),
     };
     if let Some(what) = protected.covering(path) {
         return Err(io::Error::new(
@@ -164,9 +204,13 @@ fn write(args: &WriteFileArgs, protected: &crate::Protected) -> io::Result<Strin
             ),
         ));
     }
-    let digest = sha256_hex(args.content.as_bytes());
-    if is_unchanged(path, args.content.len(), &digest, args.mode)? {
-        return Ok(format!("unchanged {} (sha256 {digest})", path.display()));
+    let digest = sha256_hex(content);
+    if is_unchanged(path, content.len(), &digest, mode)? {
+        return Ok(Written {
+            path: path.clone(),
+            bytes: None,
+            digest,
+        });
     }
     let dir = dir.as_path();
     let name = path
@@ -188,18 +232,18 @@ fn write(args: &WriteFileArgs, protected: &crate::Protected) -> io::Result<Strin
                 e
             }
         })?;
-    tmp.write_all(args.content.as_bytes())?;
+    tmp.write_all(content)?;
     // fchmod is not subject to the umask.
     tmp.as_file()
-        .set_permissions(Permissions::from_mode(args.mode))?;
+        .set_permissions(Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()?;
-    Ok(format!(
-        "wrote {} bytes to {} (sha256 {digest})",
-        args.content.len(),
-        path.display()
-    ))
+    Ok(Written {
+        path: path.clone(),
+        bytes: Some(content.len()),
+        digest,
+    })
 }
 
 /// Whether `path` is a regular file with this length, sha256 and mode. Any other file type is

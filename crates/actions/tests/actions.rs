@@ -31,7 +31,8 @@ fn ctx() -> JobContext {
         kill_grace: Duration::from_secs(5),
         output_limit: 64 * 1024,
         supervisor: None,
-        protected: actions::Protected::default(),
+        guardrails: Default::default(),
+        run_as: None,
     }
 }
 
@@ -684,7 +685,7 @@ fn parses_typed_args() {
         panic!()
     };
     assert_eq!(a.argv, ["erase", "--machine", "aap01"]);
-    assert_eq!(a.env["SITE"], "aap");
+    assert_eq!(a.env["SITE"], actions::Text::Plain("aap".into()));
     assert_eq!(a.cwd.as_deref(), Some(Path::new("/tmp")));
 
     let ActionCall::Http(a) = call(
@@ -800,7 +801,7 @@ fn shell_bad_args() {
         "shell",
         json!({"argv": ["true"], "env": ["A=1"]}),
         env,
-        "must be a map of strings to strings",
+        "must be a map of names to strings or {secret: NAME}, not a list",
     );
     check_error(
         "shell",
@@ -1059,4 +1060,344 @@ fn token_bucket_args() {
         let errs = ActionCall::parse("token_bucket", args.as_object().unwrap(), "j").unwrap_err();
         assert!(errs.iter().any(|e| e.path == path), "{args}: {errs:?}");
     }
+}
+
+// ---------------------------------------------------------------- secrets and guardrails
+
+/// A context whose secrets come from `dir`, and whose `http` jobs may not reach `deny`.
+fn ctx_with(dir: &Path, deny: actions::HttpDeny) -> JobContext {
+    let mut c = ctx();
+    c.guardrails = std::sync::Arc::new(actions::Guardrails {
+        secrets: actions::Secrets::new(dir),
+        http_deny: deny,
+        ..Default::default()
+    });
+    c
+}
+
+fn write_secret(dir: &Path, name: &str, value: &str) {
+    let p = dir.join(name);
+    std::fs::write(&p, value).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn shell_secrets_reach_the_job_and_never_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), "db", "s3cret-db-value\n");
+    let c = call(
+        "shell",
+        json!({
+            "argv": ["sh", "-c", "echo \"pw=$DB_PASSWORD tok=$API_TOKEN plain=$SITE\"; printf %s \"$DB_PASSWORD\" | sha256sum; printf %s \"$API_TOKEN\" | sha256sum; echo \"$DB_PASSWORD\" >&2; exit 3"],
+            "env": {"DB_PASSWORD": {"secret": "db"}, "API_TOKEN": "literal-token-1", "SITE": "aap01"},
+        }),
+    );
+    let (message, code, output) = failed(c.run(&ctx_with(dir.path(), Default::default())).await);
+    assert_eq!(code, Some(3), "{message}");
+    assert!(output.contains("pw=*** tok=*** plain=aap01"), "{output}");
+    // The job saw the real values: their hashes are in its output.
+    assert!(output.contains(&sha256_hex("s3cret-db-value")), "{output}");
+    assert!(output.contains(&sha256_hex("literal-token-1")), "{output}");
+    assert!(!output.contains("s3cret-db-value"), "{output}");
+    assert!(!output.contains("literal-token-1"), "{output}");
+
+    // Re-read on change: the next attempt gets the new value.
+    write_secret(dir.path(), "db", "rotated-value-2");
+    let c = call(
+        "shell",
+        json!({"argv": ["sh", "-c", "printf %s \"$P\" | sha256sum"], "env": {"P": {"secret": "db"}}}),
+    );
+    let out = c
+        .run(&ctx_with(dir.path(), Default::default()))
+        .await
+        .unwrap();
+    assert!(
+        out.output.contains(&sha256_hex("rotated-value-2")),
+        "{}",
+        out.output
+    );
+}
+
+#[tokio::test]
+async fn a_secret_that_cannot_be_read_fails_the_attempt_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = call(
+        "shell",
+        json!({"argv": ["true"], "env": {"P": {"secret": "gone"}}}),
+    );
+    let ctx = ctx_with(dir.path(), Default::default());
+    let (message, _, _) = failed(c.run(&ctx).await);
+    assert!(message.contains("secret gone: not found"), "{message}");
+    assert!(message.contains("STEWARD_SECRET_GONE"), "{message}");
+
+    std::fs::write(dir.path().join("open"), "value").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("open"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let c = call(
+        "write_file",
+        json!({"path": dir.path().join("out").to_str().unwrap(), "content": {"secret": "open"}}),
+    );
+    let (message, _, _) = failed(c.run(&ctx).await);
+    assert!(
+        message.contains("secret open") && message.contains("0644"),
+        "{message}"
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+#[tokio::test]
+async fn write_file_content_can_be_a_secret_whose_digest_is_not_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), "key", "-----BEGIN KEY-----\nAAAA\n");
+    let target = dir.path().join("key.pem");
+    let c = call(
+        "write_file",
+        json!({"path": target.to_str().unwrap(), "content": {"secret": "key"}, "mode": "0600"}),
+    );
+    let out = c
+        .run(&ctx_with(dir.path(), Default::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "-----BEGIN KEY-----\nAAAA"
+    );
+    assert!(!out.output.contains("sha256"), "{}", out.output);
+}
+
+#[tokio::test]
+async fn http_secrets_are_sent_and_scrubbed_from_what_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), "auth", "Bearer tok-abcdef");
+    write_secret(dir.path(), "body", "{\"password\":\"pw-123456\"}");
+    let (l, url) = listener().await;
+    let c = call(
+        "http",
+        json!({
+            "url": format!("{url}/x?api_key=query-secret-1&page=2"),
+            "method": "POST",
+            "headers": {"Authorization": {"secret": "auth"}, "Cookie": "session=cookie-value-1"},
+            "body": {"secret": "body"},
+            "expect_status": 200,
+        }),
+    );
+    let ctx = ctx_with(dir.path(), Default::default());
+    // The server echoes everything it got: the output must hide all of it.
+    let serve = async {
+        let (mut sock, _) = l.accept().await.unwrap();
+        let req = read_request(&mut sock).await;
+        let body = format!("{}\n{}", req.head, req.body);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+        req
+    };
+    let (r, req) = tokio::join!(c.run(&ctx), serve);
+    let out = r.unwrap();
+    assert_eq!(req.header("authorization"), Some("Bearer tok-abcdef"));
+    assert_eq!(req.body, "{\"password\":\"pw-123456\"}");
+    for secret in [
+        "tok-abcdef",
+        "pw-123456",
+        "query-secret-1",
+        "session=cookie-value-1",
+    ] {
+        assert!(!out.output.contains(secret), "{secret} in {}", out.output);
+    }
+    assert!(out.output.contains("page=2"), "{}", out.output);
+}
+
+#[tokio::test]
+async fn http_deny_refuses_before_connecting_by_address_name_and_redirect() {
+    let dir = tempfile::tempdir().unwrap();
+    let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    denied.set_nonblocking(true).unwrap();
+    let denied_addr = denied.local_addr().unwrap();
+    let deny = actions::HttpDeny::parse(&["169.254.0.0/16"])
+        .unwrap()
+        .with_listen(denied_addr);
+    let ctx = ctx_with(dir.path(), deny);
+    let refused = |r: Result<JobOutput, ActionError>| match r {
+        Err(ActionError::Fatal { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    let m = refused(
+        call(
+            "http",
+            json!({"url": "http://169.254.169.254/latest/meta-data/"}),
+        )
+        .run(&ctx)
+        .await,
+    );
+    assert!(
+        m.contains("169.254.169.254:80 is denied by http_deny (entry \"169.254.0.0/16\")"),
+        "{m}"
+    );
+    let m = refused(
+        call(
+            "http",
+            json!({"url": format!("http://{denied_addr}/v1/estop"), "method": "POST"}),
+        )
+        .run(&ctx)
+        .await,
+    );
+    assert!(m.contains("Steward's own listen address"), "{m}");
+    let m = refused(
+        call(
+            "http",
+            json!({"url": format!("http://localhost:{}/", denied_addr.port())}),
+        )
+        .run(&ctx)
+        .await,
+    );
+    assert!(m.contains("localhost resolves to 127.0.0.1"), "{m}");
+    let m = refused(
+        call(
+            "http",
+            json!({"url": format!("http://[::ffff:127.0.0.1]:{}/", denied_addr.port())}),
+        )
+        .run(&ctx)
+        .await,
+    );
+    assert!(m.contains("denied"), "{m}");
+
+    // An allowed server that redirects to the denied one.
+    let (l, url) = listener().await;
+    let redirect = async {
+        let (mut sock, _) = l.accept().await.unwrap();
+        read_request(&mut sock).await;
+        let resp = format!(
+            "HTTP/1.1 302 Found\r\nlocation: http://{denied_addr}/v1/estop\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+    };
+    let c = call("http", json!({"url": url}));
+    let (r, ()) = tokio::join!(c.run(&ctx), redirect);
+    let m = refused(r);
+    assert!(m.contains("Steward's own listen address"), "{m}");
+
+    // Nothing ever connected to the denied listener.
+    assert_eq!(
+        denied.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+}
+
+#[tokio::test]
+async fn http_redirects_are_followed_and_drop_credentials_across_hosts() {
+    let (a, url_a) = listener().await;
+    let (b, _) = listener().await;
+    let b_port = b.local_addr().unwrap().port();
+    let c = call(
+        "http",
+        json!({"url": format!("{url_a}/start"), "method": "POST", "body": "x", "headers": {"Authorization": "Bearer t-123456"}}),
+    );
+    let ctx = ctx();
+    let servers = async {
+        let (mut sock, _) = a.accept().await.unwrap();
+        let first = read_request(&mut sock).await;
+        // Another host (localhost, not 127.0.0.1) and a 303: a GET without the body.
+        let resp = format!(
+            "HTTP/1.1 303 See Other\r\nlocation: http://localhost:{b_port}/done\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+        drop(sock);
+        let second = serve_once(&b, "200 OK", "landed").await;
+        (first, second)
+    };
+    let (r, (first, second)) = tokio::join!(c.run(&ctx), servers);
+    assert_eq!(r.unwrap().output, "landed");
+    assert_eq!(first.header("authorization"), Some("Bearer t-123456"));
+    assert_eq!(second.request_line(), "GET /done HTTP/1.1");
+    assert_eq!(second.header("authorization"), None);
+    assert_eq!(second.body, "");
+}
+
+#[tokio::test]
+async fn shell_run_as_drops_to_that_user() {
+    let mut ctx = ctx();
+    ctx.run_as = Some("nobody".parse().unwrap());
+    let c = call(
+        "shell",
+        json!({"argv": ["sh", "-c", "id -u; id -g; echo $HOME $USER"]}),
+    );
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    if nix::unistd::Uid::effective().is_root() {
+        let out = c.run(&ctx).await.unwrap();
+        let lines: Vec<&str> = out.output.lines().collect();
+        assert_eq!(lines[0], nobody.uid.to_string(), "{}", out.output);
+        assert_eq!(lines[1], nobody.gid.to_string(), "{}", out.output);
+        assert_eq!(lines[2], format!("{} nobody", nobody.dir.display()));
+    } else {
+        let m = match c.run(&ctx).await {
+            Err(ActionError::Fatal { message, .. }) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(m.contains("needs the server to run as root"), "{m}");
+    }
+    ctx.run_as = Some("no-such-user-here".parse().unwrap());
+    let m = match c.run(&ctx).await {
+        Err(ActionError::Fatal { message, .. }) => message,
+        other => panic!("{other:?}"),
+    };
+    assert!(m.contains("run_as no-such-user-here: no user"), "{m}");
+}
+
+#[test]
+fn secret_references_are_checked_at_submit() {
+    check_error(
+        "shell",
+        json!({"argv": ["x"], "env": {"P": {"secret": "../etc/passwd"}}}),
+        "blocks[0].jobs[0].args.env",
+        "value of \"P\" \"../etc/passwd\" is not a secret name",
+    );
+    check_error(
+        "shell",
+        json!({"argv": ["x"], "env": {"P": {"secret": 5}}}),
+        "blocks[0].jobs[0].args.env",
+        "value of \"P\" secret must name a secret (a string), not a number",
+    );
+    check_error(
+        "http",
+        json!({"url": {"vault": "x"}}),
+        "blocks[0].jobs[0].args.url",
+        "must be a string or {secret: NAME}",
+    );
+    check_error(
+        "write_file",
+        json!({"path": "/tmp/x", "content": 5}),
+        "blocks[0].jobs[0].args.content",
+        "must be a string or {secret: NAME}, not a number",
+    );
+    let c = call(
+        "http",
+        json!({"url": {"secret": "u"}, "headers": {"X-Key": {"secret": "k"}}, "body": {"secret": "b"}}),
+    );
+    let refs: Vec<(String, String)> = c
+        .secret_refs()
+        .into_iter()
+        .map(|(f, n)| (f, n.to_string()))
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("url".to_owned(), "u".to_owned()),
+            ("headers.X-Key".to_owned(), "k".to_owned()),
+            ("body".to_owned(), "b".to_owned())
+        ]
+    );
 }

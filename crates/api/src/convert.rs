@@ -224,7 +224,8 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
                     .collect(),
             })
             .collect(),
-        spec: Some(spec_to_wire(&r.spec)),
+        // As every surface shows it: values the redaction rule hides are `***`.
+        spec: Some(spec_to_wire(&actions::redact_spec(&r.spec))),
         // Filled by the caller, which knows the e-stop list.
         estop: None,
         submitted_by: r.submitted_by.clone(),

@@ -596,7 +596,8 @@ impl Driver<'_> {
                 kill_grace: inner.opts.kill_grace,
                 output_limit: inner.opts.output_limit,
                 supervisor: inner.opts.supervisor.clone(),
-                protected: inner.opts.protected.clone(),
+                guardrails: inner.opts.guardrails.clone(),
+                run_as: inner.run_as_for(self.ident.get().map_or("", |(name, _)| name)),
             };
             let mut timed_out = false;
             let result = {

@@ -132,9 +132,12 @@ pub struct EngineOptions {
     /// node that could not renew its leases for a whole `lease_ttl` must stop driving its
     /// runs: [`Engine::failure`] answers `StopCause::LostStore`.
     pub shared_store: bool,
-    /// Steward's own files: Submit refuses a `write_file` job that would write them, and the
-    /// action checks again when it runs.
-    pub protected: actions::Protected,
+    /// What every job is held to: Steward's own files (Submit refuses a `write_file` job
+    /// that would write them, and the action checks again when it runs), the secrets jobs
+    /// may name (Submit refuses an unknown one), where `http` jobs may not connect.
+    pub guardrails: Arc<actions::Guardrails>,
+    /// The user `shell` jobs run as, unless their workflow's policy names one.
+    pub run_as: Option<domain::RunAs>,
 }
 
 /// The policy set in force, swapped whole on a reload.
@@ -156,7 +159,8 @@ impl EngineOptions {
             policies: None,
             supervisor: None,
             shared_store: false,
-            protected: actions::Protected::default(),
+            guardrails: Arc::default(),
+            run_as: None,
         }
     }
 }
@@ -319,7 +323,7 @@ impl Engine {
     pub fn policy_verdicts(&self, spec: &WorkflowSpec) -> Option<policy::Verdicts> {
         let feed = self.inner.opts.policies.as_ref()?;
         let set = feed.borrow().clone();
-        Some(set.check(spec))
+        Some(set.check_shown(spec, &actions::redact_spec(spec)))
     }
 
     /// Submit's checks without storing anything: the spec's problems, and every policy's verdict.
@@ -328,7 +332,7 @@ impl Engine {
         spec: &WorkflowSpec,
     ) -> (Result<(), SpecError>, Option<policy::Verdicts>) {
         let checked = actions::validate_spec(spec).and_then(|calls| {
-            self.check_writes(&calls)?;
+            self.check_guardrails(&calls)?;
             self.check_buckets(&calls).map_err(|e| match e {
                 EngineError::InvalidSpec(s) => s,
                 other => SpecError(vec![domain::FieldError::new("spec", other.to_string())]),
@@ -337,13 +341,15 @@ impl Engine {
         (checked, self.policy_verdicts(spec))
     }
 
-    /// No `write_file` job may write Steward's own files.
-    fn check_writes(&self, calls: &[Vec<actions::ActionCall>]) -> Result<(), SpecError> {
+    /// The node's guardrails: no `write_file` job may write Steward's own files, and every
+    /// secret a job names must be there now.
+    fn check_guardrails(&self, calls: &[Vec<actions::ActionCall>]) -> Result<(), SpecError> {
+        let guardrails = &self.inner.opts.guardrails;
         let mut errs = Vec::new();
         for (bi, row) in calls.iter().enumerate() {
             for (ji, call) in row.iter().enumerate() {
                 if let actions::ActionCall::WriteFile(a) = call
-                    && let Some(what) = self.inner.opts.protected.covering(&a.path)
+                    && let Some(what) = guardrails.protected.covering(&a.path)
                 {
                     errs.push(domain::FieldError::new(
                         format!("blocks[{bi}].jobs[{ji}].args.path"),
@@ -352,6 +358,14 @@ impl Engine {
                             a.path.display()
                         ),
                     ));
+                }
+                for (field, name) in call.secret_refs() {
+                    if let Err(e) = guardrails.secrets.get(name) {
+                        errs.push(domain::FieldError::new(
+                            format!("blocks[{bi}].jobs[{ji}].args.{field}"),
+                            e.to_string(),
+                        ));
+                    }
                 }
             }
         }
@@ -473,7 +487,7 @@ impl Engine {
     ) -> Result<store::Submitted, EngineError> {
         self.check_accepting()?;
         let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
-        self.check_writes(&calls)
+        self.check_guardrails(&calls)
             .map_err(EngineError::InvalidSpec)?;
         self.check_buckets(&calls)?;
         if let Some(verdicts) = self.policy_verdicts(&spec) {
@@ -627,6 +641,16 @@ impl Engine {
 }
 
 impl Inner {
+    /// Who a `shell` job of `workflow` runs as: its policy's `run_as`, else the node's.
+    fn run_as_for(&self, workflow: &str) -> Option<domain::RunAs> {
+        let from_policy = self
+            .opts
+            .policies
+            .as_ref()
+            .and_then(|feed| feed.borrow().run_as(workflow).cloned());
+        from_policy.or_else(|| self.opts.run_as.clone())
+    }
+
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }

@@ -112,6 +112,19 @@ pub struct ServeConfig {
     /// server's own user and root on this machine, without a token.
     #[serde(deserialize_with = "de::path")]
     pub socket: PathBuf,
+    /// The user `shell` jobs run as (`user` or `user:group`), unless their workflow's policy
+    /// names one; left out, the server's own user.
+    #[serde(
+        default,
+        deserialize_with = "de::run_as",
+        serialize_with = "de::display",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub run_as: Option<domain::RunAs>,
+    /// Destinations `http` jobs may not reach: CIDRs, addresses, host names, each optionally
+    /// with `:PORT`. Steward's own listen address is denied whatever this says.
+    #[serde(deserialize_with = "de::http_deny")]
+    pub http_deny: Vec<String>,
 }
 
 /// `auth`: whether calls need a token.
@@ -154,11 +167,34 @@ impl Default for ServeConfig {
             tls_key: None,
             tls_client_ca: None,
             socket: PathBuf::new(),
+            run_as: None,
+            http_deny: actions::DEFAULT_HTTP_DENY
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         }
     }
 }
 
 impl ServeConfig {
+    /// Where `{secret: NAME}` files live.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.data_dir.join("secrets")
+    }
+
+    /// What every job is held to; `listen` is the address the API is bound to (the port
+    /// chosen when `listen` asked for any).
+    pub fn guardrails(&self, listen: SocketAddr) -> anyhow::Result<actions::Guardrails> {
+        let http_deny = actions::HttpDeny::parse(&self.http_deny)
+            .map_err(|errs| anyhow::anyhow!("http_deny: {}", errs.join("; ")))?
+            .with_listen(listen);
+        Ok(actions::Guardrails {
+            protected: self.protected(),
+            secrets: actions::Secrets::new(self.secrets_dir()),
+            http_deny,
+        })
+    }
+
     /// Steward's own files, which no job may write.
     pub fn protected(&self) -> actions::Protected {
         let mut p = vec![
@@ -435,6 +471,27 @@ mod de {
                 ))),
             }
         }
+    }
+
+    pub fn run_as<'de, D: Deserializer<'de>>(d: D) -> Result<Option<domain::RunAs>, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Some).map_err(D::Error::custom)
+    }
+
+    pub fn display<T: Display, S: serde::Serializer>(
+        v: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn http_deny<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let entries = Vec::<String>::deserialize(d)?;
+        actions::HttpDeny::parse(&entries).map_err(|errs| D::Error::custom(errs.join("; ")))?;
+        Ok(entries)
     }
 
     pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {

@@ -245,6 +245,37 @@ fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The secrets directory: created 0700; a warning when it is open to others (each file in
+/// it must be 0600, or reading it fails).
+fn private_secrets_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("creating the secrets directory {}", dir.display()));
+        }
+    }
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("reading the secrets directory {}", dir.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory; it is where secret files go",
+            dir.display()
+        );
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:04o}", mode & 0o7777),
+            "the secrets directory is open to other users: chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
 /// Serves until stopped; returns why it stopped.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
     let started = Instant::now();
@@ -349,7 +380,22 @@ impl Node {
         opts.output_limit = cfg.output_limit;
         opts.estop_unlisted = cfg.estop_unlisted;
         opts.shared_store = !cfg.database.is_embedded();
-        opts.protected = cfg.protected();
+        // Bound before the engine exists: `http` jobs may not reach it, on the port it got.
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("listening on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        opts.guardrails = Arc::new(cfg.guardrails(addr)?);
+        if let Some(r) = &cfg.run_as {
+            actions::check_run_as(r).map_err(|e| anyhow::anyhow!("config key {e}"))?;
+        }
+        opts.run_as = cfg.run_as.clone();
+        private_secrets_dir(&cfg.secrets_dir())?;
+        if cfg.run_as.is_none() && nix::unistd::Uid::effective().is_root() {
+            tracing::warn!(
+                "steward runs as root and run_as is not set: shell jobs run as root, and can read the data directory (the database, the admin token, the secrets); set run_as = \"USER\" in the config"
+            );
+        }
         opts.buckets = cfg
             .buckets
             .iter()
@@ -394,10 +440,6 @@ impl Node {
         tune(&mut opts);
         let estop = start_estop(&cfg, store.estop(), fresh, &tasks).await?;
         let engine = store.engine(opts, estop.subscribe());
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("listening on {}", cfg.listen))?;
-        let addr = listener.local_addr()?;
         let api_token = CancellationToken::new();
         let auth = Arc::new(api::auth::Authenticator::new(
             match cfg.auth {

@@ -210,7 +210,12 @@ pub(crate) fn no_entry(spec: &WorkflowSpec, origin: &str) -> Verdicts {
     }
 }
 
-pub(crate) fn check(policy: &WorkflowPolicy, spec: &WorkflowSpec) -> Verdicts {
+/// `shown` is `spec` as messages may show it (sensitive values hidden); same shape.
+pub(crate) fn check(
+    policy: &WorkflowPolicy,
+    spec: &WorkflowSpec,
+    shown: &WorkflowSpec,
+) -> Verdicts {
     let mut verdicts = Vec::with_capacity(1 + policy.rule_count());
     verdicts.push(Verdict {
         policy: PolicyId::one(PolicyKind::Workflows),
@@ -220,7 +225,7 @@ pub(crate) fn check(policy: &WorkflowPolicy, spec: &WorkflowSpec) -> Verdicts {
         verdicts.push(allowed_actions(allowed, spec));
     }
     for (i, rule) in policy.same_args.iter().enumerate() {
-        verdicts.push(same_args(i, rule, spec));
+        verdicts.push(same_args(i, rule, spec, shown));
     }
     for (i, rule) in policy.start_or_end.iter().enumerate() {
         verdicts.push(start_or_end(i, rule, spec));
@@ -309,7 +314,16 @@ fn allowed_actions(allowed: &[String], spec: &WorkflowSpec) -> Verdict {
     sink.finish()
 }
 
-fn same_args(index: usize, rule: &SameArgs, spec: &WorkflowSpec) -> Verdict {
+fn same_args(index: usize, rule: &SameArgs, spec: &WorkflowSpec, shown: &WorkflowSpec) -> Verdict {
+    // A value as `shown` has it at the same place.
+    let shown_at = |b: usize, j: usize, real: &Value| {
+        shown
+            .blocks
+            .get(b)
+            .and_then(|bl| bl.jobs.get(j))
+            .and_then(|job| rule.arg.resolve(&job.args))
+            .map_or_else(|| show(real), show)
+    };
     let mut sink = Sink::new(PolicyId {
         kind: PolicyKind::SameArgs,
         index: Some(index),
@@ -333,8 +347,8 @@ fn same_args(index: usize, rule: &SameArgs, spec: &WorkflowSpec) -> Verdict {
                     sink.push(path, || {
                         format!(
                             "{} differs from {} (blocks[{fb}].jobs[{fj}])",
-                            show(value),
-                            show(want)
+                            shown_at(b, j, value),
+                            shown_at(fb, fj, want)
                         )
                     });
                 }

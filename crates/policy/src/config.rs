@@ -24,6 +24,8 @@ pub(crate) struct WorkflowPolicy {
     pub(crate) limits: Option<Limits>,
     /// Required labels and their allowed values (empty: any value).
     pub(crate) labels: Option<Vec<(String, Vec<String>)>>,
+    /// The user its `shell` jobs run as (not a rule: nothing is checked at submit).
+    pub(crate) run_as: Option<domain::RunAs>,
 }
 
 impl WorkflowPolicy {
@@ -99,7 +101,8 @@ struct RawLimits {
 
 type RawLabels = BTreeMap<Spanned<String>, Vec<String>>;
 
-const RULE_KINDS: &str = "`allowed_actions`, `same_args`, `start_or_end`, `limits` or `labels`";
+const RULE_KINDS: &str =
+    "`allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as`";
 
 // ---- errors ----
 
@@ -322,6 +325,14 @@ impl Loader<'_> {
                 "labels" => {
                     if let Some(raw) = self.de::<RawLabels>(node, &path) {
                         policy.labels = Some(self.labels(raw, &path));
+                    }
+                }
+                "run_as" => {
+                    if let Some(raw) = self.de::<Spanned<String>>(node, &path) {
+                        match raw.get_ref().parse() {
+                            Ok(r) => policy.run_as = Some(r),
+                            Err(m) => self.problem(Some(raw.span()), path, m),
+                        }
                     }
                 }
                 other => self.problem(

@@ -138,10 +138,21 @@ impl PolicySet {
     /// Every policy's verdict on `spec`. A name with no entry gets one violation, from policy
     /// `workflows`. Allocates only the verdict list when the spec complies.
     pub fn check(&self, spec: &WorkflowSpec) -> Verdicts {
+        self.check_shown(spec, spec)
+    }
+
+    /// [`PolicySet::check`], quoting values in messages from `shown`: `spec` with what must
+    /// not be shown hidden (the same shape).
+    pub fn check_shown(&self, spec: &WorkflowSpec, shown: &WorkflowSpec) -> Verdicts {
         match self.workflows.get(spec.name.as_str()) {
-            Some(policy) => check::check(policy, spec),
+            Some(policy) => check::check(policy, spec, shown),
             None => check::no_entry(spec, &self.origin),
         }
+    }
+
+    /// The user `workflow`'s `shell` jobs run as, if its entry names one.
+    pub fn run_as(&self, workflow: &str) -> Option<&domain::RunAs> {
+        self.workflows.get(workflow)?.run_as.as_ref()
     }
 
     /// The workflow names with an entry, sorted.

@@ -465,7 +465,7 @@ fn unknown_keys_are_refused() {
     assert_eq!(
         refused("[workflows.hello]\nallowed_action = [\"shell\"]\n"),
         [
-            "policies.toml: workflows.hello.allowed_action: unknown field `allowed_action`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits` or `labels` (line 2)"
+            "policies.toml: workflows.hello.allowed_action: unknown field `allowed_action`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as` (line 2)"
         ]
     );
     assert_eq!(
@@ -639,7 +639,7 @@ start_or_end = [{ action = "t", position = "middle" }]
         problems,
         [
             "policies.toml: workflows.b.limits.max_jobs: must be at least 1 (line 3)",
-            "policies.toml: workflows.b.bogus: unknown field `bogus`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits` or `labels` (line 4)",
+            "policies.toml: workflows.b.bogus: unknown field `bogus`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as` (line 4)",
             r#"policies.toml: workflows.a.same_args[0].arg: "" is not a valid arg path: it must start with an arg name; write an arg name, then optionally [index] or .field steps, e.g. site or argv[3] (line 7)"#,
             "policies.toml: workflows.a.start_or_end[0].position: unknown variant `middle`, expected one of `start`, `end`, `start_or_end` (line 8)",
         ]
@@ -711,4 +711,48 @@ fn the_documented_example_loads() {
             r#"policy start_or_end[1]: blocks: no shell job with argv[0] = "./report.sh" in the run; one must be among the last jobs"#
         ]
     );
+}
+
+// ---- run_as, and what messages may show ----
+
+#[test]
+fn run_as_names_the_user_of_a_workflows_shell_jobs() {
+    let p = policies("[workflows.a]\nrun_as = \"deploy:ops\"\n[workflows.b]\n");
+    assert_eq!(
+        p.run_as("a").map(ToString::to_string).as_deref(),
+        Some("deploy:ops")
+    );
+    assert_eq!(p.run_as("b"), None);
+    assert_eq!(p.run_as("c"), None);
+    assert_eq!(
+        refused("[workflows.a]\nrun_as = \"a b\"\n"),
+        [
+            "policies.toml: workflows.a.run_as: \"a b\" is not \"user\" or \"user:group\" (names or numeric ids) (line 2)"
+        ]
+    );
+    assert_eq!(
+        refused("[workflows.a]\nrun_as = 0\n"),
+        [
+            "policies.toml: workflows.a.run_as: invalid type: integer `0`, expected a string (line 2)"
+        ]
+    );
+}
+
+#[test]
+fn same_args_quotes_values_as_shown() {
+    let p = policies(
+        "[workflows.w]\nsame_args = [{ action = \"shell\", arg = \"env.DB_PASSWORD\" }]\n",
+    );
+    let real = spec(
+        "name: w\nblocks: [{jobs: [{action: shell, args: {argv: [x], env: {DB_PASSWORD: hunter2}}}, {action: shell, args: {argv: [x], env: {DB_PASSWORD: other-pw}}}]}]\n",
+    );
+    let mut shown = real.clone();
+    for j in &mut shown.blocks[0].jobs {
+        j.args["env"]["DB_PASSWORD"] = "***".into();
+    }
+    let v = p.check_shown(&real, &shown);
+    let text: Vec<String> = v.violations().iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(text[0].contains("\"***\" differs from \"***\""), "{text:?}");
+    assert!(!text[0].contains("hunter2") && !text[0].contains("other-pw"));
 }

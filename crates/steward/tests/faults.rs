@@ -572,6 +572,7 @@ async fn a_fresh_data_directory_is_private() {
     assert!(!token.is_empty());
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("secrets")), 0o700);
     for f in [
         "steward.db",
         "steward.db-wal",

@@ -1,70 +1,9 @@
 //! Webhook notifications (docs/operating.md, Notifications) from the real binary to a real HTTP server.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use proto::v1 as pb;
 use serde_json::Value;
 
 use crate::harness::*;
-
-const LONG: Duration = Duration::from_secs(60);
-
-type Received = Arc<Mutex<Vec<(String, Value)>>>;
-
-/// An HTTP server on a free loopback port that records every POST (path, JSON body); the
-/// first `fail_first` requests get a 500.
-async fn receiver(fail_first: usize) -> (String, Received, tokio::task::JoinHandle<()>) {
-    let got: Received = Arc::default();
-    let failures = Arc::new(Mutex::new(fail_first));
-    let (g, f) = (got.clone(), failures.clone());
-    let app = axum::Router::new().route(
-        "/{*path}",
-        axum::routing::post(
-            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
-                let (g, f) = (g.clone(), f.clone());
-                async move {
-                    {
-                        let mut left = f.lock().unwrap();
-                        if *left > 0 {
-                            *left -= 1;
-                            return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                    }
-                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                    g.lock().unwrap().push((path, v));
-                    axum::http::StatusCode::OK
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    #[allow(clippy::disallowed_methods)] // test scaffolding, ended by abort
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (format!("http://{addr}"), got, server)
-}
-
-async fn wait_for(
-    got: &Received,
-    what: &str,
-    f: impl Fn(&(String, Value)) -> bool,
-) -> (String, Value) {
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        if let Some(x) = got.lock().unwrap().iter().find(|x| f(x)).cloned() {
-            return x;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never received {what}: {:?}",
-            got.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {

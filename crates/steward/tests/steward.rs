@@ -9,6 +9,7 @@ mod notify;
 mod policies;
 mod rails;
 mod scaleout;
+mod secrets;
 mod shutdown;
 mod tls;
 

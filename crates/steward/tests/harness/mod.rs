@@ -244,9 +244,15 @@ impl Drop for Server {
 
 /// A plain HTTP/1.0 GET over loopback: the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_get_as(addr, path, None).await
+}
+
+/// [`http_get`] with a bearer token.
+pub async fn http_get_as(addr: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
         .await
         .ok()?;
     let mut buf = Vec::new();
@@ -417,4 +423,61 @@ pub fn logged_job(log: &Path) -> String {
         "echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; sleep 0.3; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
         l = log.display()
     ))
+}
+
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// An HTTP server on a free loopback port that records every POST (path, JSON body); the
+/// first `fail_first` requests get a 500.
+pub async fn receiver(fail_first: usize) -> (String, Received, tokio::task::JoinHandle<()>) {
+    let got: Received = std::sync::Arc::default();
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(fail_first));
+    let (g, f) = (got.clone(), failures.clone());
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::post(
+            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
+                let (g, f) = (g.clone(), f.clone());
+                async move {
+                    {
+                        let mut left = f.lock().unwrap();
+                        if *left > 0 {
+                            *left -= 1;
+                            return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+                    g.lock().unwrap().push((path, v));
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    #[allow(clippy::disallowed_methods)] // test scaffolding, ended by abort
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), got, server)
+}
+
+pub async fn wait_for(
+    got: &Received,
+    what: &str,
+    f: impl Fn(&(String, serde_json::Value)) -> bool,
+) -> (String, serde_json::Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(x) = got.lock().unwrap().iter().find(|x| f(x)).cloned() {
+            return x;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never received {what}: {:?}",
+            got.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
