@@ -166,6 +166,7 @@ blocks:
         .await
         .unwrap()
         .into_inner();
+    #[allow(clippy::disallowed_methods)] // test scaffolding, awaited below
     let sse_watch = tokio::spawn({
         let (addr, path, token) = (
             server.addr.clone(),
