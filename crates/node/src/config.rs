@@ -987,6 +987,15 @@ mod tests {
             ),
             ("listen = \"here\"\n", "listen:"),
             (
+                "http_deny = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+                "http_deny: [1] \"10.0.0.0/33\": not a CIDR",
+            ),
+            ("http_deny = \"10.0.0.0/8\"\n", "http_deny: invalid type"),
+            (
+                "run_as = \"a b\"\n",
+                "run_as: \"a b\" is not \"user\" or \"user:group\"",
+            ),
+            (
                 "max_running_jobs = 0\n",
                 "max_running_jobs: 0 is out of range",
             ),

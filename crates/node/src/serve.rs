@@ -363,6 +363,10 @@ impl Node {
         previous: Option<StopCause>,
         tune: impl FnOnce(&mut EngineOptions),
     ) -> anyhow::Result<Node> {
+        // Before anything is written: a node that could not run its jobs never starts.
+        if let Some(r) = &cfg.run_as {
+            actions::check_run_as(r).map_err(|e| anyhow::anyhow!("config key {e}"))?;
+        }
         private_dir(&cfg.data_dir)?;
         let db_tasks = TaskTracker::new();
         let (store, fresh) = open_store(&cfg, &db_tasks).await?;
@@ -386,9 +390,6 @@ impl Node {
             .with_context(|| format!("listening on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         opts.guardrails = Arc::new(cfg.guardrails(addr)?);
-        if let Some(r) = &cfg.run_as {
-            actions::check_run_as(r).map_err(|e| anyhow::anyhow!("config key {e}"))?;
-        }
         opts.run_as = cfg.run_as.clone();
         private_secrets_dir(&cfg.secrets_dir())?;
         if cfg.run_as.is_none() && nix::unistd::Uid::effective().is_root() {

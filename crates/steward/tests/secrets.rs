@@ -260,6 +260,12 @@ blocks:
     let hooks_text = format!("{:?}", received.lock().unwrap());
     surfaces.push(("webhooks".into(), hooks_text));
     surfaces.push(("server log".into(), server.log_text()));
+    if nix::unistd::Uid::effective().is_root() {
+        assert!(
+            server.log_text().contains("run_as is not set"),
+            "a root server without run_as warns"
+        );
+    }
 
     for (name, text) in &surfaces {
         for v in SECRET_VALUES.iter().chain(LITERAL_VALUES) {
@@ -401,6 +407,22 @@ async fn shell_jobs_run_as_the_configured_user() {
         );
         return;
     }
+    // A user this node does not have: refused at start, naming the key.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("STEWARD_AUTH", "none")
+        .env("STEWARD_RUN_AS", "no-such-user-here")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("run_as no-such-user-here: no user \"no-such-user-here\""),
+        "{stderr}"
+    );
+
     std::fs::write(
         data.join("policies.toml"),
         "[workflows.x]\n[workflows.daemon-work]\nrun_as = \"daemon\"\n",
@@ -423,6 +445,7 @@ async fn shell_jobs_run_as_the_configured_user() {
         "{{action: shell, args: {{argv: [sh, -c, \"id -u; cat {}/admin.token || echo unreadable\"]}}}}",
         data.display()
     );
+    assert!(!server.log_text().contains("run_as is not set"));
     for (workflow, user) in [("x", "nobody"), ("daemon-work", "daemon")] {
         let id = submit(
             &mut c,
