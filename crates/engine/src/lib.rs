@@ -575,6 +575,11 @@ impl Engine {
         Ok(self.inner.store.get(id).await?)
     }
 
+    /// How many runs are in each state.
+    pub async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>, EngineError> {
+        Ok(self.inner.store.count_by_state().await?)
+    }
+
     pub async fn list(&self, filter: &RunFilter) -> Result<RunPage, EngineError> {
         if let Some(t) = &filter.page_token {
             t.parse::<RunId>().map_err(|_| {

@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             recover_and_claim,
             renew_reports_cancel_and_lost,
             list_filters_and_pages,
+            count_by_state_counts_every_run_once,
             nowait_writes_land_before_the_next_awaited_write,
             unknown_runs_are_not_found,
         );
@@ -476,6 +477,25 @@ pub async fn renew_reports_cancel_and_lost(s: Arc<dyn RunStore>) {
     assert_eq!(renewal.cancel_requested, vec![(r1.id, cause)]);
     assert_eq!(renewal.lost, vec![r2.id]);
     assert_eq!(s.get(r1.id).await.unwrap().lease_expires_at, Some(until));
+}
+
+pub async fn count_by_state_counts_every_run_once(s: Arc<dyn RunStore>) {
+    assert!(s.count_by_state().await.unwrap().is_empty());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let nr = new_run(spec("w", 1, 1));
+        ids.push(nr.id);
+        s.submit(nr).await.unwrap();
+    }
+    s.exec(ids[0], &node("a"), T0, Timestamp(T0.0 + 1000))
+        .await
+        .unwrap();
+    let mut counts = s.count_by_state().await.unwrap();
+    counts.sort_by_key(|(st, _)| st.as_str());
+    assert_eq!(
+        counts,
+        [(RunState::Queued, 1), (RunState::Submitted, 2)]
+    );
 }
 
 pub async fn list_filters_and_pages(s: Arc<dyn RunStore>) {

@@ -580,6 +580,18 @@ impl RunStore for PgStore {
         rows::list_runs(&c, filter).await
     }
 
+    async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>> {
+        let c = self.reader().await?;
+        let found = c
+            .query(sql::COUNT_BY_STATE, &[])
+            .await
+            .map_err(db_err)?;
+        found
+            .iter()
+            .map(|r| sql::count_row(&rows::PgRow(r)))
+            .collect()
+    }
+
     async fn exec(
         &self,
         id: RunId,

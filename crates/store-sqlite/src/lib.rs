@@ -282,6 +282,18 @@ impl RunStore for SqliteStore {
         self.read(move |c| rows::list_runs(c, &filter)).await
     }
 
+    async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>> {
+        self.read(|c| {
+            let mut out = Vec::new();
+            rows::query(c, sql::COUNT_BY_STATE, &[], |r| {
+                out.push(sql::count_row(r)?);
+                Ok(())
+            })?;
+            Ok(out)
+        })
+        .await
+    }
+
     async fn exec(
         &self,
         id: RunId,

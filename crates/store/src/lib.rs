@@ -211,6 +211,9 @@ pub trait RunStore: Send + Sync + 'static {
 
     async fn list(&self, filter: &RunFilter) -> Result<RunPage>;
 
+    /// How many runs are in each state (states with none left out), from the index on state.
+    async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>>;
+
     /// `submitted` → `queued` leased to `node` until `lease_until`, unless it expired at `now`.
     async fn exec(
         &self,

@@ -395,6 +395,18 @@ pub fn run_id(r: &dyn Row) -> Result<RunId> {
 }
 
 /// The columns `state, expires_at, created_at` that Exec decides on.
+/// Runs per state: `state, count`.
+pub const COUNT_BY_STATE: &str = "SELECT state, COUNT(*) FROM runs GROUP BY state";
+
+/// A row of [`COUNT_BY_STATE`].
+pub fn count_row(r: &dyn Row) -> Result<(RunState, u64)> {
+    let n = int(r, 1)?;
+    Ok((
+        codec::run_state(&text(r, 0)?)?,
+        u64::try_from(n).map_err(|_| Error::Corrupt(format!("a count of {n}")))?,
+    ))
+}
+
 pub fn exec_row(r: &dyn Row) -> Result<(RunState, Option<i64>, i64)> {
     Ok((codec::run_state(&text(r, 0)?)?, r.int(1)?, int(r, 2)?))
 }
