@@ -119,12 +119,17 @@ impl<'a> Args<'a> {
                 }
             },
             other => {
+                // The value itself is not quoted back: it may be a secret.
+                let hint = if matches!(other, Value::Number(_) | Value::Bool(_)) {
+                    " (quote it)"
+                } else {
+                    ""
+                };
                 self.error(
                     field,
                     format!(
-                        "{entry}must be a string or {{secret: NAME}}, not {}{}",
-                        kind(other),
-                        quote_hint(other)
+                        "{entry}must be a string or {{secret: NAME}}, not {}{hint}",
+                        kind(other)
                     ),
                 );
                 None

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-/// The default list: the link-local range, where cloud metadata services answer with
-/// credentials.
-pub const DEFAULT_HTTP_DENY: &[&str] = &["169.254.0.0/16"];
+/// The default list: the link-local ranges, where cloud metadata services answer with
+/// credentials, and the IPv6 address of one that answers outside them.
+pub const DEFAULT_HTTP_DENY: &[&str] = &["169.254.0.0/16", "fe80::/10", "fd00:ec2::254"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Rule {
@@ -115,16 +115,18 @@ impl HttpDeny {
         Ok(())
     }
 
-    /// Refuses an address an entry covers.
+    /// Refuses an address an entry covers, in any form that reaches it: an IPv6 address that
+    /// carries an IPv4 one (mapped, compatible, NAT64) is checked as both.
     pub fn check_addr(&self, addr: SocketAddr) -> Result<(), Denied> {
         let ip = canonical(addr.ip());
         let port = addr.port();
+        let forms = [Some(ip), embedded_v4(ip)];
         for e in self.0.iter() {
-            let hit = match &e.rule {
-                Rule::Net { net, port: p } => net.contains(&ip) && p.is_none_or(|p| p == port),
+            let hit = forms.iter().flatten().any(|ip| match &e.rule {
+                Rule::Net { net, port: p } => net.contains(ip) && p.is_none_or(|p| p == port),
                 Rule::Host { .. } => false,
-                Rule::AnyLocal { port: p } => *p == port && is_local(ip),
-            };
+                Rule::AnyLocal { port: p } => *p == port && is_local(*ip),
+            });
             if hit {
                 return Err(Denied {
                     dest: SocketAddr::new(ip, port).to_string(),
@@ -157,6 +159,22 @@ fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// The IPv4 address an IPv6 one carries: IPv4-compatible (`::a.b.c.d`, not `::` or `::1`)
+/// or NAT64 (`64:ff9b::a.b.c.d`).
+fn embedded_v4(ip: IpAddr) -> Option<IpAddr> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let s = v6.segments();
+    let tail = Ipv4Addr::new(
+        (s[6] >> 8) as u8,
+        (s[6] & 0xff) as u8,
+        (s[7] >> 8) as u8,
+        (s[7] & 0xff) as u8,
+    );
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let compatible = s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+    (nat64 || compatible).then_some(IpAddr::V4(tail))
+}
+
 /// Whether `ip` reaches this machine: loopback, a wildcard, or an address of one of its
 /// interfaces (looked up now: interfaces come and go).
 fn is_local(ip: IpAddr) -> bool {
@@ -182,12 +200,19 @@ fn parse_rule(e: &str) -> Result<Rule, String> {
         let net: IpNet = e
             .parse()
             .map_err(|_| "not a CIDR such as 10.0.0.0/8 or fd00::/8".to_owned())?;
-        return Ok(Rule::Net {
-            net: IpNet::new(canonical(net.addr()), net.prefix_len())
-                .map(|n| n.trunc())
-                .unwrap_or(net),
-            port: None,
-        });
+        // `::ffff:10.0.0.0/104` is `10.0.0.0/8`: addresses are checked in IPv4 form.
+        let net = match (net, canonical(net.addr())) {
+            (IpNet::V6(v6), IpAddr::V4(v4)) => {
+                let prefix = v6.prefix_len().checked_sub(96).ok_or_else(|| {
+                    "an IPv4-mapped CIDR needs a prefix of at least 96".to_owned()
+                })?;
+                IpNet::new(IpAddr::V4(v4), prefix)
+                    .map_err(|e| e.to_string())?
+                    .trunc()
+            }
+            (net, _) => net.trunc(),
+        };
+        return Ok(Rule::Net { net, port: None });
     }
     if let Ok(ip) = e.parse::<IpAddr>() {
         return Ok(Rule::Net {
@@ -257,6 +282,15 @@ mod tests {
         assert!(d.check_name("API.example.com.", 8443).is_err());
         d.check_name("api.example.com", 443).unwrap();
         d.check_addr(sa("8.8.8.8:53")).unwrap();
+        // IPv6 forms of a denied IPv4 address.
+        assert!(d.check_addr(sa("[64:ff9b::a9fe:a9fe]:80")).is_err());
+        assert!(d.check_addr(sa("[::a9fe:a9fe]:80")).is_err());
+        let m = HttpDeny::parse(&["::ffff:10.0.0.0/104"]).unwrap();
+        assert!(m.check_addr(sa("10.9.8.7:1")).is_err());
+        assert!(HttpDeny::parse(&["::ffff:10.0.0.0/90"]).is_err());
+        let def = HttpDeny::parse(DEFAULT_HTTP_DENY).unwrap();
+        assert!(def.check_addr(sa("[fd00:ec2::254]:80")).is_err());
+        assert!(def.check_addr(sa("[fe80::1]:80")).is_err());
         let e = d.check_addr(sa("169.254.1.1:80")).unwrap_err();
         assert_eq!(
             e.to_string(),

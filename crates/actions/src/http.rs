@@ -270,12 +270,17 @@ pub fn shared_client() -> Result<&'static reqwest::Client, String> {
 }
 
 fn build_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_config()?.clone())
-        .pool_max_idle_per_host(0)
-        .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION")))
+    client_builder()?
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))
+}
+
+/// What every client Steward builds shares: TLS, no idle connections, the user agent.
+fn client_builder() -> Result<reqwest::ClientBuilder, String> {
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config()?.clone())
+        .pool_max_idle_per_host(0)
+        .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION"))))
 }
 
 /// An error and its causes, `: `-separated (reqwest's own message is often just "error sending request").
@@ -296,8 +301,9 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Redirects followed before the job fails.
 const MAX_REDIRECTS: usize = 10;
 
-/// Headers not carried to another host by a redirect.
-const CROSS_HOST_DROPPED: &[&str] = &[
+/// Headers not carried to another origin (scheme, host, port) by a redirect, besides those
+/// from secrets and those the redaction rule hides.
+const CROSS_ORIGIN_DROPPED: &[&str] = &[
     "authorization",
     "proxy-authorization",
     "cookie",
@@ -322,8 +328,11 @@ fn tls_config() -> Result<&'static rustls::ClientConfig, String> {
 
 /// Why a hop could not be sent.
 enum HopError {
-    /// The destination is denied, or the URL is unusable: no retry can help.
+    /// The destination is denied: no retry can help.
     Refused(String),
+    /// The request cannot be made (a URL without a port, no TLS): no retry can help.
+    Unusable(String),
+    /// A retry may succeed.
     Failed(String),
 }
 
@@ -331,16 +340,13 @@ enum HopError {
 /// resolves to, connecting only to those addresses. It follows no redirect (each hop is
 /// checked anew) and uses no proxy (a proxy would reach what the list denies).
 async fn client_for(url: &Url, deny: &HttpDeny) -> Result<reqwest::Client, HopError> {
-    let tls = tls_config().map_err(HopError::Refused)?;
     let port = url
         .port_or_known_default()
-        .ok_or_else(|| HopError::Refused(format!("{} has no port", redact_url(url.as_str()))))?;
-    let mut builder = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls.clone())
-        .pool_max_idle_per_host(0)
+        .ok_or_else(|| HopError::Unusable(format!("{} has no port", redact_url(url.as_str()))))?;
+    let mut builder = client_builder()
+        .map_err(HopError::Unusable)?
         .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION")));
+        .no_proxy();
     let refused = |d: crate::deny::Denied| HopError::Refused(d.to_string());
     match url.host() {
         Some(url::Host::Ipv4(ip)) => deny.check_addr((ip, port).into()).map_err(refused)?,
@@ -404,7 +410,12 @@ pub(crate) async fn run(
     }
     let mut url = Url::parse(&url_text).map_err(|e| fatal(format!("{what}: invalid URL: {e}")))?;
     let mut headers = reqwest::header::HeaderMap::new();
+    // Not carried to another origin by a redirect.
+    let mut private_headers = Vec::new();
     for (k, v) in &args.headers {
+        if v.plain().is_none() || is_sensitive_header(k) {
+            private_headers.push(k.clone());
+        }
         let v = sensitive.resolve(v, secrets, is_sensitive_header(k))?;
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -420,6 +431,7 @@ pub(crate) async fn run(
         Some(b) => Some(sensitive.resolve(b, secrets, false)?),
         None => None,
     };
+    let secret_body = args.body.as_ref().is_some_and(|b| b.plain().is_none());
     let mut method = args.method.to_reqwest();
     let deny = &ctx.guardrails.http_deny;
 
@@ -444,12 +456,10 @@ pub(crate) async fn run(
                 .headers()
                 .get(reqwest::header::LOCATION)
                 .and_then(|l| l.to_str().ok());
-            let (true, Some(location)) = (status.is_redirection(), location) else {
+            let follow = matches!(status.as_u16(), 301..=303 | 307 | 308);
+            let (true, Some(location)) = (follow, location) else {
                 break resp;
             };
-            if status == reqwest::StatusCode::NOT_MODIFIED {
-                break resp;
-            }
             hops += 1;
             if hops > MAX_REDIRECTS {
                 return Err(HopError::Failed(format!(
@@ -465,18 +475,29 @@ pub(crate) async fn run(
                     next.scheme()
                 )));
             }
-            // What browsers and reqwest do: 303, and 301/302 after a POST, become a GET.
-            let to_get = status == reqwest::StatusCode::SEE_OTHER && method != Method::HEAD
-                || matches!(status.as_u16(), 301 | 302) && method == Method::POST;
-            if to_get {
+            // As reqwest does: after a 301, 302 or 303, what was not a GET or HEAD becomes a
+            // GET, without the body and the headers that described it.
+            if matches!(status.as_u16(), 301..=303)
+                && method != Method::GET
+                && method != Method::HEAD
+            {
                 method = Method::GET;
                 body = None;
+                headers.remove(reqwest::header::CONTENT_TYPE);
+                headers.remove(reqwest::header::CONTENT_LENGTH);
             }
-            if next.host_str() != url.host_str()
-                || next.port_or_known_default() != url.port_or_known_default()
-            {
-                for h in CROSS_HOST_DROPPED {
+            if next.origin() != url.origin() {
+                if body.is_some() && secret_body {
+                    return Err(HopError::Refused(format!(
+                        "a {} redirect to another origin would send the secret body there",
+                        status.as_u16()
+                    )));
+                }
+                for h in CROSS_ORIGIN_DROPPED {
                     headers.remove(*h);
+                }
+                for h in &private_headers {
+                    headers.remove(h.as_str());
                 }
             }
             url = next;
@@ -508,6 +529,10 @@ pub(crate) async fn run(
     match outcome {
         Err(HopError::Refused(m)) => Err(ActionError::Fatal {
             message: format!("{what}: refused: {m}"),
+            output,
+        }),
+        Err(HopError::Unusable(m)) => Err(ActionError::Fatal {
+            message: format!("{what}: {m}"),
             output,
         }),
         Err(HopError::Failed(m)) => Err(failed(format!("{what}: {m}"), output)),

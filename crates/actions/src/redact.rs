@@ -13,12 +13,18 @@ use crate::secret::MASK;
 /// `shell` env names holding one of these (any case) have their values hidden.
 const SENSITIVE_ENV: &[&str] = &["TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL"];
 
-/// `http` headers whose values are hidden.
+/// `http` headers whose name holds one of these (any case) have their values hidden:
+/// `Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie`, and the custom credential
+/// headers (`X-Api-Key`, `X-Auth-Token`, `Private-Token`, `X-Vault-Token`...).
 const SENSITIVE_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
+    "auth",
     "cookie",
-    "set-cookie",
+    "token",
+    "key",
+    "secret",
+    "password",
+    "signature",
+    "session",
 ];
 
 /// URL query parameters whose name holds one of these (any case) have their values hidden.
@@ -30,9 +36,15 @@ pub fn is_sensitive_env(name: &str) -> bool {
 }
 
 pub fn is_sensitive_header(name: &str) -> bool {
-    SENSITIVE_HEADERS
-        .iter()
-        .any(|h| h.eq_ignore_ascii_case(name))
+    let lower = name.to_ascii_lowercase();
+    SENSITIVE_HEADERS.iter().any(|h| lower.contains(h))
+}
+
+/// The password of a value that is a URL with credentials (`DATABASE_URL`).
+pub(crate) fn url_password(value: &str) -> Option<String> {
+    let u = Url::parse(value).ok()?;
+    let p = u.password()?;
+    Some(percent_decode(p).unwrap_or_else(|()| p.to_owned()))
 }
 
 fn is_sensitive_query(name: &str) -> bool {
@@ -62,11 +74,18 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     if let Some(p) = u.password() {
         push(p);
     }
-    for (k, v) in u.query_pairs() {
-        if is_sensitive_query(&k) && !v.is_empty() {
-            out.push(v.into_owned());
+    for pair in u.query().unwrap_or_default().split('&') {
+        let (k, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(&k.replace('+', " ")).unwrap_or_else(|()| k.to_owned());
+        if is_sensitive_query(&name) {
+            push(raw);
+            if let Ok(decoded) = percent_decode(&raw.replace('+', " ")) {
+                push(&decoded);
+            }
         }
     }
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -121,17 +140,20 @@ pub fn redact_args(action: &str, args: &Map<String, Value>) -> Option<Map<String
             let Some(Value::Object(env)) = args.get("env") else {
                 return None;
             };
-            if !env
-                .iter()
-                .any(|(k, v)| v.is_string() && is_sensitive_env(k))
-            {
+            // A value hidden whole, or a URL shown without its credentials.
+            let shown = |k: &str, v: &Value| match v {
+                Value::String(_) if is_sensitive_env(k) => Some(mask()),
+                Value::String(s) if url_password(s).is_some() => Some(Value::String(redact_url(s))),
+                _ => None,
+            };
+            if !env.iter().any(|(k, v)| shown(k, v).is_some()) {
                 return None;
             }
             let mut out = args.clone();
             if let Some(Value::Object(env)) = out.get_mut("env") {
                 for (k, v) in env.iter_mut() {
-                    if v.is_string() && is_sensitive_env(k) {
-                        *v = mask();
+                    if let Some(s) = shown(k, v) {
+                        *v = s;
                     }
                 }
             }
@@ -199,9 +221,8 @@ mod tests {
             "http://example.com/a?b=c"
         );
         assert_eq!(redact_url("not a url"), "***");
-        let mut s = url_secrets("https://u:p%40ss@example.com/?token=t%2Bk&q=1");
-        s.sort();
-        assert_eq!(s, ["p%40ss", "p@ss", "t+k", "u"]);
+        let s = url_secrets("https://u:p%40ss@example.com/?token=t%2Bk&q=1");
+        assert_eq!(s, ["p%40ss", "p@ss", "t%2Bk", "t+k", "u"]);
     }
 
     #[test]
@@ -214,12 +235,15 @@ mod tests {
         );
         let plain = json!({"argv": ["x"], "env": {"HOME": "/root"}});
         assert!(redact_args("shell", plain.as_object().unwrap()).is_none());
+        let url = json!({"argv": ["x"], "env": {"DATABASE_URL": "postgres://app:pw-1234@db/app"}});
+        let out = redact_args("shell", url.as_object().unwrap()).unwrap();
+        assert_eq!(out["env"]["DATABASE_URL"], "postgres://***@db/app");
 
-        let http = json!({"url": "https://a:b@h/", "headers": {"authorization": "Bearer x", "Accept": "*/*", "Cookie": {"secret": "c"}}, "body": "b"});
+        let http = json!({"url": "https://a:b@h/", "headers": {"authorization": "Bearer x", "Accept": "*/*", "X-Api-Key": "k", "Cookie": {"secret": "c"}}, "body": "b"});
         let out = redact_args("http", http.as_object().unwrap()).unwrap();
         assert_eq!(
             Value::Object(out),
-            json!({"url": "https://***@h/", "headers": {"authorization": "***", "Accept": "*/*", "Cookie": {"secret": "c"}}, "body": "b"})
+            json!({"url": "https://***@h/", "headers": {"authorization": "***", "Accept": "*/*", "X-Api-Key": "***", "Cookie": {"secret": "c"}}, "body": "b"})
         );
     }
 }

@@ -271,29 +271,48 @@ impl Sensitive {
         }
     }
 
-    /// Replaces every occurrence of a value with [`MASK`]; longest values first, so that a
-    /// value containing another is masked whole. A tail that starts in the middle of a value
-    /// (the rest of it cut off with the older output) has that end masked too.
+    /// Replaces every occurrence of a value with [`MASK`]. Occurrences are found in the
+    /// original text and merged where they overlap, so two values that overlap are masked
+    /// whole. A tail that starts in the middle of a value (the rest of it cut off with the
+    /// older output) has that end masked too.
     pub(crate) fn scrub(&self, text: &mut String) {
         if self.values.is_empty() || text.is_empty() {
             return;
         }
-        let mut values: Vec<&str> = self.values.iter().map(String::as_str).collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        for v in &values {
-            if text.contains(v) {
-                *text = text.replace(v, MASK);
-            }
-        }
-        for v in &values {
+        let mut hits: Vec<(usize, usize)> = Vec::new();
+        for v in &self.values {
+            hits.extend(
+                text.match_indices(v.as_str())
+                    .map(|(i, m)| (i, i + m.len())),
+            );
             // The longest proper suffix of `v` that `text` starts with.
-            let cut = (1..v.len())
+            if let Some(i) = (1..v.len())
                 .filter(|&i| v.is_char_boundary(i))
-                .find(|&i| v.len() - i >= MIN_SCRUB_LEN && text.starts_with(&v[i..]));
-            if let Some(i) = cut {
-                text.replace_range(..v.len() - i, MASK);
+                .find(|&i| v.len() - i >= MIN_SCRUB_LEN && text.starts_with(&v[i..]))
+            {
+                hits.push((0, v.len() - i));
             }
         }
+        if hits.is_empty() {
+            return;
+        }
+        hits.sort_unstable();
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        let mut i = 0;
+        while i < hits.len() {
+            let (start, mut end) = hits[i];
+            i += 1;
+            while i < hits.len() && hits[i].0 <= end {
+                end = end.max(hits[i].1);
+                i += 1;
+            }
+            out.push_str(&text[at..start]);
+            out.push_str(MASK);
+            at = end;
+        }
+        out.push_str(&text[at..]);
+        *text = out;
     }
 }
 
@@ -372,5 +391,12 @@ mod tests {
         let mut out = "2 and more".to_owned();
         s.scrub(&mut out);
         assert_eq!(out, "2 and more");
+        // Overlapping values, neither inside the other: masked whole.
+        let mut s = Sensitive::default();
+        s.add("abcdef");
+        s.add("defghi");
+        let mut out = "x abcdefghi y".to_owned();
+        s.scrub(&mut out);
+        assert_eq!(out, "x *** y");
     }
 }

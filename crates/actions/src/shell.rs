@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use domain::{FieldError, RunAs};
+use domain::FieldError;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -20,6 +20,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::args::{Args, kind, nul_check, quote_hint};
 use crate::contain::Attempt;
+use crate::identity::Identity;
 use crate::secret::{Sensitive, Text};
 use crate::tail::Tail;
 use crate::{ActionError, JobContext, JobOutput};
@@ -178,28 +179,7 @@ pub(crate) async fn run(
         }
         env.push((k, v));
     }
-    let identity = match &ctx.run_as {
-        Some(r) => {
-            let r = r.clone();
-            match tokio::task::spawn_blocking(move || Identity::resolve(&r)).await {
-                Ok(Ok(id)) => id,
-                Ok(Err(message)) => {
-                    return Err(ActionError::Fatal {
-                        message,
-                        output: String::new(),
-                    });
-                }
-                Err(e) => {
-                    return Err(ActionError::Failed {
-                        message: format!("looking up run_as did not complete: {e}"),
-                        exit_code: None,
-                        output: String::new(),
-                    });
-                }
-            }
-        }
-        None => None,
-    };
+    let identity = Identity::resolve_async(ctx.run_as.as_ref()).await?;
     let mut cmd = Command::new(program);
     if let Some(id) = &identity {
         cmd.env("HOME", &id.home)
@@ -223,8 +203,23 @@ pub(crate) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // Entered as the job's user when it has one (in the child, after the switch): a
+    // directory its user may not enter is not entered for it.
+    let mut enter = None;
     if let Some(cwd) = &args.cwd {
-        cmd.current_dir(cwd);
+        if identity.is_some() {
+            use std::os::unix::ffi::OsStrExt as _;
+            enter = Some(
+                std::ffi::CString::new(cwd.as_os_str().as_bytes()).map_err(|_| {
+                    ActionError::Fatal {
+                        message: "cwd holds a NUL byte".into(),
+                        output: String::new(),
+                    }
+                })?,
+            );
+        } else {
+            cmd.current_dir(cwd);
+        }
     }
     let mut attempt = match &ctx.supervisor {
         Some(s) => Some(
@@ -240,6 +235,7 @@ pub(crate) async fn run(
         &mut cmd,
         attempt.as_ref().and_then(Attempt::procs_fd),
         identity,
+        enter,
     );
     let mut child = cmd
         .spawn()
@@ -512,92 +508,19 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
 /// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
 /// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
 /// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
-/// Checks that `r` names a user this node can run jobs as: it exists, and the server may
-/// switch to it (it runs as root, or as that user already). Blocking: NSS may ask a
-/// directory service.
-pub fn check_run_as(r: &RunAs) -> Result<(), String> {
-    Identity::resolve(r).map(|_| ())
-}
-
-/// Who a job runs as when it is not the server's own user (`run_as`).
-struct Identity {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    /// Supplementary groups.
-    groups: Vec<libc::gid_t>,
-    name: String,
-    home: PathBuf,
-}
-
-impl Identity {
-    /// Looks `r` up; `None` when it is the server's own identity already (nothing to drop).
-    /// Blocking: NSS may ask a directory service.
-    fn resolve(r: &RunAs) -> Result<Option<Identity>, String> {
-        use nix::unistd::{Gid, Group, Uid, User};
-        let bad = |m: String| format!("run_as {r}: {m}");
-        let entry = match r.user.parse::<u32>() {
-            Ok(n) => User::from_uid(Uid::from_raw(n)),
-            Err(_) => User::from_name(&r.user),
-        }
-        .map_err(|e| bad(format!("cannot look up the user: {e}")))?;
-        let (uid, name, home, primary) = match (entry, r.user.parse::<u32>()) {
-            (Some(u), _) => (u.uid.as_raw(), u.name, u.dir, Some(u.gid.as_raw())),
-            // A bare uid with no entry: allowed with an explicit group.
-            (None, Ok(n)) => (n, r.user.clone(), PathBuf::from("/"), None),
-            (None, Err(_)) => return Err(bad(format!("no user {:?} on this node", r.user))),
-        };
-        let gid = match &r.group {
-            Some(g) => match g.parse::<u32>() {
-                Ok(n) => n,
-                Err(_) => Group::from_name(g)
-                    .map_err(|e| bad(format!("cannot look up the group: {e}")))?
-                    .ok_or_else(|| bad(format!("no group {g:?} on this node")))?
-                    .gid
-                    .as_raw(),
-            },
-            None => primary.ok_or_else(|| {
-                bad("a user id with no account needs a group: \"UID:GROUP\"".into())
-            })?,
-        };
-        let groups = match (&r.group, primary) {
-            (None, Some(primary)) => {
-                let cname = std::ffi::CString::new(name.clone())
-                    .map_err(|_| bad("the user name holds a NUL byte".into()))?;
-                nix::unistd::getgrouplist(&cname, Gid::from_raw(primary))
-                    .map_err(|e| bad(format!("cannot list the user's groups: {e}")))?
-                    .into_iter()
-                    .map(Gid::as_raw)
-                    .collect()
-            }
-            _ => vec![gid],
-        };
-        let (euid, egid) = (Uid::effective().as_raw(), Gid::effective().as_raw());
-        if uid == euid && gid == egid {
-            return Ok(None);
-        }
-        if euid != 0 {
-            return Err(bad(format!(
-                "switching to another user needs the server to run as root, and it runs as uid {euid}"
-            )));
-        }
-        Ok(Some(Identity {
-            uid,
-            gid,
-            groups,
-            name,
-            home,
-        }))
-    }
-}
-
 #[allow(unsafe_code)]
-fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>, identity: Option<Identity>) {
+fn prepare_child(
+    cmd: &mut Command,
+    cgroup_procs: Option<i32>,
+    identity: Option<Identity>,
+    cwd: Option<std::ffi::CString>,
+) {
     let parent = nix::unistd::getpid();
     let drop_to = identity.map(|id| (id.uid, id.gid, id.groups));
     // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
-    // setgroups(2), setgid(2), setuid(2), prctl(2), getppid(2) and close_range(2), which are
-    // async-signal-safe, and allocates nothing (the group list was built before the fork;
-    // errors come from raw errno values). The descriptor stays open in the parent until the
+    // setgroups(2), setgid(2), setuid(2), chdir(2), prctl(2), getppid(2) and close_range(2),
+    // which are async-signal-safe, and allocates nothing (the group list and the directory
+    // were built before the fork; errors come from raw errno values). The descriptor stays open in the parent until the
     // spawn returns.
     unsafe {
         cmd.pre_exec(move || {
@@ -614,6 +537,11 @@ fn prepare_child(cmd: &mut Command, cgroup_procs: Option<i32>, identity: Option<
                 && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(*gid) != 0
                     || libc::setuid(*uid) != 0)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(dir) = &cwd
+                && libc::chdir(dir.as_ptr()) != 0
             {
                 return Err(io::Error::last_os_error());
             }

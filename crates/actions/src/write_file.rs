@@ -16,6 +16,9 @@ use crate::{ActionError, JobContext, JobOutput};
 
 pub const DEFAULT_MODE: u32 = 0o644;
 
+/// The mode of a file whose content is a secret, unless `mode` says otherwise.
+pub const SECRET_MODE: u32 = 0o600;
+
 /// `write_file` args: `{path: /abs/file, content: text, mode: "0644"}`; the content may be a
 /// secret reference.
 #[derive(Clone, PartialEq, Eq)]
@@ -56,6 +59,8 @@ impl WriteFileArgs {
         }
         let content = a.text("content", true);
         let mode = match a.get("mode") {
+            // A secret is not written readable by everyone unless the spec says so.
+            None if matches!(content, Some(Text::Secret(_))) => Some(SECRET_MODE),
             None => Some(DEFAULT_MODE),
             Some(Value::String(s)) => {
                 let m = parse_mode(s);
@@ -139,11 +144,33 @@ pub(crate) async fn run(
     let guardrails = ctx.guardrails.clone();
     // A secret's digest would let anyone who sees the output test guesses against it.
     let show_digest = args.content.plain().is_some();
-    let outcome = tokio::task::spawn_blocking(move || {
+    let identity = crate::identity::Identity::resolve_async(ctx.run_as.as_ref()).await?;
+    let work = move || {
         write(&target, content.as_bytes(), mode, &guardrails.protected)
             .map(|w| w.describe(show_digest))
-    })
-    .await;
+    };
+    let outcome = match identity {
+        None => tokio::task::spawn_blocking(work).await,
+        // As the job's user: on a thread of its own, whose file credentials end with it.
+        Some(id) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("write_file".into())
+                .spawn(move || {
+                    let _ = tx.send(id.assume_for_files().and_then(|()| work()));
+                });
+            if let Err(e) = spawned {
+                return Err(ActionError::NotStarted {
+                    message: format!("cannot start a thread to write {path}: {e}"),
+                });
+            }
+            Ok(rx.await.unwrap_or_else(|_| {
+                Err(io::Error::other(
+                    "the writing thread ended without an answer",
+                ))
+            }))
+        }
+    };
     let failed = |message: String| ActionError::Failed {
         message,
         exit_code: None,

@@ -1401,3 +1401,124 @@ fn secret_references_are_checked_at_submit() {
         ]
     );
 }
+
+#[tokio::test]
+async fn write_file_under_run_as_writes_as_that_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return; // Only root can act as another user; the refusal is tested with shell.
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut ctx = ctx();
+    ctx.run_as = Some("nobody".parse().unwrap());
+    // Where its user may write: the file is its user's.
+    let target = open.join("f");
+    call(
+        "write_file",
+        json!({"path": target.to_str().unwrap(), "content": "x"}),
+    )
+    .run(&ctx)
+    .await
+    .unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().uid(),
+        nobody.uid.as_raw()
+    );
+    // Where only root may write: refused, nothing written.
+    let denied = dir.path().join("root-only");
+    let (message, _, _) = failed(
+        call(
+            "write_file",
+            json!({"path": denied.to_str().unwrap(), "content": "x"}),
+        )
+        .run(&ctx)
+        .await,
+    );
+    assert!(message.contains("ermission denied"), "{message}");
+    assert!(!denied.exists());
+    // A shell job's cwd is entered as its user: a directory it may not enter fails it.
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let r = call(
+        "shell",
+        json!({"argv": ["true"], "cwd": private.to_str().unwrap()}),
+    )
+    .run(&ctx)
+    .await;
+    assert!(r.is_err(), "{r:?}");
+}
+
+#[tokio::test]
+async fn write_file_with_a_secret_content_defaults_to_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), "k", "value-1234");
+    let target = dir.path().join("k.out");
+    call(
+        "write_file",
+        json!({"path": target.to_str().unwrap(), "content": {"secret": "k"}}),
+    )
+    .run(&ctx_with(dir.path(), Default::default()))
+    .await
+    .unwrap();
+    assert_eq!(mode_of(&target), 0o600);
+}
+
+#[tokio::test]
+async fn redirects_to_another_origin_carry_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), "key", "api-key-12345");
+    write_secret(dir.path(), "body", "secret-body-123");
+    let ctx = ctx_with(dir.path(), Default::default());
+    let (a, url_a) = listener().await;
+    let (b, _) = listener().await;
+    let b_port = b.local_addr().unwrap().port();
+    let redirect = |status: &'static str, a: &'static str| {
+        format!(
+            "HTTP/1.1 {status}\r\nlocation: http://localhost:{b_port}/{a}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+    };
+    // Headers from secrets, and those the rule hides, stay behind.
+    let c = call(
+        "http",
+        json!({"url": format!("{url_a}/x"), "headers": {"X-Custom": {"secret": "key"}, "X-Api-Key": "literal-key-1", "Accept": "text/plain"}}),
+    );
+    let servers = async {
+        let (mut sock, _) = a.accept().await.unwrap();
+        read_request(&mut sock).await;
+        sock.write_all(redirect("302 Found", "y").as_bytes())
+            .await
+            .unwrap();
+        drop(sock);
+        serve_once(&b, "200 OK", "ok").await
+    };
+    let (r, second) = tokio::join!(c.run(&ctx), servers);
+    r.unwrap();
+    assert_eq!(second.header("x-custom"), None);
+    assert_eq!(second.header("x-api-key"), None);
+    assert_eq!(second.header("accept"), Some("text/plain"));
+    // A 307 would resend a secret body to the other origin: refused.
+    let c = call(
+        "http",
+        json!({"url": format!("{url_a}/x"), "method": "PUT", "body": {"secret": "body"}}),
+    );
+    let server = async {
+        let (mut sock, _) = a.accept().await.unwrap();
+        read_request(&mut sock).await;
+        sock.write_all(redirect("307 Temporary Redirect", "z").as_bytes())
+            .await
+            .unwrap();
+    };
+    let (r, ()) = tokio::join!(c.run(&ctx), server);
+    match r {
+        Err(ActionError::Fatal { message, .. }) => {
+            assert!(message.contains("would send the secret body"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -46,8 +46,23 @@ fn read_text(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
 }
 
+/// Parses the file; a `run_as` user this node cannot run jobs as refuses it, like any other
+/// problem in it (the policies in force stay).
 fn parse(path: &Path, text: &str) -> Result<PolicySet, String> {
-    PolicySet::parse(text, &path.display().to_string()).map_err(|e| e.to_string())
+    let set = PolicySet::parse(text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    let problems: Vec<String> = set
+        .run_as_entries()
+        .filter_map(|(workflow, r)| {
+            actions::check_run_as(r)
+                .err()
+                .map(|e| format!("{}: workflows.{workflow}.{e}", path.display()))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(set)
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 /// Loads `path` (writing [`TEMPLATE`] on a fresh install), then watches it on `tracker` until

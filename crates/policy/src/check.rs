@@ -23,6 +23,8 @@ pub enum PolicyKind {
     StartOrEnd,
     Limits,
     Labels,
+    /// The secrets a workflow's jobs may name (`{secret: NAME}`); none unless listed.
+    Secrets,
 }
 
 impl PolicyKind {
@@ -34,6 +36,7 @@ impl PolicyKind {
             PolicyKind::StartOrEnd => "start_or_end",
             PolicyKind::Limits => "limits",
             PolicyKind::Labels => "labels",
+            PolicyKind::Secrets => "secrets",
         }
     }
 }
@@ -236,6 +239,9 @@ pub(crate) fn check(
     if let Some(labels) = &policy.labels {
         verdicts.push(check_labels(labels, spec));
     }
+    if let Some(v) = check_secrets(policy.secrets.as_deref(), spec) {
+        verdicts.push(v);
+    }
     Verdicts { verdicts }
 }
 
@@ -316,13 +322,14 @@ fn allowed_actions(allowed: &[String], spec: &WorkflowSpec) -> Verdict {
 
 fn same_args(index: usize, rule: &SameArgs, spec: &WorkflowSpec, shown: &WorkflowSpec) -> Verdict {
     // A value as `shown` has it at the same place.
-    let shown_at = |b: usize, j: usize, real: &Value| {
+    // Never the real value, even when the shown spec has none at the place.
+    let shown_at = |b: usize, j: usize| {
         shown
             .blocks
             .get(b)
             .and_then(|bl| bl.jobs.get(j))
             .and_then(|job| rule.arg.resolve(&job.args))
-            .map_or_else(|| show(real), show)
+            .map_or_else(|| "\"***\"".to_owned(), show)
     };
     let mut sink = Sink::new(PolicyId {
         kind: PolicyKind::SameArgs,
@@ -347,8 +354,8 @@ fn same_args(index: usize, rule: &SameArgs, spec: &WorkflowSpec, shown: &Workflo
                     sink.push(path, || {
                         format!(
                             "{} differs from {} (blocks[{fb}].jobs[{fj}])",
-                            shown_at(b, j, value),
-                            shown_at(fb, fj, want)
+                            shown_at(b, j),
+                            shown_at(fb, fj)
                         )
                     });
                 }
@@ -479,6 +486,65 @@ fn check_limits(limits: &Limits, spec: &WorkflowSpec) -> Verdict {
         }
     }
     sink.finish()
+}
+
+/// Every secret reference (`{secret: NAME}`, anywhere in a job's args) must name a secret
+/// the entry lists (`*`: any). Without a `secrets` key, no secret may be named. `None` when
+/// there is nothing to judge (no key and no reference).
+fn check_secrets(allowed: Option<&[String]>, spec: &WorkflowSpec) -> Option<Verdict> {
+    let mut sink = Sink::new(PolicyId::one(PolicyKind::Secrets));
+    let mut any = false;
+    for (b, j, job) in jobs(spec) {
+        for (k, v) in &job.args {
+            secret_refs(v, &mut format!("args.{k}"), &mut |at, name| {
+                any = true;
+                let ok = allowed.is_some_and(|a| a.iter().any(|n| n == "*" || n == name));
+                if !ok {
+                    let path = || format!("blocks[{b}].jobs[{j}].{at}");
+                    match allowed {
+                        None => sink.push(path, || {
+                            format!("secret {name:?}: this workflow's policy lists no secrets; add secrets = [{name:?}] to allow it")
+                        }),
+                        Some(list) => sink.push(path, || {
+                            format!(
+                                "secret {name:?} is not allowed for this workflow; allowed: {}",
+                                quoted_list(list)
+                            )
+                        }),
+                    }
+                }
+            });
+        }
+    }
+    (any || allowed.is_some()).then(|| sink.finish())
+}
+
+/// Calls `each(path, name)` for every `{secret: NAME}` in `v`.
+fn secret_refs(v: &Value, path: &mut String, each: &mut dyn FnMut(&str, &str)) {
+    match v {
+        Value::Object(m) => {
+            if let (1, Some(Value::String(name))) = (m.len(), m.get("secret")) {
+                each(path, name);
+                return;
+            }
+            for (k, v) in m {
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                secret_refs(v, path, each);
+                path.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                secret_refs(v, path, each);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn check_labels(required: &[(String, Vec<String>)], spec: &WorkflowSpec) -> Verdict {

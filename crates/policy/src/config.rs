@@ -26,6 +26,8 @@ pub(crate) struct WorkflowPolicy {
     pub(crate) labels: Option<Vec<(String, Vec<String>)>>,
     /// The user its `shell` jobs run as (not a rule: nothing is checked at submit).
     pub(crate) run_as: Option<domain::RunAs>,
+    /// The secrets its jobs may name (`*`: any); `None`: none.
+    pub(crate) secrets: Option<Vec<String>>,
 }
 
 impl WorkflowPolicy {
@@ -35,6 +37,7 @@ impl WorkflowPolicy {
             + self.start_or_end.len()
             + usize::from(self.limits.is_some())
             + usize::from(self.labels.is_some())
+            + usize::from(self.secrets.is_some())
     }
 }
 
@@ -102,7 +105,7 @@ struct RawLimits {
 type RawLabels = BTreeMap<Spanned<String>, Vec<String>>;
 
 const RULE_KINDS: &str =
-    "`allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as`";
+    "`allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels`, `secrets` or `run_as`";
 
 // ---- errors ----
 
@@ -325,6 +328,32 @@ impl Loader<'_> {
                 "labels" => {
                     if let Some(raw) = self.de::<RawLabels>(node, &path) {
                         policy.labels = Some(self.labels(raw, &path));
+                    }
+                }
+                "secrets" => {
+                    if let Some(raw) = self.de::<Vec<Spanned<String>>>(node, &path) {
+                        let mut names = Vec::with_capacity(raw.len());
+                        for (i, n) in raw.into_iter().enumerate() {
+                            let ok = n.get_ref() == "*"
+                                || (!n.get_ref().is_empty()
+                                    && n.get_ref().len() <= 128
+                                    && n.get_ref().bytes().all(|b| {
+                                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
+                                    }));
+                            if ok {
+                                names.push(n.into_inner());
+                            } else {
+                                self.problem(
+                                    Some(n.span()),
+                                    format!("{path}[{i}]"),
+                                    format!(
+                                        "{} is not a secret name (letters, digits, '_', '.', '-'; at most 128 bytes) or \"*\"",
+                                        domain::limits::clip(n.get_ref())
+                                    ),
+                                );
+                            }
+                        }
+                        policy.secrets = Some(names);
                     }
                 }
                 "run_as" => {

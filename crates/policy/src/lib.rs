@@ -155,6 +155,13 @@ impl PolicySet {
         self.workflows.get(workflow)?.run_as.as_ref()
     }
 
+    /// Every workflow whose entry names a `run_as` user, with it.
+    pub fn run_as_entries(&self) -> impl Iterator<Item = (&str, &domain::RunAs)> {
+        self.workflows
+            .iter()
+            .filter_map(|(name, p)| Some((name.as_str(), p.run_as.as_ref()?)))
+    }
+
     /// The workflow names with an entry, sorted.
     pub fn workflow_names(&self) -> impl Iterator<Item = &str> {
         self.workflows.keys().map(String::as_str)

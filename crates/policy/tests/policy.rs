@@ -465,7 +465,7 @@ fn unknown_keys_are_refused() {
     assert_eq!(
         refused("[workflows.hello]\nallowed_action = [\"shell\"]\n"),
         [
-            "policies.toml: workflows.hello.allowed_action: unknown field `allowed_action`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as` (line 2)"
+            "policies.toml: workflows.hello.allowed_action: unknown field `allowed_action`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels`, `secrets` or `run_as` (line 2)"
         ]
     );
     assert_eq!(
@@ -639,7 +639,7 @@ start_or_end = [{ action = "t", position = "middle" }]
         problems,
         [
             "policies.toml: workflows.b.limits.max_jobs: must be at least 1 (line 3)",
-            "policies.toml: workflows.b.bogus: unknown field `bogus`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels` or `run_as` (line 4)",
+            "policies.toml: workflows.b.bogus: unknown field `bogus`, expected `allowed_actions`, `same_args`, `start_or_end`, `limits`, `labels`, `secrets` or `run_as` (line 4)",
             r#"policies.toml: workflows.a.same_args[0].arg: "" is not a valid arg path: it must start with an arg name; write an arg name, then optionally [index] or .field steps, e.g. site or argv[3] (line 7)"#,
             "policies.toml: workflows.a.start_or_end[0].position: unknown variant `middle`, expected one of `start`, `end`, `start_or_end` (line 8)",
         ]
@@ -755,4 +755,39 @@ fn same_args_quotes_values_as_shown() {
     assert_eq!(text.len(), 1, "{text:?}");
     assert!(text[0].contains("\"***\" differs from \"***\""), "{text:?}");
     assert!(!text[0].contains("hunter2") && !text[0].contains("other-pw"));
+}
+
+#[test]
+fn secrets_are_named_by_the_policy_or_not_at_all() {
+    let refs = spec(
+        "name: w\nblocks: [{jobs: [{action: shell, args: {argv: [x], env: {A: {secret: db}}}}, {action: http, args: {url: {secret: hook}, headers: {X: {secret: other}}}}]}]\n",
+    );
+    // No `secrets` key: none may be named.
+    assert_eq!(
+        check(&policies("[workflows.w]\n"), &refs),
+        [
+            "policy secrets: blocks[0].jobs[0].args.env.A: secret \"db\": this workflow's policy lists no secrets; add secrets = [\"db\"] to allow it",
+            "policy secrets: blocks[0].jobs[1].args.headers.X: secret \"other\": this workflow's policy lists no secrets; add secrets = [\"other\"] to allow it",
+            "policy secrets: blocks[0].jobs[1].args.url: secret \"hook\": this workflow's policy lists no secrets; add secrets = [\"hook\"] to allow it",
+        ]
+    );
+    assert_eq!(
+        check(
+            &policies("[workflows.w]\nsecrets = [\"db\", \"hook\"]\n"),
+            &refs
+        ),
+        [
+            "policy secrets: blocks[0].jobs[1].args.headers.X: secret \"other\" is not allowed for this workflow; allowed: \"db\", \"hook\""
+        ]
+    );
+    assert!(check(&policies("[workflows.w]\nsecrets = [\"*\"]\n"), &refs).is_empty());
+    // A spec without references passes an entry without the key, with no verdict added.
+    let plain = spec("name: w\nblocks: [{jobs: [{action: noop}]}]\n");
+    assert_eq!(policies("[workflows.w]\n").check(&plain).iter().count(), 1);
+    assert_eq!(
+        refused("[workflows.w]\nsecrets = [\"../x\"]\n"),
+        [
+            "policies.toml: workflows.w.secrets[0]: \"../x\" is not a secret name (letters, digits, '_', '.', '-'; at most 128 bytes) or \"*\" (line 2)"
+        ]
+    );
 }

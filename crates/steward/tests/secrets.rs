@@ -120,6 +120,11 @@ async fn sensitive_values_reach_jobs_and_no_surface() {
         format!("[[notify]]\nurl = \"{hooks}/json\"\n"),
     )
     .unwrap();
+    std::fs::write(
+        data.join("policies.toml"),
+        "[workflows.x]\nsecrets = [\"api_token\", \"db_password\", \"hook_url\"]\n",
+    )
+    .unwrap();
     let server = Server::start(
         &data,
         &[

@@ -492,10 +492,7 @@ pub async fn count_by_state_counts_every_run_once(s: Arc<dyn RunStore>) {
         .unwrap();
     let mut counts = s.count_by_state().await.unwrap();
     counts.sort_by_key(|(st, _)| st.as_str());
-    assert_eq!(
-        counts,
-        [(RunState::Queued, 1), (RunState::Submitted, 2)]
-    );
+    assert_eq!(counts, [(RunState::Queued, 1), (RunState::Submitted, 2)]);
 }
 
 pub async fn list_filters_and_pages(s: Arc<dyn RunStore>) {

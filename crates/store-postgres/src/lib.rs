@@ -582,10 +582,7 @@ impl RunStore for PgStore {
 
     async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>> {
         let c = self.reader().await?;
-        let found = c
-            .query(sql::COUNT_BY_STATE, &[])
-            .await
-            .map_err(db_err)?;
+        let found = c.query(sql::COUNT_BY_STATE, &[]).await.map_err(db_err)?;
         found
             .iter()
             .map(|r| sql::count_row(&rows::PgRow(r)))
