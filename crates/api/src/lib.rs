@@ -296,9 +296,14 @@ impl AppState {
     }
 }
 
+/// Pages for people served on the API's listener: their router, and which paths are theirs.
+type Pages = (axum::Router, fn(&str) -> bool);
+
 /// The API, built and ready to be served.
 pub struct Api {
     state: AppState,
+    /// Pages for people (the console) on the same listener, and the paths they own.
+    console: Option<Pages>,
 }
 
 impl Api {
@@ -326,7 +331,19 @@ impl Api {
                 policy_alert: None,
                 job_containment: None,
             },
+            console: None,
         }
+    }
+
+    /// The calls both faces share, for what else is served on the listener (the console).
+    pub fn service(&self) -> Service {
+        self.state.service.clone()
+    }
+
+    /// Serves `router` for the paths `owns` accepts (never gRPC, `/v1/...`, health, readiness
+    /// or metrics) on the token listener; it authenticates its callers itself.
+    pub fn set_console(&mut self, router: axum::Router, owns: fn(&str) -> bool) {
+        self.console = Some((router, owns));
     }
 
     /// Where to read the policy file's alert (for `/metrics` and `/readyz`).
@@ -362,16 +379,19 @@ impl Api {
     /// but health, readiness and metrics is authenticated first: its caller goes on the
     /// request, or it is refused (401 / UNAUTHENTICATED) before any handler sees it.
     pub fn router(&self) -> axum::Router {
-        self.gated(Gate::Tokens(self.state.service.auth.clone()))
+        self.gated(
+            Gate::Tokens(self.state.service.auth.clone()),
+            self.console.clone(),
+        )
     }
 
     /// The same API for the break-glass socket: no token; the caller is an admin named after
     /// the local user the kernel reports (see [`local`]).
     pub fn local_router(&self) -> axum::Router {
-        self.gated(Gate::Local)
+        self.gated(Gate::Local, None)
     }
 
-    fn gated(&self, gate: Gate) -> axum::Router {
+    fn gated(&self, gate: Gate, console: Option<Pages>) -> axum::Router {
         let steward = proto::v1::steward_server::StewardServer::new(self.state.service.clone())
             .max_decoding_message_size(http::MAX_BODY_BYTES);
         let estop = proto::v1::e_stop_server::EStopServer::new(self.state.service.clone());
@@ -389,6 +409,16 @@ impl Api {
         axum::Router::new().fallback_service(tower::service_fn(
             move |mut req: axum::extract::Request| {
                 let grpc_call = is_grpc(&req);
+                let page = match &console {
+                    Some((pages, owns))
+                        if !grpc_call
+                            && !req.uri().path().starts_with("/v1/")
+                            && owns(req.uri().path()) =>
+                    {
+                        Some(pages.clone())
+                    }
+                    _ => None,
+                };
                 let to = if grpc_call {
                     grpc.clone()
                 } else {
@@ -396,6 +426,9 @@ impl Api {
                 };
                 let gate = gate.clone();
                 async move {
+                    if let Some(pages) = page {
+                        return tower::ServiceExt::oneshot(pages, req).await;
+                    }
                     if !is_open(&req, grpc_call) {
                         match gate.caller(Knock::of(&req)).await {
                             Ok(caller) => {

@@ -125,6 +125,8 @@ pub struct ServeConfig {
     /// with `:PORT`. Steward's own listen address is denied whatever this says.
     #[serde(deserialize_with = "de::http_deny")]
     pub http_deny: Vec<String>,
+    /// Serve the operator console (web pages at `/`) on the listener.
+    pub console: bool,
 }
 
 /// `auth`: whether calls need a token.
@@ -172,6 +174,7 @@ impl Default for ServeConfig {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            console: true,
         }
     }
 }

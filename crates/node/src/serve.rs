@@ -455,6 +455,19 @@ impl Node {
         api.set_policy_alert(policies.alert.clone());
         api.set_previous_stop(previous);
         api.set_job_containment(containment.to_string());
+        if cfg.console {
+            let pages = console::Console::new(
+                api.service(),
+                console::Settings {
+                    node_id: node.clone(),
+                    tls: cfg.tls_cert.is_some(),
+                    config_text: toml::to_string_pretty(&cfg).unwrap_or_default(),
+                    policy_alert: Some(policies.alert.clone()),
+                    job_containment: containment.to_string(),
+                },
+            );
+            api.set_console(pages.router(), console::Console::owns);
+        }
         let router = api.router();
         let server = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => {

@@ -114,6 +114,8 @@ pub use config::{ConfigError, ConfigProblem};
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicySet {
     origin: String,
+    /// The file as it was read.
+    text: std::sync::Arc<str>,
     workflows: BTreeMap<String, config::WorkflowPolicy>,
 }
 
@@ -123,6 +125,7 @@ impl PolicySet {
     pub fn parse(text: &str, origin: &str) -> Result<PolicySet, ConfigError> {
         Ok(PolicySet {
             origin: origin.to_owned(),
+            text: text.into(),
             workflows: config::load(text, origin)?,
         })
     }
@@ -131,6 +134,7 @@ impl PolicySet {
     pub fn empty() -> PolicySet {
         PolicySet {
             origin: "the policy file".to_owned(),
+            text: "".into(),
             workflows: BTreeMap::new(),
         }
     }
@@ -174,6 +178,11 @@ impl PolicySet {
 
     pub fn is_empty(&self) -> bool {
         self.workflows.is_empty()
+    }
+
+    /// The policy file's text, as it was read.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// The file the policies came from, as given to [`PolicySet::parse`].

@@ -1,0 +1,540 @@
+//! The operator console (docs/console.md) in a real browser: Debian's Chromium driven through
+//! chromedriver (both started here, on loopback), against the real binary. Screenshots of each
+//! page go to `target/console-screenshots/`; accessibility is checked with axe-core (vendored
+//! in `tests/vendor`).
+
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client as Browser, ClientBuilder, Locator};
+use proto::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// chromedriver and a headless Chromium session; both end when this is dropped.
+struct Session {
+    browser: Option<Browser>,
+    driver: Child,
+    base: String,
+    shots: std::path::PathBuf,
+}
+
+impl Session {
+    async fn start(base: &str, javascript: bool) -> Session {
+        let port = free_port();
+        // In a process group of its own, with the browsers it starts: all of them end with
+        // the test, even one that panics before closing its session.
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver) must be installed");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut prefs = json!({});
+        if !javascript {
+            prefs = json!({"profile.managed_default_content_settings.javascript": 2});
+        }
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000", "--no-proxy-server"],
+                "prefs": prefs,
+            }
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a Chromium session");
+        let shots = workspace_root().join("target/console-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Session {
+            browser: Some(browser),
+            driver,
+            base: format!("http://{base}"),
+            shots,
+        }
+    }
+
+    fn b(&self) -> &Browser {
+        self.browser.as_ref().unwrap()
+    }
+
+    async fn goto(&self, path: &str) {
+        self.b()
+            .goto(&format!("{}{path}", self.base))
+            .await
+            .unwrap();
+    }
+
+    async fn page(&self) -> String {
+        self.b().source().await.unwrap()
+    }
+
+    /// The input whose `<label>` reads `label`.
+    async fn field(&self, label: &str) -> fantoccini::elements::Element {
+        let xpath = format!("//*[@id=//label[normalize-space()='{label}']/@for]");
+        self.b()
+            .find(Locator::XPath(&xpath))
+            .await
+            .unwrap_or_else(|e| panic!("no field labelled {label:?}: {e}"))
+    }
+
+    async fn button(&self, name: &str) -> fantoccini::elements::Element {
+        let xpath = format!("//button[normalize-space()='{name}']");
+        self.b()
+            .find(Locator::XPath(&xpath))
+            .await
+            .unwrap_or_else(|e| panic!("no button {name:?}: {e}"))
+    }
+
+    async fn has_button(&self, name: &str) -> bool {
+        let xpath = format!("//button[normalize-space()='{name}']");
+        !self
+            .b()
+            .find_all(Locator::XPath(&xpath))
+            .await
+            .unwrap()
+            .is_empty()
+    }
+
+    async fn sign_in(&self, token: &str) {
+        self.goto("/signin").await;
+        self.field("Token").await.send_keys(token).await.unwrap();
+        self.button("Sign in").await.click().await.unwrap();
+        self.wait_page("<h1>Overview</h1>").await;
+    }
+
+    /// Waits until the page (after a click that navigates) holds `needle`; returns it.
+    async fn wait_page(&self, needle: &str) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let page = self.page().await;
+            if page.contains(needle) {
+                return page;
+            }
+            assert!(Instant::now() < deadline, "never showed {needle:?}: {page}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shot(&self, name: &str) {
+        let png = self.b().screenshot().await.unwrap();
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    /// axe-core on the page: no serious or critical violation.
+    async fn accessible(&self, what: &str) {
+        let axe = include_str!("vendor/axe.min.js");
+        self.b().execute(axe, vec![]).await.unwrap();
+        let result = self
+            .b()
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, {resultTypes: ['violations']})
+                    .then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.html)}))))
+                    .catch(e => done([{id: 'axe-error', impact: 'critical', help: String(e), nodes: []}]));",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let bad: Vec<&Value> = result
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
+            .collect();
+        assert!(bad.is_empty(), "accessibility of {what}: {bad:#?}");
+    }
+
+    /// Waits until the current page (not reloaded) shows `text` in element `id`.
+    async fn wait_text(&self, id: &str, text: &str) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Ok(el) = self.b().find(Locator::Id(id)).await
+                && el.text().await.is_ok_and(|t| t.contains(text))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "#{id} never showed {text:?}: {}",
+                self.page().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn end(mut self) {
+        if let Some(b) = self.browser.take() {
+            let _ = b.close().await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.driver.wait();
+    }
+}
+
+/// The stop from the issue's story: a responder signs in, presses Emergency stop, stops
+/// `site=aap` with a reason while a run of that site has a running job. The job's process is
+/// gone, the run page (open in another window, never reloaded) shows `stopped`, the banner is
+/// red, the audit page names the responder. Every page passes axe-core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_stops_a_site_from_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let mut c = server.client().await;
+    let responder = server.token("resp-ana", "responder");
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let pid = read_pid(&pidfile);
+
+    let s = Session::start(&server.addr, true).await;
+    s.goto("/signin").await;
+    s.shot("signin").await;
+    s.accessible("the sign-in page").await;
+    s.sign_in(&responder).await;
+    s.shot("overview").await;
+    s.accessible("the overview").await;
+    let page = s.page().await;
+    assert!(page.contains("site=aap"), "{page}");
+
+    // The run page, in a window of its own that is never reloaded.
+    s.goto(&format!("/runs/{id}")).await;
+    s.wait_text("run-state", "running").await;
+    s.shot("run").await;
+    s.accessible("a run page").await;
+    let run_window = s.b().window().await.unwrap();
+    let other = s.b().new_window(false).await.unwrap();
+    s.b().switch_to_window(other.handle).await.unwrap();
+
+    s.goto("/").await;
+    s.button("Emergency stop").await.click().await.unwrap();
+    s.wait_page("Review the stop").await;
+    s.shot("estop-form").await;
+    s.accessible("the stop form").await;
+    // A responder may stop and pause, never release.
+    let options = s.b().find_all(Locator::Css("#state option")).await.unwrap();
+    let mut values = Vec::new();
+    for o in options {
+        values.push(o.attr("value").await.unwrap().unwrap_or_default());
+    }
+    assert_eq!(values, ["stop", "pause"]);
+    s.field("Target").await.send_keys("site=aap").await.unwrap();
+    s.field("Reason")
+        .await
+        .send_keys("INC-7 smoke from aap")
+        .await
+        .unwrap();
+    s.button("Review the stop").await.click().await.unwrap();
+    s.wait_page("<strong>1</strong> running").await;
+    s.shot("estop-review").await;
+    s.accessible("the review page").await;
+    s.button("Set stop on site=aap")
+        .await
+        .click()
+        .await
+        .unwrap();
+    s.wait_page("class=\"banner stop\"").await;
+
+    // The run page, untouched since it was opened, follows by itself.
+    s.b().switch_to_window(run_window).await.unwrap();
+    s.wait_text("run-state", "stopped").await;
+    s.wait_text("banner", "site=aap").await;
+    s.shot("run-stopped").await;
+    eventually("the job's process to be gone", LONG, || process_gone(pid)).await;
+
+    s.goto("/audit").await;
+    let audit = s.page().await;
+    assert!(
+        audit.contains("resp-ana") && audit.contains("INC-7 smoke from aap"),
+        "{audit}"
+    );
+    s.shot("audit").await;
+    s.accessible("the audit page").await;
+    s.goto("/estop").await;
+    assert!(!s.has_button("Set go").await, "a responder cannot release");
+    s.shot("estop").await;
+    s.accessible("the e-stop page").await;
+    for (path, name) in [
+        ("/runs", "runs"),
+        ("/policies", "policies"),
+        ("/health", "health"),
+    ] {
+        s.goto(path).await;
+        s.shot(name).await;
+        s.accessible(path).await;
+    }
+
+    // A viewer sees no Emergency stop, and cannot reach its form.
+    let viewer = server.token("vic", "viewer");
+    s.button("Sign out").await.click().await.unwrap();
+    s.wait_page("<label for=\"token\">Token</label>").await;
+    s.sign_in(&viewer).await;
+    assert!(!s.has_button("Emergency stop").await);
+    s.goto("/estop/new").await;
+    s.wait_page("may not set e-stop entries").await;
+    s.end().await;
+}
+
+/// The same stop with JavaScript off: plain forms, POST and redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_works_without_javascript() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let mut c = server.client().await;
+    let responder = server.token("resp-bo", "responder");
+    let pidfile = dir.path().join("pid");
+    let id = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let pid = read_pid(&pidfile);
+
+    let s = Session::start(&server.addr, false).await;
+    s.sign_in(&responder).await;
+    s.goto(&format!("/runs/{id}")).await;
+    s.button("Emergency stop").await.click().await.unwrap();
+    s.wait_page("Review the stop").await;
+    s.field("Target").await.send_keys("site=aap").await.unwrap();
+    s.field("Reason")
+        .await
+        .send_keys("INC-8 no js")
+        .await
+        .unwrap();
+    s.button("Review the stop").await.click().await.unwrap();
+    s.wait_page("<strong>1</strong> running").await;
+    s.button("Set stop on site=aap")
+        .await
+        .click()
+        .await
+        .unwrap();
+    // Back on the run page it came from, with the banner.
+    s.wait_page("class=\"banner stop\"").await;
+    let url = s.b().current_url().await.unwrap();
+    assert_eq!(url.path(), format!("/runs/{id}"));
+    eventually("the job's process to be gone", LONG, || process_gone(pid)).await;
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "stopped");
+    s.b().refresh().await.unwrap();
+    s.wait_text("run-state", "stopped").await;
+    s.end().await;
+}
+
+// ---- over plain HTTP: escaping, CSRF, confirmation, roles ----
+
+/// A GET or POST with the session cookie; the status and the body.
+async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    form: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let mut head =
+        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nCookie: steward_session={token}\r\n");
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// The CSRF value of the signed-in session, from a page's sign-out form.
+async fn csrf(addr: &str, token: &str) -> String {
+    let (_, _, page) = call(addr, "GET", "/", token, &[], &[]).await;
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+    page[at..at + 32].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_escape_what_they_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let mut c = server.client().await;
+    let admin = server.admin_token().unwrap();
+    let id = submit(
+        &mut c,
+        "name: x\ndesc: '<script>alert(1)</script>'\nlabels: {site: '\"><img src=x onerror=alert(2)>'}\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'echo \"<b>bold</b>\"; exit 3']}}]\n",
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    wait_terminal(&mut c, &id, LONG).await;
+    let token = csrf(&server.addr, &admin).await;
+    let (code, _, _) = call(
+        &server.addr,
+        "POST",
+        "/estop/set",
+        &admin,
+        &[
+            ("csrf", &token),
+            ("target", "site=aap"),
+            ("state", "pause"),
+            ("reason", "<script>alert(3)</script>"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303);
+    for path in [
+        format!("/runs/{id}"),
+        "/runs".to_owned(),
+        "/".to_owned(),
+        "/audit".to_owned(),
+        "/estop".to_owned(),
+    ] {
+        let (code, _, page) = call(&server.addr, "GET", &path, &admin, &[], &[]).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        for raw in ["<script>alert", "<img src=x", "<b>bold"] {
+            assert!(!page.contains(raw), "{raw} unescaped on {path}:\n{page}");
+        }
+    }
+    let (_, _, run) = call(
+        &server.addr,
+        "GET",
+        &format!("/runs/{id}"),
+        &admin,
+        &[],
+        &[],
+    )
+    .await;
+    // Shown, as text.
+    assert!(
+        run.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
+        "{run}"
+    );
+    assert!(run.contains("&#60;b&#62;bold&#60;/b&#62;"), "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_need_their_csrf_value_and_big_stops_a_second_typing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let responder = server.token("resp-cy", "responder");
+    let addr = &server.addr;
+    let token = csrf(addr, &responder).await;
+    let stop_all = [
+        ("target", "*"),
+        ("state", "stop"),
+        ("reason", "drill"),
+        ("csrf", token.as_str()),
+    ];
+    // No CSRF value, a wrong one, or a POST from another site: refused, nothing set.
+    for (form, extra) in [
+        (&stop_all[..3], &[][..]),
+        (
+            &[
+                ("target", "*"),
+                ("state", "stop"),
+                ("reason", "drill"),
+                ("csrf", "0000"),
+            ][..],
+            &[][..],
+        ),
+        (&stop_all[..], &[("Sec-Fetch-Site", "cross-site")][..]),
+    ] {
+        let (code, _, page) = call(addr, "POST", "/estop/set", &responder, form, extra).await;
+        assert_eq!(code, 403, "{page}");
+    }
+    // `*` needs the target typed again.
+    let (code, _, page) = call(addr, "POST", "/estop/set", &responder, &stop_all, &[]).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("Type the target to confirm"), "{page}");
+    let (code, _, page) = call(
+        addr,
+        "POST",
+        "/estop/set",
+        &responder,
+        &[&stop_all[..], &[("confirm", "site=x")]].concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 400, "{page}");
+    let admin = server.admin_token().unwrap();
+    let (_, _, list) = call(addr, "GET", "/estop", &admin, &[], &[]).await;
+    assert!(!list.contains("drill"), "{list}");
+    // Typed: set.
+    let (code, head, _) = call(
+        addr,
+        "POST",
+        "/estop/set",
+        &responder,
+        &[&stop_all[..], &[("confirm", "*")]].concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    // A responder cannot set go, even by crafting the form.
+    let (code, _, page) = call(
+        addr,
+        "POST",
+        "/estop/set",
+        &responder,
+        &[
+            ("target", "*"),
+            ("state", "go"),
+            ("reason", "x"),
+            ("csrf", &token),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("may not set go"), "{page}");
+    // The session cookie: HttpOnly and SameSite=Strict.
+    let (_, head, _) = call(addr, "POST", "/signin", "", &[("token", &responder)], &[]).await;
+    let cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie"))
+        .unwrap();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    // A wrong token: refused, and no cookie.
+    let (code, head, _) = call(addr, "POST", "/signin", "", &[("token", "stw_nope")], &[]).await;
+    assert_eq!(code, 401);
+    assert!(!head.to_ascii_lowercase().contains("set-cookie"));
+}
