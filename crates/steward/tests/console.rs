@@ -538,3 +538,119 @@ async fn forms_need_their_csrf_value_and_big_stops_a_second_typing() {
     assert_eq!(code, 401);
     assert!(!head.to_ascii_lowercase().contains("set-cookie"));
 }
+
+/// What a page offers follows the role: a viewer gets no buttons; a submitter can Exec and
+/// Clone; an operator can Cancel and release or clear e-stop entries. The configuration shown
+/// keeps its secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_offer_what_the_role_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("steward.toml"),
+        "[[notify]]\nurl = \"http://127.0.0.1:9/hook?token=hook-secret-123\"\n",
+    )
+    .unwrap();
+    let server = Server::start(&data, &[("STEWARD_AUTH", "token")]).await;
+    let addr = &server.addr;
+    let mut c = server.client().await;
+    let id = submit(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
+    let viewer = server.token("v", "viewer");
+    let submitter = server.token("s", "submitter");
+    let operator = server.token("o", "operator");
+    let run_page = format!("/runs/{id}");
+
+    let (_, _, page) = call(addr, "GET", &run_page, &viewer, &[], &[]).await;
+    for b in ["Emergency stop", ">Exec<", ">Cancel<", ">Clone<"] {
+        assert!(!page.contains(b), "a viewer sees {b}");
+    }
+    let (_, _, page) = call(addr, "GET", &run_page, &submitter, &[], &[]).await;
+    assert!(
+        page.contains(">Exec<") && page.contains(">Clone<"),
+        "{page}"
+    );
+    let csrf_s = csrf(addr, &submitter).await;
+    let (code, head, _) = call(
+        addr,
+        "POST",
+        &format!("{run_page}/exec"),
+        &submitter,
+        &[("csrf", &csrf_s)],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    wait_terminal(&mut c, &id, LONG).await;
+    let (code, head, _) = call(
+        addr,
+        "POST",
+        &format!("{run_page}/clone"),
+        &submitter,
+        &[("csrf", &csrf_s)],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    assert!(head.contains("?done=clone"), "{head}");
+
+    // A viewer's POST is refused by the API's own role check.
+    let csrf_v = csrf(addr, &viewer).await;
+    let (code, _, page) = call(
+        addr,
+        "POST",
+        &format!("{run_page}/clone"),
+        &viewer,
+        &[("csrf", &csrf_v)],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 403, "{page}");
+
+    // An operator releases and clears.
+    let csrf_o = csrf(addr, &operator).await;
+    let (code, _, _) = call(
+        addr,
+        "POST",
+        "/estop/set",
+        &operator,
+        &[
+            ("csrf", &csrf_o),
+            ("target", "x"),
+            ("state", "pause"),
+            ("reason", "maintenance"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303);
+    let (_, _, page) = call(addr, "GET", "/estop", &operator, &[], &[]).await;
+    assert!(
+        page.contains(">Set go<") && page.contains(">Clear<"),
+        "{page}"
+    );
+    let (_, _, banner) = call(addr, "GET", "/", &operator, &[], &[]).await;
+    assert!(banner.contains("class=\"banner pause\""), "{banner}");
+    let (code, _, _) = call(
+        addr,
+        "POST",
+        "/estop/clear",
+        &operator,
+        &[("csrf", &csrf_o), ("target", "x"), ("reason", "done")],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303);
+    let (_, _, page) = call(addr, "GET", "/estop", &operator, &[], &[]).await;
+    assert!(!page.contains("maintenance"), "{page}");
+
+    // Health shows the configuration without its secrets.
+    let (_, _, health) = call(addr, "GET", "/health", &viewer, &[], &[]).await;
+    assert!(health.contains("notify"), "{health}");
+    assert!(!health.contains("hook-secret-123"), "{health}");
+    // Unknown pages are a page, and the API's paths stay the API's.
+    let (code, _, _) = call(addr, "GET", "/runs/not-a-run", &viewer, &[], &[]).await;
+    assert_eq!(code, 400);
+    let (code, head, _) = call(addr, "GET", "/v1/nope", &viewer, &[], &[]).await;
+    assert_eq!(code, 401, "{head}");
+}
