@@ -431,16 +431,18 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "policy" => policy_suite(&o).await,
         "scaleout" => scaleout_suite(&o).await,
         "auth" => auth_suite(&o).await,
+        "console" => console_suite(&o).await,
         "all" => {
             core(&o).await?;
             shutdown(&o).await?;
             estop_suite(&o).await?;
             policy_suite(&o).await?;
-            auth_suite(&o).await
+            auth_suite(&o).await?;
+            console_suite(&o).await
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, auth, scaleout or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, scaleout or all"
             )
         }
     }
@@ -1085,5 +1087,195 @@ async fn auth_suite(o: &BenchOpts) -> anyhow::Result<()> {
         ms(percentile(&b, 0.99)),
         percentile(&b, 0.5).as_secs_f64() / percentile(&a, 0.5).as_secs_f64()
     );
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the node's console with the admin token's session cookie, on a
+/// connection of its own: the status, and the body.
+async fn page(addr: &str, cookie: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: steward_session={cookie}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Times `n` loads of `path`, sorted.
+async fn page_times(
+    addr: &str,
+    cookie: &str,
+    path: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let (code, body) = page(addr, cookie, path).await?;
+        anyhow::ensure!(code == 200, "{path}: {code}: {body}");
+        out.push(t.elapsed());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A page open in a browser, as the console's script keeps it: an event stream, and on each
+/// event the page fetched again. Returns when the page shows `want`.
+async fn open_page(
+    addr: String,
+    cookie: String,
+    path: String,
+    want: String,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<Instant> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(&addr).await?;
+    s.write_all(
+        format!(
+            "GET /ui/events HTTP/1.1\r\nHost: {addr}\r\nCookie: steward_session={cookie}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = vec![0u8; 4096];
+    let mut seen = String::new();
+    // The response head: the stream is open.
+    while !seen.contains("\r\n\r\n") {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "the event stream closed");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    ready.send(()).await.ok();
+    loop {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "the event stream closed");
+        if String::from_utf8_lossy(&buf[..n]).contains("event: change") {
+            let (_, body) = page(&addr, &cookie, &path).await?;
+            if body.contains(&want) {
+                return Ok(Instant::now());
+            }
+        }
+    }
+}
+
+/// The console: server time of the overview and a filtered run list with `o.runs`×20 runs
+/// stored (100,000 by default), and, with 20 pages open, the time from a state change to every
+/// page showing it.
+async fn console_suite(o: &BenchOpts) -> anyhow::Result<()> {
+    let b = start_env(
+        256,
+        EStopMode::AllGo,
+        None,
+        None,
+        &[("STEWARD_AUTH", "token")],
+    )
+    .await?;
+    let cookie = std::fs::read_to_string(b._dir.path().join(node::ADMIN_TOKEN_FILE))?
+        .trim()
+        .to_owned();
+    let stored = (o.runs * 20).max(1000);
+    let now = domain::Clock::now(&SystemClock);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..stored {
+        let mut spec = domain::WorkflowSpec::parse(
+            "name: bench\nblocks:\n  - jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
+        )?;
+        spec.labels.insert("site".into(), format!("s{}", i % 20));
+        pending.push(b.store.submit(new_run(&spec, now)));
+        if pending.len() >= 1024 {
+            use futures::StreamExt;
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+    }
+    {
+        use futures::StreamExt;
+        while let Some(r) = pending.next().await {
+            r?;
+        }
+    }
+    drop(pending);
+    let addr = b.addr.clone();
+    page_times(&addr, &cookie, "/", 20).await?;
+    let overview = page_times(&addr, &cookie, "/", 200).await?;
+    let list = page_times(&addr, &cookie, "/runs?label=site%3Ds7", 200).await?;
+    let run_list = page_times(&addr, &cookie, "/runs", 200).await?;
+    println!(
+        "console: {stored} runs stored: overview p50 {} p95 {} p99 {}; runs filtered by label p50 {} p95 {} p99 {}; runs unfiltered p50 {} p95 {}",
+        ms(percentile(&overview, 0.5)),
+        ms(percentile(&overview, 0.95)),
+        ms(percentile(&overview, 0.99)),
+        ms(percentile(&list, 0.5)),
+        ms(percentile(&list, 0.95)),
+        ms(percentile(&list, 0.99)),
+        ms(percentile(&run_list, 0.5)),
+        ms(percentile(&run_list, 0.95)),
+    );
+
+    // 20 pages of one run each; a round executes the run and times until every page shows it
+    // completed.
+    let pages = 20;
+    let rounds = 30;
+    let mut c = b.client().await?;
+    let mut samples = Vec::with_capacity(pages * rounds);
+    for _ in 0..rounds {
+        let id = c
+            .submit(pb::SubmitRequest {
+                spec: Some(noop_spec(3)),
+            })
+            .await?
+            .into_inner()
+            .id;
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(pages);
+        let tracker = TaskTracker::new();
+        let mut handles = Vec::with_capacity(pages);
+        for _ in 0..pages {
+            handles.push(tracker.spawn(open_page(
+                addr.clone(),
+                cookie.clone(),
+                format!("/runs/{id}"),
+                "id=\"run-state\">completed".to_owned(),
+                ready_tx.clone(),
+            )));
+        }
+        for _ in 0..pages {
+            ready_rx.recv().await;
+        }
+        let t0 = Instant::now();
+        c.exec(pb::ExecRequest { id: id.clone() }).await?;
+        for h in handles {
+            let seen = tokio::time::timeout(Duration::from_secs(10), h)
+                .await
+                .context("a page never showed the change")???;
+            samples.push(seen.duration_since(t0));
+        }
+        tracker.close();
+    }
+    samples.sort();
+    println!(
+        "console: change to page (Exec of a 3-job run until each of {pages} open pages shows it completed, {rounds} rounds): p50 {} p95 {} p99 {}",
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.95)),
+        ms(percentile(&samples, 0.99)),
+    );
+    b.stop().await;
     Ok(())
 }
