@@ -654,3 +654,23 @@ async fn pages_offer_what_the_role_allows() {
     let (code, head, _) = call(addr, "GET", "/v1/nope", &viewer, &[], &[]).await;
     assert_eq!(code, 401, "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[("STEWARD_AUTH", "token"), ("STEWARD_CONSOLE", "false")],
+    )
+    .await;
+    let admin = server.admin_token().unwrap();
+    for path in ["/", "/signin", "/estop/new"] {
+        let (code, _, body) = call(&server.addr, "GET", path, &admin, &[], &[]).await;
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    let (code, _, body) = http_get_as(&server.addr, "/estop", Some(&admin))
+        .await
+        .map(|(c, b)| (c, (), b))
+        .unwrap();
+    assert_eq!(code, 404, "{body}");
+}
