@@ -15,6 +15,10 @@ use crate::harness::*;
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// WebDriver's codes for the Tab and Enter keys.
+const TAB: char = '\u{e004}';
+const ENTER: char = '\u{e007}';
+
 /// chromedriver and a headless Chromium session; both end when this is dropped.
 struct Session {
     browser: Option<Browser>,
@@ -135,6 +139,35 @@ impl Session {
         }
     }
 
+    /// Presses and releases one key, wherever the focus is.
+    async fn press(&self, key: char) {
+        use fantoccini::actions::{InputSource as _, KeyAction, KeyActions};
+        let a = KeyActions::new("keyboard".into())
+            .then(KeyAction::Down { value: key })
+            .then(KeyAction::Up { value: key });
+        self.b().perform_actions(a).await.unwrap();
+    }
+
+    async fn type_text(&self, text: &str) {
+        for c in text.chars() {
+            self.press(c).await;
+        }
+    }
+
+    /// Presses Tab until the focused element is `what` (its id, or its text); at most 60 times.
+    async fn tab_to(&self, what: &str) {
+        for _ in 0..60 {
+            self.press(TAB).await;
+            let el = self.b().active_element().await.unwrap();
+            let id = el.attr("id").await.unwrap().unwrap_or_default();
+            let text = el.text().await.unwrap_or_default();
+            if id == what || text.trim() == what {
+                return;
+            }
+        }
+        panic!("Tab never reached {what:?}: {}", self.page().await);
+    }
+
     async fn shot(&self, name: &str) {
         let png = self.b().screenshot().await.unwrap();
         std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
@@ -234,8 +267,11 @@ async fn a_responder_stops_a_site_from_the_console() {
     let other = s.b().new_window(false).await.unwrap();
     s.b().switch_to_window(other.handle).await.unwrap();
 
+    // By keyboard alone: Tab to the button and press Enter; Tab to each field and type; Enter
+    // sends the form.
     s.goto("/").await;
-    s.button("Emergency stop").await.click().await.unwrap();
+    s.tab_to("Emergency stop").await;
+    s.press(ENTER).await;
     s.wait_page("Review the stop").await;
     s.shot("estop-form").await;
     s.accessible("the stop form").await;
@@ -246,21 +282,16 @@ async fn a_responder_stops_a_site_from_the_console() {
         values.push(o.attr("value").await.unwrap().unwrap_or_default());
     }
     assert_eq!(values, ["stop", "pause"]);
-    s.field("Target").await.send_keys("site=aap").await.unwrap();
-    s.field("Reason")
-        .await
-        .send_keys("INC-7 smoke from aap")
-        .await
-        .unwrap();
-    s.button("Review the stop").await.click().await.unwrap();
+    s.tab_to("target").await;
+    s.type_text("site=aap").await;
+    s.tab_to("reason").await;
+    s.type_text("INC-7 smoke from aap").await;
+    s.press(ENTER).await;
     s.wait_page("<strong>1</strong> running").await;
     s.shot("estop-review").await;
     s.accessible("the review page").await;
-    s.button("Set stop on site=aap")
-        .await
-        .click()
-        .await
-        .unwrap();
+    s.tab_to("confirm-button").await;
+    s.press(ENTER).await;
     s.wait_page("class=\"banner stop\"").await;
 
     // The run page, untouched since it was opened, follows by itself.
