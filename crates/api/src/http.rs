@@ -375,6 +375,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/estop", get(estop_list).post(estop_set))
         .route("/v1/estop/clear", post(estop_clear))
         .route("/v1/estop/audit", get(estop_audit))
+        .route("/v1/alerts/alertmanager", post(crate::alerts::alertmanager))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/v1/access", get(access_log))

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use engine::Engine;
 use tokio_util::sync::CancellationToken;
 
+pub mod alerts;
 pub mod auth;
 pub mod convert;
 mod grpc;
