@@ -2,7 +2,6 @@
 //! HTTP/JSON under `/v1`, `/healthz`, `/readyz` and `/metrics`. This crate is the only place
 //! that converts between wire and domain types; it never sees SQL.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -15,6 +14,7 @@ pub mod convert;
 mod grpc;
 pub mod http;
 pub mod local;
+mod metrics;
 pub mod service;
 pub mod tls;
 
@@ -159,12 +159,6 @@ pub struct AppState {
     job_containment: Option<Arc<str>>,
 }
 
-fn label_value(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 impl AppState {
     fn readiness(&self) -> (StatusCode, serde_json::Value) {
         let (code, mut body) = self.readiness_status();
@@ -214,86 +208,6 @@ impl AppState {
         self.policy_alert
             .as_ref()
             .and_then(|a| a.lock().ok().and_then(|g| g.clone()))
-    }
-
-    fn metrics_text(&self) -> String {
-        let e = &self.service.engine;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP steward_up 1 while the process serves.\n# TYPE steward_up gauge\nsteward_up 1"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steward_accepting_work 1 until a shutdown begins.\n# TYPE steward_accepting_work gauge\nsteward_accepting_work {}",
-            u8::from(e.is_accepting())
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steward_active_runs Runs this node is driving.\n# TYPE steward_active_runs gauge\nsteward_active_runs {}",
-            e.active_runs()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steward_running_jobs Jobs running on this node.\n# TYPE steward_running_jobs gauge\nsteward_running_jobs {}",
-            e.running_jobs()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steward_uptime_seconds Seconds since the API started.\n# TYPE steward_uptime_seconds gauge\nsteward_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steward_store_failing 1 while the store refuses this node's writes (nothing new starts).\n# TYPE steward_store_failing gauge\nsteward_store_failing {}",
-            u8::from(e.store_problem().is_some())
-        );
-        if let Some(h) = &self.service.estop {
-            let snap = h.snapshot();
-            let entries = match snap.as_ref() {
-                domain::estop::Snapshot::Ok(l) => l.entries.len(),
-                domain::estop::Snapshot::Unreadable(_) => 0,
-            };
-            let _ = writeln!(
-                out,
-                "# HELP steward_estop_alert 1 while the e-stop list cannot be read (everything is stopped).\n# TYPE steward_estop_alert gauge\nsteward_estop_alert {}",
-                u8::from(h.alert().is_some())
-            );
-            let _ = writeln!(
-                out,
-                "# HELP steward_estop_read_failures_total Failed reads of the e-stop list.\n# TYPE steward_estop_read_failures_total counter\nsteward_estop_read_failures_total {}",
-                h.read_failures()
-            );
-            let _ = writeln!(
-                out,
-                "# HELP steward_estop_entries Entries in the e-stop list.\n# TYPE steward_estop_entries gauge\nsteward_estop_entries {entries}"
-            );
-        }
-        if let Some(a) = &self.policy_alert {
-            let on = a.lock().map(|g| g.is_some()).unwrap_or(true);
-            let _ = writeln!(
-                out,
-                "# HELP steward_policy_alert Whether the policy file on disk is refused (the policies loaded before stay in force).\n# TYPE steward_policy_alert gauge\nsteward_policy_alert {}",
-                u8::from(on)
-            );
-        }
-        if let Some(c) = e.shutdown_cause() {
-            let _ = writeln!(
-                out,
-                "# HELP steward_stopping 1 while the process stops, labelled with the cause.\n# TYPE steward_stopping gauge\nsteward_stopping{{kind=\"{}\",cause=\"{}\"}} 1",
-                c.kind(),
-                label_value(&c.to_string())
-            );
-        }
-        if let Some(c) = &self.previous_stop {
-            let _ = writeln!(
-                out,
-                "# HELP steward_previous_stop_info How the previous process of this data directory stopped.\n# TYPE steward_previous_stop_info gauge\nsteward_previous_stop_info{{kind=\"{}\",cause=\"{}\"}} 1",
-                c.kind(),
-                label_value(&c.to_string())
-            );
-        }
-        out
     }
 }
 

@@ -54,6 +54,7 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
                 marked_running: AtomicBool::new(false),
                 paused: AtomicBool::new(false),
                 ident: std::sync::OnceLock::new(),
+                created_at: std::sync::OnceLock::new(),
             };
             if let Err(e) = driver.drive().await {
                 match e {
@@ -109,6 +110,8 @@ struct Driver<'a> {
     paused: AtomicBool,
     /// The run's name and labels: what e-stop entries select on.
     ident: std::sync::OnceLock<(String, std::collections::BTreeMap<String, String>)>,
+    /// When the run was submitted: the start latency is measured from it.
+    created_at: std::sync::OnceLock<domain::Timestamp>,
 }
 
 impl Driver<'_> {
@@ -128,6 +131,7 @@ impl Driver<'_> {
         let _ = self
             .ident
             .set((run.spec.name.clone(), run.spec.labels.clone()));
+        let _ = self.created_at.set(run.created_at);
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
         }
@@ -206,7 +210,7 @@ impl Driver<'_> {
             self.commit_alone(ts).await?;
             return Ok(match finished {
                 Some(Some(state)) => {
-                    self.inner.emit(self.id, state);
+                    self.finished(state);
                     Flow::Finished
                 }
                 _ => Flow::Next,
@@ -323,7 +327,7 @@ impl Driver<'_> {
             crash_point!("engine::job_after_commit");
             match finished {
                 Some(Some(state)) => {
-                    self.inner.emit(self.id, state);
+                    self.finished(state);
                     tracing::info!(%state, "run finished");
                     return Ok(Flow::Finished);
                 }
@@ -586,6 +590,11 @@ impl Driver<'_> {
             inner.store.apply_nowait(self.node(), self.id, ts);
             if first_start {
                 inner.emit(self.id, RunState::Running);
+                if let Some(created) = self.created_at.get() {
+                    inner.metrics.run_started(std::time::Duration::from_millis(
+                        u64::try_from(at.0 - created.0).unwrap_or(0),
+                    ));
+                }
             }
             crash_point!("engine::job_started");
             let ctx = JobContext {
@@ -600,6 +609,7 @@ impl Driver<'_> {
                 run_as: inner.run_as_for(self.ident.get().map_or("", |(name, _)| name)),
             };
             let mut timed_out = false;
+            let began = std::time::Instant::now();
             let result = {
                 let fut = self.run_call(call, &ctx);
                 tokio::pin!(fut);
@@ -616,6 +626,17 @@ impl Driver<'_> {
                 }
             };
             drop(permit);
+            if !matches!(result, Err(ActionError::NotStarted { .. })) {
+                let failed = timed_out
+                    || matches!(
+                        result,
+                        Err(ActionError::Failed { .. } | ActionError::Fatal { .. })
+                    );
+                inner.metrics.job_started(call.action());
+                inner
+                    .metrics
+                    .job_ended(call.action(), began.elapsed(), failed);
+            }
             let (error, exit_code, output) = match result {
                 Ok(out) => return Outcome::Completed(out),
                 Err(ActionError::NotStarted { message }) => {
@@ -688,6 +709,7 @@ impl Driver<'_> {
     {
         let mut backoff = COMMIT_BACKOFF_FIRST;
         loop {
+            let began = std::time::Instant::now();
             let error = match self
                 .inner
                 .store
@@ -695,6 +717,7 @@ impl Driver<'_> {
                 .await
             {
                 Ok(()) => {
+                    self.inner.metrics.committed(began.elapsed());
                     self.inner.store_recovered();
                     return Ok(());
                 }
@@ -803,9 +826,16 @@ impl Driver<'_> {
             stop_cause,
         });
         self.commit_alone(ts).await?;
-        self.inner.emit(self.id, state);
+        self.finished(state);
         tracing::info!(%state, "run finished");
         Ok(())
+    }
+
+    /// Tells watchers, and counts, that the run ended in `state`.
+    fn finished(&self, state: RunState) {
+        self.inner.emit(self.id, state);
+        let name = self.ident.get().map_or("", |(name, _)| name.as_str());
+        self.inner.metrics.run_finished(name, state);
     }
 
     /// Leaves the run unfinished, for this or another node to resume.

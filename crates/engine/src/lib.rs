@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 mod driver;
 mod failpoints;
 mod maintenance;
+pub mod metrics;
 
 pub use domain::stop::ShutdownMode;
 
@@ -256,6 +257,7 @@ pub(crate) struct Inner {
     pub(crate) loop_failures: tokio::sync::Mutex<tasks::Failures>,
     /// Notified whenever a run task ends: what the shutdown waits on.
     pub(crate) run_ended: tokio::sync::Notify,
+    pub(crate) metrics: Arc<metrics::Metrics>,
 }
 
 /// The cheap-clone handle to the engine.
@@ -282,6 +284,7 @@ impl Engine {
                 loops,
                 loop_failures: tokio::sync::Mutex::new(loop_failures),
                 run_ended: tokio::sync::Notify::new(),
+                metrics: Arc::new(metrics::Metrics::new()),
                 job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
                 opts,
                 store,
@@ -429,6 +432,11 @@ impl Engine {
 
     /// Why the store refuses this node's writes, while it does: nothing new is dispatched
     /// then, and finished work is kept and committed again until the store takes it.
+    /// What the engine counts, for `/metrics`.
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.inner.metrics
+    }
+
     pub fn store_problem(&self) -> Option<String> {
         self.inner.store_problem.borrow().clone()
     }
