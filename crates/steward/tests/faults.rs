@@ -397,10 +397,12 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
     std::fs::write(data.join("policies.toml"), TEST_POLICIES).unwrap();
     let server =
         Server::start_logged(&data, Some(dir.path()), &[("STEWARD_KILL_GRACE", "1s")]).await;
-    // Each job notes whether the disk was full (the filler there) when it began.
+    // Each job notes whether the disk was full (the filler there) when it began. It lasts
+    // longer than using up the log's room takes on a loaded machine: the first jobs must end
+    // into a store that already refuses writes.
     let filler = data.join("filler");
     let job = sh(&format!(
-        "if [ -e {f} ]; then echo full $STEWARD_IDEMPOTENCY_KEY >> {l}; fi; echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; trap 'echo TERM $STEWARD_IDEMPOTENCY_KEY >> {l}; exit 1' TERM; sleep 3 & wait; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
+        "if [ -e {f} ]; then echo full $STEWARD_IDEMPOTENCY_KEY >> {l}; fi; echo start $STEWARD_IDEMPOTENCY_KEY >> {l}; trap 'echo TERM $STEWARD_IDEMPOTENCY_KEY >> {l}; exit 1' TERM; sleep 6 & wait; echo done $STEWARD_IDEMPOTENCY_KEY >> {l}",
         f = filler.display(),
         l = log.display()
     ));
