@@ -43,7 +43,8 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
         );
     }
     let task_inner = inner.clone();
-    let span = tracing::info_span!("run", run_id = %id);
+    // Every line about the run carries its ID and, once the run is read, its workflow.
+    let span = tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty);
     inner.tracker.spawn(
         async move {
             let driver = Driver {
@@ -132,6 +133,7 @@ impl Driver<'_> {
             .ident
             .set((run.spec.name.clone(), run.spec.labels.clone()));
         let _ = self.created_at.set(run.created_at);
+        tracing::Span::current().record("workflow", run.spec.name.as_str());
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
         }

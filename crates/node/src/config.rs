@@ -49,9 +49,9 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     #[serde(deserialize_with = "de::output_limit")]
     pub output_limit: usize,
-    /// `log_format`: `text` or `json`.
+    /// `log_format`: `text`, `json`, or `auto` (`None`: JSON unless stderr is a terminal).
     #[serde(rename = "log_format", with = "de::log_format")]
-    pub log_json: bool,
+    pub log_json: Option<bool>,
     /// Where the e-stop list lives: `file` or `db`; left out, `db` when the database is shared
     /// (nodes sharing a database share its e-stop list), else `file`. See
     /// [`ServeConfig::estop_source`].
@@ -153,7 +153,7 @@ impl Default for ServeConfig {
             kill_grace: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(30),
             output_limit: 16 * 1024,
-            log_json: false,
+            log_json: None,
             estop_source_set: None,
             estop_file: PathBuf::new(),
             estop_unlisted: domain::estop::EStopState::Stop,
@@ -461,16 +461,24 @@ mod de {
     pub mod log_format {
         use super::*;
 
-        pub fn serialize<S: serde::Serializer>(json: &bool, s: S) -> Result<S::Ok, S::Error> {
-            s.serialize_str(if *json { "json" } else { "text" })
+        pub fn serialize<S: serde::Serializer>(
+            json: &Option<bool>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_str(match json {
+                None => "auto",
+                Some(true) => "json",
+                Some(false) => "text",
+            })
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
             match String::deserialize(d)?.as_str() {
-                "text" => Ok(false),
-                "json" => Ok(true),
+                "auto" => Ok(None),
+                "text" => Ok(Some(false)),
+                "json" => Ok(Some(true)),
                 other => Err(D::Error::custom(format!(
-                    "{other:?} is not one of: text, json"
+                    "{other:?} is not one of: auto, text, json"
                 ))),
             }
         }

@@ -335,7 +335,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 output::line(&toml::to_string_pretty(&cfg)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            init_logging(cfg.log_json);
+            // JSON for whatever collects the log (a file, journald, a container runtime); text
+            // for a person at a terminal.
+            use std::io::IsTerminal as _;
+            init_logging(cfg.log_json.unwrap_or(!std::io::stderr().is_terminal()));
             let cause = node::serve(cfg).await?;
             Ok(match cause {
                 domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {

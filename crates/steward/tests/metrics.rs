@@ -100,4 +100,23 @@ async fn metrics_count_runs_and_jobs_by_workflow_state_and_action() {
     assert_eq!(v("steward_runs", &[("state", "running")]), Some(0.0));
     // No run ID is a label.
     assert!(!text.contains(&id), "{text}");
+
+    // The log goes to a file, not a terminal: JSON lines, each line about a run carrying its
+    // ID and workflow.
+    let log = server.log_text();
+    let finished: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|v| v["message"] == "run finished")
+        .collect();
+    assert_eq!(finished.len(), 3, "{log}");
+    for v in &finished {
+        assert!(v["span"]["run_id"].is_string(), "{v}");
+        assert!(
+            matches!(v["span"]["workflow"].as_str(), Some("erase" | "x")),
+            "{v}"
+        );
+    }
 }
