@@ -101,6 +101,36 @@ async fn metrics_count_runs_and_jobs_by_workflow_state_and_action() {
     // No run ID is a label.
     assert!(!text.contains(&id), "{text}");
 
+    // The dashboard and alert rules in deploy/ use only series that exist.
+    for file in [
+        "deploy/prometheus/steward-rules.yml",
+        "deploy/grafana/steward-dashboard.json",
+    ] {
+        let body = std::fs::read_to_string(workspace_root().join(file)).unwrap();
+        let mut names: Vec<&str> = Vec::new();
+        let mut rest = body.as_str();
+        while let Some(i) = rest.find("steward_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        assert!(names.len() > 5, "{file}");
+        for name in names {
+            // Alert labels that name an e-stop entry, not series.
+            if matches!(name, "steward_estop" | "steward_state") {
+                continue;
+            }
+            let series = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(
+                text.lines().any(|l| l.starts_with(series)),
+                "{file} uses {name}, which /metrics does not have:\n{text}"
+            );
+        }
+    }
+
     // The log goes to a file, not a terminal: JSON lines, each line about a run carrying its
     // ID and workflow.
     let log = server.log_text();
