@@ -321,31 +321,36 @@ fn new_run(spec: &domain::WorkflowSpec, now: domain::Timestamp) -> store::NewRun
     }
 }
 
+/// Stores `runs` straight into the store, 1,024 in flight at a time: their IDs.
+async fn store_runs(
+    store: &dyn RunStore,
+    runs: impl Iterator<Item = store::NewRun>,
+) -> anyhow::Result<Vec<RunId>> {
+    use futures::StreamExt;
+    let mut ids = Vec::new();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for nr in runs {
+        ids.push(nr.id);
+        pending.push(store.submit(nr));
+        if pending.len() >= 1024 {
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(ids)
+}
+
 /// Status p50 with `stored` runs in the database.
 async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration>> {
     let spec = domain::WorkflowSpec::parse(
         "name: bench\nblocks:\n  - jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
     )?;
     let now = domain::Clock::now(&SystemClock);
-    let mut ids = Vec::with_capacity(stored);
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for _ in 0..stored {
-        let nr = new_run(&spec, now);
-        ids.push(nr.id);
-        pending.push(b.store.submit(nr));
-        if pending.len() >= 1024 {
-            use futures::StreamExt;
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-        }
-    }
-    {
-        use futures::StreamExt;
-        while let Some(r) = pending.next().await {
-            r?;
-        }
-    }
+    let ids = store_runs(b.store.as_ref(), (0..stored).map(|_| new_run(&spec, now))).await?;
     let mut c = b.client().await?;
     let mut samples = Vec::with_capacity(2000);
     for i in 0..2000 {
@@ -526,22 +531,7 @@ async fn restart_to_resumed(n: usize) -> anyhow::Result<Duration> {
             "name: bench\nblocks:\n  - jobs: [{action: sleep, args: {duration: 30s}}]\n",
         )?;
         let now = domain::Clock::now(&SystemClock);
-        let mut ids = Vec::with_capacity(n);
-        let mut pending = futures::stream::FuturesUnordered::new();
-        for _ in 0..n {
-            let nr = new_run(&spec, now);
-            ids.push(nr.id);
-            pending.push(store.submit(nr));
-            if pending.len() >= 1024 {
-                while let Some(r) = pending.next().await {
-                    r?;
-                }
-            }
-        }
-        while let Some(r) = pending.next().await {
-            r?;
-        }
-        drop(pending);
+        let ids = store_runs(&store, (0..n).map(|_| new_run(&spec, now))).await?;
         let mut pending = futures::stream::FuturesUnordered::new();
         for id in ids {
             pending.push(store.exec(id, &node, now, now.plus(Duration::from_secs(30))));
@@ -1192,27 +1182,18 @@ async fn console_suite(o: &BenchOpts) -> anyhow::Result<()> {
         .to_owned();
     let stored = (o.runs * 20).max(1000);
     let now = domain::Clock::now(&SystemClock);
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for i in 0..stored {
-        let mut spec = domain::WorkflowSpec::parse(
-            "name: bench\nblocks:\n  - jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
-        )?;
-        spec.labels.insert("site".into(), format!("s{}", i % 20));
-        pending.push(b.store.submit(new_run(&spec, now)));
-        if pending.len() >= 1024 {
-            use futures::StreamExt;
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-        }
-    }
-    {
-        use futures::StreamExt;
-        while let Some(r) = pending.next().await {
-            r?;
-        }
-    }
-    drop(pending);
+    let spec = domain::WorkflowSpec::parse(
+        "name: bench\nblocks:\n  - jobs: [{action: noop}, {action: noop}, {action: noop}]\n",
+    )?;
+    store_runs(
+        b.store.as_ref(),
+        (0..stored).map(|i| {
+            let mut spec = spec.clone();
+            spec.labels.insert("site".into(), format!("s{}", i % 20));
+            new_run(&spec, now)
+        }),
+    )
+    .await?;
     let addr = b.addr.clone();
     page_times(&addr, &cookie, "/", 20).await?;
     let overview = page_times(&addr, &cookie, "/", 200).await?;

@@ -7,20 +7,20 @@ use crate::harness::*;
 
 /// POSTs `body` as JSON with a bearer token: the status and the body.
 async fn post_json(addr: &str, path: &str, token: &str, body: &Value) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let auth = format!("Bearer {token}");
+    let (code, _, body) = http(
+        addr,
+        "POST",
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body.to_string(),
+    )
+    .await
+    .unwrap();
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// An Alertmanager payload of one alert.

@@ -377,7 +377,8 @@ async fn the_stop_works_without_javascript() {
 
 // ---- over plain HTTP: escaping, CSRF, confirmation, roles ----
 
-/// A GET or POST with the session cookie; the status and the body.
+/// A GET or POST (a form) with the session cookie and `extra` headers: the status, the
+/// response head and the body.
 async fn call(
     addr: &str,
     method: &str,
@@ -386,31 +387,16 @@ async fn call(
     form: &[(&str, &str)],
     extra: &[(&str, &str)],
 ) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form)
         .finish();
-    let mut head =
-        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nCookie: steward_session={token}\r\n");
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
+    let cookie = format!("steward_session={token}");
+    let mut headers = vec![("Cookie", cookie.as_str())];
     if method == "POST" {
-        head.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        headers.push(("Content-Type", "application/x-www-form-urlencoded"));
     }
-    head.push_str("\r\n");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, head.to_owned(), body.to_owned())
+    headers.extend_from_slice(extra);
+    http(addr, method, path, &headers, &body).await.unwrap()
 }
 
 /// The CSRF value of the signed-in session, from a page's sign-out form.

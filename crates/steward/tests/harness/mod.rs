@@ -242,6 +242,39 @@ impl Drop for Server {
     }
 }
 
+/// One plain HTTP/1.0 request over loopback with `headers` (Host and, with a body,
+/// Content-Length are added): the status, the response head and the body. `None` when nothing
+/// answers within 10 s.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, head.to_owned(), body.to_owned()))
+}
+
 /// A plain HTTP/1.0 GET over loopback: the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     http_get_as(addr, path, None).await
@@ -249,43 +282,28 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// [`http_get`] with a bearer token.
 pub async fn http_get_as(addr: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    http(addr, "GET", path, &headers, "")
         .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((code, body))
+        .map(|(code, _, body)| (code, body))
 }
 
-/// A plain HTTP/1.0 POST over loopback: the status code and the body.
+/// A plain HTTP/1.0 POST of a YAML body over loopback: the status code and the body.
 pub async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (code, _, body) = http(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/yaml")],
+        body,
+    )
+    .await
+    .unwrap();
     (code, body)
 }
 
