@@ -22,6 +22,8 @@ use crate::service::{ApiError, Service};
 pub const TARGET_LABEL: &str = "steward_estop";
 /// The label naming the state it sets (`stop` or `pause`).
 pub const STATE_LABEL: &str = "steward_state";
+/// The source recorded in the audit trail for entries set by alerts.
+pub const ALERTMANAGER_SOURCE: &str = "alertmanager";
 /// Alerts read from one payload.
 pub const MAX_ALERTS: usize = 1000;
 
@@ -184,7 +186,7 @@ impl Service {
                 state: state.to_string(),
                 reason: alert.reason(),
             };
-            match self.estop_set(caller, req).await {
+            match self.estop_set_from(caller, req, ALERTMANAGER_SOURCE).await {
                 Ok(_) => out.applied.push(applied),
                 Err(e) if e.code == tonic::Code::PermissionDenied => {
                     out.ignored.push(Ignored {

@@ -21,6 +21,12 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabels {
+    source: String,
+    state: String,
+}
+
 fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
     let g = Gauge::<i64>::default();
     g.set(v);
@@ -99,6 +105,17 @@ pub(crate) async fn render(st: &AppState) -> String {
             "steward_estop_read_failures",
             "Failed reads of the e-stop list",
             failures,
+        );
+        let changes = Family::<ChangeLabels, Counter>::default();
+        for ((source, state), n) in h.change_counts() {
+            changes
+                .get_or_create(&ChangeLabels { source, state })
+                .inc_by(n);
+        }
+        r.register(
+            "steward_estop_changes",
+            "E-stop changes made or noticed by this node, by source and new state",
+            changes,
         );
         gauge(
             &mut r,

@@ -342,6 +342,16 @@ impl Service {
         caller: &Caller,
         req: pb::EStopSetRequest,
     ) -> Result<pb::AuditRecord, ApiError> {
+        self.estop_set_from(caller, req, estop::API_SOURCE).await
+    }
+
+    /// [`Service::estop_set`], recorded as coming from `source` (`alertmanager`).
+    pub(crate) async fn estop_set_from(
+        &self,
+        caller: &Caller,
+        req: pb::EStopSetRequest,
+        source: &str,
+    ) -> Result<pb::AuditRecord, ApiError> {
         let h = self.estop()?;
         check_len("reason", &req.reason, limits::MAX_REASON_LEN)?;
         let target = parse_target(&req.target)?;
@@ -358,7 +368,7 @@ impl Service {
             caller.principal.scope.covers_target(&target),
         )?;
         let rec = h
-            .set(target, state, req.reason, caller.name().to_owned())
+            .set_from(target, state, req.reason, caller.name().to_owned(), source)
             .await
             .map_err(source_err)?;
         self.auth.log_allowed(

@@ -63,6 +63,7 @@ impl EStop {
             reload: Mutex::new(()),
             failures: AtomicU64::new(0),
             changes: tokio::sync::broadcast::channel(CHANGES).0,
+            counts: std::sync::Mutex::default(),
         });
         shared.reload(false).await;
         let task = shared.clone();
@@ -83,6 +84,21 @@ struct Shared {
     failures: AtomicU64,
     /// Every change made or noticed here (see [`EStopHandle::changes`]).
     changes: tokio::sync::broadcast::Sender<AuditRecord>,
+    /// How many of them, by source and new state (see [`EStopHandle::change_counts`]).
+    counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+}
+
+impl Shared {
+    /// Tells subscribers of a change, and counts it.
+    fn announce(&self, rec: AuditRecord) {
+        if let Ok(mut c) = self.counts.lock() {
+            let state = rec
+                .new_state
+                .map_or_else(|| "cleared".to_owned(), |s| s.to_string());
+            *c.entry((rec.source.clone(), state)).or_default() += 1;
+        }
+        let _ = self.changes.send(rec);
+    }
 }
 
 /// Changes a slow subscriber of [`EStopHandle::changes`] may fall behind by.
@@ -160,7 +176,7 @@ impl Shared {
             }
         });
         for rec in self.source.take_noticed() {
-            let _ = self.changes.send(rec);
+            self.announce(rec);
         }
     }
 }
@@ -252,7 +268,7 @@ impl EStopHandle {
         let res = self.shared.source.set(entry, source).await;
         self.shared.reload(false).await;
         if let Ok(rec) = &res {
-            let _ = self.shared.changes.send(rec.clone());
+            self.shared.announce(rec.clone());
         }
         res
     }
@@ -274,7 +290,7 @@ impl EStopHandle {
             .await;
         self.shared.reload(false).await;
         if let Ok(Some(rec)) = &res {
-            let _ = self.shared.changes.send(rec.clone());
+            self.shared.announce(rec.clone());
         }
         res
     }
@@ -284,6 +300,16 @@ impl EStopHandle {
     /// record. Changes made through other nodes are theirs to report.
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<AuditRecord> {
         self.shared.changes.subscribe()
+    }
+
+    /// The changes counted since start, by source (`api`, `file`, `error_budget`,
+    /// `alertmanager`...) and new state (`cleared` for a removed entry).
+    pub fn change_counts(&self) -> Vec<((String, String), u64)> {
+        self.shared
+            .counts
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
     }
 
     /// The audit trail, newest first: `limit` records (0 means 100, at most 1000), only those

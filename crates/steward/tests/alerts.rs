@@ -107,6 +107,7 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     assert_eq!(rec["target"], "site=aap");
     assert_eq!(rec["new_state"], "stop", "{rec}");
     assert_eq!(rec["set_by"], "alertmanager");
+    assert_eq!(rec["source"], "alertmanager", "{rec}");
     let reason = rec["reason"].as_str().unwrap();
     assert!(
         reason.contains("DiskEraseErrors")
@@ -189,6 +190,15 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     assert!(
         list.contains("\"site=aap\"") && list.contains("\"stop\""),
         "{list}"
+    );
+
+    // Counted once, by source.
+    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "steward_estop_changes_total{source=\"alertmanager\",state=\"stop\"} 1"),
+        "{metrics}"
     );
 
     // Not a payload: a clear error.
