@@ -201,10 +201,11 @@ impl Service {
         Ok(out)
     }
 
-    /// Whether the list holds exactly this entry already.
+    /// Whether the target's entry is already this state or a stricter one: a `pause` alert
+    /// never weakens a person's `stop`.
     fn in_force(&self, target: &Target, state: EStopState) -> bool {
         self.estop.as_ref().is_some_and(|h| match &*h.snapshot() {
-            Snapshot::Ok(list) => list.get(target).is_some_and(|e| e.state == state),
+            Snapshot::Ok(list) => list.get(target).is_some_and(|e| e.state >= state),
             Snapshot::Unreadable(_) => false,
         })
     }
@@ -216,6 +217,14 @@ pub(crate) async fn alertmanager(
     Extension(who): Extension<Caller>,
     body: String,
 ) -> Result<Json<Outcome>, ApiError> {
+    // Who may not stop is refused before the body is read.
+    st.service.authorize(
+        &who,
+        &Call::EStopSet {
+            state: EStopState::Stop,
+        },
+        "alertmanager",
+    )?;
     let p: Payload = serde_json::from_str(&body).map_err(|e| {
         ApiError::new(
             tonic::Code::InvalidArgument,

@@ -33,6 +33,14 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
     r.register(name, help, g);
 }
 
+/// `s` escaped for a label value: prometheus-client writes values as given, and a cause may
+/// hold quotes or a newline (a database error, a panic message).
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// The whole exposition.
 pub(crate) async fn render(st: &AppState) -> String {
     let e = &st.service.engine;
@@ -69,7 +77,7 @@ pub(crate) async fn render(st: &AppState) -> String {
         i64::from(e.store_problem().is_some()),
     );
     // Runs by state, from the store (every node's, with a shared database).
-    if let Ok(counts) = e.count_by_state().await {
+    if let Ok(counts) = e.count_by_state_recent().await {
         let runs = Family::<StateLabels, Gauge>::default();
         for state in ["submitted", "queued", "running", "paused"] {
             let n = counts
@@ -135,7 +143,7 @@ pub(crate) async fn render(st: &AppState) -> String {
     }
     let cause = |c: &domain::StopCause| CauseLabels {
         kind: c.kind().to_owned(),
-        cause: c.to_string(),
+        cause: label_value(&c.to_string()),
     };
     if let Some(c) = e.shutdown_cause() {
         let f = Family::<CauseLabels, Gauge>::default();

@@ -17,7 +17,7 @@ use crate::Inner;
 use crate::session::Session;
 
 /// Changes closer together than this make one event.
-pub(crate) const COALESCE: Duration = Duration::from_millis(100);
+pub(crate) const COALESCE: Duration = Duration::from_millis(250);
 
 struct Feed {
     runs: tokio::sync::broadcast::Receiver<engine::RunEvent>,

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use crate::Inner;
 use crate::session::Session;
 
-/// A stop of `*`, or of a target matching more than this many running runs, needs the target
-/// typed a second time.
+/// A stop of `*`, or of a target matching more than this many active runs (running, paused,
+/// queued), or more than could be counted, needs the target typed a second time.
 pub(crate) const CONFIRM_ABOVE: u64 = 50;
 
 /// Runs looked at for a blast radius (the rest are counted as "more").
@@ -121,6 +121,8 @@ pub(crate) struct Chrome {
     pub(crate) csrf: String,
     /// May set `stop` or `pause`: the Emergency stop button is shown.
     pub(crate) can_stop: bool,
+    /// An operator or admin: the policies and health pages are offered.
+    pub(crate) operator: bool,
     pub(crate) banner: Banner,
     /// Which navigation entry is current.
     pub(crate) nav: &'static str,
@@ -224,6 +226,7 @@ fn chrome(inner: &Inner, s: &Session, nav: &'static str, live: bool, here: Strin
                 state: EStopState::Stop,
             },
         ),
+        operator: may_see_configuration(s),
         banner: banner(inner),
         nav,
         live,
@@ -235,7 +238,12 @@ fn chrome(inner: &Inner, s: &Session, nav: &'static str, live: bool, here: Strin
 /// `return_to` if it is one of the console's own pages, else the overview.
 fn local_path(p: &str) -> String {
     let path = p.split('?').next().unwrap_or_default();
-    if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') && crate::Console::owns(path)
+    let plain = p.bytes().all(|b| b.is_ascii_graphic());
+    if plain
+        && p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.contains('\\')
+        && crate::Console::owns(path)
     {
         p.to_owned()
     } else {
@@ -274,7 +282,7 @@ async fn runs_in(
             )
             .await?;
         out.extend(page.runs);
-        if out.len() >= max {
+        if out.len() > max || (out.len() == max && !page.next_page_token.is_empty()) {
             out.truncate(max);
             return Ok((out, true));
         }
@@ -346,7 +354,7 @@ fn group_into(
 }
 
 pub(crate) async fn overview(State(inner): State<Arc<Inner>>, s: Session) -> Response {
-    let counts = match inner.service.engine.count_by_state().await {
+    let counts = match inner.service.engine.count_by_state_recent().await {
         Ok(c) => c,
         Err(e) => return api_error(&ApiError::from(e)),
     };
@@ -1030,11 +1038,12 @@ pub(crate) async fn estop_set(
     };
     // The confirmation is asked for again here, from the blast radius as it is now.
     if state != EStopState::Go {
-        let running = match blast_radius(&inner, &s, &target).await {
-            Ok(b) => b.0,
+        let (running, paused, queued, more) = match blast_radius(&inner, &s, &target).await {
+            Ok(b) => (b.0, b.1, b.2, b.4),
             Err(e) => return api_error(&e),
         };
-        let needs = matches!(target, Target::All) || running > CONFIRM_ABOVE;
+        let needs =
+            matches!(target, Target::All) || running + paused + queued > CONFIRM_ABOVE || more;
         if needs && f.confirm.as_deref().map(str::trim) != Some(target.to_string().as_str()) {
             let error = format!(
                 "Type the target ({target}) exactly in \"Type the target to confirm\" to stop this much."
@@ -1152,7 +1161,30 @@ struct Policies {
     workflows: Vec<String>,
 }
 
+/// The configuration and the policy text are for those who run Steward: the API shows
+/// neither, and a viewer's token should not read them here.
+fn may_see_configuration(s: &Session) -> bool {
+    matches!(
+        s.caller.principal.role,
+        domain::auth::Role::Operator | domain::auth::Role::Admin
+    )
+}
+
+fn operators_only(s: &Session) -> Response {
+    page_error(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "This page is for operators and admins; your token ({}) has role {}.",
+            s.caller.name(),
+            s.caller.principal.role
+        ),
+    )
+}
+
 pub(crate) async fn policies(State(inner): State<Arc<Inner>>, s: Session) -> Response {
+    if !may_see_configuration(&s) {
+        return operators_only(&s);
+    }
     let set = inner
         .service
         .engine
@@ -1193,7 +1225,11 @@ struct Health {
 }
 
 pub(crate) async fn health(State(inner): State<Arc<Inner>>, s: Session) -> Response {
-    let (active, _) = match runs_in(&inner, &s, &["running", "paused", "queued"], 5_000).await {
+    if !may_see_configuration(&s) {
+        return operators_only(&s);
+    }
+    let (active, _) = match runs_in(&inner, &s, &["running", "paused", "queued"], LEASES_READ).await
+    {
         Ok(r) => r,
         Err(e) => return api_error(&e),
     };
@@ -1211,7 +1247,7 @@ pub(crate) async fn health(State(inner): State<Arc<Inner>>, s: Session) -> Respo
         }
     }
     Html::render(&Health {
-        chrome: chrome(&inner, &s, "health", true, "/health".into()),
+        chrome: chrome(&inner, &s, "health", false, "/health".into()),
         node_id: inner.settings.node_id.clone(),
         accepting: inner.service.engine.is_accepting(),
         estop_source: inner

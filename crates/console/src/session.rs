@@ -20,23 +20,38 @@ use crate::pages::{Html, page_error};
 
 pub(crate) const COOKIE: &str = "steward_session";
 
+/// The cookie's name under TLS: a `__Host-` cookie can only have been set by this host, over
+/// HTTPS, for every path, so no sibling domain or plain-HTTP page can plant one.
+pub(crate) const TLS_COOKIE: &str = "__Host-steward_session";
+
+fn cookie_name(inner: &Inner) -> &'static str {
+    if inner.settings.tls {
+        TLS_COOKIE
+    } else {
+        COOKIE
+    }
+}
+
 /// A signed-in person: who they are, and the CSRF value their forms carry.
 pub(crate) struct Session {
     pub(crate) caller: Caller,
     pub(crate) csrf: String,
 }
 
-/// The session cookie's token, if the request has one.
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    headers
+/// The session cookie's token, if the request has exactly one: two cookies of the name mean
+/// one was planted (a narrower path sorts first), and neither is trusted.
+fn cookie_token(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut found = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| {
+        .filter_map(|c| {
             let (k, v) = c.trim().split_once('=')?;
-            (k == COOKIE && !v.is_empty()).then(|| v.to_owned())
-        })
+            (k == name && !v.is_empty()).then(|| v.to_owned())
+        });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// The peer address and the verified client certificate's name, as the listener recorded them.
@@ -92,7 +107,7 @@ impl FromRequestParts<Arc<Inner>> for Session {
         parts: &mut Parts,
         inner: &Arc<Inner>,
     ) -> Result<Session, Response> {
-        let token = cookie_token(&parts.headers);
+        let token = cookie_token(&parts.headers, cookie_name(inner));
         let (peer, cert) = peer_of(parts);
         let credential = token.as_ref().map(|t| format!("Bearer {t}"));
         match inner
@@ -140,7 +155,8 @@ fn same_site(headers: &HeaderMap) -> bool {
 
 fn session_cookie(inner: &Inner, token: &str) -> (header::HeaderName, HeaderValue) {
     let secure = if inner.settings.tls { "; Secure" } else { "" };
-    let v = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    let name = cookie_name(inner);
+    let v = format!("{name}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
     (
         header::SET_COOKIE,
         HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("")),
@@ -149,7 +165,8 @@ fn session_cookie(inner: &Inner, token: &str) -> (header::HeaderName, HeaderValu
 
 fn clear_cookie(inner: &Inner) -> [(header::HeaderName, HeaderValue); 1] {
     let secure = if inner.settings.tls { "; Secure" } else { "" };
-    let v = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+    let name = cookie_name(inner);
+    let v = format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
     [(
         header::SET_COOKIE,
         HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("")),
@@ -212,7 +229,15 @@ pub(crate) async fn signin(
             .auth
             .authenticate(Some(credential.as_bytes()), None, peer)
             .await
-            .map_err(|e| e.message)
+            .map_err(|e| {
+                if e.code == tonic::Code::Unauthenticated {
+                    e.message
+                } else {
+                    // The store's own words are not for someone who is not signed in.
+                    tracing::warn!(error = %e.message, "the console could not check a token");
+                    "it cannot be checked now; try again in a moment".to_owned()
+                }
+            })
     } else {
         Err("that is not a Steward token (they start with stw_)".to_owned())
     };
@@ -268,10 +293,17 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; steward_session=stw_abc; b=2"),
         );
-        assert_eq!(cookie_token(&h).as_deref(), Some("stw_abc"));
+        assert_eq!(cookie_token(&h, COOKIE).as_deref(), Some("stw_abc"));
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("steward_session="));
-        assert_eq!(cookie_token(&h), None);
+        assert_eq!(cookie_token(&h, COOKIE), None);
+        // Two of them: one was planted, neither counts.
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("steward_session=stw_planted; steward_session=stw_mine"),
+        );
+        assert_eq!(cookie_token(&h, COOKIE), None);
     }
 
     #[test]

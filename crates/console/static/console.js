@@ -23,6 +23,12 @@
         return true;
       }
     }
+    var options = live.querySelectorAll("option");
+    for (var j = 0; j < options.length; j++) {
+      if (options[j].selected !== options[j].defaultSelected) {
+        return true;
+      }
+    }
     return false;
   }
 
@@ -30,6 +36,11 @@
     var live = document.getElementById("live");
     var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
     if (!live || !fresh) {
+      return;
+    }
+    // Typed into while the page was being fetched: keep it, refresh later.
+    if (editing(live)) {
+      pending = true;
       return;
     }
     var focused = document.activeElement && live.contains(document.activeElement)
@@ -88,10 +99,29 @@
       window.setTimeout(refresh, 200);
     }
   });
-  var events = new EventSource("/ui/events");
-  events.addEventListener("change", refresh);
-  // A browser allows few connections per server: the stream ends with the page.
+  var events = null;
+  function listen(fresh) {
+    events = new EventSource("/ui/events");
+    events.addEventListener("change", refresh);
+    // After a reconnection, what changed meanwhile was not announced: look now. (The page
+    // was just loaded the first time the stream opens.)
+    events.addEventListener("open", function () {
+      if (fresh) {
+        fresh = false;
+      } else {
+        refresh();
+      }
+    });
+  }
+  listen(true);
+  // A browser allows few connections per server: the stream ends with the page, and starts
+  // again if the page comes back from the back/forward cache.
   window.addEventListener("pagehide", function () {
     events.close();
+  });
+  window.addEventListener("pageshow", function (e) {
+    if (e.persisted) {
+      listen(false);
+    }
   });
 })();

@@ -258,7 +258,15 @@ pub(crate) struct Inner {
     /// Notified whenever a run task ends: what the shutdown waits on.
     pub(crate) run_ended: tokio::sync::Notify,
     pub(crate) metrics: Arc<metrics::Metrics>,
+    /// The last count of runs by state, and when it was taken.
+    pub(crate) counts: Mutex<Option<Counted>>,
 }
+
+/// Runs by state, and when they were counted.
+pub(crate) type Counted = (std::time::Instant, Vec<(RunState, u64)>);
+
+/// How old [`Engine::count_by_state_recent`] may be.
+pub const COUNTS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The cheap-clone handle to the engine.
 #[derive(Clone)]
@@ -285,6 +293,7 @@ impl Engine {
                 loop_failures: tokio::sync::Mutex::new(loop_failures),
                 run_ended: tokio::sync::Notify::new(),
                 metrics: Arc::new(metrics::Metrics::new()),
+                counts: Mutex::new(None),
                 job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
                 opts,
                 store,
@@ -586,6 +595,23 @@ impl Engine {
     /// How many runs are in each state.
     pub async fn count_by_state(&self) -> Result<Vec<(RunState, u64)>, EngineError> {
         Ok(self.inner.store.count_by_state().await?)
+    }
+
+    /// [`Engine::count_by_state`], at most [`COUNTS_MAX_AGE`] old: for what anyone may ask
+    /// for often (`/metrics`, open console pages), so that asking costs the store one count a
+    /// second at most.
+    pub async fn count_by_state_recent(&self) -> Result<Vec<(RunState, u64)>, EngineError> {
+        if let Ok(c) = self.inner.counts.lock()
+            && let Some((at, counts)) = c.as_ref()
+            && at.elapsed() < COUNTS_MAX_AGE
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self.count_by_state().await?;
+        if let Ok(mut c) = self.inner.counts.lock() {
+            *c = Some((std::time::Instant::now(), counts.clone()));
+        }
+        Ok(counts)
     }
 
     pub async fn list(&self, filter: &RunFilter) -> Result<RunPage, EngineError> {

@@ -29,7 +29,7 @@ struct ActionLabels {
 type Histograms = Family<ActionLabels, Histogram, fn() -> Histogram>;
 
 fn seconds_buckets() -> Histogram {
-    // 100 µs to about 30 min.
+    // 100 µs to about 25 min.
     Histogram::new(exponential_buckets(0.0001, 2.5, 19))
 }
 

@@ -152,6 +152,17 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
             .contains("a person restores"),
         "{body}"
     );
+    // A pause alert for the same target does not weaken the stop.
+    let pause =
+        json!({"alertname": "SlowErase", "steward_estop": "site=aap", "steward_state": "pause"});
+    let (_, body) = post_json(
+        addr,
+        "/v1/alerts/alertmanager",
+        &alertmanager,
+        &payload("firing", pause),
+    )
+    .await;
+    assert_eq!(body["unchanged"][0]["target"], "site=aap", "{body}");
     // An alert cannot release, and one without Steward's labels is not Steward's.
     let go = json!({"alertname": "AllClear", "steward_estop": "site=aap", "steward_state": "go"});
     let (code, body) = post_json(
@@ -201,7 +212,16 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
         "{metrics}"
     );
 
-    // Not a payload: a clear error.
+    // Not a payload: a clear error; but a token that may not stop hears only that.
+    let viewer = server.token("am-v2", "viewer");
+    let (code, _) = post_json(
+        addr,
+        "/v1/alerts/alertmanager",
+        &viewer,
+        &json!({"alerts": "x"}),
+    )
+    .await;
+    assert_eq!(code, 403);
     let (code, body) = post_json(
         addr,
         "/v1/alerts/alertmanager",

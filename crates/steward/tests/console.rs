@@ -313,24 +313,33 @@ async fn a_responder_stops_a_site_from_the_console() {
     assert!(!s.has_button("Set go").await, "a responder cannot release");
     s.shot("estop").await;
     s.accessible("the e-stop page").await;
-    for (path, name) in [
-        ("/runs", "runs"),
-        ("/policies", "policies"),
-        ("/health", "health"),
-    ] {
-        s.goto(path).await;
-        s.shot(name).await;
-        s.accessible(path).await;
-    }
+    s.goto("/runs").await;
+    s.shot("runs").await;
+    s.accessible("/runs").await;
+    // The configuration is for operators and admins.
+    s.goto("/health").await;
+    s.wait_page("This page is for operators and admins").await;
 
     // A viewer sees no Emergency stop, and cannot reach its form.
     let viewer = server.token("vic", "viewer");
+    s.goto("/").await;
     s.button("Sign out").await.click().await.unwrap();
     s.wait_page("<label for=\"token\">Token</label>").await;
     s.sign_in(&viewer).await;
     assert!(!s.has_button("Emergency stop").await);
     s.goto("/estop/new").await;
     s.wait_page("may not set e-stop entries").await;
+
+    // An admin sees the policies and the health of the node.
+    s.goto("/").await;
+    s.button("Sign out").await.click().await.unwrap();
+    s.wait_page("<label for=\"token\">Token</label>").await;
+    s.sign_in(&server.admin_token().unwrap()).await;
+    for (path, name) in [("/policies", "policies"), ("/health", "health")] {
+        s.goto(path).await;
+        s.shot(name).await;
+        s.accessible(path).await;
+    }
     s.end().await;
 }
 
@@ -661,10 +670,14 @@ async fn pages_offer_what_the_role_allows() {
     let (_, _, page) = call(addr, "GET", "/estop", &operator, &[], &[]).await;
     assert!(!page.contains("maintenance"), "{page}");
 
-    // Health shows the configuration without its secrets.
-    let (_, _, health) = call(addr, "GET", "/health", &viewer, &[], &[]).await;
+    // Health shows operators the configuration without its secrets; viewers not at all.
+    let (_, _, health) = call(addr, "GET", "/health", &operator, &[], &[]).await;
     assert!(health.contains("notify"), "{health}");
     assert!(!health.contains("hook-secret-123"), "{health}");
+    for path in ["/health", "/policies"] {
+        let (code, _, page) = call(addr, "GET", path, &viewer, &[], &[]).await;
+        assert_eq!(code, 403, "{path}: {page}");
+    }
     // Unknown pages are a page, and the API's paths stay the API's.
     let (code, _, _) = call(addr, "GET", "/runs/not-a-run", &viewer, &[], &[]).await;
     assert_eq!(code, 400);
