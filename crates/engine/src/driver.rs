@@ -540,6 +540,9 @@ impl Driver<'_> {
         let retry = spec.retry.clone().unwrap_or_default();
         let idempotency_key = key.idempotency_key(self.id);
         let mut attempt = prior_attempts;
+        // Attempts made before a restart count against the retry budget, but the job always
+        // gets one more: the last of them may have been cut short by the crash, not failed.
+        let used = prior_attempts.min(retry.attempts.saturating_sub(1));
         let mut failed = 0u32;
         let mut not_started_backoff = NOT_STARTED_BACKOFF_FIRST;
         loop {
@@ -672,9 +675,9 @@ impl Driver<'_> {
                 }) => (message, exit_code, output),
             };
             failed += 1;
-            if failed >= retry.attempts {
+            if used + failed >= retry.attempts {
                 let error = if retry.attempts > 1 {
-                    format!("{error} (attempt {failed} of {})", retry.attempts)
+                    format!("{error} (attempt {} of {})", used + failed, retry.attempts)
                 } else {
                     error
                 };
@@ -684,7 +687,7 @@ impl Driver<'_> {
                     output,
                 };
             }
-            let backoff = retry.backoff_before(failed + 1);
+            let backoff = retry.backoff_before(used + failed + 1);
             tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}

@@ -655,3 +655,36 @@ async fn a_job_inherits_no_credentials_or_descriptors_of_the_server() {
     );
     assert!(fds.len() >= 3, "{out}");
 }
+
+/// Attempts made before a crash count against a job's retry budget: a job that fails every
+/// time, killed with the server in its backoff after 2 of 3 attempts, gets 1 more after the
+/// restart, not 3 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_made_before_a_crash_count_against_the_retry_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("attempts.log");
+    let mut server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let job = format!(
+        "{{action: shell, args: {{argv: [sh, -c, 'echo attempt >> {}; exit 1']}}, retry: {{attempts: 3, initial_backoff: 3s, max_backoff: 10s}}}}",
+        log.display()
+    );
+    let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let attempts = || {
+        std::fs::read_to_string(&log)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    eventually("two attempts", LONG, || attempts() == 2).await;
+    // In the 6 s backoff before the third attempt.
+    server.kill9().await;
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "failed", "{run:?}");
+    assert_eq!(attempts(), 3);
+    let job = &run.blocks[0].jobs[0];
+    assert!(job.error.contains("(attempt 3 of 3)"), "{job:?}");
+}
