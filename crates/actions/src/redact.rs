@@ -89,19 +89,12 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     out
 }
 
+/// `s` percent-decoded, if the result is UTF-8.
 fn percent_decode(s: &str) -> Result<String, ()> {
-    let mut bytes = Vec::with_capacity(s.len());
-    let mut it = s.bytes();
-    while let Some(b) = it.next() {
-        if b == b'%' {
-            let hi = it.next().and_then(|c| (c as char).to_digit(16)).ok_or(())?;
-            let lo = it.next().and_then(|c| (c as char).to_digit(16)).ok_or(())?;
-            bytes.push(u8::try_from(hi * 16 + lo).map_err(|_| ())?);
-        } else {
-            bytes.push(b);
-        }
-    }
-    String::from_utf8(bytes).map_err(|_| ())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| ())
 }
 
 /// `url` as shown: user info replaced by `***`, sensitive query values by `***`. A string

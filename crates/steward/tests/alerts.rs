@@ -5,13 +5,13 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-/// POSTs `body` as JSON with a bearer token: the status and the body.
-async fn post_json(addr: &str, path: &str, token: &str, body: &Value) -> (u16, Value) {
+/// POSTs `body` to the Alertmanager receiver with a bearer token: the status and the body.
+async fn post_alerts(addr: &str, token: &str, body: &Value) -> (u16, Value) {
     let auth = format!("Bearer {token}");
     let (code, _, body) = http(
         addr,
         "POST",
-        path,
+        "/v1/alerts/alertmanager",
         &[
             ("Authorization", &auth),
             ("Content-Type", "application/json"),
@@ -72,33 +72,15 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     // Tokens that may not stop are refused, and nothing is read.
     for role in ["viewer", "submitter"] {
         let t = server.token(&format!("am-{role}"), role);
-        let (code, body) = post_json(
-            addr,
-            "/v1/alerts/alertmanager",
-            &t,
-            &payload("firing", labels.clone()),
-        )
-        .await;
+        let (code, body) = post_alerts(addr, &t, &payload("firing", labels.clone())).await;
         assert_eq!(code, 403, "{role}: {body}");
     }
-    let (code, _) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        "stw_nope",
-        &payload("firing", labels.clone()),
-    )
-    .await;
+    let (code, _) = post_alerts(addr, "stw_nope", &payload("firing", labels.clone())).await;
     assert_eq!(code, 401);
     assert_eq!(audit(addr, &admin).await.len(), before);
 
     // Firing: the entry is set, the audit says by whom and why.
-    let (code, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("firing", labels.clone()),
-    )
-    .await;
+    let (code, body) = post_alerts(addr, &alertmanager, &payload("firing", labels.clone())).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["applied"][0]["target"], "site=aap", "{body}");
     let records = audit(addr, &admin).await;
@@ -127,23 +109,11 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     .await;
 
     // Repeated (Alertmanager re-sends firing alerts): unchanged, no new record.
-    let (code, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("firing", labels.clone()),
-    )
-    .await;
+    let (code, body) = post_alerts(addr, &alertmanager, &payload("firing", labels.clone())).await;
     assert_eq!(code, 200);
     assert_eq!(body["unchanged"][0]["target"], "site=aap", "{body}");
     // Resolved: nothing changes; a person restores.
-    let (code, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("resolved", labels.clone()),
-    )
-    .await;
+    let (code, body) = post_alerts(addr, &alertmanager, &payload("resolved", labels.clone())).await;
     assert_eq!(code, 200);
     assert!(
         body["ignored"][0]["why"]
@@ -155,23 +125,11 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     // A pause alert for the same target does not weaken the stop.
     let pause =
         json!({"alertname": "SlowErase", "steward_estop": "site=aap", "steward_state": "pause"});
-    let (_, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("firing", pause),
-    )
-    .await;
+    let (_, body) = post_alerts(addr, &alertmanager, &payload("firing", pause)).await;
     assert_eq!(body["unchanged"][0]["target"], "site=aap", "{body}");
     // An alert cannot release, and one without Steward's labels is not Steward's.
     let go = json!({"alertname": "AllClear", "steward_estop": "site=aap", "steward_state": "go"});
-    let (code, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("firing", go),
-    )
-    .await;
+    let (code, body) = post_alerts(addr, &alertmanager, &payload("firing", go)).await;
     assert_eq!(code, 200);
     assert!(
         body["ignored"][0]["why"]
@@ -181,13 +139,7 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
         "{body}"
     );
     let other = json!({"alertname": "HighLatency"});
-    let (_, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &payload("firing", other),
-    )
-    .await;
+    let (_, body) = post_alerts(addr, &alertmanager, &payload("firing", other)).await;
     assert!(
         body["ignored"][0]["why"]
             .as_str()
@@ -214,20 +166,8 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
 
     // Not a payload: a clear error; but a token that may not stop hears only that.
     let viewer = server.token("am-v2", "viewer");
-    let (code, _) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &viewer,
-        &json!({"alerts": "x"}),
-    )
-    .await;
+    let (code, _) = post_alerts(addr, &viewer, &json!({"alerts": "x"})).await;
     assert_eq!(code, 403);
-    let (code, body) = post_json(
-        addr,
-        "/v1/alerts/alertmanager",
-        &alertmanager,
-        &json!({"alerts": "x"}),
-    )
-    .await;
+    let (code, body) = post_alerts(addr, &alertmanager, &json!({"alerts": "x"})).await;
     assert_eq!(code, 400, "{body}");
 }
