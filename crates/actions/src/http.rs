@@ -310,8 +310,9 @@ const CROSS_ORIGIN_DROPPED: &[&str] = &[
     "www-authenticate",
 ];
 
-/// The TLS settings every `http` job's client uses, built once.
-fn tls_config() -> Result<&'static rustls::ClientConfig, String> {
+/// The TLS settings every client Steward builds uses (`http` jobs, webhooks, exporters): the
+/// `ring` provider and the platform's trust store; built once.
+pub fn tls_config() -> Result<&'static rustls::ClientConfig, String> {
     use rustls_platform_verifier::BuilderVerifierExt;
     static TLS: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
     TLS.get_or_init(|| {
@@ -426,6 +427,13 @@ pub(crate) async fn run(
             )));
         };
         headers.append(name, value);
+    }
+    // The attempt's place in its run's trace, unless the spec names another.
+    if let Some(tp) = &ctx.traceparent
+        && !headers.contains_key("traceparent")
+        && let Ok(v) = reqwest::header::HeaderValue::from_str(tp)
+    {
+        headers.insert("traceparent", v);
     }
     let mut body = match &args.body {
         Some(b) => Some(sensitive.resolve(b, secrets, false)?),

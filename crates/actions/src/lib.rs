@@ -44,6 +44,9 @@ pub struct JobContext {
     /// The user a `shell` job runs as: its workflow's policy's, else the node's; `None`: the
     /// server's own.
     pub run_as: Option<RunAs>,
+    /// The W3C `traceparent` of this attempt: `TRACEPARENT` for a `shell` job, the
+    /// `traceparent` header of an `http` job (unless the spec sets one).
+    pub traceparent: Option<String>,
 }
 
 /// What a node holds every job to, and the secrets jobs may draw on; set once at start.
@@ -115,7 +118,7 @@ pub use calls::*;
 pub use contain::{Containment, ContainmentMode, Supervisor, SweepReport};
 pub use deny::{DEFAULT_HTTP_DENY, Denied, HttpDeny};
 pub use guard::Protected;
-pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client};
+pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client, tls_config};
 pub use identity::check_run_as;
 pub use redact::{redact_args, redact_spec, redact_url};
 pub use secret::{MASK, SecretError, SecretName, Secrets, Text};

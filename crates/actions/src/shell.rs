@@ -193,8 +193,12 @@ pub(crate) async fn run(
             cmd.env_remove(&k);
         }
     }
-    cmd.args(rest)
-        .envs(env)
+    cmd.args(rest);
+    // W3C Trace Context's variable; the job's own `env` may set another.
+    if let Some(tp) = &ctx.traceparent {
+        cmd.env("TRACEPARENT", tp);
+    }
+    cmd.envs(env)
         .env("STEWARD_IDEMPOTENCY_KEY", &ctx.idempotency_key)
         .env("STEWARD_RUN_ID", ctx.run_id.to_string())
         .env("STEWARD_ATTEMPT", ctx.attempt.to_string())

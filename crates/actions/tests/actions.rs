@@ -33,8 +33,11 @@ fn ctx() -> JobContext {
         supervisor: None,
         guardrails: Default::default(),
         run_as: None,
+        traceparent: Some(TRACEPARENT.into()),
     }
 }
+
+const TRACEPARENT: &str = "00-0192f0c18a4e7d2b9f3a1c2d3e4f5a6b-0102030405060708-01";
 
 fn call(action: &str, args: Value) -> ActionCall {
     let args = args
@@ -555,6 +558,35 @@ async fn http_sends_the_idempotency_key_and_accepts_the_expected_status() {
     assert_eq!(req.header("idempotency-key"), Some(KEY));
     assert_eq!(req.header("x-steward-test"), Some("yes"));
     assert_eq!(req.body, "please");
+}
+
+#[tokio::test]
+async fn jobs_are_handed_their_traceparent_unless_their_spec_sets_one() {
+    let ctx = ctx();
+    let c = call(
+        "shell",
+        json!({"argv": ["sh", "-c", "echo tp=$TRACEPARENT"]}),
+    );
+    let out = c.run(&ctx).await.unwrap();
+    assert_eq!(out.output, format!("tp={TRACEPARENT}\n"));
+    let c = call(
+        "shell",
+        json!({"argv": ["sh", "-c", "echo tp=$TRACEPARENT"], "env": {"TRACEPARENT": "mine"}}),
+    );
+    assert_eq!(c.run(&ctx).await.unwrap().output, "tp=mine\n");
+
+    let (l, url) = listener().await;
+    let c = call("http", json!({"url": url.clone()}));
+    let (r, req) = tokio::join!(c.run(&ctx), serve_once(&l, "200 OK", ""));
+    r.unwrap();
+    assert_eq!(req.header("traceparent"), Some(TRACEPARENT));
+    let c = call(
+        "http",
+        json!({"url": url, "headers": {"traceparent": "00-mine"}}),
+    );
+    let (r, req) = tokio::join!(c.run(&ctx), serve_once(&l, "200 OK", ""));
+    r.unwrap();
+    assert_eq!(req.header("traceparent"), Some("00-mine"));
 }
 
 #[tokio::test]

@@ -14,6 +14,11 @@ impl RunId {
     pub fn new_v7() -> RunId {
         RunId(uuid::Uuid::now_v7())
     }
+
+    /// The ID's 16 bytes (big-endian, as written).
+    pub fn as_bytes(self) -> [u8; 16] {
+        *self.0.as_bytes()
+    }
 }
 
 impl fmt::Display for RunId {

@@ -10,6 +10,7 @@ pub mod run_as;
 pub mod spec;
 pub mod state;
 pub mod stop;
+pub mod trace;
 
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use ids::{NodeId, RunId};

@@ -45,6 +45,7 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
     let task_inner = inner.clone();
     // Every line about the run carries its ID and, once the run is read, its workflow.
     let span = tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty);
+    crate::otel::adopt_run_span(&span, id, &inner.opts.node_id);
     inner.tracker.spawn(
         async move {
             let driver = Driver {
@@ -602,6 +603,9 @@ impl Driver<'_> {
                 }
             }
             crash_point!("engine::job_started");
+            // Lines about the attempt carry its job key; exported, it is a span of the run's trace.
+            let span =
+                tracing::info_span!("job", job = %idempotency_key, action = call.action(), attempt);
             let ctx = JobContext {
                 run_id: self.id,
                 idempotency_key: idempotency_key.clone(),
@@ -612,11 +616,12 @@ impl Driver<'_> {
                 supervisor: inner.opts.supervisor.clone(),
                 guardrails: inner.opts.guardrails.clone(),
                 run_as: inner.run_as_for(self.ident.get().map_or("", |(name, _)| name)),
+                traceparent: Some(crate::otel::traceparent(&span, self.id)),
             };
             let mut timed_out = false;
             let began = std::time::Instant::now();
             let result = {
-                let fut = self.run_call(call, &ctx);
+                let fut = self.run_call(call, &ctx).instrument(span.clone());
                 tokio::pin!(fut);
                 match spec.timeout {
                     Some(t) => tokio::select! {
@@ -631,6 +636,18 @@ impl Driver<'_> {
                 }
             };
             drop(permit);
+            match &result {
+                Ok(_) => {}
+                Err(ActionError::Failed { message, .. } | ActionError::Fatal { message, .. }) => {
+                    crate::otel::failed(&span, message);
+                }
+                Err(ActionError::Cancelled { .. }) if timed_out => {
+                    crate::otel::failed(&span, "timed out")
+                }
+                Err(ActionError::Cancelled { .. }) => crate::otel::failed(&span, "cancelled"),
+                Err(ActionError::NotStarted { message }) => crate::otel::failed(&span, message),
+            }
+            drop(span);
             if !matches!(result, Err(ActionError::NotStarted { .. })) {
                 let failed = timed_out
                     || matches!(

@@ -21,6 +21,7 @@ mod driver;
 mod failpoints;
 mod maintenance;
 pub mod metrics;
+mod otel;
 
 pub use domain::stop::ShutdownMode;
 

@@ -127,6 +127,24 @@ pub struct ServeConfig {
     pub http_deny: Vec<String>,
     /// Serve the operator console (web pages at `/`) on the listener.
     pub console: bool,
+    /// Where run and job spans are sent (OTLP over HTTP, protobuf): `http://collector:4318`
+    /// (`/v1/traces` is added to a URL without a path). Left out, spans are not exported.
+    /// Credentials go in `OTEL_EXPORTER_OTLP_HEADERS`, never in the URL.
+    #[serde(
+        default,
+        deserialize_with = "de::otlp_endpoint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub otlp_endpoint: Option<reqwest::Url>,
+    /// Where failed runs, `error` lines and panics are reported (a Sentry DSN); shown with its
+    /// key hidden.
+    #[serde(
+        default,
+        deserialize_with = "de::sentry_dsn",
+        serialize_with = "de::display",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sentry_dsn: Option<telemetry::SentryDsn>,
 }
 
 /// `auth`: whether calls need a token.
@@ -175,6 +193,8 @@ impl Default for ServeConfig {
                 .map(|s| (*s).to_owned())
                 .collect(),
             console: true,
+            otlp_endpoint: None,
+            sentry_dsn: None,
         }
     }
 }
@@ -620,6 +640,25 @@ mod de {
         Ok(url)
     }
 
+    pub fn otlp_endpoint<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<reqwest::Url>, D::Error> {
+        let url = webhook_url(d)?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(D::Error::custom(
+                "holds credentials; put them in OTEL_EXPORTER_OTLP_HEADERS instead",
+            ));
+        }
+        Ok(Some(url))
+    }
+
+    pub fn sentry_dsn<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<telemetry::SentryDsn>, D::Error> {
+        let s = String::deserialize(d)?;
+        s.trim().parse().map(Some).map_err(D::Error::custom)
+    }
+
     pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NotifyEvent>, D::Error> {
         let list = Vec::<NotifyEvent>::deserialize(d)?;
         if list.is_empty() {
@@ -852,6 +891,30 @@ mod tests {
     }
 
     #[test]
+    fn the_sentry_dsn_is_never_shown_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = vars_of(&[
+            (
+                "STEWARD_SENTRY_DSN",
+                "https://k3y-hunter2@sentry.example/42",
+            ),
+            ("STEWARD_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        ]);
+        let c = load(dir.path(), None, None, &env).unwrap();
+        let printed = toml::to_string(&c).unwrap();
+        assert!(
+            printed.contains("sentry_dsn = \"https://***@sentry.example:443/42\""),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("otlp_endpoint = \"http://127.0.0.1:4318/\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn the_database_is_sqlite_by_default_or_a_postgres_url() {
         let dir = tempfile::tempdir().unwrap();
         let c = load(dir.path(), None, None, &[]).unwrap();
@@ -1002,6 +1065,12 @@ mod tests {
                 "http_deny: [1] \"10.0.0.0/33\": not a CIDR",
             ),
             ("http_deny = \"10.0.0.0/8\"\n", "http_deny: invalid type"),
+            ("otlp_endpoint = \"grpc://otel:4317\"\n", "otlp_endpoint:"),
+            (
+                "otlp_endpoint = \"https://u:p@otel.example\"\n",
+                "otlp_endpoint: holds credentials",
+            ),
+            ("sentry_dsn = \"https://sentry.example\"\n", "sentry_dsn:"),
             (
                 "run_as = \"a b\"\n",
                 "run_as: \"a b\" is not \"user\" or \"user:group\"",

@@ -1,4 +1,5 @@
-//! Webhook notifications (docs/operating.md, Notifications): failed and stopped runs this node drove, and e-stop
+//! Webhook notifications (docs/operating.md, Notifications) and error reports: failed and
+//! stopped runs this node drove, and e-stop
 //! changes made or noticed on this node (operators, error budgets, hand edits of its file), so
 //! that several nodes never report one change twice. Each webhook gets the event as JSON, or
 //! as Slack's `{"text": ...}`. Deliveries are retried with backoff; a webhook that stays down
@@ -27,6 +28,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 struct Note {
     event: NotifyEvent,
+    /// A run's trace (W3C `traceparent`), sent as a header.
+    traceparent: Option<String>,
     body: serde_json::Value,
     text: String,
 }
@@ -89,6 +92,38 @@ pub fn start(
     });
 }
 
+/// Reports each run this node drove that failed to Sentry (`sentry_dsn`), as a supervised
+/// component; does nothing when `on` is false. Like webhooks, it never slows the engine: the
+/// SDK queues (bounded) and sends from a thread of its own.
+pub fn report_failed_runs(tasks: &tasks::Tasks, engine: Engine, node: String, on: bool) {
+    if !on {
+        return;
+    }
+    let mut runs = engine.subscribe();
+    let cancel = tasks.token().clone();
+    tasks.spawn_component("error reports", async move {
+        loop {
+            let e = tokio::select! {
+                () = cancel.cancelled() => return,
+                e = runs.recv() => e,
+            };
+            match e {
+                Ok(e) if e.state == RunState::Failed => match engine.status(e.id).await {
+                    Ok(run) => telemetry::report_failed_run(&run, &node),
+                    Err(err) => {
+                        tracing::warn!(run_id = %e.id, error = %err, "could not read a failed run to report it");
+                    }
+                },
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "error reports missed run events");
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 fn run_note(node: &str, run: &domain::Run) -> Note {
     let (event, what) = match run.state {
         RunState::Stopped => (NotifyEvent::RunStopped, "stopped"),
@@ -102,6 +137,7 @@ fn run_note(node: &str, run: &domain::Run) -> Note {
         .unwrap_or_default();
     Note {
         event,
+        traceparent: Some(domain::trace::run_traceparent(run.id)),
         body: json!({
             "event": event.as_str(),
             "node": node,
@@ -121,6 +157,7 @@ fn estop_note(node: &str, r: &AuditRecord) -> Note {
     let state = |s: Option<EStopState>| s.map_or("none", EStopState::as_str);
     Note {
         event: NotifyEvent::Estop,
+        traceparent: None,
         body: json!({
             "event": "estop",
             "node": node,
@@ -172,12 +209,11 @@ async fn deliver(
         };
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
-            let sent = client
-                .post(hook.url.clone())
-                .json(&body)
-                .timeout(TIMEOUT)
-                .send()
-                .await;
+            let mut req = client.post(hook.url.clone()).json(&body).timeout(TIMEOUT);
+            if let Some(tp) = &note.traceparent {
+                req = req.header("traceparent", tp);
+            }
+            let sent = req.send().await;
             let failure = match sent {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) => format!("answered {}", r.status()),

@@ -514,6 +514,12 @@ impl Node {
             node.clone(),
             cfg.notify.clone(),
         );
+        crate::notify::report_failed_runs(
+            &tasks,
+            engine.clone(),
+            node.clone(),
+            cfg.sentry_dsn.is_some(),
+        );
         Ok(Node {
             cfg,
             node_id: node,

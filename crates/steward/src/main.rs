@@ -247,56 +247,6 @@ pub enum EstopCommand {
     },
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        use std::io::IsTerminal;
-        use tracing_subscriber::field::MakeExt;
-        // Colours only on a terminal; every field escaped, so that a value holding a newline
-        // (a reason, a path) cannot forge a line of its own.
-        builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .fmt_fields(
-                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-                    let raw = format!("{value:?}");
-                    let text = escape_control(&raw);
-                    if field.name() == "message" {
-                        write!(w, "{text}")
-                    } else {
-                        write!(w, "{field}={text}")
-                    }
-                })
-                .delimited(" "),
-            )
-            .init();
-    }
-}
-
-/// Control characters as escapes (`\n`, `\u{1b}`): a log line stays one line, and no field
-/// can drive the terminal that shows it.
-fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(feature = "failpoints")]
@@ -338,7 +288,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // JSON for whatever collects the log (a file, journald, a container runtime); text
             // for a person at a terminal.
             use std::io::IsTerminal as _;
-            init_logging(cfg.log_json.unwrap_or(!std::io::stderr().is_terminal()));
+            let _telemetry = telemetry::init(telemetry::Settings {
+                json: cfg.log_json.unwrap_or(!std::io::stderr().is_terminal()),
+                otlp_endpoint: cfg.otlp_endpoint.clone(),
+                sentry_dsn: cfg.sentry_dsn.clone(),
+                node_id: (!cfg.node_id.is_empty()).then(|| cfg.node_id.clone()),
+            })?;
             let cause = node::serve(cfg).await?;
             Ok(match cause {
                 domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {
@@ -386,7 +341,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status_runs,
             database,
         } => {
-            init_logging(false);
+            let _telemetry = telemetry::init(telemetry::Settings::default())?;
             bench::run(bench::BenchOpts {
                 suite,
                 runs,

@@ -14,6 +14,7 @@ mod rails;
 mod scaleout;
 mod secrets;
 mod shutdown;
+mod telemetry;
 mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};

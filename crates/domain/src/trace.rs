@@ -1,0 +1,78 @@
+//! A run's place in distributed tracing (W3C Trace Context). A run is one trace, whose ID is
+//! the run's ID: any node that drives the run, first or after a resume, and any webhook about
+//! it, names the same trace without storing anything, and the trace is found by the run ID.
+//! The trace's root is the run itself; its span ID is derived from the run ID too.
+
+use crate::RunId;
+
+/// The run's trace ID: the run ID's 16 bytes (a UUIDv7 is never all zero).
+pub fn trace_id(run: RunId) -> [u8; 16] {
+    run.as_bytes()
+}
+
+/// The span ID of the run's root: a mix of the run ID's two halves, never zero.
+pub fn root_span_id(run: RunId) -> [u8; 8] {
+    let b = run.as_bytes();
+    let hi = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    let lo = u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    // splitmix64's finalizer: the run ID's timestamp and random bits both move every bit.
+    let mut z = hi ^ lo.rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    if z == 0 { 1 } else { z }.to_be_bytes()
+}
+
+/// A `traceparent` header value (version 00).
+pub fn traceparent(trace_id: [u8; 16], span_id: [u8; 8], sampled: bool) -> String {
+    let mut s = String::with_capacity(55);
+    s.push_str("00-");
+    push_hex(&mut s, &trace_id);
+    s.push('-');
+    push_hex(&mut s, &span_id);
+    s.push_str(if sampled { "-01" } else { "-00" });
+    s
+}
+
+/// The `traceparent` of a run's root: what a webhook about the run carries.
+pub fn run_traceparent(run: RunId) -> String {
+    traceparent(trace_id(run), root_span_id(run), true)
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_trace_is_its_id() {
+        let run: RunId = "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6b".parse().unwrap();
+        let tp = run_traceparent(run);
+        assert!(
+            tp.starts_with("00-0192f0c18a4e7d2b9f3a1c2d3e4f5a6b-"),
+            "{tp}"
+        );
+        assert!(tp.ends_with("-01"));
+        assert_eq!(tp.len(), 55);
+        // Stable: every node derives the same root.
+        assert_eq!(root_span_id(run), root_span_id(run));
+        let other: RunId = "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6c".parse().unwrap();
+        assert_ne!(root_span_id(run), root_span_id(other));
+        assert_ne!(root_span_id(run), [0; 8]);
+    }
+
+    #[test]
+    fn unsampled_parents_say_so() {
+        assert_eq!(
+            traceparent([0xab; 16], [1, 2, 3, 4, 5, 6, 7, 8], false),
+            "00-abababababababababababababababab-0102030405060708-00"
+        );
+    }
+}
