@@ -5,9 +5,11 @@
 //! starts one (policies, e-stop file, job containment, supervised components), with its data
 //! in a temporary directory and its API on a loopback port; clients are real gRPC clients
 //! over TCP. Completion is observed through the engine's event stream, so measuring adds no
-//! API load. `startup_and_rss` runs the `steward` binary itself.
+//! API load. `startup_and_rss` and the `external` figures run the `steward` binary itself.
 
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
+
+mod external;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -365,57 +367,11 @@ async fn status_latency(b: &Bench, stored: usize) -> anyhow::Result<Vec<Duration
 
 /// Starts the real binary, times start to ready, reads its idle RSS.
 async fn startup_and_rss() -> anyhow::Result<(Duration, u64)> {
-    let dir = tempfile::tempdir()?;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let exe = std::env::current_exe()?;
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args(["--listen", &addr])
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let deadline = started + Duration::from_secs(30);
-    let ready = loop {
-        if let Ok(ch) = channel(&addr, dir.path()).await
-            && StewardClient::new(ch)
-                .list(pb::ListRequest {
-                    page_size: 1,
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
-        {
-            break started.elapsed();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the server was not ready within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    let x = external::External::start(&[], None).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = child.id().context("server pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let rss_kb = x.rss_kb()?;
+    let ready = x.ready_after;
+    x.stop().await;
     Ok((ready, rss_kb))
 }
 
@@ -437,17 +393,19 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "scaleout" => scaleout_suite(&o).await,
         "auth" => auth_suite(&o).await,
         "console" => console_suite(&o).await,
+        "telemetry" => external::telemetry_suite(&o).await,
         "all" => {
             core(&o).await?;
             shutdown(&o).await?;
             estop_suite(&o).await?;
             policy_suite(&o).await?;
             auth_suite(&o).await?;
-            console_suite(&o).await
+            console_suite(&o).await?;
+            external::telemetry_suite(&o).await
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, scaleout or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, scaleout or all"
             )
         }
     }

@@ -546,7 +546,7 @@ impl Engine {
         }
         if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);
-            tracing::info!(run_id = %submitted.id, "run submitted");
+            tracing::debug!(run_id = %submitted.id, "run submitted");
         }
         Ok(submitted)
     }
@@ -568,7 +568,7 @@ impl Engine {
         {
             ExecOutcome::Queued => {
                 self.inner.emit(id, RunState::Queued);
-                tracing::info!(run_id = %id, "run queued");
+                tracing::debug!(run_id = %id, "run queued");
                 driver::spawn_run(&self.inner, id);
                 Ok(())
             }

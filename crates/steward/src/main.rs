@@ -161,8 +161,8 @@ enum Command {
     /// Measures throughput and latency on an in-process node, started as `serve` starts one
     /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy, auth, console, scaleout (needs
-        /// --database) or all.
+        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, scaleout
+        /// (needs --database) or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.

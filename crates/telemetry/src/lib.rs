@@ -68,8 +68,13 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
     let spans = tracer.as_ref().map(|p| {
         // Only the engine's spans (runs and job attempts) make up a run's trace; the events
         // inside them become span events.
+        // No busy/idle timing (a run span is entered at every poll), no thread or source
+        // location attributes: a span costs what it says.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("steward"))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("engine", tracing::Level::INFO),
@@ -111,7 +116,13 @@ fn log_layer(json: bool) -> BoxedLayer {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        return layer.json().flatten_event(true).with_filter(filter).boxed();
+        // The current span alone: a job's span carries the run's fields too.
+        return layer
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed();
     }
     // Colours only on a terminal; every field escaped, so that a value holding a newline (a
     // reason, a path) cannot forge a line of its own.

@@ -1,0 +1,317 @@
+//! Benchmarks against a separate `steward serve` process (the binary running the benchmark),
+//! driven from this process over gRPC, as users' clients drive it: nothing is shared but the
+//! socket. Completion is observed through the API (List of unfinished runs, then the
+//! finished-runs counter of `/metrics`), and the server's CPU time is read from `/proc`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use proto::v1 as pb;
+use proto::v1::steward_client::StewardClient;
+
+use crate::{BENCH_POLICIES, channel, ms, noop_spec};
+
+/// A `steward serve` process on a fresh data directory and a free loopback port.
+pub(crate) struct External {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    pub(crate) addr: String,
+    /// From spawn to the first answered call.
+    pub(crate) ready_after: Duration,
+}
+
+impl External {
+    /// Starts the server with `settings` (`STEWARD_*` and others) on top of this process's
+    /// environment, its stderr to `log` (or nowhere), and waits until it answers.
+    pub(crate) async fn start(
+        settings: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> anyhow::Result<External> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("policies.toml"), BENCH_POLICIES)?;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let stderr = match log {
+            Some(p) => std::process::Stdio::from(std::fs::File::create(p)?),
+            None => std::process::Stdio::null(),
+        };
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen", &addr])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        for (k, v) in settings {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().context("starting steward serve")?;
+        let deadline = started + Duration::from_secs(30);
+        let ready_after = loop {
+            if let Ok(ch) = channel(&addr, dir.path()).await
+                && StewardClient::new(ch)
+                    .list(pb::ListRequest {
+                        page_size: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+            {
+                break started.elapsed();
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the server was not ready within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        Ok(External {
+            child,
+            dir,
+            addr,
+            ready_after,
+        })
+    }
+
+    pub(crate) async fn client(&self) -> anyhow::Result<StewardClient<crate::Channel>> {
+        Ok(StewardClient::new(
+            channel(&self.addr, self.dir.path()).await?,
+        ))
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the server has exited")
+    }
+
+    /// Resident memory, in KiB.
+    pub(crate) fn rss_kb(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// User plus system CPU time the server has used, all threads.
+    pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("unreadable /proc stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            Ok(f.get(i).context("short /proc stat")?.parse()?)
+        };
+        // utime and stime: fields 14 and 15, here 11 and 12 (0-based from field 3).
+        let total = ticks(11)? + ticks(12)?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100);
+        let hz = u64::try_from(hz).unwrap_or(100).max(1);
+        Ok(Duration::from_micros(total * 1_000_000 / hz))
+    }
+
+    /// SIGTERM, then up to 10 s for it to exit.
+    pub(crate) async fn stop(mut self) {
+        if let Ok(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// What one throughput measurement saw.
+pub(crate) struct Throughput {
+    pub(crate) runs_per_s: f64,
+    /// Server CPU per run.
+    pub(crate) cpu_per_run: Duration,
+}
+
+/// Submit + Exec `n` runs of `jobs` sequential no-op jobs from `concurrency` clients, each run
+/// after the previous; time until no run is unfinished, checked against `/metrics`.
+pub(crate) async fn throughput(
+    x: &External,
+    n: usize,
+    jobs: usize,
+    concurrency: usize,
+) -> anyhow::Result<Throughput> {
+    let spec = noop_spec(jobs);
+    let before = finished(&x.addr).await?;
+    let cpu_before = x.cpu()?;
+    let started = Instant::now();
+    let per = n.div_ceil(concurrency);
+    let mut clients = Vec::new();
+    for w in 0..concurrency {
+        let count = per.min(n.saturating_sub(w * per));
+        let mut c = x.client().await?;
+        let spec = spec.clone();
+        clients.push(async move {
+            for _ in 0..count {
+                let id = c
+                    .submit(pb::SubmitRequest {
+                        spec: Some(spec.clone()),
+                    })
+                    .await?
+                    .into_inner()
+                    .id;
+                c.exec(pb::ExecRequest { id }).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    futures::future::try_join_all(clients)
+        .await
+        .context("submitting")?;
+    let mut c = x.client().await?;
+    let unfinished = || pb::ListRequest {
+        states: ["submitted", "queued", "running", "paused"]
+            .map(String::from)
+            .to_vec(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !c.list(unfinished()).await?.into_inner().runs.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "runs still unfinished after 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = x.cpu()?.saturating_sub(cpu_before);
+    let done = finished(&x.addr).await? - before;
+    anyhow::ensure!(
+        done >= n as f64,
+        "{done} of {n} runs completed; the rest failed"
+    );
+    Ok(Throughput {
+        runs_per_s: n as f64 / elapsed.as_secs_f64(),
+        cpu_per_run: cpu / u32::try_from(n).unwrap_or(u32::MAX).max(1),
+    })
+}
+
+/// `steward_runs_finished_total{workflow="bench",state="completed"}` from `/metrics`.
+async fn finished(addr: &str) -> anyhow::Result<f64> {
+    let (code, body) = crate::page(addr, "", "/metrics").await?;
+    anyhow::ensure!(code == 200, "/metrics answered {code}");
+    Ok(body
+        .lines()
+        .filter(|l| {
+            l.starts_with("steward_runs_finished_total{")
+                && l.contains("workflow=\"bench\"")
+                && l.contains("state=\"completed\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// An OTLP/HTTP collector that takes every batch and keeps only its size: the cost measured
+/// is Steward's, not a collector's.
+async fn otlp_sink() -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let bytes = std::sync::Arc::new(AtomicU64::new(0));
+    let b = bytes.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let b = b.clone();
+            async move {
+                b.fetch_add(body.len() as u64, Ordering::Relaxed);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    // Ends with the benchmark's runtime.
+    #[allow(clippy::disallowed_methods)]
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}"), bytes))
+}
+
+/// Throughput with everything a production node exports on (metrics, spans to a collector on
+/// loopback, JSON logs at `info` to a file) against the same with traces and logs off,
+/// alternating the two over `rounds` rounds, each on a fresh server.
+pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> {
+    let (endpoint, exported) = otlp_sink().await?;
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("server.log");
+    let configs: [(&str, Vec<(&str, &str)>); 4] = [
+        (
+            "all off (RUST_LOG=off, no exporter)",
+            vec![("RUST_LOG", "off")],
+        ),
+        (
+            "JSON logs at info only",
+            vec![("RUST_LOG", "info"), ("STEWARD_LOG_FORMAT", "json")],
+        ),
+        (
+            "spans only (RUST_LOG=off)",
+            vec![
+                ("RUST_LOG", "off"),
+                ("STEWARD_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ],
+        ),
+        (
+            "all on (JSON logs at info, spans to OTLP on loopback)",
+            vec![
+                ("RUST_LOG", "info"),
+                ("STEWARD_LOG_FORMAT", "json"),
+                ("STEWARD_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ],
+        ),
+    ];
+    let rounds = 5;
+    let mut rates = vec![Vec::new(); configs.len()];
+    let mut cpus = vec![Vec::new(); configs.len()];
+    for _ in 0..rounds {
+        for (i, (_, settings)) in configs.iter().enumerate() {
+            let x = External::start(settings, Some(&log)).await?;
+            // Warm up connections, caches and the page cache.
+            throughput(&x, 200, 3, o.concurrency).await?;
+            let t = throughput(&x, o.runs, 3, o.concurrency).await?;
+            rates[i].push(t.runs_per_s);
+            cpus[i].push(t.cpu_per_run);
+            x.stop().await;
+        }
+    }
+    println!(
+        "telemetry: separate server, {} runs x 3 noop jobs, {} clients, median of {rounds} rounds each (metrics always on)",
+        o.runs, o.concurrency
+    );
+    let mut medians = Vec::new();
+    for (i, (name, _)) in configs.iter().enumerate() {
+        rates[i].sort_by(f64::total_cmp);
+        cpus[i].sort();
+        let rate = rates[i][rates[i].len() / 2];
+        medians.push(rate);
+        println!(
+            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {} per run",
+            rate / medians[0],
+            ms(cpus[i][cpus[i].len() / 2])
+        );
+    }
+    println!(
+        "  exported {:.1} MiB of spans; the last log {:.1} MiB",
+        exported.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0,
+        std::fs::metadata(&log).map_or(0, |m| m.len()) as f64 / 1048576.0
+    );
+    Ok(())
+}
