@@ -106,9 +106,12 @@ fn source_err(e: estop::SourceError) -> ApiError {
     let code = match &e {
         S::InvalidArgument(_) => tonic::Code::InvalidArgument,
         S::Missing { .. } | S::Malformed { .. } => tonic::Code::FailedPrecondition,
-        S::AuditNotRecorded { .. } | S::Read { .. } | S::Write { .. } | S::Store { .. } => {
-            tonic::Code::Unavailable
-        }
+        S::AuditNotRecorded { .. }
+        | S::Read { .. }
+        | S::Write { .. }
+        | S::Store { .. }
+        | S::Etcd { .. }
+        | S::Timeout { .. } => tonic::Code::Unavailable,
     };
     ApiError::new(code, e.to_string())
 }

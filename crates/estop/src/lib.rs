@@ -4,9 +4,8 @@
 //! - [`Source`] is the contract a store of the e-stop list meets: load it, change it durably
 //!   (each change appends an audit record with the old and new state), and say when it may have
 //!   changed. [`FileSource`] (the default: `estop.json` in the data directory, watched with
-//!   inotify) and [`DbSource`] (the database, polled by version) implement it; etcd (watch) and
-//!   PostgreSQL (`LISTEN/NOTIFY`) plug in the same way, their `changed()` resolving on a watch
-//!   event or a notification.
+//!   inotify), [`DbSource`] (the database, polled by version and woken by PostgreSQL's
+//!   `LISTEN/NOTIFY`) and [`EtcdSource`] (a key per target, followed by a watch) implement it.
 //! - [`EStop::start`] loads the list once, then re-reads it whenever the source says it may have
 //!   changed and on a periodic tick (the fallback when events are lost), and publishes each new
 //!   snapshot to subscribers of the [`EStopHandle`].
@@ -39,10 +38,14 @@ use async_trait::async_trait;
 use domain::estop::{AuditRecord, EStopList, Entry, Target};
 
 mod db;
+mod etcd;
 mod file;
 mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use db::{DEFAULT_POLL as DEFAULT_DB_POLL, DbSource};
+pub use etcd::{EtcdConfig, EtcdSource};
 pub use file::{
     FileSource, INITIAL_REASON, MAX_ESTOP_FILE_BYTES, READ_TIMEOUT, ensure_initial_file,
     read_capped, read_capped_async, watch_file, write_durably, write_durably_private,
@@ -68,6 +71,15 @@ pub enum SourceError {
     Write {
         path: PathBuf,
         error: std::io::Error,
+    },
+    /// etcd could not be reached, or refused.
+    #[error("{what}: {error}")]
+    Etcd { what: String, error: String },
+    /// A read that did not answer in time.
+    #[error("{what} did not answer within {after:?}")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
     },
     /// The store holding the list or the audit trail failed.
     #[error("{what}: {error}")]

@@ -27,6 +27,9 @@ pub struct EStopOptions {
     /// How often the list is re-read even when the source reports no change (lost events,
     /// sources without events).
     pub reread: Duration,
+    /// How long the list may go without a read that confirms it is current before everything
+    /// is treated as `stop` (a source that hangs, a lost network). Longer than `reread`.
+    pub stale_after: Duration,
 }
 
 impl Default for EStopOptions {
@@ -34,6 +37,7 @@ impl Default for EStopOptions {
         EStopOptions {
             unlisted: EStopState::Stop,
             reread: Duration::from_secs(1),
+            stale_after: Duration::from_secs(5),
         }
     }
 }
@@ -45,7 +49,8 @@ impl EStop {
     /// Loads the list once (an unreadable source gives [`Snapshot::Unreadable`], logged and
     /// alerted, never an error), then runs, as the supervised component `e-stop`, the task
     /// that re-reads it whenever the source reports a change and every `opts.reread`, until
-    /// the tasks' token is cancelled.
+    /// the tasks' token is cancelled; and, as `e-stop staleness`, the watchdog that stops
+    /// everything when no read has confirmed the list for `opts.stale_after`.
     pub async fn start(
         source: Arc<dyn Source>,
         clock: Arc<dyn Clock>,
@@ -64,12 +69,20 @@ impl EStop {
             failures: AtomicU64::new(0),
             changes: tokio::sync::broadcast::channel(CHANGES).0,
             counts: std::sync::Mutex::default(),
+            stale_after: opts.stale_after.max(Duration::from_millis(10)),
+            confirmed: std::sync::Mutex::new(tokio::time::Instant::now()),
         });
         shared.reload(false).await;
         let task = shared.clone();
         let reread = opts.reread.max(Duration::from_millis(10));
         let cancel = tasks.token().clone();
         tasks.spawn_component("e-stop", async move { task.run(reread, cancel).await });
+        let task = shared.clone();
+        let cancel = tasks.token().clone();
+        tasks.spawn_component(
+            "e-stop staleness",
+            async move { task.watchdog(cancel).await },
+        );
         EStopHandle { shared }
     }
 }
@@ -86,6 +99,10 @@ struct Shared {
     changes: tokio::sync::broadcast::Sender<AuditRecord>,
     /// How many of them, by source and new state (see [`EStopHandle::change_counts`]).
     counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// See [`EStopOptions::stale_after`].
+    stale_after: Duration,
+    /// When a read last confirmed the list.
+    confirmed: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Shared {
@@ -127,12 +144,67 @@ impl Shared {
         }
     }
 
+    /// Stops everything when no read has confirmed the list for `stale_after`; the next read
+    /// that succeeds publishes the list again.
+    async fn watchdog(self: Arc<Self>, cancel: CancellationToken) {
+        let period = (self.stale_after / 5).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            let stale = || {
+                self.confirmed
+                    .lock()
+                    .map_or(true, |t| t.elapsed() > self.stale_after)
+            };
+            if !stale() {
+                continue;
+            }
+            let why = format!(
+                "{} has not been confirmed current for {:?}: everything is stopped until it is",
+                self.source.describe(),
+                self.stale_after
+            );
+            let published = self.tx.send_if_modified(|cur| {
+                // Checked again under the lock: a read that just succeeded wins.
+                if matches!(**cur, Snapshot::Ok(_)) && stale() {
+                    *cur = Arc::new(Snapshot::Unreadable(why.clone()));
+                    true
+                } else {
+                    false
+                }
+            });
+            if published {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(source = %self.source.describe(), stale_after = ?self.stale_after, "the e-stop list cannot be confirmed current: everything is stopped until it can");
+            }
+        }
+    }
+
+    /// One read, bounded by `stale_after`.
+    async fn load(&self) -> Result<domain::estop::EStopList, SourceError> {
+        match tokio::time::timeout(self.stale_after, self.source.load()).await {
+            Ok(Ok(list)) => {
+                if let Ok(mut t) = self.confirmed.lock() {
+                    *t = tokio::time::Instant::now();
+                }
+                Ok(list)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SourceError::Timeout {
+                what: self.source.describe(),
+                after: self.stale_after,
+            }),
+        }
+    }
+
     /// Reads the list and publishes it if it changed. With `confirm`, a failure right after a
     /// good read is checked once more after [`SETTLE`] (a writer caught mid-write).
     async fn reload(&self, confirm: bool) {
         let _one = self.reload.lock().await;
         let was_ok = matches!(**self.tx.borrow(), Snapshot::Ok(_));
-        let mut res = self.source.load().await;
+        let mut res = self.load().await;
         if let Err(e) = &res
             && confirm
             && was_ok
@@ -144,7 +216,7 @@ impl Shared {
                 "the e-stop list cannot be read; reading it again"
             );
             tokio::time::sleep(SETTLE).await;
-            res = self.source.load().await;
+            res = self.load().await;
         }
         let snap = match res {
             Ok(list) => {

@@ -93,6 +93,7 @@ impl Env {
         let opts = EStopOptions {
             unlisted: Stop,
             reread,
+            ..Default::default()
         };
         EStop::start(source, clock(), opts, &self.tasks).await
     }

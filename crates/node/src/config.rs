@@ -66,6 +66,44 @@ pub struct ServeConfig {
     /// How often the e-stop list is re-read even without a change notification.
     #[serde(with = "de::duration")]
     pub estop_reread: Duration,
+    /// How long the e-stop list may go without a read confirming it before everything is
+    /// treated as `stop`; longer than `estop_reread`.
+    #[serde(with = "de::duration")]
+    pub estop_stale_after: Duration,
+    /// With `estop_source = "etcd"`: etcd's client URLs (`http://host:2379`, `https://...`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "de::etcd_endpoints"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// The key prefix of the e-stop entries in etcd.
+    #[serde(deserialize_with = "de::non_empty")]
+    pub etcd_prefix: String,
+    /// With `https://` endpoints: the CA to trust, and a client certificate and key (PEM).
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub etcd_ca: Option<PathBuf>,
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub etcd_cert: Option<PathBuf>,
+    #[serde(
+        default,
+        deserialize_with = "de::some_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd's password authentication: both or neither; the password is never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_password: Option<Hidden>,
     /// The policy file (default: `policies.toml` in the data directory).
     #[serde(deserialize_with = "de::path")]
     pub policies: PathBuf,
@@ -147,6 +185,23 @@ pub struct ServeConfig {
     pub sentry_dsn: Option<telemetry::SentryDsn>,
 }
 
+/// A value that is never shown: `***` when printed or serialized.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Hidden(pub String);
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Hidden {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 /// `auth`: whether calls need a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -176,6 +231,14 @@ impl Default for ServeConfig {
             estop_file: PathBuf::new(),
             estop_unlisted: domain::estop::EStopState::Stop,
             estop_reread: Duration::from_secs(1),
+            estop_stale_after: Duration::from_secs(5),
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/steward/estop/".into(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_username: None,
+            etcd_password: None,
             policies: PathBuf::new(),
             policies_reread: Duration::from_secs(1),
             buckets: BTreeMap::new(),
@@ -422,6 +485,7 @@ impl<'de> Deserialize<'de> for Database {
 pub enum EStopSourceKind {
     File,
     Db,
+    Etcd,
 }
 
 /// `job_containment`.
@@ -659,6 +723,30 @@ mod de {
         s.trim().parse().map(Some).map_err(D::Error::custom)
     }
 
+    pub fn etcd_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let list = Vec::<String>::deserialize(d)?;
+        if list.is_empty() {
+            return Err(D::Error::custom("empty; name at least one endpoint"));
+        }
+        for (i, e) in list.iter().enumerate() {
+            let url: reqwest::Url = e
+                .trim()
+                .parse()
+                .map_err(|err| D::Error::custom(format!("[{i}] {e:?}: {err}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(D::Error::custom(format!(
+                    "[{i}] {e:?} is not an http:// or https:// URL with a host"
+                )));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(D::Error::custom(format!(
+                    "[{i}] holds credentials; use etcd_username and etcd_password"
+                )));
+            }
+        }
+        Ok(list.into_iter().map(|e| e.trim().to_owned()).collect())
+    }
+
     pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NotifyEvent>, D::Error> {
         let list = Vec::<NotifyEvent>::deserialize(d)?;
         if list.is_empty() {
@@ -835,6 +923,24 @@ pub fn load(
     }
     if cfg.tls_client_ca.is_some() && cfg.tls_cert.is_none() {
         bail!("tls_client_ca needs TLS: set tls_cert and tls_key too");
+    }
+    if cfg.estop_stale_after <= cfg.estop_reread {
+        bail!(
+            "estop_stale_after ({}) must be longer than estop_reread ({}): the list is confirmed by each re-read",
+            humantime::format_duration(cfg.estop_stale_after),
+            humantime::format_duration(cfg.estop_reread)
+        );
+    }
+    if cfg.estop_source() == EStopSourceKind::Etcd && cfg.etcd_endpoints.is_empty() {
+        bail!(
+            "estop_source = \"etcd\" needs etcd_endpoints (for example [\"http://127.0.0.1:2379\"])"
+        );
+    }
+    if cfg.etcd_username.is_some() != cfg.etcd_password.is_some() {
+        bail!("etcd_username and etcd_password go together: give both, or neither");
+    }
+    if cfg.etcd_cert.is_some() != cfg.etcd_key.is_some() {
+        bail!("etcd_cert and etcd_key go together: give both, or neither");
     }
     if cfg.auth == Auth::None && !cfg.listen.ip().is_loopback() {
         bail!(
@@ -1080,7 +1186,18 @@ mod tests {
                 "max_running_jobs: 0 is out of range",
             ),
             ("log_format = \"xml\"\n", "log_format:"),
-            ("estop_source = \"etcd\"\n", "estop_source:"),
+            ("estop_source = \"etcd\"\n", "needs etcd_endpoints"),
+            ("estop_source = \"zookeeper\"\n", "estop_source:"),
+            ("etcd_endpoints = [\"etcd:2379\"]\n", "etcd_endpoints: [0]"),
+            (
+                "etcd_endpoints = [\"http://u:p@etcd:2379\"]\n",
+                "etcd_endpoints: [0] holds credentials",
+            ),
+            ("etcd_username = \"steward\"\n", "go together"),
+            (
+                "estop_stale_after = \"1s\"\n",
+                "estop_stale_after (1s) must be longer than estop_reread (1s)",
+            ),
             ("estop_unlisted = \"pause\"\n", "estop_unlisted:"),
             (
                 "[buckets.b]\nsize = 0\nevery = \"1m\"\n",

@@ -657,13 +657,38 @@ async fn start_estop(
             clock.clone(),
             estop::DEFAULT_DB_POLL,
         )),
+        EStopSourceKind::Etcd => {
+            let read = |p: &Option<std::path::PathBuf>, key: &str| {
+                p.as_ref()
+                    .map(|p| {
+                        std::fs::read(p).with_context(|| format!("{key}: reading {}", p.display()))
+                    })
+                    .transpose()
+            };
+            let etcd = estop::EtcdConfig {
+                endpoints: cfg.etcd_endpoints.clone(),
+                prefix: cfg.etcd_prefix.clone(),
+                ca_pem: read(&cfg.etcd_ca, "etcd_ca")?,
+                client_cert_pem: read(&cfg.etcd_cert, "etcd_cert")?,
+                client_key_pem: read(&cfg.etcd_key, "etcd_key")?,
+                username: cfg.etcd_username.clone(),
+                password: cfg.etcd_password.as_ref().map(|p| p.0.clone()),
+            };
+            estop::EtcdSource::start(&etcd, store, clock.clone(), tasks)
+                .map_err(anyhow::Error::msg)?
+        }
     };
     let opts = estop::EStopOptions {
         unlisted: cfg.estop_unlisted,
         reread: cfg.estop_reread,
+        stale_after: cfg.estop_stale_after,
     };
     let handle = estop::EStop::start(source, clock, opts, tasks).await;
-    if cfg.estop_source() == EStopSourceKind::Db && fresh.db {
+    let shared = matches!(
+        cfg.estop_source(),
+        EStopSourceKind::Db | EStopSourceKind::Etcd
+    );
+    if shared && fresh.db {
         handle
             .set(
                 domain::estop::Target::All,
