@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod drill;
 pub mod estop;
 pub mod ids;
 pub mod limits;

@@ -654,10 +654,12 @@ fn rusqlite_open(path: &Path) -> rusqlite::Connection {
     c
 }
 
-/// Counts the loads of the source it wraps.
+/// Counts the loads of the source it wraps; while `hang` is set, a load never answers (a file
+/// on a hung network mount, a database that stopped answering).
 struct Counting {
     inner: Arc<FileSource>,
     loads: std::sync::atomic::AtomicUsize,
+    hang: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -667,6 +669,9 @@ impl Source for Counting {
     }
     async fn load(&self) -> Result<EStopList, SourceError> {
         self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.load().await
     }
     async fn set(
@@ -703,6 +708,7 @@ async fn reading_the_file_does_not_wake_the_watcher() {
     let src = Arc::new(Counting {
         inner: env.file_source(),
         loads: 0.into(),
+        hang: false.into(),
     });
     let h = env.start(src.clone(), Duration::from_secs(3600)).await;
     h.set(target("Erase"), Stop, "INC-8".into(), "ana".into())
@@ -819,4 +825,51 @@ async fn writes_to_other_files_in_the_directory_do_not_wake_the_watcher() {
     tokio::time::timeout(DEADLINE, woken)
         .await
         .expect("a change to the file wakes the watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_stops_answering_stops_everything_within_the_staleness_limit() {
+    let env = Env::new(Some(GO_ALL));
+    let src = Arc::new(Counting {
+        inner: env.file_source(),
+        loads: 0.into(),
+        hang: false.into(),
+    });
+    let stale_after = Duration::from_millis(800);
+    let opts = EStopOptions {
+        unlisted: Stop,
+        reread: Duration::from_millis(100),
+        stale_after,
+    };
+    let h = EStop::start(src.clone(), clock(), opts, &env.tasks).await;
+    assert_eq!(h.verdict("Erase", &no_labels()).state, Go);
+    src.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let hung = tokio::time::Instant::now();
+    let mut rx = h.subscribe();
+    tokio::time::timeout(DEADLINE, async {
+        while matches!(**rx.borrow_and_update(), Snapshot::Ok(_)) {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the hung source is noticed");
+    let after = hung.elapsed();
+    assert!(
+        after >= stale_after - Duration::from_millis(100) && after < stale_after * 3,
+        "stopped after {after:?}"
+    );
+    assert_eq!(h.verdict("Erase", &no_labels()).state, Stop);
+    let alert = h.alert().unwrap();
+    assert!(alert.contains("confirmed current"), "{alert}");
+    // Answering again, it recovers by itself.
+    src.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(DEADLINE, async {
+        while !matches!(**rx.borrow_and_update(), Snapshot::Ok(_)) {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the source answers again");
+    assert!(h.alert().is_none());
+    env.shutdown().await;
 }

@@ -150,6 +150,8 @@ impl PolicySet {
     pub fn check_shown(&self, spec: &WorkflowSpec, shown: &WorkflowSpec) -> Verdicts {
         match self.workflows.get(spec.name.as_str()) {
             Some(policy) => check::check(policy, spec, shown),
+            // The e-stop drill's canary runs one `sleep` and nothing else: it needs no entry.
+            None if domain::drill::is_canary(spec) => check::passed(),
             None => check::no_entry(spec, &self.origin),
         }
     }

@@ -61,6 +61,21 @@ fn an_entry_with_no_rules_accepts_the_workflow_as_it_is() {
 }
 
 #[test]
+fn the_drill_canary_needs_no_entry_and_nothing_else_passes_under_its_name() {
+    let p = policies("[workflows.hello]\n");
+    assert!(
+        p.check(&domain::drill::canary("d1", Some(("site", "aap"))))
+            .passed()
+    );
+    let mut other = domain::drill::canary("d1", None);
+    other.blocks[0].jobs[0].action = "noop".into();
+    other.blocks[0].jobs[0].args.clear();
+    let refused = check(&p, &other);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("no policy entry for workflow \"steward-drill\""));
+}
+
+#[test]
 fn a_name_with_no_entry_is_refused() {
     let p = policies("[workflows.hello]\n");
     assert_eq!(

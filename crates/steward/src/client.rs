@@ -25,7 +25,7 @@ fn url(opts: &ClientOpts) -> String {
     }
 }
 
-async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(opts: &ClientOpts) -> anyhow::Result<Channel> {
     set_token(opts)?;
     if let Some(path) = opts.addr.strip_prefix("unix:") {
         return local_channel(Path::new(path)).await;
@@ -105,7 +105,7 @@ fn set_token(opts: &ClientOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
+pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     if let Some(Some(v)) = AUTHORIZATION.get() {
         req.metadata_mut().insert("authorization", v.clone());
@@ -122,7 +122,7 @@ fn show<T: serde::Serialize>(opts: &ClientOpts, v: &T, text: impl FnOnce(&T)) {
     }
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
@@ -248,11 +248,7 @@ async fn watch(
             output::run(run);
         });
     }
-    let terminal = matches!(
-        run.state.as_str(),
-        "completed" | "failed" | "stopped" | "cancelled" | "expired"
-    );
-    if !terminal {
+    if !is_terminal(&run.state) {
         return Err(anyhow!(
             "the server stopped before run {id} finished (it is {})",
             run.state
@@ -263,6 +259,14 @@ async fn watch(
     } else {
         ExitCode::from(EXIT_NOT_COMPLETED)
     })
+}
+
+/// Whether a run in `state` is done.
+pub(crate) fn is_terminal(state: &str) -> bool {
+    matches!(
+        state,
+        "completed" | "failed" | "stopped" | "cancelled" | "expired"
+    )
 }
 
 pub async fn status(opts: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<ExitCode> {

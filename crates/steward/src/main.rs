@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod client;
+mod drill;
 mod output;
 mod stop;
 
@@ -144,6 +145,13 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Drills: prove on a quiet day that the safety mechanisms work.
+    Drill {
+        #[command(subcommand)]
+        command: DrillCommand,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// API tokens: create (the secret is shown once), list, revoke. Admin only.
     Token {
         #[command(subcommand)]
@@ -217,6 +225,25 @@ pub enum TokenCommand {
     List,
     /// Revokes a token at once, on every node.
     Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum DrillCommand {
+    /// Sets a stop on canary runs on every node named, measures per node the time until the
+    /// canary is stopped (its process gone), restores, and prints the figures. Needs an
+    /// operator token. Never touches real work: the target is a label only the canaries carry.
+    Estop {
+        /// A node's API address (repeatable); default: --addr.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The target to stop, KEY=VALUE (default: steward_drill=DRILL_ID); refused if an
+        /// entry names it or an unfinished run carries it.
+        #[arg(long)]
+        target: Option<String>,
+        /// How long each node has to start, then to stop, its canary.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -332,6 +359,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => client::validate(&client, &file, offline).await,
         Command::Estop { command, client } => client::estop(&client, command).await,
         Command::Token { command, client } => client::token(&client, command).await,
+        Command::Drill {
+            command:
+                DrillCommand::Estop {
+                    nodes,
+                    target,
+                    timeout,
+                },
+            client,
+        } => drill::estop(&client, nodes, target, &timeout).await,
         Command::Audit { limit, client } => client::audit(&client, limit).await,
         Command::Bench {
             suite,

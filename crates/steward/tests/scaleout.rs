@@ -141,11 +141,31 @@ async fn a_node_killed_mid_run_is_taken_over_by_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_estop_set_through_one_node_stops_runs_on_another() {
+    estop_through_one_node_stops_runs_on_another(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estop_in_etcd_set_through_one_node_stops_runs_on_another() {
+    let etcd = estop::testing::EtcdServer::start();
+    estop_through_one_node_stops_runs_on_another(&[
+        ("STEWARD_ESTOP_SOURCE", "etcd".to_owned()),
+        (
+            "STEWARD_ETCD_ENDPOINTS",
+            format!("[\"{}\"]", etcd.endpoint()),
+        ),
+    ])
+    .await;
+}
+
+/// Two nodes on one database, the e-stop where `extra` says (the database by default): a stop
+/// set through B stops a run on A, and both nodes agree on the list and the audit trail.
+async fn estop_through_one_node_stops_runs_on_another(extra: &[(&'static str, String)]) {
     let pg = PgServer::start().await;
     let url = pg.fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = node_env(&url);
     env.push(("STEWARD_AUTH", "token".to_owned()));
+    env.extend(extra.iter().cloned());
     let a = start_node(&dir.path().join("a"), &env).await;
     let b = start_node(&dir.path().join("b"), &env).await;
     let pidfile = dir.path().join("pid");
@@ -364,4 +384,139 @@ async fn a_nodes_lost_estop_file_is_not_recreated_on_a_later_start() {
     let (code, body) = http_get(&node.addr, "/readyz").await.unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("estop_unreadable"), "{body}");
+}
+
+/// `steward drill estop` with `args`, as `token`: its exit status, stdout and stderr.
+fn drill(token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["drill", "estop"])
+        .args(args)
+        .env("STEWARD_TOKEN", token)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Unfinished runs, as a node lists them.
+async fn unfinished(node: &Server) -> Vec<pb::RunSummary> {
+    let mut c = node.client().await;
+    c.list(pb::ListRequest {
+        states: ["submitted", "queued", "running", "paused"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_estop_drill_reaches_three_nodes_and_leaves_nothing_behind() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_db().await;
+    let etcd = estop::testing::EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = node_env(&url);
+    env.push(("STEWARD_AUTH", "token".to_owned()));
+    env.push(("STEWARD_ESTOP_SOURCE", "etcd".to_owned()));
+    env.push((
+        "STEWARD_ETCD_ENDPOINTS",
+        format!("[\"{}\"]", etcd.endpoint()),
+    ));
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(start_node(&dir.path().join(name), &env).await);
+    }
+    let ops = nodes[0].token("ops", "operator");
+    let list_before = cli_as(Some(&ops), &nodes[1].addr, &["estop", "list", "--json"]).stdout;
+
+    let mut args = vec!["--json".to_owned()];
+    for n in &nodes {
+        args.extend(["--node".to_owned(), n.addr.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = drill(&ops, &args);
+    assert!(ok, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = report["nodes"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{report}");
+    for (row, node) in rows.iter().zip(&nodes) {
+        assert_eq!(row["node"], node.addr.as_str(), "{report}");
+        assert_eq!(row["state"], "stopped", "{report}");
+        assert!(row["stopped_after_ms"].as_f64().unwrap() > 0.0, "{report}");
+        // Each canary was driven by the node it was submitted to.
+        let mut c = node.client().await;
+        let run = status(&mut c, row["run_id"].as_str().unwrap()).await;
+        assert_eq!(run.stop_cause.unwrap().kind, "estop");
+    }
+    // Nothing left: no unfinished run, the list as it was, and the drill in the audit trail.
+    for n in &nodes {
+        assert!(unfinished(n).await.is_empty(), "{}", n.addr);
+    }
+    let list_after = cli_as(Some(&ops), &nodes[2].addr, &["estop", "list", "--json"]).stdout;
+    assert_eq!(list_before, list_after);
+    let target = report["target"].as_str().unwrap();
+    let audit = cli_as(
+        Some(&ops),
+        &nodes[0].addr,
+        &["estop", "audit", "--target", target, "--json"],
+    )
+    .stdout;
+    let audit: serde_json::Value = serde_json::from_slice(&audit).unwrap();
+    let records = audit["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "set, then cleared: {audit}");
+    assert!(
+        records[0]["reason"].as_str().unwrap().contains(" done: "),
+        "the figures are in the audit trail: {audit}"
+    );
+
+    // The text form: a line per node.
+    let mut text_args = Vec::new();
+    for n in &nodes {
+        text_args.extend(["--node", n.addr.as_str()]);
+    }
+    let (ok, out, err) = drill(&ops, &text_args);
+    assert!(ok, "{out}\n{err}");
+    for n in &nodes {
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.starts_with(n.addr.as_str()))
+                .count(),
+            1,
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_estop_drill_refuses_a_target_that_matches_real_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(&dir.path().join("a"), &[]).await;
+    let mut c = a.client().await;
+    let pidfile = dir.path().join("pid");
+    let real = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let (ok, _, err) = drill("", &["--node", &a.addr, "--target", "site=aap"]);
+    assert!(!ok);
+    assert!(err.contains("a drill must not stop real work"), "{err}");
+    assert!(err.contains(&real), "{err}");
+    // An entry someone set is not the drill's to change.
+    cli_as(
+        None,
+        &a.addr,
+        &["estop", "set", "site=bbb", "pause", "--reason", "INC-9"],
+    );
+    let (ok, _, err) = drill("", &["--node", &a.addr, "--target", "site=bbb"]);
+    assert!(!ok);
+    assert!(err.contains("a drill must not change it"), "{err}");
+    // Nothing changed: the real run runs on, no canary was submitted.
+    let runs = unfinished(&a).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].id, real);
+    assert_eq!(status(&mut c, &real).await.state, "running");
 }
