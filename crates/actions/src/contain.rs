@@ -84,7 +84,7 @@ pub struct Supervisor {
     ledger: PathBuf,
     boot_id: String,
     /// Ended attempts' cgroups, removed one after another by a thread of their own.
-    cleaner: Option<std::sync::mpsc::Sender<PathBuf>>,
+    cleaner: Option<std::sync::mpsc::Sender<(PathBuf, PathBuf)>>,
     /// Without cgroups: ended attempts, for the scan that finds what left their groups.
     scanner: Option<std::sync::mpsc::Sender<(Target, PathBuf)>>,
 }
@@ -142,8 +142,11 @@ impl Supervisor {
         &self.containment
     }
 
-    fn entry_path(&self, key: &str) -> PathBuf {
-        self.ledger.join(format!("{}.json", file_name(key)))
+    /// One file per attempt: an ended attempt's entry may still be waiting for its removal
+    /// (off the runtime) when the job's next attempt begins.
+    fn entry_path(&self, key: &str, attempt: u32) -> PathBuf {
+        self.ledger
+            .join(format!("{}.a{attempt}.json", file_name(key)))
     }
 
     /// Ends whatever attempts a previous process of this data directory left running: each
@@ -257,7 +260,7 @@ impl Supervisor {
             pgid: None,
             leader_start: None,
         };
-        let path = self.entry_path(key);
+        let path = self.entry_path(key, attempt);
         write_entry(&path, &entry)?;
         Ok(Attempt {
             entry,
@@ -291,7 +294,7 @@ pub(crate) struct Attempt {
     scan_env: bool,
     /// Finished: nothing is left to clean up when dropped.
     done: bool,
-    cleaner: Option<std::sync::mpsc::Sender<PathBuf>>,
+    cleaner: Option<std::sync::mpsc::Sender<(PathBuf, PathBuf)>>,
     scanner: Option<std::sync::mpsc::Sender<(Target, PathBuf)>>,
 }
 
@@ -331,10 +334,14 @@ impl Attempt {
             let _ = scanner.send((target, self.path.clone()));
             return;
         }
-        let _ = fs::remove_file(&self.path);
-        if let (Some(dir), Some(cleaner)) = (self.entry.cgroup.clone(), &self.cleaner) {
-            let _ = cleaner.send(dir);
+        // The cgroup, then the ledger entry, go off the runtime: a stop that ends a thousand
+        // attempts at once must not wait on a thousand unlinks.
+        if let (Some(dir), Some(cleaner)) = (self.entry.cgroup.clone(), &self.cleaner)
+            && cleaner.send((dir, self.path.clone())).is_ok()
+        {
+            return;
         }
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -682,16 +689,17 @@ async fn end_cgroup(dir: &Path) {
     let _ = tokio::task::spawn_blocking(move || end_cgroup_blocking(&dir)).await;
 }
 
-/// The thread that removes ended attempts' cgroups, in order, off the runtime: by the time
-/// it gets to one, its processes (SIGKILLed) are almost always gone. It ends when the
-/// supervisor and every attempt are dropped.
-fn start_cleaner() -> io::Result<std::sync::mpsc::Sender<PathBuf>> {
-    let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+/// The thread that removes ended attempts' cgroups, then their ledger entries, in order, off
+/// the runtime: by the time it gets to one, its processes (SIGKILLed) are almost always gone.
+/// It ends when the supervisor and every attempt are dropped.
+fn start_cleaner() -> io::Result<std::sync::mpsc::Sender<(PathBuf, PathBuf)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, PathBuf)>();
     std::thread::Builder::new()
         .name("steward-cgroup-cleaner".into())
         .spawn(move || {
-            for dir in rx {
+            for (dir, ledger_entry) in rx {
                 end_cgroup_blocking(&dir);
+                let _ = fs::remove_file(&ledger_entry);
             }
         })?;
     Ok(tx)

@@ -315,3 +315,95 @@ pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// `steward drill estop` against three separate nodes on one PostgreSQL database, `trials`
+/// times, with the e-stop in the database (`LISTEN/NOTIFY`) and in etcd (a server of the
+/// benchmark's own on loopback): per trial, the time from the stop to every canary stopped
+/// (its process gone), and per node.
+pub(crate) async fn drill_suite(o: &crate::BenchOpts, trials: usize) -> anyhow::Result<()> {
+    let Some(url) = &o.database else {
+        anyhow::bail!("--suite drill needs --database postgres://...");
+    };
+    let etcd = tokio::task::spawn_blocking(estop::testing::EtcdServer::start).await?;
+    let endpoints = format!("[\"{}\"]", etcd.endpoint());
+    let sources: [(&str, Vec<(&str, &str)>); 2] = [
+        (
+            "PostgreSQL LISTEN/NOTIFY",
+            vec![("STEWARD_ESTOP_SOURCE", "db")],
+        ),
+        (
+            "etcd watch",
+            vec![
+                ("STEWARD_ESTOP_SOURCE", "etcd"),
+                ("STEWARD_ETCD_ENDPOINTS", endpoints.as_str()),
+            ],
+        ),
+    ];
+    for (name, extra) in sources {
+        let mut settings = vec![
+            ("STEWARD_DATABASE", url.as_str()),
+            ("STEWARD_AUTH", "none"),
+            ("STEWARD_KILL_GRACE", "1s"),
+        ];
+        settings.extend(extra);
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(External::start(&settings, None).await?);
+        }
+        // The database is not fresh for the second source: say what may run, as an operator
+        // of a new etcd prefix would.
+        let seeded = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["estop", "set", "*", "go", "--addr", &nodes[0].addr])
+            .output()
+            .await?;
+        anyhow::ensure!(
+            seeded.status.success(),
+            "setting * = go: {}",
+            String::from_utf8_lossy(&seeded.stderr)
+        );
+        let mut last = Vec::with_capacity(trials);
+        let mut each = Vec::with_capacity(trials * 3);
+        for _ in 0..trials {
+            let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+            cmd.args(["drill", "estop", "--json", "--timeout", "10s"]);
+            for n in &nodes {
+                cmd.args(["--node", &n.addr]);
+            }
+            let out = cmd.output().await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "the drill failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let times: Vec<Duration> = report["nodes"]
+                .as_array()
+                .context("no nodes in the drill's report")?
+                .iter()
+                .map(|r| {
+                    r["stopped_after_ms"]
+                        .as_f64()
+                        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+                        .context("a canary did not stop")
+                })
+                .collect::<anyhow::Result<_>>()?;
+            last.push(times.iter().copied().max().unwrap_or_default());
+            each.extend(times);
+        }
+        for n in nodes {
+            n.stop().await;
+        }
+        last.sort();
+        each.sort();
+        println!(
+            "e-stop drill, 3 nodes, e-stop in {name}: {trials} trials, stop set to every canary's process gone: p50 {}  p99 {}  max {}; per node p50 {}  p99 {}",
+            ms(crate::percentile(&last, 0.5)),
+            ms(crate::percentile(&last, 0.99)),
+            ms(crate::percentile(&last, 1.0)),
+            ms(crate::percentile(&each, 0.5)),
+            ms(crate::percentile(&each, 0.99)),
+        );
+    }
+    drop(etcd);
+    Ok(())
+}

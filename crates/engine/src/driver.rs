@@ -98,8 +98,9 @@ enum Flow {
     Next,
     /// The run was finished (failed, or completed on its last block) and committed.
     Finished,
-    /// The run must stop here without finishing.
-    Halted,
+    /// The run must stop here without finishing; what is left to record of its block comes
+    /// along.
+    Halted(Vec<Transition>),
 }
 
 struct Driver<'a> {
@@ -164,7 +165,7 @@ impl Driver<'_> {
             match self.drive_block(&run, bi, block_calls, last).await? {
                 Flow::Next => {}
                 Flow::Finished => return Ok(()),
-                Flow::Halted => return self.halted().await,
+                Flow::Halted(pending) => return self.halted(pending).await,
             }
         }
         Ok(())
@@ -325,6 +326,11 @@ impl Driver<'_> {
             if ts.is_empty() {
                 continue;
             }
+            if finished.is_none() && in_flight.is_empty() && stash.is_empty() && self.ending() {
+                // Nothing runs any more and the run ends here (stopped, cancelled): its jobs'
+                // ends and its own are one write.
+                return Ok(Flow::Halted(ts));
+            }
             crash_point!("engine::job_before_commit");
             self.commit(ts, &mut in_flight, &mut stash).await?;
             crash_point!("engine::job_after_commit");
@@ -342,7 +348,7 @@ impl Driver<'_> {
             }
         }
         // Nothing in flight and the block is not done: cancelled or draining.
-        Ok(Flow::Halted)
+        Ok(Flow::Halted(Vec::new()))
     }
 
     /// Ends block `bi`: pushes its end (and the run's, if it failed or was the last block).
@@ -818,12 +824,31 @@ impl Driver<'_> {
     }
 
     /// The block loop ended early: act on the halt (or the shutdown).
-    async fn halted(&self) -> store::Result<()> {
+    /// Whether the run, once nothing of it runs, ends (stopped, cancelled) rather than pauses
+    /// for a resume.
+    fn ending(&self) -> bool {
+        self.token.is_cancelled()
+            && self
+                .halt
+                .lock()
+                .is_ok_and(|h| matches!(*h, Some(Halt::End { .. })))
+    }
+
+    /// Ends, interrupts or lets go of the run, recording `pending` (its block's last job
+    /// outcomes) first, or with its end.
+    async fn halted(&self, pending: Vec<Transition>) -> store::Result<()> {
         let halt = self.halt.lock().ok().and_then(|h| h.clone());
+        if let Some(Halt::End { state, cause }) = halt {
+            return self
+                .finish(state, Some(cause.to_string()), Some(cause), pending)
+                .await;
+        }
+        if !pending.is_empty() {
+            self.commit_alone(pending).await?;
+        }
         match halt {
-            Some(Halt::End { state, cause }) => self.end(state, cause).await,
             Some(Halt::Abandon) => Ok(()),
-            Some(Halt::Interrupt { .. }) | None => self.interrupt().await,
+            _ => self.interrupt().await,
         }
     }
 

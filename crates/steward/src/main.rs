@@ -170,7 +170,7 @@ enum Command {
     /// (see BENCHMARKS.md).
     Bench {
         /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, scaleout
-        /// (needs --database) or all.
+        /// and drill (these two need --database), or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
