@@ -150,28 +150,12 @@ pub(crate) async fn throughput(
     let spec = noop_spec(jobs);
     let before = finished(&x.addr).await?;
     let cpu_before = x.cpu()?;
-    let started = Instant::now();
-    let per = n.div_ceil(concurrency);
-    let mut clients = Vec::new();
-    for w in 0..concurrency {
-        let count = per.min(n.saturating_sub(w * per));
-        let mut c = x.client().await?;
-        let spec = spec.clone();
-        clients.push(async move {
-            for _ in 0..count {
-                let id = c
-                    .submit(pb::SubmitRequest {
-                        spec: Some(spec.clone()),
-                    })
-                    .await?
-                    .into_inner()
-                    .id;
-                c.exec(pb::ExecRequest { id }).await?;
-            }
-            Ok::<_, tonic::Status>(())
-        });
+    let mut clients = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        clients.push(x.client().await?);
     }
-    futures::future::try_join_all(clients)
+    let started = Instant::now();
+    crate::submit_and_exec(clients, &spec, n)
         .await
         .context("submitting")?;
     let mut c = x.client().await?;

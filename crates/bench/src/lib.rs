@@ -230,18 +230,18 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Submit + Exec `n` runs of `jobs` sequential no-op jobs from `concurrency` clients; time to all completed.
-async fn throughput(b: &Bench, n: usize, jobs: usize, concurrency: usize) -> anyhow::Result<f64> {
-    let mut events = b.engine.subscribe();
-    let spec = noop_spec(jobs);
-    let started = Instant::now();
-    let per = n.div_ceil(concurrency);
-    let mut clients = Vec::new();
-    for w in 0..concurrency {
+/// Submits and executes `n` runs of `spec`, shared out over `clients`, each client one run
+/// after another.
+async fn submit_and_exec(
+    clients: Vec<StewardClient<Channel>>,
+    spec: &pb::WorkReq,
+    n: usize,
+) -> Result<(), tonic::Status> {
+    let per = n.div_ceil(clients.len().max(1));
+    let work = clients.into_iter().enumerate().map(|(w, mut c)| {
         let count = per.min(n.saturating_sub(w * per));
-        let mut c = b.client().await?;
         let spec = spec.clone();
-        clients.push(async move {
+        async move {
             for _ in 0..count {
                 let id = c
                     .submit(pb::SubmitRequest {
@@ -253,9 +253,21 @@ async fn throughput(b: &Bench, n: usize, jobs: usize, concurrency: usize) -> any
                 c.exec(pb::ExecRequest { id }).await?;
             }
             Ok::<_, tonic::Status>(())
-        });
+        }
+    });
+    futures::future::try_join_all(work).await.map(|_| ())
+}
+
+/// Submit + Exec `n` runs of `jobs` sequential no-op jobs from `concurrency` clients; time to all completed.
+async fn throughput(b: &Bench, n: usize, jobs: usize, concurrency: usize) -> anyhow::Result<f64> {
+    let mut events = b.engine.subscribe();
+    let spec = noop_spec(jobs);
+    let mut clients = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        clients.push(b.client().await?);
     }
-    let submit_all = futures::future::try_join_all(clients);
+    let started = Instant::now();
+    let submit_all = submit_and_exec(clients, &spec, n);
     let count_done = async {
         let mut done = 0usize;
         while done < n {

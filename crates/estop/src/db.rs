@@ -118,23 +118,11 @@ impl Source for DbSource {
     }
 
     async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError> {
-        let at = if entry.set_at.is_empty() {
-            self.clock.now().to_rfc3339()
-        } else {
-            entry.set_at.clone()
-        };
+        let at = crate::set_at(&entry, self.clock.as_ref());
         let rec = self
             .modify(|list| {
                 let old = list.set(entry.clone());
-                Some(AuditRecord {
-                    at: at.clone(),
-                    target: entry.target.clone(),
-                    old_state: old.map(|o| o.state),
-                    new_state: Some(entry.state),
-                    set_by: entry.set_by.clone(),
-                    reason: entry.reason.clone(),
-                    source: source.to_owned(),
-                })
+                Some(crate::set_record(&entry, old.as_ref(), &at, source))
             })
             .await?;
         rec.ok_or_else(|| SourceError::InvalidArgument("nothing was set".into()))
@@ -150,15 +138,7 @@ impl Source for DbSource {
         let at = self.clock.now().to_rfc3339();
         self.modify(|list| {
             let old = list.clear(target)?;
-            Some(AuditRecord {
-                at: at.clone(),
-                target: target.clone(),
-                old_state: Some(old.state),
-                new_state: None,
-                set_by: actor.to_owned(),
-                reason: reason.to_owned(),
-                source: source.to_owned(),
-            })
+            Some(crate::clear_record(&old, actor, reason, &at, source))
         })
         .await
     }
@@ -195,12 +175,6 @@ impl Source for DbSource {
         target: Option<Target>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, SourceError> {
-        self.store
-            .audit_list(target, limit)
-            .await
-            .map_err(|error| SourceError::Store {
-                what: "the e-stop audit trail".into(),
-                error,
-            })
+        crate::audit_trail(self.store.as_ref(), target, limit).await
     }
 }

@@ -519,11 +519,7 @@ impl Source for EtcdSource {
     }
 
     async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError> {
-        let at = if entry.set_at.is_empty() {
-            self.clock.now().to_rfc3339()
-        } else {
-            entry.set_at.clone()
-        };
+        let at = crate::set_at(&entry, self.clock.as_ref());
         let entry = Entry {
             set_at: at.clone(),
             ..entry
@@ -533,19 +529,30 @@ impl Source for EtcdSource {
             .modify(&target, |old| {
                 Some((
                     Some(entry.clone()),
-                    AuditRecord {
-                        at: at.clone(),
-                        target: entry.target.clone(),
-                        old_state: old.map(|o| o.state),
-                        new_state: Some(entry.state),
-                        set_by: entry.set_by.clone(),
-                        reason: entry.reason.clone(),
-                        source: source.to_owned(),
-                    },
+                    crate::set_record(&entry, old, &at, source),
                 ))
             })
             .await?;
         rec.ok_or_else(|| SourceError::InvalidArgument("nothing was set".into()))
+    }
+
+    async fn create(&self, entry: Entry, source: &str) -> Result<Option<AuditRecord>, SourceError> {
+        let at = crate::set_at(&entry, self.clock.as_ref());
+        let entry = Entry {
+            set_at: at.clone(),
+            ..entry
+        };
+        let target = entry.target.clone();
+        // The swap compares with the revision read: an entry written meanwhile, by another node
+        // or an operator, wins, and is read on the retry.
+        self.modify(&target, |old| match old {
+            Some(_) => None,
+            None => Some((
+                Some(entry.clone()),
+                crate::set_record(&entry, None, &at, source),
+            )),
+        })
+        .await
     }
 
     async fn clear(
@@ -557,19 +564,7 @@ impl Source for EtcdSource {
     ) -> Result<Option<AuditRecord>, SourceError> {
         let at = self.clock.now().to_rfc3339();
         self.modify(target, |old| {
-            let old = old?;
-            Some((
-                None,
-                AuditRecord {
-                    at: at.clone(),
-                    target: target.clone(),
-                    old_state: Some(old.state),
-                    new_state: None,
-                    set_by: actor.to_owned(),
-                    reason: reason.to_owned(),
-                    source: source.to_owned(),
-                },
-            ))
+            Some((None, crate::clear_record(old?, actor, reason, &at, source)))
         })
         .await
     }
@@ -588,13 +583,7 @@ impl Source for EtcdSource {
         target: Option<Target>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, SourceError> {
-        self.store
-            .audit_list(target, limit)
-            .await
-            .map_err(|error| SourceError::Store {
-                what: "the e-stop audit trail".into(),
-                error,
-            })
+        crate::audit_trail(self.store.as_ref(), target, limit).await
     }
 }
 

@@ -165,29 +165,13 @@ impl Source for FileSource {
     async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError> {
         let mut last = self.last.lock().await;
         let mut list = self.read_and_note(&mut last).await?;
-        let at = if entry.set_at.is_empty() {
-            self.clock.now().to_rfc3339()
-        } else {
-            entry.set_at.clone()
-        };
-        let record = AuditRecord {
-            at,
-            target: entry.target.clone(),
-            old_state: None,
-            new_state: Some(entry.state),
-            set_by: entry.set_by.clone(),
-            reason: entry.reason.clone(),
-            source: source.to_owned(),
-        };
-        let old = list.set(entry);
+        let at = crate::set_at(&entry, self.clock.as_ref());
+        let old = list.set(entry.clone());
+        let record = crate::set_record(&entry, old.as_ref(), &at, source);
         self.write(&list).await?;
         *last = Some(list);
         drop(last);
-        self.record(AuditRecord {
-            old_state: old.map(|o| o.state),
-            ..record
-        })
-        .await
+        self.record(record).await
     }
 
     async fn clear(
@@ -205,17 +189,10 @@ impl Source for FileSource {
         self.write(&list).await?;
         *last = Some(list);
         drop(last);
-        self.record(AuditRecord {
-            at: self.clock.now().to_rfc3339(),
-            target: target.clone(),
-            old_state: Some(old.state),
-            new_state: None,
-            set_by: actor.to_owned(),
-            reason: reason.to_owned(),
-            source: source.to_owned(),
-        })
-        .await
-        .map(Some)
+        let at = self.clock.now().to_rfc3339();
+        self.record(crate::clear_record(&old, actor, reason, &at, source))
+            .await
+            .map(Some)
     }
 
     fn take_noticed(&self) -> Vec<AuditRecord> {
@@ -240,13 +217,7 @@ impl Source for FileSource {
         target: Option<Target>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, SourceError> {
-        self.store
-            .audit_list(target, limit)
-            .await
-            .map_err(|error| SourceError::Store {
-                what: "the e-stop audit trail".into(),
-                error,
-            })
+        crate::audit_trail(self.store.as_ref(), target, limit).await
     }
 }
 

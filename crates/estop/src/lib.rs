@@ -112,6 +112,15 @@ pub trait Source: Send + Sync + 'static {
     /// (`api`, `error_budget`, ...).
     async fn set(&self, entry: Entry, source: &str) -> Result<AuditRecord, SourceError>;
 
+    /// Sets `entry` only if its target has no entry (the first start's `* = go`): `Ok(None)`
+    /// when it has one, which is left as it is.
+    async fn create(&self, entry: Entry, source: &str) -> Result<Option<AuditRecord>, SourceError> {
+        if self.load().await?.get(&entry.target).is_some() {
+            return Ok(None);
+        }
+        self.set(entry, source).await.map(Some)
+    }
+
     /// Removes the entry for `target`, durably; `Ok(None)` when there was none (nothing is
     /// written or audited).
     async fn clear(
@@ -147,6 +156,67 @@ pub trait Source: Send + Sync + 'static {
         target: Option<Target>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, SourceError>;
+}
+
+/// When `entry` was set: its own `set_at`, else now.
+pub(crate) fn set_at(entry: &Entry, clock: &dyn domain::Clock) -> String {
+    if entry.set_at.is_empty() {
+        clock.now().to_rfc3339()
+    } else {
+        entry.set_at.clone()
+    }
+}
+
+/// The audit record of setting `entry` where `old` was (none: no entry).
+pub(crate) fn set_record(
+    entry: &Entry,
+    old: Option<&Entry>,
+    at: &str,
+    source: &str,
+) -> AuditRecord {
+    AuditRecord {
+        at: at.to_owned(),
+        target: entry.target.clone(),
+        old_state: old.map(|o| o.state),
+        new_state: Some(entry.state),
+        set_by: entry.set_by.clone(),
+        reason: entry.reason.clone(),
+        source: source.to_owned(),
+    }
+}
+
+/// The audit record of clearing `old`.
+pub(crate) fn clear_record(
+    old: &Entry,
+    actor: &str,
+    reason: &str,
+    at: &str,
+    source: &str,
+) -> AuditRecord {
+    AuditRecord {
+        at: at.to_owned(),
+        target: old.target.clone(),
+        old_state: Some(old.state),
+        new_state: None,
+        set_by: actor.to_owned(),
+        reason: reason.to_owned(),
+        source: source.to_owned(),
+    }
+}
+
+/// The audit trail, which every source keeps in the database.
+pub(crate) async fn audit_trail(
+    store: &dyn store::EStopStore,
+    target: Option<Target>,
+    limit: u32,
+) -> Result<Vec<AuditRecord>, SourceError> {
+    store
+        .audit_list(target, limit)
+        .await
+        .map_err(|error| SourceError::Store {
+            what: "the e-stop audit trail".into(),
+            error,
+        })
 }
 
 /// The audit records that take `old` to `new`, one per target whose entry differs, for a change

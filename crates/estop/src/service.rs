@@ -345,6 +345,31 @@ impl EStopHandle {
         res
     }
 
+    /// Sets `target` to `state` as `actor` only if it has no entry (another node or an
+    /// operator may have set one meanwhile: that one stays); `Ok(None)` then.
+    pub async fn create(
+        &self,
+        target: Target,
+        state: EStopState,
+        reason: String,
+        actor: String,
+    ) -> Result<Option<AuditRecord>, SourceError> {
+        check_actor(&actor)?;
+        let entry = Entry {
+            target,
+            state,
+            reason,
+            set_by: actor,
+            set_at: self.shared.clock.now().to_rfc3339(),
+        };
+        let res = self.shared.source.create(entry, API_SOURCE).await;
+        self.shared.reload(false).await;
+        if let Ok(Some(rec)) = &res {
+            self.shared.announce(rec.clone());
+        }
+        res
+    }
+
     /// Removes the entry of `target` (runs it matched fall back to other entries or to the
     /// unlisted state), durably and audited; `Ok(None)` when there was no such entry.
     pub async fn clear(

@@ -16,6 +16,16 @@ pub struct EtcdServer {
     child: Option<Child>,
     pub client_port: u16,
     peer_port: u16,
+    tls: Option<Tls>,
+}
+
+/// TLS on the client port: the server's certificate and key, and the CA whose client
+/// certificates it requires (PEM files).
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: std::path::PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -26,19 +36,31 @@ fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts a server and waits until it answers `/health`.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(None)
+    }
+
+    /// Starts a server whose client port speaks TLS and requires a client certificate, and
+    /// waits until it accepts connections.
+    pub fn start_tls(tls: Tls) -> EtcdServer {
+        EtcdServer::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<Tls>) -> EtcdServer {
         let mut s = EtcdServer {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         s.restart();
         s
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Starts it again (after [`EtcdServer::stop`] or [`EtcdServer::kill`]) on the same ports
@@ -48,7 +70,17 @@ impl EtcdServer {
         let bin = std::env::var("STEWARD_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "steward-test", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -76,10 +108,14 @@ impl EtcdServer {
         }
     }
 
+    /// Answers `/health` (with TLS, which this harness does not speak: accepts connections).
     fn healthy(&self) -> bool {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .is_err()
@@ -89,6 +125,33 @@ impl EtcdServer {
         let mut body = String::new();
         let _ = s.read_to_string(&mut body);
         body.contains("\"health\":\"true\"")
+    }
+
+    /// POSTs JSON to etcd's gateway (`/v3/...`, plain HTTP only) as etcd's own tools would;
+    /// panics unless it answers 200.
+    pub fn post(&self, path: &str, body: &str) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+        resp
+    }
+
+    /// Turns on etcd's password authentication, with `root` (password `password`) as its
+    /// only user.
+    pub fn enable_auth(&self, password: &str) {
+        self.post(
+            "/v3/auth/user/add",
+            &format!(r#"{{"name":"root","password":"{password}"}}"#),
+        );
+        self.post("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#);
+        self.post("/v3/auth/enable", "{}");
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {

@@ -203,43 +203,56 @@ async fn restarts_of_etcd_lose_no_change_on_any_node() {
 async fn an_unreachable_etcd_stops_everything_within_the_staleness_limit_and_recovers() {
     let mut etcd = EtcdServer::start();
     let stale_after = Duration::from_secs(2);
-    let n = node(&etcd, stale_after).await;
-    set(&n, "*", Go, "").await;
-    until(&n, "go", |s| state_of(s, "*") == Some(Go)).await;
+    let nodes = [
+        node(&etcd, stale_after).await,
+        node(&etcd, stale_after).await,
+    ];
+    set(&nodes[0], "*", Go, "").await;
+    for n in &nodes {
+        until(n, "go", |s| state_of(s, "*") == Some(Go)).await;
+    }
 
     // Frozen: connections hang and no read answers.
     etcd.freeze();
     let frozen = tokio::time::Instant::now();
-    until(&n, "unreadable while frozen", |s| {
-        matches!(s, Snapshot::Unreadable(_))
-    })
-    .await;
+    for n in &nodes {
+        until(n, "unreadable while frozen", |s| {
+            matches!(s, Snapshot::Unreadable(_))
+        })
+        .await;
+        assert_eq!(n.handle.verdict("erase", &BTreeMap::new()).state, Stop);
+        assert!(n.handle.alert().is_some());
+    }
     assert!(
         frozen.elapsed() < stale_after + Duration::from_secs(2),
-        "stopped after {:?}",
+        "every node stopped after {:?}",
         frozen.elapsed()
     );
-    assert_eq!(n.handle.verdict("erase", &BTreeMap::new()).state, Stop);
-    assert!(n.handle.alert().is_some());
     etcd.thaw();
-    until(&n, "readable after the thaw", |s| {
-        state_of(s, "*") == Some(Go)
-    })
-    .await;
+    for n in &nodes {
+        until(n, "readable after the thaw", |s| {
+            state_of(s, "*") == Some(Go)
+        })
+        .await;
+    }
 
     // Gone: connections are refused.
     etcd.kill();
-    until(&n, "unreadable while down", |s| {
-        matches!(s, Snapshot::Unreadable(_))
-    })
-    .await;
+    for n in &nodes {
+        until(n, "unreadable while down", |s| {
+            matches!(s, Snapshot::Unreadable(_))
+        })
+        .await;
+    }
     etcd.restart();
-    until(&n, "readable after the restart", |s| {
-        state_of(s, "*") == Some(Go)
-    })
-    .await;
-    assert!(n.handle.alert().is_none());
-    n.tasks.token().cancel();
+    for n in &nodes {
+        until(n, "readable after the restart", |s| {
+            state_of(s, "*") == Some(Go)
+        })
+        .await;
+        assert!(n.handle.alert().is_none());
+        n.tasks.token().cancel();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +265,7 @@ async fn an_entry_that_is_not_steward_s_makes_the_list_unreadable_naming_the_key
         "key": base64("/steward/estop/erase"),
         "value": base64("stop"),
     });
-    put_json(&etcd, &body.to_string());
+    etcd.post("/v3/kv/put", &body.to_string());
     until(&n, "unreadable", |s| matches!(s, Snapshot::Unreadable(_))).await;
     let alert = n.handle.alert().unwrap();
     assert!(alert.contains("/steward/estop/erase"), "{alert}");
@@ -277,19 +290,4 @@ fn base64(s: &str) -> String {
         }
     }
     out
-}
-
-/// A put through etcd's JSON gateway, as an operator's tool would write a key.
-fn put_json(etcd: &EtcdServer, body: &str) {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", etcd.client_port)).unwrap();
-    write!(
-        s,
-        "POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }

@@ -684,20 +684,34 @@ async fn start_estop(
         stale_after: cfg.estop_stale_after,
     };
     let handle = estop::EStop::start(source, clock, opts, tasks).await;
-    let shared = matches!(
-        cfg.estop_source(),
-        EStopSourceKind::Db | EStopSourceKind::Etcd
-    );
-    if shared && fresh.db {
-        handle
-            .set(
+    // The first start says what may run: `* = go`. In the database, when the database is new
+    // (there can be no entry yet); in etcd, which other nodes share and outlives any node's
+    // database, only when the prefix holds no entry at all, and never over an entry that
+    // appears meanwhile. An etcd that cannot be reached now is not a reason not to start.
+    let seed = match cfg.estop_source() {
+        EStopSourceKind::File => false,
+        EStopSourceKind::Db => fresh.db,
+        EStopSourceKind::Etcd => {
+            fresh.db
+                && matches!(&*handle.snapshot(), domain::estop::Snapshot::Ok(l) if l.entries.is_empty())
+        }
+    };
+    if seed {
+        let seeded = handle
+            .create(
                 domain::estop::Target::All,
                 domain::estop::EStopState::Go,
                 estop::INITIAL_REASON.into(),
                 "steward".into(),
             )
-            .await
-            .context("seeding the e-stop list")?;
+            .await;
+        match seeded {
+            Ok(_) => {}
+            Err(e) if cfg.estop_source() == EStopSourceKind::Etcd => {
+                tracing::warn!(error = %e, "could not write * = go into the empty e-stop list in etcd; everything stays stopped until an entry says go");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("seeding the e-stop list")),
+        }
     }
     match handle.alert() {
         Some(alert) => {

@@ -463,3 +463,150 @@ async fn the_break_glass_socket_stops_everything_while_tokens_cannot_be_checked(
         assert!(!out.status.success(), "another user used the socket");
     }
 }
+
+/// `steward estop list --json` as JSON.
+fn estop_list(server: &Server) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["estop", "list", "--json", "--addr", &server.addr])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The e-stop in etcd over TLS with client certificates: a node with the certificate reads,
+/// sets and follows the list; one without cannot read it, and stops everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_estop_in_etcd_over_tls_needs_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = api::tls::testing::Ca::new();
+    let (server, client) = (ca.leaf("etcd"), ca.client("steward"));
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_file = file("ca.pem", &ca.pem);
+    let etcd = estop::testing::EtcdServer::start_tls(estop::testing::Tls {
+        cert: file("etcd.pem", &server.cert_pem).into(),
+        key: file("etcd.key", &server.key_pem).into(),
+        client_ca: ca_file.clone().into(),
+    });
+    let endpoints = format!("[\"{}\"]", etcd.endpoint());
+    let (cert, key) = (
+        file("client.pem", &client.cert_pem),
+        file("client.key", &client.key_pem),
+    );
+    let common = [
+        ("STEWARD_ESTOP_SOURCE", "etcd"),
+        ("STEWARD_ETCD_ENDPOINTS", endpoints.as_str()),
+        ("STEWARD_ETCD_CA", ca_file.as_str()),
+    ];
+    let mut with_cert = common.to_vec();
+    with_cert.extend([
+        ("STEWARD_ETCD_CERT", cert.as_str()),
+        ("STEWARD_ETCD_KEY", key.as_str()),
+    ]);
+    let a = Server::start(&dir.path().join("a"), &with_cert).await;
+    eventually("the list to be readable over TLS", LONG, || {
+        estop_list(&a)["readable"] == true
+    })
+    .await;
+    cli(
+        &a,
+        &["estop", "set", "site=aap", "stop", "--reason", "INC-11"],
+    );
+    let list = estop_list(&a);
+    assert!(
+        list["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["target"] == "site=aap" && e["state"] == "stop"),
+        "{list}"
+    );
+    // Without the client certificate etcd refuses the node: it runs nothing.
+    let b = Server::start(&dir.path().join("b"), &common).await;
+    let list = estop_list(&b);
+    assert_eq!(list["readable"], false, "{list}");
+    let (code, body) = http_get(&b.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("estop_unreadable"), "{body}");
+}
+
+/// The e-stop in etcd with etcd's password authentication: the right password reads and
+/// writes; a wrong one stops everything and says why; the password is never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_estop_in_etcd_with_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = estop::testing::EtcdServer::start();
+    etcd.enable_auth("s3cret-etcd-pw");
+    let endpoints = format!("[\"{}\"]", etcd.endpoint());
+    let ep = endpoints.as_str();
+    let env = move |password: &'static str| {
+        vec![
+            ("STEWARD_ESTOP_SOURCE", "etcd"),
+            ("STEWARD_ETCD_ENDPOINTS", ep),
+            ("STEWARD_ETCD_USERNAME", "root"),
+            ("STEWARD_ETCD_PASSWORD", password),
+        ]
+    };
+    let a = Server::start(&dir.path().join("a"), &env("s3cret-etcd-pw")).await;
+    eventually("the list to be readable with the password", LONG, || {
+        estop_list(&a)["readable"] == true
+    })
+    .await;
+    cli(
+        &a,
+        &["estop", "set", "erase", "pause", "--reason", "INC-12"],
+    );
+    assert!(estop_list(&a).to_string().contains("INC-12"));
+    let b = Server::start(&dir.path().join("b"), &env("wrong")).await;
+    let list = estop_list(&b);
+    assert_eq!(list["readable"], false, "{list}");
+    assert!(
+        list["error"].as_str().unwrap().contains("authenticating"),
+        "{list}"
+    );
+    // The password is in neither log nor printed config.
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["serve", "--print-config", "--data-dir"])
+        .arg(dir.path().join("a"))
+        .envs(env("s3cret-etcd-pw"))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.contains("etcd_password = \"***\""), "{printed}");
+    for text in [printed.to_string(), a.log_text(), b.log_text()] {
+        assert!(!text.contains("s3cret-etcd-pw"));
+    }
+}
+
+/// A node that joins with a fresh database never writes its first-start `* = go` over the
+/// entries in etcd: only an empty prefix is seeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_never_seeds_over_the_list_in_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = estop::testing::EtcdServer::start();
+    let endpoints = format!("[\"{}\"]", etcd.endpoint());
+    let env = [
+        ("STEWARD_ESTOP_SOURCE", "etcd"),
+        ("STEWARD_ETCD_ENDPOINTS", endpoints.as_str()),
+    ];
+    let a = Server::start(&dir.path().join("a"), &env).await;
+    eventually("a to seed * = go", LONG, || {
+        estop_list(&a).to_string().contains("\"go\"")
+    })
+    .await;
+    cli(&a, &["estop", "set", "*", "stop", "--reason", "INC-13"]);
+    let b = Server::start(&dir.path().join("b"), &env).await;
+    let list = estop_list(&b);
+    let all: Vec<_> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == "*")
+        .collect();
+    assert_eq!(all.len(), 1, "{list}");
+    assert_eq!(all[0]["state"], "stop", "{list}");
+    assert_eq!(all[0]["reason"], "INC-13", "{list}");
+}

@@ -82,12 +82,7 @@ async fn otlp_receiver() -> (String, Spans) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    #[allow(clippy::disallowed_methods)] // test scaffolding, ends with the test's runtime
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    let addr = serve_loopback(app).await;
     (format!("http://{addr}"), got)
 }
 
@@ -253,12 +248,7 @@ async fn sentry_receiver() -> (String, Envelopes) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    #[allow(clippy::disallowed_methods)] // test scaffolding, ends with the test's runtime
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    let addr = serve_loopback(app).await;
     (format!("http://publickey@{addr}/42"), got)
 }
 

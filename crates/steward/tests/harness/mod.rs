@@ -443,6 +443,17 @@ pub fn logged_job(log: &Path) -> String {
     ))
 }
 
+/// Serves `app` on a free loopback port until the test's runtime ends; its address.
+pub async fn serve_loopback(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    #[allow(clippy::disallowed_methods)] // test scaffolding, ends with the test's runtime
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
 pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
 
 /// An HTTP server on a free loopback port that records every POST (path, JSON body); the
