@@ -505,6 +505,7 @@ fn start_scanner() -> io::Result<std::sync::mpsc::Sender<(Target, PathBuf)>> {
     std::thread::Builder::new()
         .name("steward-job-scanner".into())
         .spawn(move || {
+            yield_to_jobs();
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 while let Ok(more) = rx.try_recv() {
@@ -683,6 +684,16 @@ fn cgroup_kill(dir: &Path) {
     }
 }
 
+/// Lowers the calling thread's priority (nice 10): the cleanup after ended attempts (removing
+/// cgroups, scanning `/proc`) gives way to the runtime, which, when a stop ends a thousand
+/// attempts at once, is still killing and recording the rest. nix has no `setpriority`.
+#[allow(unsafe_code)]
+fn yield_to_jobs() {
+    // SAFETY: setpriority(2) takes no pointers; on Linux, PRIO_PROCESS with 0 is the calling
+    // thread. Failure (a kernel that refuses) leaves the priority as it was.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
 /// [`end_cgroup_blocking`] off the runtime, awaited.
 async fn end_cgroup(dir: &Path) {
     let dir = dir.to_owned();
@@ -697,6 +708,7 @@ fn start_cleaner() -> io::Result<std::sync::mpsc::Sender<(PathBuf, PathBuf)>> {
     std::thread::Builder::new()
         .name("steward-cgroup-cleaner".into())
         .spawn(move || {
+            yield_to_jobs();
             for (dir, ledger_entry) in rx {
                 end_cgroup_blocking(&dir);
                 let _ = fs::remove_file(&ledger_entry);

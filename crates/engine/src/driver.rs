@@ -416,7 +416,9 @@ impl Driver<'_> {
         match v.state {
             EStopState::Stop => {
                 if !self.token.is_cancelled() {
-                    tracing::warn!(verdict = %v, "e-stop: stopping the run and cancelling its in-flight jobs");
+                    // The run's end line says why; a stop of a thousand runs is a thousand
+                    // lines already.
+                    tracing::debug!(verdict = %v, "e-stop: stopping the run and cancelling its in-flight jobs");
                     if let Ok(mut h) = self.halt.lock()
                         && h.is_none()
                     {
@@ -865,6 +867,7 @@ impl Driver<'_> {
         mut ts: Vec<Transition>,
     ) -> store::Result<()> {
         let at = self.inner.now();
+        let cause = stop_cause.as_ref().map(ToString::to_string);
         ts.push(Transition::RunFinished {
             state,
             at,
@@ -873,7 +876,10 @@ impl Driver<'_> {
         });
         self.commit_alone(ts).await?;
         self.finished(state);
-        tracing::info!(%state, "run finished");
+        match cause {
+            Some(cause) => tracing::info!(%state, %cause, "run finished"),
+            None => tracing::info!(%state, "run finished"),
+        }
         Ok(())
     }
 
