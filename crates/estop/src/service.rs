@@ -330,18 +330,9 @@ impl EStopHandle {
             )));
         }
         check_actor(&actor)?;
-        let entry = Entry {
-            target,
-            state,
-            reason,
-            set_by: actor,
-            set_at: self.shared.clock.now().to_rfc3339(),
-        };
+        let entry = self.entry(target, state, reason, actor);
         let res = self.shared.source.set(entry, source).await;
-        self.shared.reload(false).await;
-        if let Ok(rec) = &res {
-            self.shared.announce(rec.clone());
-        }
+        self.published(res.as_ref().ok()).await;
         res
     }
 
@@ -355,19 +346,31 @@ impl EStopHandle {
         actor: String,
     ) -> Result<Option<AuditRecord>, SourceError> {
         check_actor(&actor)?;
-        let entry = Entry {
+        let entry = self.entry(target, state, reason, actor);
+        let res = self.shared.source.create(entry, API_SOURCE).await;
+        self.published(res.as_ref().ok().and_then(Option::as_ref))
+            .await;
+        res
+    }
+
+    /// An entry set now by `actor`.
+    fn entry(&self, target: Target, state: EStopState, reason: String, actor: String) -> Entry {
+        Entry {
             target,
             state,
             reason,
             set_by: actor,
             set_at: self.shared.clock.now().to_rfc3339(),
-        };
-        let res = self.shared.source.create(entry, API_SOURCE).await;
+        }
+    }
+
+    /// After a change through this handle: the new list is published before the caller hears
+    /// back, and the change (`None`: nothing changed) is announced.
+    async fn published(&self, change: Option<&AuditRecord>) {
         self.shared.reload(false).await;
-        if let Ok(Some(rec)) = &res {
+        if let Some(rec) = change {
             self.shared.announce(rec.clone());
         }
-        res
     }
 
     /// Removes the entry of `target` (runs it matched fall back to other entries or to the
@@ -385,10 +388,8 @@ impl EStopHandle {
             .source
             .clear(&target, &actor, reason.trim(), API_SOURCE)
             .await;
-        self.shared.reload(false).await;
-        if let Ok(Some(rec)) = &res {
-            self.shared.announce(rec.clone());
-        }
+        self.published(res.as_ref().ok().and_then(Option::as_ref))
+            .await;
         res
     }
 
