@@ -229,6 +229,12 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
         // Filled by the caller, which knows the e-stop list.
         estop: None,
         submitted_by: r.submitted_by.clone(),
+        schedule: r
+            .schedule
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        nominal_time: ts(r.schedule.as_ref().map(|s| s.nominal_time)),
     }
 }
 
@@ -245,6 +251,120 @@ pub fn summary_to_wire(r: &RunSummary) -> pb::RunSummary {
         error: r.error.clone().unwrap_or_default(),
         stop_cause: r.stop_cause.as_ref().map(stop_cause_to_wire),
         submitted_by: r.submitted_by.clone(),
+        schedule: r
+            .schedule
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        nominal_time: ts(r.schedule.as_ref().map(|s| s.nominal_time)),
+    }
+}
+
+/// A schedule from the wire, checked as its file would be (the same field names).
+pub fn schedule_from_wire(
+    s: Option<pb::ScheduleSpec>,
+) -> Result<domain::schedule::ScheduleSpec, domain::SpecError> {
+    let one = |path: &str, m: &str| domain::SpecError(vec![domain::FieldError::new(path, m)]);
+    let s = s.ok_or_else(|| one("spec", "required"))?;
+    let workflow =
+        spec_from_wire(s.workflow.ok_or_else(|| one("workflow", "required"))?).map_err(|e| {
+            domain::SpecError(
+                e.0.into_iter()
+                    .map(|f| domain::FieldError::new(format!("workflow.{}", f.path), f.message))
+                    .collect(),
+            )
+        })?;
+    let workflow = serde_json::to_value(&workflow).map_err(|e| one("workflow", &e.to_string()))?;
+    let mut doc = serde_json::Map::new();
+    doc.insert("schedule".into(), s.schedule.into());
+    for (key, value) in [
+        ("cron", s.cron),
+        ("every", s.every),
+        ("timezone", s.timezone),
+        ("catchup_window", s.catchup_window),
+        ("overlap", s.overlap),
+        ("jitter", s.jitter),
+    ] {
+        if !value.is_empty() {
+            doc.insert(key.into(), value.into());
+        }
+    }
+    doc.insert("workflow".into(), workflow);
+    domain::schedule::ScheduleSpec::from_value(serde_json::Value::Object(doc))
+}
+
+/// A schedule's spec on the wire, as a client sends it.
+pub fn schedule_spec_to_wire(s: &domain::schedule::ScheduleSpec) -> pb::ScheduleSpec {
+    pb::ScheduleSpec {
+        schedule: s.schedule.clone(),
+        cron: s.cron.clone().unwrap_or_default(),
+        every: s.every.map(|d| d.to_string()).unwrap_or_default(),
+        timezone: s.timezone.clone(),
+        catchup_window: s.catchup_window.to_string(),
+        overlap: s.overlap.as_str().to_owned(),
+        jitter: if s.jitter.0.is_zero() {
+            String::new()
+        } else {
+            s.jitter.to_string()
+        },
+        workflow: Some(spec_to_wire(&s.workflow)),
+    }
+}
+
+pub fn schedule_to_wire(v: &engine::ScheduleView) -> pb::Schedule {
+    use domain::schedule::FireOutcome;
+    let st = &v.record.state;
+    let paused = st.paused.as_ref();
+    pb::Schedule {
+        // As every surface shows it: its workflow through the redaction rule.
+        spec: Some(schedule_spec_to_wire(&domain::schedule::ScheduleSpec {
+            workflow: actions::redact_spec(&v.record.spec.workflow).into_owned(),
+            ..v.record.spec.clone()
+        })),
+        paused: paused.is_some(),
+        pause_reason: paused.map(|p| p.reason.clone()).unwrap_or_default(),
+        paused_by: paused.map(|p| p.by.clone()).unwrap_or_default(),
+        paused_at: ts(paused.map(|p| p.at)),
+        created_at: st.created_at.to_rfc3339(),
+        created_by: st.created_by.clone(),
+        updated_at: st.updated_at.to_rfc3339(),
+        updated_by: st.updated_by.clone(),
+        cursor: st.cursor.to_rfc3339(),
+        upcoming: v
+            .upcoming
+            .iter()
+            .map(|(t, local)| pb::UpcomingFire {
+                nominal_time: t.to_rfc3339(),
+                local_time: local.clone(),
+            })
+            .collect(),
+        buffered: ts(st.buffered),
+        backfill_next: ts(st.backfill.map(|b| b.next)),
+        backfill_to: ts(st.backfill.map(|b| b.to)),
+        last_run: st.last_run.map(|r| r.to_string()).unwrap_or_default(),
+        fired: st.fired,
+        missed: st.missed,
+        skipped: st.skipped,
+        history: st
+            .history
+            .iter()
+            .map(|h| {
+                let (outcome, run) = match &h.outcome {
+                    FireOutcome::Started { run } => ("started", Some(*run)),
+                    FireOutcome::Triggered { run } => ("triggered", Some(*run)),
+                    FireOutcome::Buffered => ("buffered", None),
+                    FireOutcome::Missed { .. } => ("missed", None),
+                    FireOutcome::Skipped { .. } => ("skipped", None),
+                };
+                pb::FireRecord {
+                    nominal_time: h.nominal.to_rfc3339(),
+                    at: h.at.to_rfc3339(),
+                    outcome: outcome.to_owned(),
+                    run_id: run.map(|r| r.to_string()).unwrap_or_default(),
+                    detail: h.outcome.to_string(),
+                }
+            })
+            .collect(),
     }
 }
 

@@ -3,6 +3,7 @@
 use proto::v1 as pb;
 use proto::v1::admin_server::Admin;
 use proto::v1::e_stop_server::EStop;
+use proto::v1::schedules_server::Schedules;
 use proto::v1::steward_server::Steward;
 use tonic::{Request, Response, Status};
 
@@ -177,6 +178,98 @@ impl Admin for Service {
         let who = caller(&req)?;
         Ok(Response::new(
             Service::access_log(self, &who, req.into_inner()).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl Schedules for Service {
+    async fn create(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let who = caller(&req)?;
+        let spec = crate::convert::schedule_from_wire(req.into_inner().spec);
+        Ok(Response::new(
+            self.schedule_create(&who, spec, false).await?,
+        ))
+    }
+
+    async fn update(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let who = caller(&req)?;
+        let spec = crate::convert::schedule_from_wire(req.into_inner().spec);
+        Ok(Response::new(self.schedule_create(&who, spec, true).await?))
+    }
+
+    async fn get(
+        &self,
+        req: Request<pb::ScheduleNameRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.schedule_get(&who, &req.into_inner().name).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ScheduleListRequest>,
+    ) -> Result<Response<pb::ScheduleListResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(self.schedule_list(&who).await?))
+    }
+
+    async fn pause(
+        &self,
+        req: Request<pb::SchedulePauseRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.schedule_pause(&who, &r.name, &r.reason).await?,
+        ))
+    }
+
+    async fn resume(
+        &self,
+        req: Request<pb::ScheduleNameRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.schedule_resume(&who, &req.into_inner().name).await?,
+        ))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::ScheduleNameRequest>,
+    ) -> Result<Response<pb::ScheduleDeleteResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.schedule_delete(&who, &req.into_inner().name).await?,
+        ))
+    }
+
+    async fn trigger(
+        &self,
+        req: Request<pb::ScheduleNameRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.schedule_trigger(&who, &req.into_inner().name).await?,
+        ))
+    }
+
+    async fn backfill(
+        &self,
+        req: Request<pb::ScheduleBackfillRequest>,
+    ) -> Result<Response<pb::ScheduleBackfillResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            self.schedule_backfill(&who, req.into_inner()).await?,
         ))
     }
 }

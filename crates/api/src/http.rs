@@ -80,6 +80,141 @@ fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
     WorkflowSpec::parse_unchecked(body).map_err(|e| ApiError::invalid_spec(&e))
 }
 
+/// A schedule from a request body: `{"spec": ScheduleSpec}` (the ScheduleRequest message), or
+/// a schedule file as is (YAML or JSON, the schema of docs/schedules.md).
+fn schedule_from_body(body: &str) -> Result<domain::schedule::ScheduleSpec, domain::SpecError> {
+    let one = |m: String| domain::SpecError(vec![domain::FieldError::new("schedule", m)]);
+    domain::limits::check_depth(body, domain::limits::MAX_SPEC_DEPTH).map_err(one)?;
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(body)
+        && m.contains_key("spec")
+    {
+        let req: pb::ScheduleRequest =
+            serde_json::from_str(body).map_err(|e| one(format!("body: {e}")))?;
+        return crate::convert::schedule_from_wire(req.spec);
+    }
+    domain::schedule::ScheduleSpec::parse(body)
+}
+
+async fn schedule_create(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: String,
+) -> Result<Json<pb::Schedule>, ApiError> {
+    let spec = schedule_from_body(&body);
+    st.service
+        .schedule_create(&who, spec, false)
+        .await
+        .map(Json)
+}
+
+async fn schedule_update(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    body: String,
+) -> Result<Json<pb::Schedule>, ApiError> {
+    let spec = schedule_from_body(&body).and_then(|s| {
+        if s.schedule == name {
+            Ok(s)
+        } else {
+            Err(domain::SpecError(vec![domain::FieldError::new(
+                "schedule",
+                format!(
+                    "{:?} does not match the path's {:?}",
+                    domain::limits::clip(&s.schedule),
+                    domain::limits::clip(&name)
+                ),
+            )]))
+        }
+    });
+    st.service.schedule_create(&who, spec, true).await.map(Json)
+}
+
+async fn schedule_list(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+) -> Result<Json<pb::ScheduleListResponse>, ApiError> {
+    st.service.schedule_list(&who).await.map(Json)
+}
+
+async fn schedule_get(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<pb::Schedule>, ApiError> {
+    st.service.schedule_get(&who, &name).await.map(Json)
+}
+
+async fn schedule_delete(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<pb::ScheduleDeleteResponse>, ApiError> {
+    st.service.schedule_delete(&who, &name).await.map(Json)
+}
+
+async fn schedule_pause(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    body: String,
+) -> Result<Json<pb::Schedule>, ApiError> {
+    let body: CancelBody = if body.trim().is_empty() {
+        CancelBody::default()
+    } else {
+        serde_json::from_str(&body)
+            .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?
+    };
+    st.service
+        .schedule_pause(&who, &name, &body.reason)
+        .await
+        .map(Json)
+}
+
+async fn schedule_resume(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<pb::Schedule>, ApiError> {
+    st.service.schedule_resume(&who, &name).await.map(Json)
+}
+
+async fn schedule_trigger(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<pb::SubmitResponse>, ApiError> {
+    st.service.schedule_trigger(&who, &name).await.map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    from: String,
+    to: String,
+}
+
+async fn schedule_backfill(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    body: String,
+) -> Result<Json<pb::ScheduleBackfillResponse>, ApiError> {
+    let body: BackfillBody = serde_json::from_str(&body)
+        .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
+    st.service
+        .schedule_backfill(
+            &who,
+            pb::ScheduleBackfillRequest {
+                name,
+                from: body.from,
+                to: body.to,
+            },
+        )
+        .await
+        .map(Json)
+}
+
 async fn submit(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
@@ -123,6 +258,7 @@ struct ListQuery {
     label: Option<String>,
     page_size: Option<u32>,
     page_token: Option<String>,
+    schedule: Option<String>,
 }
 
 async fn list(
@@ -158,6 +294,7 @@ async fn list(
         labels: labels.into_iter().collect(),
         page_size: q.page_size.unwrap_or(0),
         page_token: q.page_token.unwrap_or_default(),
+        schedule: q.schedule.unwrap_or_default(),
     };
     st.service.list(&who, req).await.map(Json)
 }
@@ -375,6 +512,17 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs/{id}/clone", post(clone_run))
         .route("/v1/runs/{id}/watch", get(watch))
         .route("/v1/validate", post(validate))
+        .route("/v1/schedules", post(schedule_create).get(schedule_list))
+        .route(
+            "/v1/schedules/{name}",
+            get(schedule_get)
+                .put(schedule_update)
+                .delete(schedule_delete),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedule_pause))
+        .route("/v1/schedules/{name}/resume", post(schedule_resume))
+        .route("/v1/schedules/{name}/trigger", post(schedule_trigger))
+        .route("/v1/schedules/{name}/backfill", post(schedule_backfill))
         .route("/v1/estop", get(estop_list).post(estop_set))
         .route("/v1/estop/clear", post(estop_clear))
         .route("/v1/estop/audit", get(estop_audit))

@@ -15,6 +15,7 @@ mod grpc;
 pub mod http;
 pub mod local;
 mod metrics;
+pub mod schedules;
 pub mod service;
 pub mod tls;
 
@@ -311,12 +312,16 @@ impl Api {
             .max_decoding_message_size(http::MAX_BODY_BYTES);
         let estop = proto::v1::e_stop_server::EStopServer::new(self.state.service.clone());
         let admin = proto::v1::admin_server::AdminServer::new(self.state.service.clone());
+        let schedules =
+            proto::v1::schedules_server::SchedulesServer::new(self.state.service.clone())
+                .max_decoding_message_size(http::MAX_BODY_BYTES);
         let health = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.state.health.clone()),
         );
         let grpc = tonic::service::Routes::new(steward)
             .add_service(estop)
             .add_service(admin)
+            .add_service(schedules)
             .add_service(health)
             .prepare()
             .into_axum_router();

@@ -53,7 +53,10 @@ impl From<EngineError> for ApiError {
                 violations: p.0.iter().map(policy_violation).collect(),
             },
             EngineError::InvalidArgument(_) => ApiError::new(Code::InvalidArgument, e.to_string()),
-            EngineError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
+            EngineError::NotFound(_) | EngineError::ScheduleNotFound(_) => {
+                ApiError::new(Code::NotFound, e.to_string())
+            }
+            EngineError::ScheduleExists(_) => ApiError::new(Code::AlreadyExists, e.to_string()),
             EngineError::AlreadyExists { .. } | EngineError::KeyReused { .. } => {
                 ApiError::new(Code::AlreadyExists, e.to_string())
             }
@@ -444,6 +447,7 @@ impl Service {
         self.authorize(caller, &Call::List, "")?;
         check_len("name", &req.name, domain::spec::MAX_NAME_LEN)?;
         check_len("page_token", &req.page_token, limits::MAX_RUN_ID_LEN)?;
+        check_len("schedule", &req.schedule, domain::spec::MAX_NAME_LEN)?;
         if req.labels.len() > domain::spec::MAX_LABELS {
             return Err(invalid(format!(
                 "labels: {} selectors; the limit is {}",
@@ -473,6 +477,7 @@ impl Service {
             labels: req.labels.into_iter().collect(),
             page_size: req.page_size,
             page_token: (!req.page_token.is_empty()).then_some(req.page_token),
+            schedule: (!req.schedule.is_empty()).then_some(req.schedule),
         };
         let page = self.engine.list(&filter).await?;
         Ok(pb::ListResponse {

@@ -332,6 +332,7 @@ fn new_run(spec: &domain::WorkflowSpec, now: domain::Timestamp) -> store::NewRun
         expires_at: now.plus(Duration::from_secs(3600)),
         cloned_from: None,
         submitted_by: "bench".into(),
+        schedule: None,
     }
 }
 

@@ -516,6 +516,7 @@ pub(crate) async fn runs(
             labels,
             page_size: PAGE_SIZE,
             page_token: q.page.clone(),
+            schedule: String::new(),
         };
         match inner.service.list(&s.caller, req).await {
             Ok(page) => {

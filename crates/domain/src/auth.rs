@@ -3,9 +3,10 @@
 //!
 //! | call | viewer | submitter | responder | operator | admin |
 //! |---|---|---|---|---|---|
-//! | Status, List, Watch, Validate, e-stop list and audit | Y | Y | Y | Y | Y |
+//! | Status, List, Watch, Validate, schedules, e-stop list and audit | Y | Y | Y | Y | Y |
 //! | Submit, Exec, Clone; Cancel of its own runs | – | Y | – | Y | Y |
-//! | Cancel any run | – | – | – | Y | Y |
+//! | Schedules: create, update, trigger, backfill | – | Y | – | Y | Y |
+//! | Cancel any run; schedules: pause, resume, delete | – | – | – | Y | Y |
 //! | E-stop `stop` / `pause` | – | – | Y | Y | Y |
 //! | E-stop `go` / clear | – | – | – | Y | Y |
 //! | Tokens, the access log | – | – | – | – | Admin |
@@ -53,7 +54,9 @@ impl Role {
     pub fn allows(self, call: &Call) -> bool {
         use Role::*;
         match call {
-            Call::Status | Call::List | Call::Watch | Call::Validate => true,
+            Call::Status | Call::List | Call::Watch | Call::Validate | Call::ScheduleRead => true,
+            Call::ScheduleWrite => matches!(self, Submitter | Operator | Admin),
+            Call::ScheduleControl => matches!(self, Operator | Admin),
             Call::EStopList | Call::EStopAudit => true,
             Call::Submit | Call::Exec | Call::Clone => matches!(self, Submitter | Operator | Admin),
             Call::Cancel { own: true } => matches!(self, Submitter | Operator | Admin),
@@ -112,6 +115,12 @@ pub enum Call {
         state: EStopState,
     },
     EStopClear,
+    /// Listing and showing schedules.
+    ScheduleRead,
+    /// Creating, updating, triggering and backfilling a schedule.
+    ScheduleWrite,
+    /// Pausing, resuming and deleting a schedule.
+    ScheduleControl,
     /// Creating, listing and revoking tokens.
     Tokens,
     AccessLog,
@@ -133,6 +142,9 @@ impl fmt::Display for Call {
             Call::Cancel { own: false } => f.write_str("Cancel of another's run"),
             Call::EStopSet { state } => write!(f, "EStopSet {state}"),
             Call::EStopClear => f.write_str("EStopClear"),
+            Call::ScheduleRead => f.write_str("ScheduleRead"),
+            Call::ScheduleWrite => f.write_str("ScheduleWrite"),
+            Call::ScheduleControl => f.write_str("ScheduleControl"),
             Call::Tokens => f.write_str("Tokens"),
             Call::AccessLog => f.write_str("AccessLog"),
         }
@@ -276,6 +288,9 @@ mod tests {
             (Call::EStopSet { state: Pause }, "ROA"),
             (Call::EStopSet { state: Go }, "OA"),
             (Call::EStopClear, "OA"),
+            (Call::ScheduleRead, "VSROA"),
+            (Call::ScheduleWrite, "S OA"),
+            (Call::ScheduleControl, "OA"),
             (Call::Tokens, "A"),
             (Call::AccessLog, "A"),
         ];

@@ -39,6 +39,9 @@ pub struct Run {
     /// The name of the token that submitted it (empty when authentication is off).
     #[serde(default)]
     pub submitted_by: String,
+    /// The schedule whose fire created it, and that fire's nominal time.
+    #[serde(default)]
+    pub schedule: Option<ScheduledBy>,
     pub blocks: Vec<BlockStatus>,
 }
 
@@ -58,6 +61,15 @@ pub struct RunSummary {
     /// The name of the token that submitted it (empty when authentication is off).
     #[serde(default)]
     pub submitted_by: String,
+    #[serde(default)]
+    pub schedule: Option<ScheduledBy>,
+}
+
+/// The schedule fire a run was created by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledBy {
+    pub name: String,
+    pub nominal_time: Timestamp,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -393,7 +393,7 @@ impl WorkflowSpec {
     }
 }
 
-fn check_name(name: &str) -> Option<String> {
+pub(crate) fn check_name(name: &str) -> Option<String> {
     if name.len() > MAX_NAME_LEN {
         return Some(format!(
             "is {} bytes; the limit is {MAX_NAME_LEN}",

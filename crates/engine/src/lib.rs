@@ -22,6 +22,9 @@ mod failpoints;
 mod maintenance;
 pub mod metrics;
 mod otel;
+mod schedules;
+
+pub use schedules::{ScheduleEvent, ScheduleView, UPCOMING};
 
 pub use domain::stop::ShutdownMode;
 
@@ -179,6 +182,10 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("run {0} not found")]
     NotFound(RunId),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(String),
+    #[error("schedule {0} exists already; use update to change it")]
+    ScheduleExists(String),
     /// Exec of a run that is executing or finished: nothing was done.
     #[error("run {id} is already {state}; nothing was done")]
     AlreadyExists { id: RunId, state: RunState },
@@ -237,6 +244,10 @@ pub(crate) struct Inner {
     pub(crate) opts: EngineOptions,
     pub(crate) store: Arc<dyn RunStore>,
     pub(crate) buckets: Arc<dyn store::BucketStore>,
+    pub(crate) schedules: Arc<dyn store::ScheduleStore>,
+    /// Wakes the scheduler: a schedule of this node changed.
+    pub(crate) schedule_changed: tokio::sync::Notify,
+    pub(crate) schedule_events: broadcast::Sender<ScheduleEvent>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) job_slots: Arc<Semaphore>,
     pub(crate) active: Mutex<HashMap<RunId, ActiveRun>>,
@@ -276,13 +287,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new<S: RunStore + store::BucketStore>(
+    pub fn new<S: RunStore + store::BucketStore + store::ScheduleStore>(
         opts: EngineOptions,
         store: Arc<S>,
         clock: Arc<dyn Clock>,
         estop: EStopFeed,
     ) -> Engine {
         let buckets: Arc<dyn store::BucketStore> = store.clone();
+        let schedules: Arc<dyn store::ScheduleStore> = store.clone();
         let store: Arc<dyn RunStore> = store;
         let (events, _) = broadcast::channel(4096);
         let tracker = TaskTracker::new();
@@ -299,6 +311,9 @@ impl Engine {
                 opts,
                 store,
                 buckets,
+                schedules,
+                schedule_changed: tokio::sync::Notify::new(),
+                schedule_events: broadcast::channel(1024).0,
                 clock,
                 active: Mutex::new(HashMap::new()),
                 events,
@@ -321,6 +336,7 @@ impl Engine {
     /// Starts recovery and the background loops (leases, orphans, expiry).
     pub fn start(&self) {
         maintenance::start(&self.inner);
+        schedules::start(&self.inner);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
@@ -529,6 +545,7 @@ impl Engine {
                 expires_at: now.plus(self.inner.opts.submit_ttl),
                 cloned_from,
                 submitted_by: by.to_owned(),
+                schedule: None,
             })
             .await?;
         if !submitted.created

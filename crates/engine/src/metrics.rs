@@ -42,7 +42,16 @@ pub struct Metrics {
     job_duration: Histograms,
     start_latency: Histogram,
     commit_latency: Histogram,
+    schedule_fires: Counter,
+    schedule_missed: Counter,
+    schedule_skipped: Family<ReasonLabels, Counter>,
+    schedule_lateness: Histogram,
     workflows: Mutex<HashSet<String>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -96,8 +105,36 @@ impl Metrics {
             "Durable writes of a run's progress, from the request to the commit",
             commit_latency.clone(),
         );
+        let schedule_fires = Counter::default();
+        registry.register(
+            "steward_schedule_fires",
+            "Schedule fires that started a run (triggers not included)",
+            schedule_fires.clone(),
+        );
+        let schedule_missed = Counter::default();
+        registry.register(
+            "steward_schedule_missed",
+            "Schedule fires past their catch-up window: counted, not run",
+            schedule_missed.clone(),
+        );
+        let schedule_skipped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "steward_schedule_skipped",
+            "Schedule fires that ran nothing, by reason (estop, overlap, policy, invalid)",
+            schedule_skipped.clone(),
+        );
+        let schedule_lateness = seconds_buckets();
+        registry.register(
+            "steward_schedule_fire_lateness_seconds",
+            "From a fire's due time (nominal time plus jitter) to its decision",
+            schedule_lateness.clone(),
+        );
         Metrics {
             registry,
+            schedule_fires,
+            schedule_missed,
+            schedule_skipped,
+            schedule_lateness,
             runs_finished,
             job_attempts,
             job_failures,
@@ -162,6 +199,27 @@ impl Metrics {
 
     pub(crate) fn committed(&self, took: Duration) {
         self.commit_latency.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn schedule_fired(&self, lateness: Option<Duration>) {
+        self.schedule_fires.inc();
+        if let Some(l) = lateness {
+            self.schedule_lateness.observe(l.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn schedule_missed(&self, n: u64) {
+        if n > 0 {
+            self.schedule_missed.inc_by(n);
+        }
+    }
+
+    pub(crate) fn schedule_skipped(&self, reason: &'static str) {
+        self.schedule_skipped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 }
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use proto::v1 as pb;
 use proto::v1::steward_client::StewardClient;
 use tonic::transport::Channel;
@@ -285,14 +285,25 @@ pub async fn status(opts: &ClientOpts, id: &str, follow: bool) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn list(
-    opts: &ClientOpts,
-    states: Vec<String>,
-    name: Option<String>,
-    labels: Vec<String>,
-    limit: u32,
-    page_token: Option<String>,
-) -> anyhow::Result<ExitCode> {
+/// What `steward list` filters on.
+pub struct ListArgs {
+    pub states: Vec<String>,
+    pub name: Option<String>,
+    pub labels: Vec<String>,
+    pub limit: u32,
+    pub page_token: Option<String>,
+    pub schedule: Option<String>,
+}
+
+pub async fn list(opts: &ClientOpts, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let ListArgs {
+        states,
+        name,
+        labels,
+        limit,
+        page_token,
+        schedule,
+    } = args;
     let mut label_map = std::collections::HashMap::new();
     for l in labels {
         let (k, v) = l
@@ -308,6 +319,7 @@ pub async fn list(
             labels: label_map,
             page_size: limit,
             page_token: page_token.unwrap_or_default(),
+            schedule: schedule.unwrap_or_default(),
         }))
         .await
         .map_err(status_err)?
@@ -586,5 +598,138 @@ pub async fn audit(opts: &ClientOpts, limit: u32) -> anyhow::Result<ExitCode> {
             output::access_line(a);
         }
     });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A schedule file, with its `workflow_file` (relative to the file) read in: the server never
+/// reads a client's paths.
+pub fn read_schedule(file: &Path) -> anyhow::Result<domain::schedule::ScheduleSpec> {
+    let read = |f: &Path| -> anyhow::Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        domain::limits::check_depth(&text, domain::limits::MAX_SPEC_DEPTH)
+            .map_err(|e| anyhow!("{}: {e}", f.display()))?;
+        serde_norway::from_str(&text)
+            .map_err(|e| anyhow!("{}: not valid YAML or JSON: {e}", f.display()))
+    };
+    let mut doc = read(file)?;
+    if let Some(map) = doc.as_object_mut()
+        && let Some(wf) = map.remove("workflow_file")
+    {
+        let rel = wf
+            .as_str()
+            .ok_or_else(|| anyhow!("{}: workflow_file: must be a path", file.display()))?;
+        if map.contains_key("workflow") {
+            bail!(
+                "{}: give either workflow or workflow_file, not both",
+                file.display()
+            );
+        }
+        let path = file.parent().unwrap_or(Path::new(".")).join(rel);
+        map.insert("workflow".into(), read(&path)?);
+    }
+    let spec = domain::schedule::ScheduleSpec::from_value(doc)
+        .map_err(|e| anyhow!("{}: invalid schedule: {e}", file.display()))?;
+    actions::validate_spec(&spec.workflow)
+        .map_err(|e| anyhow!("{}: invalid workflow: {e}", file.display()))?;
+    Ok(spec)
+}
+
+pub async fn schedule(opts: &ClientOpts, cmd: crate::ScheduleCommand) -> anyhow::Result<ExitCode> {
+    use crate::ScheduleCommand as C;
+    use proto::v1::schedules_client::SchedulesClient;
+    let spec_req = |file: &Path| -> anyhow::Result<pb::ScheduleRequest> {
+        Ok(pb::ScheduleRequest {
+            spec: Some(api::convert::schedule_spec_to_wire(&read_schedule(file)?)),
+        })
+    };
+    // Read the file before connecting: a bad file is reported as such.
+    let req = match &cmd {
+        C::Create { file } | C::Update { file } => Some(spec_req(file)?),
+        _ => None,
+    };
+    let mut c = SchedulesClient::new(channel(opts).await?)
+        .max_decoding_message_size(api::http::MAX_BODY_BYTES)
+        .max_encoding_message_size(api::http::MAX_BODY_BYTES);
+    let one = |opts: &ClientOpts, s: &pb::Schedule| show(opts, s, output::schedule);
+    match (cmd, req) {
+        (C::Create { .. }, Some(req)) => {
+            let s = c
+                .create(request(req))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            one(opts, &s);
+        }
+        (C::Update { .. }, Some(req)) => {
+            let s = c
+                .update(request(req))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            one(opts, &s);
+        }
+        (C::List, _) => {
+            let r = c
+                .list(request(pb::ScheduleListRequest {}))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            show(opts, &r, output::schedules);
+        }
+        (C::Show { name }, _) => {
+            let s = c
+                .get(request(pb::ScheduleNameRequest { name }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            one(opts, &s);
+        }
+        (C::Pause { name, reason }, _) => {
+            let s = c
+                .pause(request(pb::SchedulePauseRequest { name, reason }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            one(opts, &s);
+        }
+        (C::Resume { name }, _) => {
+            let s = c
+                .resume(request(pb::ScheduleNameRequest { name }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            one(opts, &s);
+        }
+        (C::Delete { name }, _) => {
+            let r = c
+                .delete(request(pb::ScheduleNameRequest { name: name.clone() }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            show(opts, &r, |_| {
+                output::line(&format!("deleted schedule {name}; its runs stay"))
+            });
+        }
+        (C::Trigger { name }, _) => {
+            let r = c
+                .trigger(request(pb::ScheduleNameRequest { name }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            show(opts, &r, |r| output::line(&r.id));
+        }
+        (C::Backfill { name, from, to }, _) => {
+            let r = c
+                .backfill(request(pb::ScheduleBackfillRequest { name, from, to }))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            show(opts, &r, |r| {
+                output::line(&format!("backfilling {} fires, one after another", r.fires));
+            });
+        }
+        (C::Create { .. } | C::Update { .. }, None) => unreachable!("read above"),
+    }
     Ok(ExitCode::SUCCESS)
 }

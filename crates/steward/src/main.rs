@@ -107,6 +107,9 @@ enum Command {
         /// Continue from a previous page.
         #[arg(long)]
         page_token: Option<String>,
+        /// Only runs created by this schedule's fires.
+        #[arg(long)]
+        schedule: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -135,6 +138,13 @@ enum Command {
         /// Check locally only, without asking the server.
         #[arg(long)]
         offline: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Schedules: workflows that run on a cron expression or an interval.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -247,6 +257,39 @@ pub enum DrillCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ScheduleCommand {
+    /// Stores a schedule from a file (YAML or JSON; `workflow_file` is read relative to it).
+    Create { file: PathBuf },
+    /// Replaces a schedule's spec from a file; its fires count from now on.
+    Update { file: PathBuf },
+    /// Lists schedules: state, next fire, counts.
+    List,
+    /// Shows a schedule: its next 5 fires in its time zone, its counts and latest outcomes.
+    Show { name: String },
+    /// Stops its fires until resumed (operator).
+    Pause {
+        name: String,
+        /// Why: an incident, a ticket.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Fires again from now on; the fires skipped while paused are not replayed.
+    Resume { name: String },
+    /// Deletes it; its runs stay (operator).
+    Delete { name: String },
+    /// Starts one run now, outside its timing.
+    Trigger { name: String },
+    /// Runs every fire from --from to --to (RFC 3339, both included), one after another.
+    Backfill {
+        name: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum EstopCommand {
     /// Shows the list, and whether it can be read.
     List,
@@ -343,8 +386,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             labels,
             limit,
             page_token,
+            schedule,
             client,
-        } => client::list(&client, states, name, labels, limit, page_token).await,
+        } => {
+            client::list(
+                &client,
+                client::ListArgs {
+                    states,
+                    name,
+                    labels,
+                    limit,
+                    page_token,
+                    schedule,
+                },
+            )
+            .await
+        }
         Command::Cancel {
             id,
             reason,
@@ -358,6 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client,
         } => client::validate(&client, &file, offline).await,
         Command::Estop { command, client } => client::estop(&client, command).await,
+        Command::Schedule { command, client } => client::schedule(&client, command).await,
         Command::Token { command, client } => client::token(&client, command).await,
         Command::Drill {
             command:

@@ -190,3 +190,94 @@ pub fn access_line(a: &pb::AccessRecord) {
         a.at, a.actor, a.call, a.peer
     ));
 }
+
+pub fn schedules(list: &pb::ScheduleListResponse) {
+    if list.schedules.is_empty() {
+        println!("no schedules");
+        return;
+    }
+    println!(
+        "{:<32} {:<8} {:<25} {:>7} {:>7} {:>7}",
+        "SCHEDULE", "STATE", "NEXT FIRE", "FIRED", "MISSED", "SKIPPED"
+    );
+    for s in &list.schedules {
+        let name = s.spec.as_ref().map_or("", |sp| sp.schedule.as_str());
+        let next = s.upcoming.first().map_or("-", |u| u.nominal_time.as_str());
+        println!(
+            "{:<32} {:<8} {:<25} {:>7} {:>7} {:>7}",
+            name,
+            if s.paused { "paused" } else { "active" },
+            next,
+            s.fired,
+            s.missed,
+            s.skipped
+        );
+    }
+}
+
+pub fn schedule(s: &pb::Schedule) {
+    let Some(spec) = &s.spec else {
+        return;
+    };
+    println!("schedule  {}", spec.schedule);
+    let when = if spec.cron.is_empty() {
+        format!("every {}", spec.every)
+    } else {
+        format!("cron {:?} in {}", spec.cron, spec.timezone)
+    };
+    println!("when      {when}");
+    println!(
+        "rules     catch-up window {}, overlap {}{}",
+        spec.catchup_window,
+        spec.overlap,
+        if spec.jitter.is_empty() {
+            String::new()
+        } else {
+            format!(", jitter {}", spec.jitter)
+        }
+    );
+    if let Some(w) = &spec.workflow {
+        println!("workflow  {}", w.name);
+    }
+    if s.paused {
+        println!(
+            "state     paused by {} at {}: {}",
+            or_dash(&s.paused_by),
+            s.paused_at,
+            or_dash(&s.pause_reason)
+        );
+    } else {
+        println!("state     active");
+    }
+    println!(
+        "counts    fired {}, missed {}, skipped {}",
+        s.fired, s.missed, s.skipped
+    );
+    if !s.last_run.is_empty() {
+        println!("last run  {}", s.last_run);
+    }
+    if !s.buffered.is_empty() {
+        println!(
+            "waiting   the fire at {} waits for the last run",
+            s.buffered
+        );
+    }
+    if !s.backfill_next.is_empty() {
+        println!(
+            "backfill  next {}, up to {}",
+            s.backfill_next, s.backfill_to
+        );
+    }
+    if !s.upcoming.is_empty() {
+        println!("next fires");
+        for u in &s.upcoming {
+            println!("  {}  ({})", u.nominal_time, u.local_time);
+        }
+    }
+    if !s.history.is_empty() {
+        println!("latest");
+        for h in s.history.iter().rev() {
+            println!("  {}  {}", h.nominal_time, h.detail);
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //!     estop: fixture::estop,
 //!     buckets: fixture::buckets,
 //!     auth: fixture::auth,
+//!     schedules: fixture::schedules, // a store that is both RunStore and ScheduleStore
 //! }
 //! ```
 //!
@@ -22,8 +23,10 @@ use std::sync::Arc;
 use domain::estop::{AuditRecord, EStopList, EStopState, Entry, Target};
 use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp, WorkflowSpec};
 
+use domain::schedule::{LastRun, ScheduleRecord, ScheduleSpec, ScheduleState};
 use store::{
-    CancelOutcome, EStopStore, Error, ExecOutcome, NewRun, RunFilter, RunStore, Transition,
+    CancelOutcome, EStopStore, Error, ExecOutcome, FireRun, NewRun, RunFilter, RunStore,
+    ScheduleStore, Transition,
 };
 
 /// One `#[tokio::test]` per conformance case. `runs`, `estop`, `buckets` and `auth` name async
@@ -31,7 +34,8 @@ use store::{
 /// long as the test does (a temporary directory, a database server).
 #[macro_export]
 macro_rules! conformance_tests {
-    (runs: $runs:path, estop: $estop:path, buckets: $buckets:path, auth: $auth:path $(,)?) => {
+    (runs: $runs:path, estop: $estop:path, buckets: $buckets:path, auth: $auth:path,
+     schedules: $schedules:path $(,)?) => {
         $crate::conformance_tests!(@cases $runs;
             submit_stores_a_pending_run,
             idempotency_key_returns_the_first_run,
@@ -62,6 +66,11 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $auth;
             tokens_are_found_by_hash_listed_by_name_and_revoked,
             access_log_lists_newest_first_with_limit,
+        );
+        $crate::conformance_tests!(@cases $schedules;
+            schedules_are_created_once_and_written_over_their_version,
+            a_fire_stores_its_run_with_the_schedule_change_or_nothing,
+            due_schedules_come_soonest_first,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -109,6 +118,7 @@ pub fn new_run(spec: WorkflowSpec) -> NewRun {
         expires_at: Timestamp(T0.0 + HOUR),
         cloned_from: None,
         submitted_by: "ci".into(),
+        schedule: None,
     }
 }
 
@@ -908,4 +918,226 @@ pub async fn access_log_lists_newest_first_with_limit(s: Arc<dyn store::AuthStor
         vec![rec(3, true), rec(2, false), rec(1, true)]
     );
     assert_eq!(s.access_list(1).await.unwrap(), vec![rec(3, true)]);
+}
+
+fn schedule_record(name: &str, next_check: Option<Timestamp>) -> ScheduleRecord {
+    let spec = ScheduleSpec::parse(&format!(
+        "schedule: {name}\ncron: \"0 * * * *\"\nworkflow: {{name: w, blocks: [{{jobs: [{{action: noop}}]}}]}}"
+    ))
+    .unwrap();
+    ScheduleRecord {
+        spec,
+        state: ScheduleState {
+            created_at: T0,
+            created_by: "ci".into(),
+            cursor: T0,
+            next_check,
+            ..ScheduleState::default()
+        },
+        version: 0,
+    }
+}
+
+fn fire(record: &ScheduleRecord, nominal: Timestamp) -> FireRun {
+    let mut run = new_run(record.spec.workflow_for(nominal));
+    run.schedule = Some(domain::ScheduledBy {
+        name: record.spec.schedule.clone(),
+        nominal_time: nominal,
+    });
+    FireRun {
+        run,
+        node: node("a"),
+        lease_until: Timestamp(T0.0 + HOUR),
+    }
+}
+
+pub async fn schedules_are_created_once_and_written_over_their_version<S>(s: Arc<S>)
+where
+    S: RunStore + ScheduleStore,
+{
+    let mut rec = schedule_record("nightly", Some(T0));
+    let (v, none) = s.schedule_write(rec.clone(), None, None).await.unwrap();
+    assert_eq!((v, none), (1, None));
+    assert!(matches!(
+        s.schedule_write(rec.clone(), None, None).await,
+        Err(Error::Conflict(_))
+    ));
+    let got = s.schedule_get("nightly").await.unwrap().unwrap();
+    assert_eq!(
+        (got.spec.clone(), got.state.clone(), got.version),
+        (rec.spec.clone(), rec.state.clone(), 1)
+    );
+    rec.state.fired = 7;
+    assert_eq!(
+        s.schedule_write(rec.clone(), Some(1), None)
+            .await
+            .unwrap()
+            .0,
+        2
+    );
+    // A writer that read version 1 lost the race: nothing it wrote is stored.
+    rec.state.fired = 99;
+    assert!(matches!(
+        s.schedule_write(rec.clone(), Some(1), None).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(
+        s.schedule_get("nightly")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .fired,
+        7
+    );
+    s.schedule_write(schedule_record("alpha", None), None, None)
+        .await
+        .unwrap();
+    let names: Vec<String> = s
+        .schedule_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.spec.schedule)
+        .collect();
+    assert_eq!(names, ["alpha", "nightly"]);
+    assert!(s.schedule_delete("nightly").await.unwrap());
+    assert!(!s.schedule_delete("nightly").await.unwrap());
+    assert_eq!(s.schedule_get("nightly").await.unwrap(), None);
+    // Over a deleted schedule: a conflict, not a resurrection.
+    assert!(matches!(
+        s.schedule_write(rec, Some(2), None).await,
+        Err(Error::Conflict(_))
+    ));
+}
+
+pub async fn a_fire_stores_its_run_with_the_schedule_change_or_nothing<S>(s: Arc<S>)
+where
+    S: RunStore + ScheduleStore,
+{
+    let mut rec = schedule_record("hourly", Some(T0));
+    rec.version = s.schedule_write(rec.clone(), None, None).await.unwrap().0;
+    let nominal = Timestamp(T0.0 + HOUR);
+    let f = fire(&rec, nominal);
+    let mut next = rec.clone();
+    next.state.cursor = nominal;
+    next.state.last_run = Some(f.run.id);
+    let (v, sub) = s
+        .schedule_write(next.clone(), Some(rec.version), Some(f.clone()))
+        .await
+        .unwrap();
+    let sub = sub.unwrap();
+    assert!(sub.created);
+    let run = s.get(sub.id).await.unwrap();
+    assert_eq!(run.state, RunState::Queued);
+    assert_eq!(run.lease_owner, Some(node("a")));
+    assert_eq!(
+        run.schedule,
+        Some(domain::ScheduledBy {
+            name: "hourly".into(),
+            nominal_time: nominal
+        })
+    );
+    assert_eq!(
+        run.spec.idempotency_key.as_deref(),
+        Some("schedule/hourly/2027-01-15T09:00:00.000Z")
+    );
+    let page = s
+        .list(&RunFilter {
+            schedule: Some("hourly".into()),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.runs.len(), 1);
+    assert_eq!(page.runs[0].schedule, run.schedule);
+    assert!(
+        s.list(&RunFilter {
+            schedule: Some("other".into()),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap()
+        .runs
+        .is_empty()
+    );
+    // The same nominal time again (a second writer past the version check): the stored run
+    // answers, nothing new is stored.
+    let again = fire(&rec, nominal);
+    let (_, sub2) = s
+        .schedule_write(next.clone(), Some(v), Some(again))
+        .await
+        .unwrap();
+    assert_eq!(
+        sub2.unwrap(),
+        store::Submitted {
+            id: sub.id,
+            created: false
+        }
+    );
+    // A stale version stores neither the change nor the run.
+    let late = fire(&rec, Timestamp(nominal.0 + HOUR));
+    let late_id = late.run.id;
+    assert!(matches!(
+        s.schedule_write(next, Some(rec.version), Some(late)).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(s.get(late_id).await, Err(Error::NotFound(_))));
+    assert_eq!(
+        s.list(&RunFilter {
+            schedule: Some("hourly".into()),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap()
+        .runs
+        .len(),
+        1
+    );
+}
+
+pub async fn due_schedules_come_soonest_first<S>(s: Arc<S>)
+where
+    S: RunStore + ScheduleStore,
+{
+    assert_eq!(s.schedule_next_check().await.unwrap(), None);
+    for (name, at) in [
+        ("late", Some(Timestamp(T0.0 + 30))),
+        ("paused", None),
+        ("soon", Some(Timestamp(T0.0 + 10))),
+        ("later", Some(Timestamp(T0.0 + HOUR))),
+    ] {
+        s.schedule_write(schedule_record(name, at), None, None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.schedule_next_check().await.unwrap(),
+        Some(Timestamp(T0.0 + 10))
+    );
+    let due = s.schedule_due(Timestamp(T0.0 + 60), 10).await.unwrap();
+    let names: Vec<&str> = due.iter().map(|(r, _)| r.spec.schedule.as_str()).collect();
+    assert_eq!(names, ["soon", "late"]);
+    assert!(due.iter().all(|(_, last)| last.is_none()));
+    assert_eq!(
+        s.schedule_due(Timestamp(T0.0 + 60), 1).await.unwrap().len(),
+        1
+    );
+    // The newest run comes with its state.
+    let mut rec = s.schedule_get("soon").await.unwrap().unwrap();
+    let f = fire(&rec, Timestamp(T0.0 + HOUR));
+    let expected = rec.version;
+    rec.state.last_run = Some(f.run.id);
+    s.schedule_write(rec, Some(expected), Some(f.clone()))
+        .await
+        .unwrap();
+    let due = s.schedule_due(Timestamp(T0.0 + 60), 10).await.unwrap();
+    assert_eq!(
+        due[0].1,
+        Some(LastRun {
+            id: f.run.id,
+            state: RunState::Queued,
+            started: false
+        })
+    );
 }

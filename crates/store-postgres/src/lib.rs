@@ -37,6 +37,7 @@ mod auth;
 mod buckets;
 mod estop;
 mod rows;
+mod schedules;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -45,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_estop.sql"),
     include_str!("../migrations/0003_buckets.sql"),
     include_str!("../migrations/0004_auth.sql"),
+    include_str!("../migrations/0005_schedules.sql"),
 ];
 /// Any fixed number: the advisory lock that serializes migrations between nodes.
 const MIGRATION_LOCK: i64 = 0x0053_7465_7761_7264;
@@ -558,7 +560,8 @@ const EXECUTING: &str = "('queued','running','paused')";
 #[async_trait]
 impl RunStore for PgStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        self.write(move |c| Box::pin(rows::submit(c, run))).await
+        self.write(move |c| Box::pin(async move { rows::submit(c, &run).await }))
+            .await
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {

@@ -90,7 +90,7 @@ pub(crate) async fn collect_ids(c: &Conn, sql: &str, params: &[Value]) -> Result
     Ok(ids)
 }
 
-pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
+pub(crate) async fn submit(c: &Conn, run: &NewRun) -> Result<Submitted> {
     let id = run.id.to_string();
     let labels = to_json(&run.spec.labels)?;
     let spec = to_json(&run.spec)?;
@@ -99,8 +99,8 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
     let inserted = c
         .execute(
             "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at,
-                               expires_at, cloned_from, submitted_by)
-             VALUES ($1, $2, $3::text::jsonb, $4, $5, 'submitted', $6, $7, $8, $9)
+                               expires_at, cloned_from, submitted_by, schedule, nominal_time)
+             VALUES ($1, $2, $3::text::jsonb, $4, $5, 'submitted', $6, $7, $8, $9, $10, $11)
              ON CONFLICT (idempotency_key) DO NOTHING",
             &[
                 &id,
@@ -112,6 +112,8 @@ pub(crate) async fn submit(c: &Conn, run: NewRun) -> Result<Submitted> {
                 &run.expires_at.0,
                 &run.cloned_from.map(|c| c.to_string()),
                 &run.submitted_by,
+                &run.schedule.as_ref().map(|s| s.name.as_str()),
+                &run.schedule.as_ref().map(|s| s.nominal_time.0),
             ],
         )
         .await
@@ -175,7 +177,7 @@ pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> 
 pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<RunPage> {
     let mut sql = String::from(
         "SELECT id, name, (spec::jsonb) ->> 'desc', labels::text, state, created_at, started_at,
-                ended_at, error, stop_cause, submitted_by FROM runs WHERE TRUE",
+                ended_at, error, stop_cause, submitted_by, schedule, nominal_time FROM runs WHERE TRUE",
     );
     let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     let mut push = |sql: &mut String, fmt: &str, v: Box<dyn ToSql + Sync + Send>| {
@@ -188,6 +190,9 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
     }
     if let Some(name) = &f.name {
         push(&mut sql, " AND name = ?", Box::new(name.clone()));
+    }
+    if let Some(schedule) = &f.schedule {
+        push(&mut sql, " AND schedule = ?", Box::new(schedule.clone()));
     }
     if !f.labels.is_empty() {
         push(

@@ -49,4 +49,5 @@ store_conformance::conformance_tests! {
     estop: estop,
     buckets: buckets,
     auth: auth,
+    schedules: open,
 }

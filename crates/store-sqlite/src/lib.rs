@@ -27,12 +27,14 @@ mod auth;
 mod buckets;
 mod estop;
 mod rows;
+mod schedules;
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_estop.sql"),
     include_str!("../migrations/0003_buckets.sql"),
     include_str!("../migrations/0004_auth.sql"),
+    include_str!("../migrations/0005_schedules.sql"),
 ];
 const READERS: usize = 4;
 
@@ -218,59 +220,68 @@ impl SqliteStore {
     }
 }
 
+/// Stores a run in `submitted`, or answers the run already stored under its idempotency key.
+pub(crate) fn insert_run(c: &Connection, run: &NewRun) -> Result<Submitted> {
+    if let Some(key) = &run.spec.idempotency_key {
+        let existing: Option<String> = c
+            .prepare_cached("SELECT id FROM runs WHERE idempotency_key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        if let Some(id) = existing {
+            let id = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
+            return Ok(Submitted { id, created: false });
+        }
+    }
+    let id = run.id.to_string();
+    let labels = to_json(&run.spec.labels)?;
+    let spec = to_json(&run.spec)?;
+    c.prepare_cached(
+        "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at,
+                           cloned_from, submitted_by, schedule, nominal_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8, ?9, ?10, ?11)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            run.spec.name,
+            labels,
+            run.spec.idempotency_key,
+            spec,
+            run.created_at.0,
+            run.expires_at.0,
+            run.cloned_from.map(|c| c.to_string()),
+            run.submitted_by,
+            run.schedule.as_ref().map(|s| s.name.as_str()),
+            run.schedule.as_ref().map(|s| s.nominal_time.0),
+        ])
+    })
+    .map_err(db_err)?;
+    let mut block = c
+        .prepare_cached("INSERT INTO blocks (run_id, idx, state) VALUES (?1, ?2, 'pending')")
+        .map_err(db_err)?;
+    let mut job = c
+        .prepare_cached(
+            "INSERT INTO jobs (run_id, block_idx, idx, state) VALUES (?1, ?2, ?3, 'pending')",
+        )
+        .map_err(db_err)?;
+    for (bi, b) in (0_i64..).zip(run.spec.blocks.iter()) {
+        block.execute(params![id, bi]).map_err(db_err)?;
+        for ji in 0..b.jobs.len() as i64 {
+            job.execute(params![id, bi, ji]).map_err(db_err)?;
+        }
+    }
+    Ok(Submitted {
+        id: run.id,
+        created: true,
+    })
+}
+
 const EXECUTING: &str = "('queued','running','paused')";
 
 #[async_trait]
 impl RunStore for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        self.write(move |c| {
-            if let Some(key) = &run.spec.idempotency_key {
-                let existing: Option<String> = c
-                    .prepare_cached("SELECT id FROM runs WHERE idempotency_key = ?1")
-                    .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
-                    .map_err(db_err)?;
-                if let Some(id) = existing {
-                    let id = id.parse().map_err(|e| Error::Corrupt(format!("{e}")))?;
-                    return Ok(Submitted { id, created: false });
-                }
-            }
-            let id = run.id.to_string();
-            let labels = to_json(&run.spec.labels)?;
-            let spec = to_json(&run.spec)?;
-            c.prepare_cached(
-                "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at, cloned_from,
-                                   submitted_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8, ?9)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    id,
-                    run.spec.name,
-                    labels,
-                    run.spec.idempotency_key,
-                    spec,
-                    run.created_at.0,
-                    run.expires_at.0,
-                    run.cloned_from.map(|c| c.to_string()),
-                    run.submitted_by,
-                ])
-            })
-            .map_err(db_err)?;
-            let mut block = c
-                .prepare_cached("INSERT INTO blocks (run_id, idx, state) VALUES (?1, ?2, 'pending')")
-                .map_err(db_err)?;
-            let mut job = c
-                .prepare_cached("INSERT INTO jobs (run_id, block_idx, idx, state) VALUES (?1, ?2, ?3, 'pending')")
-                .map_err(db_err)?;
-            for (bi, b) in (0_i64..).zip(run.spec.blocks.iter()) {
-                block.execute(params![id, bi]).map_err(db_err)?;
-                for ji in 0..b.jobs.len() as i64 {
-                    job.execute(params![id, bi, ji]).map_err(db_err)?;
-                }
-            }
-            Ok(Submitted { id: run.id, created: true })
-        })
-        .await
+        self.write(move |c| insert_run(c, &run)).await
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {

@@ -109,7 +109,7 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
 pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
     let mut sql = String::from(
         "SELECT id, name, json_extract(spec, '$.desc'), labels, state, created_at, started_at, ended_at,
-                error, stop_cause, submitted_by FROM runs WHERE 1 = 1",
+                error, stop_cause, submitted_by, schedule, nominal_time FROM runs WHERE 1 = 1",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     if !f.states.is_empty() {
@@ -123,6 +123,10 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
     if let Some(name) = &f.name {
         sql.push_str(" AND name = ?");
         args.push(name.clone().into());
+    }
+    if let Some(schedule) = &f.schedule {
+        sql.push_str(" AND schedule = ?");
+        args.push(schedule.clone().into());
     }
     for (k, v) in &f.labels {
         // Key and value are bound as values: no user input is ever part of a JSON path.

@@ -33,9 +33,14 @@ async fn auth() -> (tempfile::TempDir, Arc<dyn AuthStore>) {
     (g, s)
 }
 
+async fn schedules() -> (tempfile::TempDir, Arc<SqliteStore>) {
+    open()
+}
+
 store_conformance::conformance_tests! {
     runs: runs,
     estop: estop,
     buckets: buckets,
     auth: auth,
+    schedules: schedules,
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use domain::auth::{Role, Scope};
 use domain::estop::{AuditRecord, EStopList, Target};
+use domain::schedule::{LastRun, ScheduleRecord};
 use domain::{
     JobKey, JobState, NodeId, Run, RunId, RunState, RunSummary, StopCause, Timestamp, WorkflowSpec,
 };
@@ -52,6 +53,8 @@ pub struct NewRun {
     pub cloned_from: Option<RunId>,
     /// The token that submitted it.
     pub submitted_by: String,
+    /// The schedule fire that created it.
+    pub schedule: Option<domain::ScheduledBy>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +90,8 @@ pub struct RunFilter {
     pub name: Option<String>,
     /// Every pair must be among the run's labels.
     pub labels: BTreeMap<String, String>,
+    /// Runs created by this schedule's fires.
+    pub schedule: Option<String>,
     /// 1..=1000; 0 means 100.
     pub page_size: u32,
     /// From a previous page's `next_page_token`.
@@ -267,6 +272,51 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Lets go of resources (the SQLite writer thread) after pending writes are committed.
     async fn close(&self) -> Result<()>;
+}
+
+/// A fire's run, stored with the schedule's change: created `queued` and leased to `node`.
+#[derive(Clone, Debug)]
+pub struct FireRun {
+    pub run: NewRun,
+    pub node: NodeId,
+    pub lease_until: Timestamp,
+}
+
+/// Schedules, shared by every node of a database. A record's `version` changes on every write:
+/// a write names the version it read, and fails with [`Error::Conflict`] if another node (or
+/// call) wrote in between, so that each fire is decided once.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync + 'static {
+    /// Stores `record`: a new schedule when `expected_version` is `None` ([`Error::Conflict`]
+    /// if the name is taken), else over the one stored at `expected_version`
+    /// ([`Error::Conflict`] if it changed or is gone). With `fire`, in the same transaction,
+    /// stores the fire's run, unless a run already holds its idempotency key (then that run is
+    /// answered, `created: false`). Returns the new version and the fire's run.
+    async fn schedule_write(
+        &self,
+        record: ScheduleRecord,
+        expected_version: Option<i64>,
+        fire: Option<FireRun>,
+    ) -> Result<(i64, Option<Submitted>)>;
+
+    async fn schedule_get(&self, name: &str) -> Result<Option<ScheduleRecord>>;
+
+    /// Every schedule, by name.
+    async fn schedule_list(&self) -> Result<Vec<ScheduleRecord>>;
+
+    /// Deletes the schedule (its runs stay); `false` when there is none.
+    async fn schedule_delete(&self, name: &str) -> Result<bool>;
+
+    /// Up to `limit` schedules whose `next_check` is at or before `now`, soonest first, each
+    /// with its newest run as it is now.
+    async fn schedule_due(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<(ScheduleRecord, Option<LastRun>)>>;
+
+    /// The soonest `next_check` of all schedules.
+    async fn schedule_next_check(&self) -> Result<Option<Timestamp>>;
 }
 
 /// The e-stop list held in the database (crate `estop`'s `DbSource`) and the e-stop audit

@@ -287,7 +287,8 @@ fn json_opt<T: serde::de::DeserializeOwned>(r: &dyn Row, i: usize) -> Result<Opt
 /// A run's row. `$1` the run.
 pub const LOAD_RUN: &str =
     "SELECT spec, state, created_at, started_at, ended_at, expires_at, error, stop_cause,
-            cancel_requested, lease_owner, lease_expires_at, cloned_from, submitted_by
+            cancel_requested, lease_owner, lease_expires_at, cloned_from, submitted_by,
+            schedule, nominal_time
      FROM runs WHERE id = $1";
 
 /// A run's blocks, in order. `$1` the run.
@@ -322,6 +323,7 @@ impl RunReader {
                 lease_expires_at: ts(r, 10)?,
                 cloned_from: r.text(11)?.as_deref().map(codec::run_id).transpose()?,
                 submitted_by: text(r, 12)?,
+                schedule: scheduled_by(r, 13)?,
                 blocks: Vec::new(),
             },
         })
@@ -372,7 +374,7 @@ impl RunReader {
 }
 
 /// A run of a List page, from the columns `id, name, desc, labels (JSON text), state,
-/// created_at, started_at, ended_at, error, stop_cause, submitted_by`.
+/// created_at, started_at, ended_at, error, stop_cause, submitted_by, schedule, nominal_time`.
 pub fn summary(r: &dyn Row) -> Result<RunSummary> {
     Ok(RunSummary {
         id: codec::run_id(&text(r, 0)?)?,
@@ -386,6 +388,15 @@ pub fn summary(r: &dyn Row) -> Result<RunSummary> {
         error: r.text(8)?,
         stop_cause: json_opt(r, 9)?,
         submitted_by: text(r, 10)?,
+        schedule: scheduled_by(r, 11)?,
+    })
+}
+
+/// The columns `schedule, nominal_time` from `i` on.
+fn scheduled_by(r: &dyn Row, i: usize) -> Result<Option<domain::ScheduledBy>> {
+    Ok(match (r.text(i)?, ts(r, i + 1)?) {
+        (Some(name), Some(nominal_time)) => Some(domain::ScheduledBy { name, nominal_time }),
+        _ => None,
     })
 }
 
@@ -545,4 +556,65 @@ pub fn access_record(r: &dyn Row) -> Result<crate::AccessRecord> {
         peer: text(r, 5)?,
         detail: text(r, 6)?,
     })
+}
+
+/// Stores a new schedule unless the name is taken. `$1` name, `$2` spec, `$3` state,
+/// `$4` next_check, `$5` last_run.
+pub const SCHEDULE_INSERT: &str =
+    "INSERT INTO schedules (name, spec, state, next_check, last_run, version)
+     VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (name) DO NOTHING";
+
+/// Replaces a schedule stored at version `$6`; the parameters as [`SCHEDULE_INSERT`].
+pub const SCHEDULE_UPDATE: &str =
+    "UPDATE schedules SET spec = $2, state = $3, next_check = $4, last_run = $5,
+                          version = version + 1
+     WHERE name = $1 AND version = $6";
+
+pub const SCHEDULE_GET: &str = "SELECT spec, state, version FROM schedules WHERE name = $1";
+pub const SCHEDULE_LIST: &str = "SELECT spec, state, version FROM schedules ORDER BY name";
+pub const SCHEDULE_DELETE: &str = "DELETE FROM schedules WHERE name = $1";
+pub const SCHEDULE_NEXT_CHECK: &str = "SELECT MIN(next_check) FROM schedules";
+
+/// Schedules due at `$1`, soonest first, at most `$2`, each with its newest run.
+pub const SCHEDULE_DUE: &str = "SELECT s.spec, s.state, s.version, r.id, r.state, r.started_at
+     FROM schedules s LEFT JOIN runs r ON r.id = s.last_run
+     WHERE s.next_check <= $1 ORDER BY s.next_check LIMIT $2";
+
+/// The parameters of [`SCHEDULE_INSERT`], and with `expected_version` of [`SCHEDULE_UPDATE`].
+pub fn schedule_params(
+    record: &domain::schedule::ScheduleRecord,
+    expected_version: Option<i64>,
+) -> Result<Vec<Value>> {
+    let mut p = vec![
+        Value::Text(record.spec.schedule.clone()),
+        to_json(&record.spec)?.into(),
+        to_json(&record.state)?.into(),
+        record.state.next_check.map(|t| t.0).into(),
+        record.state.last_run.map(|r| r.to_string()).into(),
+    ];
+    if let Some(v) = expected_version {
+        p.push(v.into());
+    }
+    Ok(p)
+}
+
+/// A schedule from the columns `spec, state, version`.
+pub fn schedule_record(r: &dyn Row) -> Result<domain::schedule::ScheduleRecord> {
+    Ok(domain::schedule::ScheduleRecord {
+        spec: codec::json(&text(r, 0)?)?,
+        state: codec::json(&text(r, 1)?)?,
+        version: int(r, 2)?,
+    })
+}
+
+/// A schedule's newest run from the columns `id, state, started_at` of [`SCHEDULE_DUE`].
+pub fn last_run(r: &dyn Row) -> Result<Option<domain::schedule::LastRun>> {
+    let Some(id) = r.text(3)? else {
+        return Ok(None);
+    };
+    Ok(Some(domain::schedule::LastRun {
+        id: codec::run_id(&id)?,
+        state: codec::run_state(&text(r, 4)?)?,
+        started: r.int(5)?.is_some(),
+    }))
 }
