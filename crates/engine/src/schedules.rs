@@ -210,10 +210,17 @@ async fn pass(inner: &Arc<Inner>, record: ScheduleRecord, last: Option<LastRun>)
     }
     match inner
         .schedules
-        .schedule_write(record, Some(expected), fire)
+        .schedule_write(record.clone(), Some(expected), fire)
         .await
     {
-        Ok((_, submitted)) => {
+        Ok((version, submitted)) => {
+            if let Some(s) = submitted
+                && !s.created
+            {
+                // The nominal time had a run already (a backfill over a fire that ran): the
+                // schedule names that run, not the one it did not create.
+                point_at_existing(inner, record, version, after.run, s.id).await;
+            }
             if let Some(s) = submitted
                 && s.created
             {
@@ -250,6 +257,32 @@ async fn pass(inner: &Arc<Inner>, record: ScheduleRecord, last: Option<LastRun>)
         Err(e) => {
             tracing::warn!(schedule = %name, error = %e, "storing a schedule's fire failed; retrying");
         }
+    }
+}
+
+async fn point_at_existing(
+    inner: &Inner,
+    mut record: ScheduleRecord,
+    version: i64,
+    meant: Option<RunId>,
+    existing: RunId,
+) {
+    let st = &mut record.state;
+    st.last_run = Some(existing);
+    for h in &mut st.history {
+        if let FireOutcome::Started { run } = &mut h.outcome
+            && Some(*run) == meant
+        {
+            *run = existing;
+        }
+    }
+    st.fired = st.fired.saturating_sub(1);
+    if let Err(e) = inner
+        .schedules
+        .schedule_write(record, Some(version), None)
+        .await
+    {
+        tracing::debug!(error = %e, "pointing a schedule at its existing run");
     }
 }
 
