@@ -25,7 +25,12 @@ fn engine_with(
     estop: engine::EStopFeed,
 ) -> Engine {
     let store = Arc::new(SqliteStore::open(&dir.path().join("steward.db")).unwrap());
-    let e = Engine::new(EngineOptions::new(NodeId("test".into())), store, clock, estop);
+    let e = Engine::new(
+        EngineOptions::new(NodeId("test".into())),
+        store,
+        clock,
+        estop,
+    );
     e.start();
     e
 }
@@ -98,8 +103,12 @@ async fn after_three_hours_down_the_fires_inside_a_two_hour_window_run_in_order(
     .await
     .unwrap();
     let mode = domain::stop::ShutdownMode::Now;
-    e.shutdown(mode, StopCause::StopCommand { mode }, Duration::from_secs(1))
-        .await;
+    e.shutdown(
+        mode,
+        StopCause::StopCommand { mode },
+        Duration::from_secs(1),
+    )
+    .await;
     drop(e);
 
     // Back 3 h 30 s later: 09:00 is past the window, 10:00 and 11:00 are inside it.
@@ -114,17 +123,23 @@ async fn after_three_hours_down_the_fires_inside_a_two_hour_window_run_in_order(
     let view = e.schedule_get("hourly").await.unwrap();
     let st = &view.record.state;
     assert_eq!((st.fired, st.missed, st.skipped), (2, 1, 0));
-    assert!(st.history.iter().any(|h| h.nominal == Timestamp(T0.0 + HOUR)
-        && h.outcome
-            == FireOutcome::Missed {
-                count: 1,
-                at_least: false
-            }));
+    assert!(
+        st.history
+            .iter()
+            .any(|h| h.nominal == Timestamp(T0.0 + HOUR)
+                && h.outcome
+                    == FireOutcome::Missed {
+                        count: 1,
+                        at_least: false
+                    })
+    );
     assert_eq!(view.upcoming[0].0, Timestamp(T0.0 + 4 * HOUR));
 }
 
 /// A schedule of every 2 s whose job takes 3 s, under `overlap`, for 5 fires (wall clock).
-async fn overlapping(overlap: &str) -> (Vec<RunSummary>, domain::schedule::ScheduleState, Timestamp) {
+async fn overlapping(
+    overlap: &str,
+) -> (Vec<RunSummary>, domain::schedule::ScheduleState, Timestamp) {
     let dir = tempfile::tempdir().unwrap();
     let e = engine_with(&dir, Arc::new(SystemClock), engine::estop_all_go());
     let view = e
@@ -302,7 +317,12 @@ async fn a_fire_held_by_pause_past_its_window_is_cancelled_and_counted_missed() 
     }
     let run = e.status(first).await.unwrap();
     assert_eq!(run.state, RunState::Cancelled, "{run:?}");
-    assert!(run.stop_cause.unwrap().to_string().contains("catch-up window"));
+    assert!(
+        run.stop_cause
+            .unwrap()
+            .to_string()
+            .contains("catch-up window")
+    );
     let st = e.schedule_get("held").await.unwrap().record.state;
     assert!(st.missed >= 1, "{st:?}");
 }
@@ -322,7 +342,10 @@ async fn pause_resume_backfill_and_trigger() {
     until(&e, "p", "the first fire", |r| r.len() == 1 && all_ended(r)).await;
     let paused = e.schedule_pause("p", "maintenance", "ops").await.unwrap();
     let paused_at = paused.record.state.paused.as_ref().unwrap().at;
-    assert!(paused.upcoming.is_empty(), "a paused schedule shows no next fires");
+    assert!(
+        paused.upcoming.is_empty(),
+        "a paused schedule shows no next fires"
+    );
     tokio::time::sleep(Duration::from_secs(30 * 60)).await;
     let resumed = e.schedule_resume("p", "ops").await.unwrap();
     let resumed_at = resumed.record.state.cursor;
@@ -355,7 +378,10 @@ async fn pause_resume_backfill_and_trigger() {
     seen.sort_unstable();
     seen.dedup();
     assert_eq!(seen.len(), total, "no nominal time ran twice: {runs:?}");
-    assert_eq!(e.schedule_get("p").await.unwrap().record.state.backfill, None);
+    assert_eq!(
+        e.schedule_get("p").await.unwrap().record.state.backfill,
+        None
+    );
     let err = e
         .schedule_backfill("p", T0, Timestamp(T0.0 + 1000 * HOUR), "ops")
         .await
@@ -371,7 +397,9 @@ async fn pause_resume_backfill_and_trigger() {
     ));
     assert!(matches!(
         e.schedule_create(
-            schedule("schedule: p\nevery: 1m\nworkflow: {name: w, blocks: [{jobs: [{action: noop}]}]}"),
+            schedule(
+                "schedule: p\nevery: 1m\nworkflow: {name: w, blocks: [{jobs: [{action: noop}]}]}"
+            ),
             "ci"
         )
         .await,

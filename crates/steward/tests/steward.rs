@@ -12,6 +12,7 @@ mod notify;
 mod policies;
 mod rails;
 mod scaleout;
+mod schedules;
 mod secrets;
 mod shutdown;
 mod telemetry;
