@@ -337,13 +337,15 @@ pub enum NotifyEvent {
     RunFailed,
     RunStopped,
     Estop,
+    ScheduleMissed,
 }
 
 impl NotifyEvent {
-    pub const ALL: [NotifyEvent; 3] = [
+    pub const ALL: [NotifyEvent; 4] = [
         NotifyEvent::RunFailed,
         NotifyEvent::RunStopped,
         NotifyEvent::Estop,
+        NotifyEvent::ScheduleMissed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -351,6 +353,7 @@ impl NotifyEvent {
             NotifyEvent::RunFailed => "run_failed",
             NotifyEvent::RunStopped => "run_stopped",
             NotifyEvent::Estop => "estop",
+            NotifyEvent::ScheduleMissed => "schedule_missed",
         }
     }
 }
@@ -375,7 +378,7 @@ pub struct NotifyConfig {
     /// `json` (default) or `slack`.
     #[serde(default)]
     pub format: NotifyFormat,
-    /// Which: `run_failed`, `run_stopped`, `estop` (default: all).
+    /// Which: `run_failed`, `run_stopped`, `estop`, `schedule_missed` (default: all).
     #[serde(default = "all_events", deserialize_with = "de::events")]
     pub events: Vec<NotifyEvent>,
 }

@@ -1,5 +1,5 @@
 //! Webhook notifications (docs/operating.md, Notifications) and error reports: failed and
-//! stopped runs this node drove, and e-stop
+//! stopped runs this node drove, schedule fires this node counted as missed, and e-stop
 //! changes made or noticed on this node (operators, error budgets, hand edits of its file), so
 //! that several nodes never report one change twice. Each webhook gets the event as JSON, or
 //! as Slack's `{"text": ...}`. Deliveries are retried with backoff; a webhook that stays down
@@ -51,10 +51,22 @@ pub fn start(
     tasks.spawn_component("notifier", deliver(rx, hooks.clone(), cancel.clone()));
     let mut runs = engine.subscribe();
     let mut changes = estop.changes();
+    let mut schedules = engine.schedule_events();
     tasks.spawn_component("notifier events", async move {
         loop {
             let note = tokio::select! {
                 () = cancel.cancelled() => return,
+                s = schedules.recv() => match s {
+                    Ok(e) => match schedule_note(&node, &e) {
+                        Some(note) => note,
+                        None => continue,
+                    },
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "notifications missed schedule events");
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
                 e = runs.recv() => match e {
                     Ok(e) if matches!(e.state, RunState::Failed | RunState::Stopped) => {
                         match engine.status(e.id).await {
@@ -151,6 +163,27 @@ fn run_note(node: &str, run: &domain::Run) -> Note {
         }),
         text: format!("steward: run {} of {} {what}: {why}", run.id, run.spec.name),
     }
+}
+
+/// Missed fires; other schedule events are not notified.
+fn schedule_note(node: &str, e: &engine::ScheduleEvent) -> Option<Note> {
+    let domain::schedule::FireOutcome::Missed { count, at_least } = e.outcome else {
+        return None;
+    };
+    Some(Note {
+        event: NotifyEvent::ScheduleMissed,
+        traceparent: None,
+        body: json!({
+            "event": "schedule_missed",
+            "node": node,
+            "schedule": e.schedule,
+            "workflow": e.workflow,
+            "missed": count,
+            "at_least": at_least,
+            "newest_nominal_time": e.nominal.to_rfc3339(),
+        }),
+        text: format!("steward: schedule {} {}", e.schedule, e.outcome),
+    })
 }
 
 fn estop_note(node: &str, r: &AuditRecord) -> Note {

@@ -42,6 +42,9 @@ pub fn run(r: &pb::Run) {
         labels.sort();
         println!("labels   {}", labels.join(", "));
     }
+    if !r.schedule.is_empty() {
+        println!("schedule {} (the fire at {})", r.schedule, r.nominal_time);
+    }
     println!("state    {}", r.state);
     println!(
         "times    created {}  started {}  ended {}",

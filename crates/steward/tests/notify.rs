@@ -112,3 +112,46 @@ async fn webhooks_hear_of_failed_and_stopped_runs_and_every_estop_change() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_hear_of_schedule_fires_missed_while_down() {
+    let (base, got, server) = receiver(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("steward.toml"),
+        format!("[[notify]]\nurl = \"{base}/json\"\nevents = [\"schedule_missed\"]\n"),
+    )
+    .unwrap();
+    let mut node = Server::start(&data, &[]).await;
+    let file = dir.path().join("tick.yaml");
+    std::fs::write(
+        &file,
+        "schedule: tick\nevery: 1s\ncatchup_window: 10s\nworkflow: {name: hello, blocks: [{jobs: [{action: noop}]}]}\n",
+    )
+    .unwrap();
+    cli_as(
+        None,
+        &node.addr,
+        &["schedule", "create", file.to_str().unwrap()],
+    );
+    node.stop().await;
+    // Down for 14 s: the fires older than 10 s are missed.
+    tokio::time::sleep(std::time::Duration::from_secs(14)).await;
+    let node = Server::start(&data, &[]).await;
+    let (_, body) = wait_for(&got, "schedule_missed", |(_, v)| {
+        v["event"] == "schedule_missed"
+    })
+    .await;
+    assert_eq!(body["schedule"], "tick");
+    assert_eq!(body["workflow"], "hello");
+    assert!(body["missed"].as_u64().unwrap() >= 2, "{body}");
+    let out = cli_as(None, &node.addr, &["schedule", "show", "tick"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("missed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    server.abort();
+}
