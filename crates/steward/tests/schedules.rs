@@ -345,3 +345,60 @@ async fn two_nodes_fire_each_second_once_with_one_killed() {
         assert_eq!(run.state, "completed", "{run:?}");
     }
 }
+
+/// The "send what is due" example: each fire sends what waits in the outbox and moves it to
+/// `sent/`; what a run did not get to waits for the next fire, and nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_what_is_due_example_continues_where_the_last_run_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let root = workspace_root();
+    std::fs::write(
+        data.join("steward.toml"),
+        std::fs::read_to_string(root.join("examples/steward.toml")).unwrap(),
+    )
+    .unwrap();
+    let server = Server::start_as_is(&data, &[]).await;
+    let outbox = dir.path().join("box/outbox");
+    let sent = dir.path().join("box/sent");
+    std::fs::create_dir_all(&outbox).unwrap();
+    std::fs::create_dir_all(&sent).unwrap();
+    for m in ["0001", "0002"] {
+        std::fs::write(outbox.join(m), format!("message {m}")).unwrap();
+    }
+    // 0003 was sent by a run killed before it could move it: it is not sent again.
+    std::fs::write(outbox.join("0003"), "message 0003").unwrap();
+    std::fs::write(sent.join("0003"), "message 0003").unwrap();
+    let example = std::fs::read_to_string(root.join("examples/send-what-is-due/schedule.yaml"))
+        .unwrap()
+        .replace("/tmp/steward-outbox/outbox", outbox.to_str().unwrap());
+    let file = write_schedule(dir.path(), &example);
+    cli_as(None, &server.addr, &["schedule", "create", &file]);
+    // Its minute fires are paused so that the triggers below are the only runs.
+    cli_as(None, &server.addr, &["schedule", "pause", "send-due"]);
+
+    let mut c = server.client().await;
+    let out = cli_as(None, &server.addr, &["schedule", "trigger", "send-due"]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    let output = &run.blocks[0].jobs[0].output;
+    assert!(
+        output.contains("sending 0001") && output.contains("sending 0002"),
+        "{output}"
+    );
+    assert!(!output.contains("sending 0003"), "{output}");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 0);
+
+    std::fs::write(outbox.join("0004"), "message 0004").unwrap();
+    let out = cli_as(None, &server.addr, &["schedule", "trigger", "send-due"]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    let output = &run.blocks[0].jobs[0].output;
+    assert!(
+        output.contains("sending 0004") && output.contains("sent 1 message"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read_dir(&sent).unwrap().count(), 4);
+}
