@@ -86,6 +86,14 @@ impl External {
         ))
     }
 
+    pub(crate) async fn schedules(
+        &self,
+    ) -> anyhow::Result<proto::v1::schedules_client::SchedulesClient<crate::Channel>> {
+        Ok(proto::v1::schedules_client::SchedulesClient::new(
+            channel(&self.addr, self.dir.path()).await?,
+        ))
+    }
+
     fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().context("the server has exited")
     }

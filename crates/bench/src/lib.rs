@@ -10,6 +10,7 @@
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
 
 mod external;
+mod schedules;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -407,6 +408,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "auth" => auth_suite(&o).await,
         "console" => console_suite(&o).await,
         "telemetry" => external::telemetry_suite(&o).await,
+        "schedules" => schedules::schedules_suite().await,
         "drill" => {
             external::drill_suite(&o, 100).await?;
             many_jobs_propagation().await
@@ -418,11 +420,12 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
             policy_suite(&o).await?;
             auth_suite(&o).await?;
             console_suite(&o).await?;
-            external::telemetry_suite(&o).await
+            external::telemetry_suite(&o).await?;
+            schedules::schedules_suite().await
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, scaleout, drill or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, schedules, scaleout, drill or all"
             )
         }
     }

@@ -48,24 +48,32 @@ pub(crate) fn start(inner: &Arc<Inner>) {
 
 async fn run_loop(inner: &Arc<Inner>) {
     loop {
+        // A pass that could not store what it decided leaves its schedule due: wait before
+        // the next, rather than spin while the store refuses writes.
+        let mut failed = false;
         if inner.accepting.load(std::sync::atomic::Ordering::SeqCst) {
             let now = inner.now();
             match inner.schedules.schedule_due(now, BATCH).await {
                 Ok(due) => {
                     let full = due.len() == BATCH as usize;
-                    futures::stream::iter(due)
-                        .for_each_concurrent(CONCURRENT_FIRES, |(record, last)| {
-                            pass(inner, record, last)
-                        })
+                    let stored: Vec<bool> = futures::stream::iter(due)
+                        .map(|(record, last)| pass(inner, record, last))
+                        .buffer_unordered(CONCURRENT_FIRES)
+                        .collect()
                         .await;
-                    if full {
+                    failed = stored.contains(&false);
+                    if full && !failed {
                         continue;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "reading due schedules failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading due schedules failed; retrying");
+                    failed = true;
+                }
             }
         }
         let wait = match inner.schedules.schedule_next_check().await {
+            _ if failed => POLL,
             Ok(Some(t)) => {
                 Duration::from_millis(u64::try_from(t.0 - inner.now().0).unwrap_or(0)).min(POLL)
             }
@@ -91,13 +99,33 @@ struct After {
 }
 
 /// Looks at one due schedule: its missed fires, the fire due now, and when to look again.
-async fn pass(inner: &Arc<Inner>, record: ScheduleRecord, last: Option<LastRun>) {
+/// False when what it decided could not be stored (it is decided again on a later pass).
+async fn pass(inner: &Arc<Inner>, record: ScheduleRecord, last: Option<LastRun>) -> bool {
     let name = record.spec.schedule.clone();
     let timing = match record.spec.timing() {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(schedule = %name, error = %e, "stored schedule cannot be read; it will not fire");
-            return;
+            // Only a database written by another release (or damaged) holds one: it stops
+            // firing, and says why, until it is updated.
+            tracing::error!(schedule = %name, error = %e, "a stored schedule cannot be read; it will not fire until it is updated");
+            let expected = record.version;
+            let mut record = record;
+            let now = inner.now();
+            record.state.next_check = None;
+            record.state.record(
+                now,
+                now,
+                FireOutcome::Skipped {
+                    reason: SkipReason::Invalid {
+                        message: format!("the stored schedule cannot be read: {e}"),
+                    },
+                },
+            );
+            return inner
+                .schedules
+                .schedule_write(record, Some(expected), None)
+                .await
+                .is_ok();
         }
     };
     let now = inner.now();
@@ -256,8 +284,10 @@ async fn pass(inner: &Arc<Inner>, record: ScheduleRecord, last: Option<LastRun>)
         }
         Err(e) => {
             tracing::warn!(schedule = %name, error = %e, "storing a schedule's fire failed; retrying");
+            return false;
         }
     }
+    true
 }
 
 async fn point_at_existing(

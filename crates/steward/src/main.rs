@@ -179,7 +179,7 @@ enum Command {
     /// Measures throughput and latency on an in-process node, started as `serve` starts one
     /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, scaleout
+        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, schedules, scaleout
         /// and drill (these two need --database), or all.
         #[arg(long, default_value = "all")]
         suite: String,

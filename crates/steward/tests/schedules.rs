@@ -298,15 +298,9 @@ async fn two_nodes_fire_each_second_once_with_one_killed() {
         "schedule: tick\nevery: 1s\ncatchup_window: 30s\noverlap: allow\nworkflow: {name: hello, blocks: [{jobs: [{action: noop}]}]}\n",
     );
     cli_as(None, &a.addr, &["schedule", "create", &file]);
-    let kill_after = Duration::from_millis(
-        10_000
-            + u64::from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_millis(),
-            ) * 40,
-    );
+    // Between 10 s and 50 s in, from the clock's milliseconds.
+    let jitter = domain::Clock::now(&domain::SystemClock).0.rem_euclid(1000);
+    let kill_after = Duration::from_millis(10_000 + u64::try_from(jitter).unwrap() * 40);
     tokio::time::sleep(kill_after).await;
     b.kill9().await;
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(kill_after)).await;
