@@ -229,13 +229,14 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
         // Filled by the caller, which knows the e-stop list.
         estop: None,
         submitted_by: r.submitted_by.clone(),
-        schedule: r
-            .schedule
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default(),
+        schedule: scheduled_name(r.schedule.as_ref()),
         nominal_time: ts(r.schedule.as_ref().map(|s| s.nominal_time)),
     }
+}
+
+/// The schedule of a run its fire created; empty for any other run.
+fn scheduled_name(s: Option<&domain::ScheduledBy>) -> String {
+    s.map(|s| s.name.clone()).unwrap_or_default()
 }
 
 pub fn summary_to_wire(r: &RunSummary) -> pb::RunSummary {
@@ -251,11 +252,7 @@ pub fn summary_to_wire(r: &RunSummary) -> pb::RunSummary {
         error: r.error.clone().unwrap_or_default(),
         stop_cause: r.stop_cause.as_ref().map(stop_cause_to_wire),
         submitted_by: r.submitted_by.clone(),
-        schedule: r
-            .schedule
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default(),
+        schedule: scheduled_name(r.schedule.as_ref()),
         nominal_time: ts(r.schedule.as_ref().map(|s| s.nominal_time)),
     }
 }

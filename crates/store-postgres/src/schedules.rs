@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use domain::Timestamp;
 use domain::schedule::{LastRun, ScheduleRecord};
 use store::sql::{self, Statement, Value};
-use store::{Error, FireRun, Result, ScheduleStore, Submitted};
+use store::{FireRun, Result, ScheduleStore, Submitted};
 
 use crate::rows::{self, PgRow, binds, refs};
 use crate::{Conn, PgStore, db_err};
@@ -17,37 +17,19 @@ async fn write(
     expected_version: Option<i64>,
     fire: Option<&FireRun>,
 ) -> Result<(i64, Option<Submitted>)> {
-    let name = &record.spec.schedule;
-    let (sql, version) = match expected_version {
-        None => (sql::SCHEDULE_INSERT, 1),
-        Some(v) => (sql::SCHEDULE_UPDATE, v + 1),
-    };
-    let changed = c
-        .run(&Statement {
-            sql,
-            params: sql::schedule_params(record, expected_version)?,
-        })
-        .await?;
-    if changed == 0 {
-        return Err(Error::Conflict(match expected_version {
-            None => format!("schedule {name} exists"),
-            Some(_) => format!("schedule {name} changed or was deleted"),
-        }));
+    let (st, version) = sql::schedule_write(record, expected_version)?;
+    if c.run(&st).await? == 0 {
+        return Err(sql::schedule_conflict(
+            &record.spec.schedule,
+            expected_version,
+        ));
     }
     let submitted = match fire {
         None => None,
         Some(f) => {
             let submitted = rows::submit(c, &f.run).await?;
             if submitted.created {
-                c.run(&Statement {
-                    sql: sql::QUEUE,
-                    params: vec![
-                        f.run.id.to_string().into(),
-                        f.node.0.clone().into(),
-                        f.lease_until.0.into(),
-                    ],
-                })
-                .await?;
+                c.run(&sql::queue(f.run.id, &f.node, f.lease_until)).await?;
             }
             Some(submitted)
         }

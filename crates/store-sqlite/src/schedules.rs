@@ -6,7 +6,7 @@ use domain::Timestamp;
 use domain::schedule::{LastRun, ScheduleRecord};
 use rusqlite::Connection;
 use store::sql::{self, Statement, Value};
-use store::{Error, FireRun, Result, ScheduleStore, Submitted};
+use store::{FireRun, Result, ScheduleStore, Submitted};
 
 use crate::{SqliteStore, insert_run, rows};
 
@@ -16,23 +16,12 @@ fn write(
     expected_version: Option<i64>,
     fire: Option<&FireRun>,
 ) -> Result<(i64, Option<Submitted>)> {
-    let name = &record.spec.schedule;
-    let (sql, version) = match expected_version {
-        None => (sql::SCHEDULE_INSERT, 1),
-        Some(v) => (sql::SCHEDULE_UPDATE, v + 1),
-    };
-    let changed = rows::execute(
-        c,
-        &Statement {
-            sql,
-            params: sql::schedule_params(record, expected_version)?,
-        },
-    )?;
-    if changed == 0 {
-        return Err(Error::Conflict(match expected_version {
-            None => format!("schedule {name} exists"),
-            Some(_) => format!("schedule {name} changed or was deleted"),
-        }));
+    let (st, version) = sql::schedule_write(record, expected_version)?;
+    if rows::execute(c, &st)? == 0 {
+        return Err(sql::schedule_conflict(
+            &record.spec.schedule,
+            expected_version,
+        ));
     }
     let submitted = fire.map(|f| fire_run(c, f)).transpose()?;
     Ok((version, submitted))
@@ -42,17 +31,7 @@ fn write(
 fn fire_run(c: &Connection, f: &FireRun) -> Result<Submitted> {
     let submitted = insert_run(c, &f.run)?;
     if submitted.created {
-        rows::execute(
-            c,
-            &Statement {
-                sql: sql::QUEUE,
-                params: vec![
-                    f.run.id.to_string().into(),
-                    f.node.0.clone().into(),
-                    f.lease_until.0.into(),
-                ],
-            },
-        )?;
+        rows::execute(c, &sql::queue(f.run.id, &f.node, f.lease_until))?;
     }
     Ok(submitted)
 }

@@ -580,8 +580,43 @@ pub const SCHEDULE_DUE: &str = "SELECT s.spec, s.state, s.version, r.id, r.state
      FROM schedules s LEFT JOIN runs r ON r.id = s.last_run
      WHERE s.next_check <= $1 ORDER BY s.next_check LIMIT $2";
 
-/// The parameters of [`SCHEDULE_INSERT`], and with `expected_version` of [`SCHEDULE_UPDATE`].
-pub fn schedule_params(
+/// A schedule's write: [`SCHEDULE_INSERT`] without `expected_version`, else
+/// [`SCHEDULE_UPDATE`] over it; and the version it stores.
+pub fn schedule_write(
+    record: &domain::schedule::ScheduleRecord,
+    expected_version: Option<i64>,
+) -> Result<(Statement, i64)> {
+    let (sql, version) = match expected_version {
+        None => (SCHEDULE_INSERT, 1),
+        Some(v) => (SCHEDULE_UPDATE, v + 1),
+    };
+    Ok((
+        stmt(sql, schedule_params(record, expected_version)?),
+        version,
+    ))
+}
+
+/// What a [`schedule_write`] that changed no row means.
+pub fn schedule_conflict(name: &str, expected_version: Option<i64>) -> Error {
+    Error::Conflict(match expected_version {
+        None => format!("schedule {name} exists"),
+        Some(_) => format!("schedule {name} changed or was deleted"),
+    })
+}
+
+/// Exec's write for a run stored by a schedule's fire ([`QUEUE`]).
+pub fn queue(run: RunId, node: &NodeId, lease_until: Timestamp) -> Statement {
+    stmt(
+        QUEUE,
+        vec![
+            run.to_string().into(),
+            node.0.clone().into(),
+            lease_until.0.into(),
+        ],
+    )
+}
+
+fn schedule_params(
     record: &domain::schedule::ScheduleRecord,
     expected_version: Option<i64>,
 ) -> Result<Vec<Value>> {
