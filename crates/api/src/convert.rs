@@ -231,6 +231,7 @@ pub fn run_to_wire(r: &Run) -> pb::Run {
         submitted_by: r.submitted_by.clone(),
         schedule: scheduled_name(r.schedule.as_ref()),
         nominal_time: ts(r.schedule.as_ref().map(|s| s.nominal_time)),
+        partial: false,
     }
 }
 
@@ -440,5 +441,38 @@ pub fn audit_to_wire(r: &domain::estop::AuditRecord) -> pb::AuditRecord {
         set_by: r.set_by.clone(),
         reason: r.reason.clone(),
         source: r.source.clone(),
+    }
+}
+
+/// Applies a `partial` Watch message to the run it follows: its header replaces the run's,
+/// its blocks and jobs replace those of the same index. A whole message replaces the run.
+pub fn merge_run(run: &mut pb::Run, delta: pb::Run) {
+    if !delta.partial {
+        *run = delta;
+        return;
+    }
+    let blocks = std::mem::take(&mut run.blocks);
+    let spec = run.spec.take();
+    let changed = delta.blocks;
+    *run = pb::Run {
+        blocks,
+        spec,
+        partial: false,
+        ..delta
+    };
+    for b in changed {
+        let Some(old) = run.blocks.iter_mut().find(|o| o.index == b.index) else {
+            run.blocks.push(b);
+            continue;
+        };
+        old.state = b.state;
+        old.started_at = b.started_at;
+        old.ended_at = b.ended_at;
+        for j in b.jobs {
+            match old.jobs.iter_mut().find(|o| o.index == j.index) {
+                Some(o) => *o = j,
+                None => old.jobs.push(j),
+            }
+        }
     }
 }

@@ -180,6 +180,16 @@ impl Admin for Service {
             Service::access_log(self, &who, req.into_inner()).await?,
         ))
     }
+
+    async fn prune(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            Service::prune(self, &who, req.into_inner()).await?,
+        ))
+    }
 }
 
 #[tonic::async_trait]

@@ -95,6 +95,16 @@ fn schedule_from_body(body: &str) -> Result<domain::schedule::ScheduleSpec, doma
     domain::schedule::ScheduleSpec::parse(body)
 }
 
+async fn prune(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: String,
+) -> Result<Json<pb::PruneResponse>, ApiError> {
+    let req: pb::PruneRequest = serde_json::from_str(&body)
+        .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
+    st.service.prune(&who, req).await.map(Json)
+}
+
 async fn schedule_create(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
@@ -530,6 +540,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/v1/access", get(access_log))
+        .route("/v1/prune", post(prune))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

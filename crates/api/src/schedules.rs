@@ -226,3 +226,43 @@ impl Service {
         })
     }
 }
+
+impl Service {
+    /// Deletes finished runs by hand (admin): what retention does on its own.
+    pub async fn prune(
+        &self,
+        caller: &Caller,
+        req: pb::PruneRequest,
+    ) -> Result<pb::PruneResponse, ApiError> {
+        self.authorize(caller, &Call::Prune, "")?;
+        let text = req.before.trim();
+        let before = if text.len() == 10 {
+            parse_time("before", &format!("{text}T00:00:00Z"))?
+        } else {
+            parse_time("before", text)?
+        };
+        let workflow = match req.workflow.trim() {
+            "" => None,
+            w => {
+                limits::check_len("workflow", w, domain::spec::MAX_NAME_LEN).map_err(invalid)?;
+                Some(w.to_owned())
+            }
+        };
+        let runs = self
+            .engine
+            .prune_runs(before, workflow.clone(), req.dry_run)
+            .await?;
+        if !req.dry_run {
+            self.auth.log_allowed(
+                caller,
+                "Prune",
+                workflow.as_deref().unwrap_or("*"),
+                &format!("{runs} runs that ended before {before}"),
+            );
+        }
+        Ok(pb::PruneResponse {
+            runs,
+            dry_run: req.dry_run,
+        })
+    }
+}

@@ -53,9 +53,9 @@ impl From<EngineError> for ApiError {
                 violations: p.0.iter().map(policy_violation).collect(),
             },
             EngineError::InvalidArgument(_) => ApiError::new(Code::InvalidArgument, e.to_string()),
-            EngineError::NotFound(_) | EngineError::ScheduleNotFound(_) => {
-                ApiError::new(Code::NotFound, e.to_string())
-            }
+            EngineError::NotFound(_)
+            | EngineError::Pruned { .. }
+            | EngineError::ScheduleNotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
             EngineError::ScheduleExists(_) => ApiError::new(Code::AlreadyExists, e.to_string()),
             EngineError::AlreadyExists { .. } | EngineError::KeyReused { .. } => {
                 ApiError::new(Code::AlreadyExists, e.to_string())
@@ -79,6 +79,88 @@ impl From<ApiError> for tonic::Status {
 }
 
 pub type RunStream = Pin<Box<dyn Stream<Item = Result<pb::Run, ApiError>> + Send>>;
+
+/// A watcher whose last message waited longer than this to be read is dropped.
+pub const WATCH_SLOW: Duration = Duration::from_secs(30);
+
+/// What a watcher last sent, as fingerprints: the run's header, each block's own fields, each
+/// job. A few bytes a job, whatever the run's output and errors.
+struct Seen {
+    header: u64,
+    blocks: Vec<(u64, Vec<u64>)>,
+}
+
+fn fingerprint<M: prost::Message>(m: &M) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
+fn header_of(run: &pb::Run) -> pb::Run {
+    pb::Run {
+        blocks: Vec::new(),
+        spec: None,
+        ..run.clone()
+    }
+}
+
+fn block_header(b: &pb::BlockStatus) -> u64 {
+    fingerprint(&pb::BlockStatus {
+        jobs: Vec::new(),
+        ..b.clone()
+    })
+}
+
+impl Seen {
+    fn of(run: &pb::Run) -> Seen {
+        Seen {
+            header: fingerprint(&header_of(run)),
+            blocks: run
+                .blocks
+                .iter()
+                .map(|b| (block_header(b), b.jobs.iter().map(fingerprint).collect()))
+                .collect(),
+        }
+    }
+
+    /// `run` as a `partial` message of what changed since the last one, if anything did.
+    fn delta(&mut self, run: pb::Run) -> Option<pb::Run> {
+        let mut header = header_of(&run);
+        let h = fingerprint(&header);
+        let mut blocks = Vec::new();
+        for (bi, mut b) in run.blocks.into_iter().enumerate() {
+            if self.blocks.len() <= bi {
+                self.blocks.push((0, Vec::new()));
+            }
+            let (seen_header, seen_jobs) = &mut self.blocks[bi];
+            let bh = block_header(&b);
+            let mut jobs = Vec::new();
+            for (ji, j) in b.jobs.into_iter().enumerate() {
+                let f = fingerprint(&j);
+                if seen_jobs.get(ji) != Some(&f) {
+                    if seen_jobs.len() <= ji {
+                        seen_jobs.resize(ji + 1, 0);
+                    }
+                    seen_jobs[ji] = f;
+                    jobs.push(j);
+                }
+            }
+            if bh != *seen_header || !jobs.is_empty() {
+                *seen_header = bh;
+                b.jobs = jobs;
+                blocks.push(b);
+            }
+        }
+        if h == self.header && blocks.is_empty() {
+            return None;
+        }
+        self.header = h;
+        header.blocks = blocks;
+        header.partial = true;
+        Some(header)
+    }
+}
 
 /// The API's view of the engine.
 #[derive(Clone)]
@@ -679,16 +761,21 @@ impl Service {
             svc: Service,
             id: RunId,
             rx: tokio::sync::broadcast::Receiver<engine::RunEvent>,
-            last: Option<pb::Run>,
+            seen: Seen,
             pending_first: Option<pb::Run>,
+            /// When the last message was handed over: a long wait before the next poll means
+            /// the client is not reading.
+            handed: Option<std::time::Instant>,
             done: bool,
         }
+        let first = self.run_to_wire(&first);
         let state = State {
             svc: self.clone(),
             id,
             rx,
-            last: None,
-            pending_first: Some(self.run_to_wire(&first)),
+            seen: Seen::of(&first),
+            pending_first: Some(first),
+            handed: None,
             done: false,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
@@ -700,8 +787,19 @@ impl Service {
                     .state
                     .parse::<RunState>()
                     .is_ok_and(|s| s.is_terminal());
-                st.last = Some(first.clone());
+                st.handed = Some(std::time::Instant::now());
                 return Some((Ok(first), st));
+            }
+            if st.handed.is_some_and(|t| t.elapsed() > WATCH_SLOW) {
+                st.done = true;
+                let e = ApiError::new(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "this watch read too slowly (a message waited more than {}s to be read) and was dropped; watch again",
+                        WATCH_SLOW.as_secs()
+                    ),
+                );
+                return Some((Err(e), st));
             }
             loop {
                 // Wake on a change to this run, or poll now and then (changes made by other nodes).
@@ -721,12 +819,15 @@ impl Service {
                         return Some((Err(ApiError::from(e)), st));
                     }
                 };
-                if st.last.as_ref() == Some(&run) {
+                let Some(delta) = st.seen.delta(run) else {
                     continue;
-                }
-                st.done = run.state.parse::<RunState>().is_ok_and(|s| s.is_terminal());
-                st.last = Some(run.clone());
-                return Some((Ok(run), st));
+                };
+                st.done = delta
+                    .state
+                    .parse::<RunState>()
+                    .is_ok_and(|s| s.is_terminal());
+                st.handed = Some(std::time::Instant::now());
+                return Some((Ok(delta), st));
             }
         });
         Ok(Box::pin(stream))

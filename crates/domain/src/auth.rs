@@ -9,7 +9,7 @@
 //! | Cancel any run; schedules: pause, resume, delete | – | – | – | Y | Y |
 //! | E-stop `stop` / `pause` | – | – | Y | Y | Y |
 //! | E-stop `go` / clear | – | – | – | Y | Y |
-//! | Tokens, the access log | – | – | – | – | Admin |
+//! | Tokens, the access log, pruning runs | – | – | – | – | Admin |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -68,7 +68,7 @@ impl Role {
                 state: EStopState::Go,
             }
             | Call::EStopClear => matches!(self, Operator | Admin),
-            Call::Tokens | Call::AccessLog => self == Admin,
+            Call::Tokens | Call::AccessLog | Call::Prune => self == Admin,
         }
     }
 }
@@ -124,6 +124,8 @@ pub enum Call {
     /// Creating, listing and revoking tokens.
     Tokens,
     AccessLog,
+    /// Deleting finished runs by hand.
+    Prune,
 }
 
 impl fmt::Display for Call {
@@ -147,6 +149,7 @@ impl fmt::Display for Call {
             Call::ScheduleControl => f.write_str("ScheduleControl"),
             Call::Tokens => f.write_str("Tokens"),
             Call::AccessLog => f.write_str("AccessLog"),
+            Call::Prune => f.write_str("Prune"),
         }
     }
 }
@@ -293,6 +296,7 @@ mod tests {
             (Call::ScheduleControl, "OA"),
             (Call::Tokens, "A"),
             (Call::AccessLog, "A"),
+            (Call::Prune, "A"),
         ];
         for (call, allowed) in calls {
             for role in Role::ALL {

@@ -15,6 +15,16 @@ impl RunId {
         RunId(uuid::Uuid::now_v7())
     }
 
+    /// When the ID was made (a UUIDv7 carries its millisecond); `None` for another kind of
+    /// UUID.
+    pub fn created_at(self) -> Option<crate::Timestamp> {
+        let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+        let ms = secs
+            .checked_mul(1000)?
+            .checked_add(u64::from(nanos / 1_000_000))?;
+        i64::try_from(ms).ok().map(crate::Timestamp)
+    }
+
     /// The ID's 16 bytes (big-endian, as written).
     pub fn as_bytes(self) -> [u8; 16] {
         *self.0.as_bytes()

@@ -22,7 +22,10 @@ mod failpoints;
 mod maintenance;
 pub mod metrics;
 mod otel;
+mod retention;
 mod schedules;
+
+pub use retention::Retention;
 
 pub use schedules::{ScheduleEvent, ScheduleView, UPCOMING};
 
@@ -143,6 +146,8 @@ pub struct EngineOptions {
     pub guardrails: Arc<actions::Guardrails>,
     /// The user `shell` jobs run as, unless their workflow's policy names one.
     pub run_as: Option<domain::RunAs>,
+    /// How long finished runs and audit records are kept.
+    pub retention: Retention,
 }
 
 /// The policy set in force, swapped whole on a reload.
@@ -166,6 +171,7 @@ impl EngineOptions {
             shared_store: false,
             guardrails: Arc::default(),
             run_as: None,
+            retention: Retention::default(),
         }
     }
 }
@@ -182,6 +188,15 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("run {0} not found")]
     NotFound(RunId),
+    /// Not found, and older than retention keeps runs: it was most likely pruned.
+    #[error(
+        "run {id} not found: it was created {created}, and finished runs are deleted {kept} after they end (retention); runs that old are pruned"
+    )]
+    Pruned {
+        id: RunId,
+        created: Timestamp,
+        kept: domain::HumanDuration,
+    },
     #[error("schedule {0} not found")]
     ScheduleNotFound(String),
     #[error("schedule {0} exists already; use update to change it")]
@@ -245,6 +260,7 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn RunStore>,
     pub(crate) buckets: Arc<dyn store::BucketStore>,
     pub(crate) schedules: Arc<dyn store::ScheduleStore>,
+    pub(crate) audit: Arc<dyn store::AuditPrune>,
     /// Wakes the scheduler: a schedule of this node changed.
     pub(crate) schedule_changed: tokio::sync::Notify,
     pub(crate) schedule_events: broadcast::Sender<ScheduleEvent>,
@@ -287,7 +303,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new<S: RunStore + store::BucketStore + store::ScheduleStore>(
+    pub fn new<S: RunStore + store::BucketStore + store::ScheduleStore + store::AuditPrune>(
         opts: EngineOptions,
         store: Arc<S>,
         clock: Arc<dyn Clock>,
@@ -295,6 +311,7 @@ impl Engine {
     ) -> Engine {
         let buckets: Arc<dyn store::BucketStore> = store.clone();
         let schedules: Arc<dyn store::ScheduleStore> = store.clone();
+        let audit: Arc<dyn store::AuditPrune> = store.clone();
         let store: Arc<dyn RunStore> = store;
         let (events, _) = broadcast::channel(4096);
         let tracker = TaskTracker::new();
@@ -312,6 +329,7 @@ impl Engine {
                 store,
                 buckets,
                 schedules,
+                audit,
                 schedule_changed: tokio::sync::Notify::new(),
                 schedule_events: broadcast::channel(1024).0,
                 clock,
@@ -337,6 +355,7 @@ impl Engine {
     pub fn start(&self) {
         maintenance::start(&self.inner);
         schedules::start(&self.inner);
+        retention::start(&self.inner);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
@@ -571,7 +590,7 @@ impl Engine {
     /// Starts a submitted run (handshake step 2).
     pub async fn exec(&self, id: RunId) -> Result<(), EngineError> {
         self.check_accepting()?;
-        let run = self.inner.store.get(id).await?;
+        let run = self.get(id).await?;
         if run.state == RunState::Submitted {
             self.inner.refuse_if_stopped(&run.spec)?;
         }
@@ -607,7 +626,16 @@ impl Engine {
     }
 
     pub async fn status(&self, id: RunId) -> Result<Run, EngineError> {
-        Ok(self.inner.store.get(id).await?)
+        self.get(id).await
+    }
+
+    /// The run, or why there is none.
+    async fn get(&self, id: RunId) -> Result<Run, EngineError> {
+        match self.inner.store.get(id).await {
+            Ok(r) => Ok(r),
+            Err(store::Error::NotFound(id)) => Err(self.missing(id)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// How many runs are in each state.
@@ -658,7 +686,11 @@ impl Engine {
             reason: reason.to_owned(),
         };
         let now = self.inner.clock.now();
-        match self.inner.store.cancel(id, cause.clone(), now).await? {
+        let outcome = match self.inner.store.cancel(id, cause.clone(), now).await {
+            Err(store::Error::NotFound(id)) => return Err(self.missing(id)),
+            other => other?,
+        };
+        match outcome {
             CancelOutcome::Cancelled => {
                 self.inner.emit(id, RunState::Cancelled);
                 Ok(RunState::Cancelled)
@@ -684,7 +716,7 @@ impl Engine {
     /// Submits a copy of run `id`'s spec (without its idempotency key) for the token named
     /// `by`.
     pub async fn clone_run(&self, id: RunId, by: &str) -> Result<RunId, EngineError> {
-        let run = self.inner.store.get(id).await?;
+        let run = self.get(id).await?;
         let mut spec = run.spec;
         spec.idempotency_key = None;
         Ok(self.submit_inner(spec, Some(id), by).await?.id)

@@ -118,6 +118,8 @@ pub struct ServeConfig {
     pub error_budgets: BTreeMap<String, BudgetConfig>,
     /// Webhooks told of failed and stopped runs and of e-stop changes: `[[notify]]`.
     pub notify: Vec<NotifyConfig>,
+    /// How long finished runs and audit records are kept: `[retention]`.
+    pub retention: RetentionConfig,
     /// How a `shell` job's processes are kept together: `auto` (a cgroup per attempt where
     /// cgroup v2 allows it, else a process group), `cgroup` or `process_group`.
     pub job_containment: JobContainment,
@@ -244,6 +246,7 @@ impl Default for ServeConfig {
             buckets: BTreeMap::new(),
             error_budgets: BTreeMap::new(),
             notify: Vec::new(),
+            retention: RetentionConfig::default(),
             job_containment: JobContainment::Auto,
             auth: Auth::Token,
             tls_cert: None,
@@ -423,6 +426,45 @@ fn one() -> u64 {
     1
 }
 
+/// `[retention]`: how long finished runs (by the time they ended) and audit records are kept;
+/// `"0"` keeps them forever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    #[serde(with = "de::keep")]
+    pub runs: Option<Duration>,
+    /// The e-stop audit trail and the access log.
+    #[serde(with = "de::keep")]
+    pub audit: Option<Duration>,
+    /// Per workflow, over `runs`: `[retention.workflows] NAME = "7d"`.
+    #[serde(
+        deserialize_with = "de::keep_per_workflow",
+        serialize_with = "de::keep_per_workflow_out"
+    )]
+    pub workflows: BTreeMap<String, Option<Duration>>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> RetentionConfig {
+        let r = engine::Retention::default();
+        RetentionConfig {
+            runs: r.runs,
+            audit: r.audit,
+            workflows: BTreeMap::new(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn to_engine(&self) -> engine::Retention {
+        engine::Retention {
+            runs: self.runs,
+            workflows: self.workflows.clone(),
+            audit: self.audit,
+        }
+    }
+}
+
 /// `[error_budgets.WORKFLOW]`: an error budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -543,6 +585,76 @@ mod de {
             }
             Ok(v)
         }
+    }
+
+    /// A retention: a duration greater than 0, or `"0"` for forever (`None`).
+    pub mod keep {
+        use super::*;
+
+        pub fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.collect_str(&humantime::format_duration(*d)),
+                None => s.serialize_str("0"),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s = String::deserialize(d)?;
+            parse(&s).map_err(D::Error::custom)
+        }
+
+        pub(crate) fn parse(s: &str) -> Result<Option<Duration>, String> {
+            if s.trim() == "0" {
+                return Ok(None);
+            }
+            let v = humantime::parse_duration(s.trim()).map_err(|_| {
+                format!("invalid retention {s:?}: expected e.g. 30d, 12h, or \"0\" to keep forever")
+            })?;
+            if v.is_zero() {
+                return Ok(None);
+            }
+            Ok(Some(v))
+        }
+    }
+
+    pub fn keep_per_workflow<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Option<Duration>>, D::Error> {
+        let map = BTreeMap::<String, String>::deserialize(d)?;
+        let mut out = BTreeMap::new();
+        for (name, text) in map {
+            let spec = domain::WorkflowSpec {
+                name: name.clone(),
+                ..Default::default()
+            };
+            let mut errs = Vec::new();
+            spec.validate_into(&mut errs);
+            if let Some(e) = errs.iter().find(|e| e.path == "name") {
+                return Err(D::Error::custom(format!("{name}: {}", e.message)));
+            }
+            let keep = keep::parse(&text).map_err(|e| D::Error::custom(format!("{name}: {e}")))?;
+            out.insert(name, keep);
+        }
+        Ok(out)
+    }
+
+    pub fn keep_per_workflow_out<S: serde::Serializer>(
+        map: &BTreeMap<String, Option<Duration>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            let text = match v {
+                Some(d) => humantime::format_duration(*d).to_string(),
+                None => "0".to_owned(),
+            };
+            m.serialize_entry(k, &text)?;
+        }
+        m.end()
     }
 
     pub mod log_format {

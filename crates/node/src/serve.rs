@@ -391,6 +391,7 @@ impl Node {
         let addr = listener.local_addr()?;
         opts.guardrails = Arc::new(cfg.guardrails(addr)?);
         opts.run_as = cfg.run_as.clone();
+        opts.retention = cfg.retention.to_engine();
         private_secrets_dir(&cfg.secrets_dir())?;
         if cfg.run_as.is_none() && nix::unistd::Uid::effective().is_root() {
             tracing::warn!(

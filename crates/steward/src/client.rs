@@ -222,7 +222,15 @@ async fn watch(
         .map_err(status_err)?
         .into_inner();
     let mut last: Option<pb::Run> = None;
-    while let Some(run) = stream.message().await.map_err(status_err)? {
+    while let Some(msg) = stream.message().await.map_err(status_err)? {
+        // After the first message, the server sends what changed: keep the whole run.
+        let run = match last.take() {
+            Some(mut run) => {
+                api::convert::merge_run(&mut run, msg);
+                run
+            }
+            None => msg,
+        };
         if print_each {
             if opts.json {
                 output::json_line(&run);
@@ -731,5 +739,39 @@ pub async fn schedule(opts: &ClientOpts, cmd: crate::ScheduleCommand) -> anyhow:
         }
         (C::Create { .. } | C::Update { .. }, None) => unreachable!("read above"),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn prune(
+    opts: &ClientOpts,
+    before: String,
+    workflow: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use proto::v1::admin_client::AdminClient;
+    let mut c = AdminClient::new(channel(opts).await?);
+    let r = c
+        .prune(request(pb::PruneRequest {
+            before: before.clone(),
+            workflow: workflow.clone().unwrap_or_default(),
+            dry_run,
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    show(opts, &r, |r| {
+        let scope = workflow.map_or(String::new(), |w| format!(" of {w}"));
+        if r.dry_run {
+            output::line(&format!(
+                "{} finished runs{scope} ended before {before}; nothing deleted (--dry-run)",
+                r.runs
+            ));
+        } else {
+            output::line(&format!(
+                "deleted {} finished runs{scope} that ended before {before}",
+                r.runs
+            ));
+        }
+    });
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod backup;
 mod client;
 mod drill;
 mod output;
@@ -148,6 +149,13 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Runs in bulk: delete the finished ones that are old (admin).
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// The emergency stop: see and change what may run.
     Estop {
         #[command(subcommand)]
@@ -198,6 +206,23 @@ enum Command {
         /// The core figures on this PostgreSQL database (postgres://...) instead of SQLite.
         #[arg(long)]
         database: Option<String>,
+    },
+    /// Copies the embedded SQLite database into FILE while the server runs (a consistent
+    /// snapshot). With PostgreSQL, use pg_dump.
+    Backup {
+        file: PathBuf,
+        #[arg(long, env = "STEWARD_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Checks a backup and puts it in place as the database of --data-dir (its server
+    /// stopped); its unfinished runs resume when it is served.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Restore over a database that is there, keeping it as steward.db.replaced.
+        #[arg(long)]
+        replace: bool,
     },
     /// Stops the server of a data directory and waits for it to exit.
     Stop {
@@ -253,6 +278,22 @@ pub enum DrillCommand {
         /// How long each node has to start, then to stop, its canary.
         #[arg(long, default_value = "30s")]
         timeout: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RunsCommand {
+    /// Deletes the finished runs that ended before --before (what retention does on its own).
+    Prune {
+        /// RFC 3339, or a date (its midnight UTC).
+        #[arg(long)]
+        before: String,
+        /// Only this workflow's runs.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Count them; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -416,6 +457,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => client::validate(&client, &file, offline).await,
         Command::Estop { command, client } => client::estop(&client, command).await,
         Command::Schedule { command, client } => client::schedule(&client, command).await,
+        Command::Runs {
+            command:
+                RunsCommand::Prune {
+                    before,
+                    workflow,
+                    dry_run,
+                },
+            client,
+        } => client::prune(&client, before, workflow, dry_run).await,
         Command::Token { command, client } => client::token(&client, command).await,
         Command::Drill {
             command:
@@ -447,6 +497,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backup { file, data_dir } => backup::backup(&data_dir, &file),
+        Command::Restore {
+            file,
+            data_dir,
+            replace,
+        } => backup::restore(&file, &data_dir, replace),
         Command::Stop {
             data_dir,
             now,

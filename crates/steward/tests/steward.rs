@@ -7,6 +7,7 @@ mod console;
 mod estop;
 mod faults;
 mod harness;
+mod history;
 mod metrics;
 mod notify;
 mod policies;

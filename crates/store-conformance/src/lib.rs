@@ -9,7 +9,7 @@
 //!     estop: fixture::estop,
 //!     buckets: fixture::buckets,
 //!     auth: fixture::auth,
-//!     schedules: fixture::schedules, // a store that is both RunStore and ScheduleStore
+//!     whole: fixture::whole, // the store itself, with every trait
 //! }
 //! ```
 //!
@@ -35,7 +35,7 @@ use store::{
 #[macro_export]
 macro_rules! conformance_tests {
     (runs: $runs:path, estop: $estop:path, buckets: $buckets:path, auth: $auth:path,
-     schedules: $schedules:path $(,)?) => {
+     whole: $whole:path $(,)?) => {
         $crate::conformance_tests!(@cases $runs;
             submit_stores_a_pending_run,
             idempotency_key_returns_the_first_run,
@@ -67,10 +67,13 @@ macro_rules! conformance_tests {
             tokens_are_found_by_hash_listed_by_name_and_revoked,
             access_log_lists_newest_first_with_limit,
         );
-        $crate::conformance_tests!(@cases $schedules;
+        $crate::conformance_tests!(@cases $whole;
             schedules_are_created_once_and_written_over_their_version,
             a_fire_stores_its_run_with_the_schedule_change_or_nothing,
             due_schedules_come_soonest_first,
+            prune_deletes_finished_runs_past_the_cutoff_of_their_workflows,
+            paging_returns_no_run_twice_while_runs_are_added_and_pruned,
+            audit_prune_deletes_only_old_records,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1140,4 +1143,192 @@ where
             started: false
         })
     );
+}
+
+/// A run of `name` with labels `site=aap`, finished (`state`) at `ended`.
+async fn finished_run<S: RunStore>(s: &S, name: &str, state: RunState, ended: Timestamp) -> RunId {
+    let mut sp = spec(name, 1, 1);
+    sp.labels = BTreeMap::from([("site".to_owned(), "aap".to_owned())]);
+    let nr = new_run(sp);
+    let id = nr.id;
+    s.submit(nr).await.unwrap();
+    s.exec(id, &node("a"), T0, Timestamp(T0.0 + HOUR))
+        .await
+        .unwrap();
+    s.apply(
+        &node("a"),
+        id,
+        vec![
+            Transition::RunRunning { at: T0 },
+            Transition::RunFinished {
+                state,
+                at: ended,
+                error: None,
+                stop_cause: None,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+async fn exists<S: RunStore>(s: &S, id: RunId) -> bool {
+    match s.get(id).await {
+        Ok(_) => true,
+        Err(Error::NotFound(_)) => false,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+pub async fn prune_deletes_finished_runs_past_the_cutoff_of_their_workflows<S>(s: Arc<S>)
+where
+    S: RunStore,
+{
+    use store::Workflows::{AllBut, Only};
+    let old = finished_run(&*s, "old", RunState::Completed, T0).await;
+    let failed = finished_run(&*s, "old", RunState::Failed, T0).await;
+    let newer = finished_run(&*s, "old", RunState::Completed, Timestamp(T0.0 + 2 * HOUR)).await;
+    let kept = finished_run(&*s, "keep", RunState::Completed, T0).await;
+    // Not finished: never pruned, however old.
+    let running = new_run(spec("old", 1, 1));
+    let running_id = running.id;
+    s.submit(running).await.unwrap();
+    s.exec(running_id, &node("a"), T0, Timestamp(T0.0 + HOUR))
+        .await
+        .unwrap();
+    let submitted = new_run(spec("old", 1, 1));
+    let submitted_id = submitted.id;
+    s.submit(submitted).await.unwrap();
+    let far = Timestamp(T0.0 + 100 * HOUR);
+
+    // A dry run counts and changes nothing.
+    let cutoff = Timestamp(T0.0 + HOUR);
+    assert_eq!(
+        s.prune_runs(cutoff, &AllBut(vec![]), 0, true)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(exists(&*s, old).await && exists(&*s, kept).await);
+
+    // One workflow, a batch at a time.
+    assert_eq!(
+        s.prune_runs(cutoff, &Only("old".into()), 1, false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.prune_runs(cutoff, &Only("old".into()), 10, false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(!exists(&*s, old).await && !exists(&*s, failed).await);
+    assert!(exists(&*s, newer).await && exists(&*s, kept).await);
+    // Their labels went with them.
+    let by_label = s
+        .list(&RunFilter {
+            labels: BTreeMap::from([("site".to_owned(), "aap".to_owned())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<RunId> = by_label.runs.iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![kept, newer]);
+
+    // Every workflow but one.
+    assert_eq!(
+        s.prune_runs(far, &AllBut(vec!["keep".into()]), 10, false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(!exists(&*s, newer).await);
+    assert!(exists(&*s, kept).await);
+    assert!(exists(&*s, running_id).await && exists(&*s, submitted_id).await);
+    assert_eq!(
+        s.prune_runs(far, &AllBut(vec![]), 10, false).await.unwrap(),
+        1
+    );
+    assert!(exists(&*s, running_id).await && exists(&*s, submitted_id).await);
+}
+
+pub async fn paging_returns_no_run_twice_while_runs_are_added_and_pruned<S>(s: Arc<S>)
+where
+    S: RunStore,
+{
+    let mut made = Vec::new();
+    for i in 0..30 {
+        made.push(finished_run(&*s, "pager", RunState::Completed, Timestamp(T0.0 + i)).await);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut token = None;
+    let mut pages = 0;
+    loop {
+        let page = s
+            .list(&RunFilter {
+                labels: BTreeMap::from([("site".to_owned(), "aap".to_owned())]),
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for r in &page.runs {
+            assert!(seen.insert(r.id), "run {} listed twice", r.id);
+        }
+        pages += 1;
+        // Between pages: new runs come, the oldest go.
+        finished_run(
+            &*s,
+            "pager",
+            RunState::Completed,
+            Timestamp(T0.0 + 1000 + pages),
+        )
+        .await;
+        s.prune_runs(
+            Timestamp(T0.0 + 3 * pages),
+            &store::Workflows::AllBut(vec![]),
+            100,
+            false,
+        )
+        .await
+        .unwrap();
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert!(
+        seen.iter().all(|id| made.contains(id)),
+        "only runs older than the first page"
+    );
+}
+
+pub async fn audit_prune_deletes_only_old_records<S>(s: Arc<S>)
+where
+    S: EStopStore + store::AuthStore + store::AuditPrune,
+{
+    let mut old = audit("site=aap", None, Some(EStopState::Stop), "old");
+    old.at = Timestamp(T0.0).to_rfc3339();
+    let mut new = audit("site=aap", Some(EStopState::Stop), None, "new");
+    new.at = Timestamp(T0.0 + 2 * HOUR).to_rfc3339();
+    s.audit_append(vec![old, new.clone()]).await.unwrap();
+    let rec = |at: i64| store::AccessRecord {
+        at: Timestamp(at),
+        actor: "t".into(),
+        call: "Submit".into(),
+        target: String::new(),
+        allowed: true,
+        peer: String::new(),
+        detail: String::new(),
+    };
+    s.access_append(vec![rec(T0.0), rec(T0.0 + 2 * HOUR)]);
+    assert_eq!(s.access_list(0).await.unwrap().len(), 2);
+    assert_eq!(s.prune_audit(Timestamp(T0.0 + HOUR), 100).await.unwrap(), 2);
+    assert_eq!(s.audit_list(None, 0).await.unwrap(), vec![new]);
+    assert_eq!(s.access_list(0).await.unwrap(), vec![rec(T0.0 + 2 * HOUR)]);
 }

@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_buckets.sql"),
     include_str!("../migrations/0004_auth.sql"),
     include_str!("../migrations/0005_schedules.sql"),
+    include_str!("../migrations/0006_retention_labels.sql"),
 ];
 /// Any fixed number: the advisory lock that serializes migrations between nodes.
 const MIGRATION_LOCK: i64 = 0x0053_7465_7761_7264;
@@ -799,6 +800,46 @@ impl RunStore for PgStore {
         });
     }
 
+    async fn prune_runs(
+        &self,
+        before: Timestamp,
+        which: &store::Workflows,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<u64> {
+        let (scope, names): (&str, Vec<String>) = match which {
+            store::Workflows::Only(n) => ("name = ANY($2)", vec![n.clone()]),
+            store::Workflows::AllBut(names) => ("NOT (name = ANY($2))", names.clone()),
+        };
+        let due = format!(
+            "ended_at < $1 AND state IN {} AND {scope}",
+            store::sql::FINISHED
+        );
+        if dry_run {
+            let c = self.reader().await?;
+            let row = c
+                .query_one(
+                    &format!("SELECT COUNT(*) FROM runs WHERE {due}"),
+                    &[&before.0, &names],
+                )
+                .await
+                .map_err(db_err)?;
+            return Ok(u64::try_from(rows::get::<i64>(&row, 0)?).unwrap_or(0));
+        }
+        let sql = format!(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE {due} ORDER BY ended_at LIMIT $3)"
+        );
+        let limit = i64::from(limit);
+        self.write(move |c| {
+            Box::pin(async move {
+                c.execute(&sql, &[&before.0, &names, &limit])
+                    .await
+                    .map_err(db_err)
+            })
+        })
+        .await
+    }
+
     async fn close(&self) -> Result<()> {
         self.writer.close();
         let done = self.writer_done.lock().ok().and_then(|mut d| d.take());
@@ -808,5 +849,29 @@ impl RunStore for PgStore {
         self.readers.close();
         self.listener.cancel();
         Ok(())
+    }
+}
+
+#[async_trait]
+impl store::AuditPrune for PgStore {
+    async fn prune_audit(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        self.write(move |c| {
+            Box::pin(async move {
+                let audit = c
+                    .run(&Statement {
+                        sql: sql::PRUNE_ESTOP_AUDIT,
+                        params: vec![before.to_rfc3339().into(), limit.into()],
+                    })
+                    .await?;
+                let access = c
+                    .run(&Statement {
+                        sql: sql::PRUNE_ACCESS_LOG,
+                        params: vec![before.0.into(), limit.into()],
+                    })
+                    .await?;
+                Ok(audit + access)
+            })
+        })
+        .await
     }
 }

@@ -49,5 +49,5 @@ store_conformance::conformance_tests! {
     estop: estop,
     buckets: buckets,
     auth: auth,
-    schedules: open,
+    whole: open,
 }

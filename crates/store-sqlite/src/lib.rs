@@ -19,11 +19,12 @@ use store::sql::{self, Statement, Value};
 use store::writer::{self, Finish, WriteConn, Writer};
 use store::{
     CancelOutcome, Error, ExecOutcome, LeaseRenewal, NewRun, Result, RunFilter, RunPage, RunStore,
-    Submitted, Transition,
+    Submitted, Transition, Workflows,
 };
 use tokio::sync::oneshot;
 
 mod auth;
+pub mod backup;
 mod buckets;
 mod estop;
 mod rows;
@@ -35,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_buckets.sql"),
     include_str!("../migrations/0004_auth.sql"),
     include_str!("../migrations/0005_schedules.sql"),
+    include_str!("../migrations/0006_retention_labels.sql"),
 ];
 const READERS: usize = 4;
 
@@ -256,6 +258,12 @@ pub(crate) fn insert_run(c: &Connection, run: &NewRun) -> Result<Submitted> {
         ])
     })
     .map_err(db_err)?;
+    let mut label = c
+        .prepare_cached("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)")
+        .map_err(db_err)?;
+    for (k, v) in &run.spec.labels {
+        label.execute(params![id, k, v]).map_err(db_err)?;
+    }
     let mut block = c
         .prepare_cached("INSERT INTO blocks (run_id, idx, state) VALUES (?1, ?2, 'pending')")
         .map_err(db_err)?;
@@ -490,6 +498,45 @@ impl RunStore for SqliteStore {
         self.write_nowait("apply", move |c| rows::apply(c, &node, id, &transitions));
     }
 
+    async fn prune_runs(
+        &self,
+        before: Timestamp,
+        which: &Workflows,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<u64> {
+        // Names are bound as values: one, or a JSON array of those left out.
+        let (scope, name) = match which {
+            Workflows::Only(n) => ("name = ?2", n.clone()),
+            Workflows::AllBut(names) => (
+                "name NOT IN (SELECT value FROM json_each(?2))",
+                to_json(names)?,
+            ),
+        };
+        let finished = store::sql::FINISHED;
+        let due = format!("ended_at < ?1 AND state IN {finished} AND {scope}");
+        if dry_run {
+            let sql = format!("SELECT COUNT(*) FROM runs WHERE {due}");
+            return self
+                .read(move |c| {
+                    c.query_row(&sql, params![before.0, name], |r| r.get::<_, i64>(0))
+                        .map(|n| u64::try_from(n).unwrap_or(0))
+                        .map_err(db_err)
+                })
+                .await;
+        }
+        let sql = format!(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE {due} ORDER BY ended_at LIMIT ?3)"
+        );
+        self.write(move |c| {
+            c.prepare_cached(&sql)
+                .and_then(|mut s| s.execute(params![before.0, name, limit]))
+                .map(|n| n as u64)
+                .map_err(db_err)
+        })
+        .await
+    }
+
     async fn close(&self) -> Result<()> {
         self.writer.close();
         let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
@@ -500,5 +547,29 @@ impl RunStore for SqliteStore {
                 .map_err(|_| Error::Unavailable("the writer thread panicked".into()))?;
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl store::AuditPrune for SqliteStore {
+    async fn prune_audit(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        self.write(move |c| {
+            let audit = rows::execute(
+                c,
+                &Statement {
+                    sql: store::sql::PRUNE_ESTOP_AUDIT,
+                    params: vec![before.to_rfc3339().into(), limit.into()],
+                },
+            )?;
+            let access = rows::execute(
+                c,
+                &Statement {
+                    sql: store::sql::PRUNE_ACCESS_LOG,
+                    params: vec![before.0.into(), limit.into()],
+                },
+            )?;
+            Ok((audit + access) as u64)
+        })
+        .await
     }
 }

@@ -107,11 +107,26 @@ pub(crate) fn load_run(c: &Connection, id: RunId) -> Result<Run> {
 }
 
 pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
+    // With labels, the first one drives (its index is ordered by run ID, like the page); the
+    // others are checked per run. Without, the runs' own indexes serve.
+    let mut labels = f.labels.iter();
+    let first = labels.next();
     let mut sql = String::from(
-        "SELECT id, name, json_extract(spec, '$.desc'), labels, state, created_at, started_at, ended_at,
-                error, stop_cause, submitted_by, schedule, nominal_time FROM runs WHERE 1 = 1",
+        "SELECT runs.id, name, json_extract(spec, '$.desc'), labels, state, created_at, started_at,
+                ended_at, error, stop_cause, submitted_by, schedule, nominal_time FROM ",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let id = if let Some((k, v)) = first {
+        sql.push_str(
+            "run_labels l JOIN runs ON runs.id = l.run_id WHERE l.key = ? AND l.value = ?",
+        );
+        args.push(k.clone().into());
+        args.push(v.clone().into());
+        "l.run_id"
+    } else {
+        sql.push_str("runs WHERE 1 = 1");
+        "runs.id"
+    };
     if !f.states.is_empty() {
         sql.push_str(" AND state IN (");
         for (i, s) in f.states.iter().enumerate() {
@@ -128,20 +143,20 @@ pub(crate) fn list_runs(c: &Connection, f: &RunFilter) -> Result<RunPage> {
         sql.push_str(" AND schedule = ?");
         args.push(schedule.clone().into());
     }
-    for (k, v) in &f.labels {
-        // Key and value are bound as values: no user input is ever part of a JSON path.
+    for (k, v) in labels {
+        // Key and value are bound as values: no user input is ever part of the SQL.
         sql.push_str(
-            " AND EXISTS (SELECT 1 FROM json_each(runs.labels) AS l WHERE l.key = ? AND l.value = ?)",
+            " AND EXISTS (SELECT 1 FROM run_labels x WHERE x.key = ? AND x.value = ? AND x.run_id = runs.id)",
         );
         args.push(k.clone().into());
         args.push(v.clone().into());
     }
     if let Some(token) = &f.page_token {
-        sql.push_str(" AND id < ?");
+        let _ = write!(sql, " AND {id} < ?");
         args.push(token.clone().into());
     }
     let size = f.effective_page_size();
-    let _ = write!(sql, " ORDER BY id DESC LIMIT {}", size + 1);
+    let _ = write!(sql, " ORDER BY {id} DESC LIMIT {}", size + 1);
     let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
     let mut q = stmt
         .query(rusqlite::params_from_iter(args))

@@ -33,7 +33,7 @@ async fn auth() -> (tempfile::TempDir, Arc<dyn AuthStore>) {
     (g, s)
 }
 
-async fn schedules() -> (tempfile::TempDir, Arc<SqliteStore>) {
+async fn whole() -> (tempfile::TempDir, Arc<SqliteStore>) {
     open()
 }
 
@@ -42,5 +42,5 @@ store_conformance::conformance_tests! {
     estop: estop,
     buckets: buckets,
     auth: auth,
-    schedules: schedules,
+    whole: whole,
 }

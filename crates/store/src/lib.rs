@@ -270,8 +270,36 @@ pub trait RunStore: Send + Sync + 'static {
     /// Queues transitions without waiting for them to be durable (see the crate docs).
     fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>);
 
+    /// Finished runs that ended before `before`, of the workflows `which` names, oldest first,
+    /// at most `limit`: deleted with their blocks and jobs (or, with `dry_run`, counted, all of
+    /// them). How many.
+    async fn prune_runs(
+        &self,
+        before: Timestamp,
+        which: &Workflows,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<u64>;
+
     /// Lets go of resources (the SQLite writer thread) after pending writes are committed.
     async fn close(&self) -> Result<()>;
+}
+
+/// Which workflows a prune covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Workflows {
+    /// Only this one.
+    Only(String),
+    /// Every workflow but these (those with a retention of their own).
+    AllBut(Vec<String>),
+}
+
+/// Pruning the audit trails: the e-stop audit and the access log.
+#[async_trait]
+pub trait AuditPrune: Send + Sync + 'static {
+    /// Deletes up to `limit` records, oldest first, of each trail that are older than
+    /// `before`; how many.
+    async fn prune_audit(&self, before: Timestamp, limit: u32) -> Result<u64>;
 }
 
 /// A fire's run, stored with the schedule's change: created `queued` and leased to `node`.

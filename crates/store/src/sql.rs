@@ -653,3 +653,15 @@ pub fn last_run(r: &dyn Row) -> Result<Option<domain::schedule::LastRun>> {
         started: r.int(5)?.is_some(),
     }))
 }
+
+/// The terminal run states, as SQL.
+pub const FINISHED: &str = "('completed','failed','stopped','cancelled','expired')";
+
+/// Deletes up to `$2` e-stop audit records older than `$1` (RFC 3339 text, which sorts as
+/// time), oldest first.
+pub const PRUNE_ESTOP_AUDIT: &str = "DELETE FROM estop_audit WHERE seq IN
+     (SELECT seq FROM estop_audit WHERE at < $1 ORDER BY seq LIMIT $2)";
+
+/// Deletes up to `$2` access-log records older than `$1` (unix ms), oldest first.
+pub const PRUNE_ACCESS_LOG: &str = "DELETE FROM access_log WHERE seq IN
+     (SELECT seq FROM access_log WHERE at < $1 ORDER BY seq LIMIT $2)";
