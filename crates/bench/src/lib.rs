@@ -10,6 +10,7 @@
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
 
 mod external;
+mod history;
 mod schedules;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct BenchOpts {
     pub concurrency: usize,
     pub latency_runs: usize,
     pub status_runs: usize,
+    /// Finished runs stored for the `history` figures.
+    pub stored_runs: usize,
     /// A `postgres://` URL: the core figures on that database instead of a SQLite file.
     pub database: Option<String>,
 }
@@ -409,6 +412,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "console" => console_suite(&o).await,
         "telemetry" => external::telemetry_suite(&o).await,
         "schedules" => schedules::schedules_suite().await,
+        "history" => history::history_suite(&o).await,
         "drill" => {
             external::drill_suite(&o, 100).await?;
             many_jobs_propagation().await
@@ -425,7 +429,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, schedules, scaleout, drill or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, schedules, history, scaleout, drill or all"
             )
         }
     }

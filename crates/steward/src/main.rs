@@ -187,7 +187,7 @@ enum Command {
     /// Measures throughput and latency on an in-process node, started as `serve` starts one
     /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, schedules, scaleout
+        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, schedules, history, scaleout
         /// and drill (these two need --database), or all.
         #[arg(long, default_value = "all")]
         suite: String,
@@ -203,6 +203,9 @@ enum Command {
         /// Runs stored for the Status latency figure.
         #[arg(long, default_value_t = 100_000)]
         status_runs: usize,
+        /// Finished runs stored for the history figures (List and Status at size).
+        #[arg(long, default_value_t = 1_000_000)]
+        stored_runs: usize,
         /// The core figures on this PostgreSQL database (postgres://...) instead of SQLite.
         #[arg(long)]
         database: Option<String>,
@@ -483,6 +486,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             concurrency,
             latency_runs,
             status_runs,
+            stored_runs,
             database,
         } => {
             let _telemetry = telemetry::init(telemetry::Settings::default())?;
@@ -492,6 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency: concurrency.max(1),
                 latency_runs: latency_runs.max(1),
                 status_runs: status_runs.max(1),
+                stored_runs: stored_runs.max(1000),
                 database,
             })
             .await?;

@@ -193,28 +193,40 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
     // With labels, the first one drives (its index is ordered by run ID, like the page); the
     // others are checked per run. Without, the runs' own indexes serve.
     let mut labels = f.labels.iter();
-    let first = labels.next();
-    let mut sql = String::from(
-        "SELECT runs.id, name, (spec::jsonb) ->> 'desc', labels::text, state, created_at, started_at,
-                ended_at, error, stop_cause, submitted_by, schedule, nominal_time FROM ",
-    );
+    let first = if store::unfinished_only(&f.states) {
+        None
+    } else {
+        labels.next()
+    };
+    // The page's IDs first, from what an index holds alone (the planner then never trades an
+    // ordered index scan for a filtered walk of the primary key), then their rows.
+    let mut sql = String::from("SELECT ");
     let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     let mut push = |sql: &mut String, fmt: &str, v: Box<dyn ToSql + Sync + Send>| {
         args.push(v);
         sql.push_str(&fmt.replace('?', &format!("${}", args.len())));
     };
     let id = if let Some((k, v)) = first {
-        sql.push_str("run_labels l JOIN runs ON runs.id = l.run_id WHERE TRUE");
+        sql.push_str("l.run_id FROM run_labels l JOIN runs ON runs.id = l.run_id WHERE TRUE");
         push(&mut sql, " AND l.key = ?", Box::new(k.clone()));
         push(&mut sql, " AND l.value = ?", Box::new(v.clone()));
         "l.run_id"
     } else {
-        sql.push_str("runs WHERE TRUE");
+        sql.push_str("runs.id FROM runs WHERE TRUE");
         "runs.id"
     };
-    if !f.states.is_empty() {
-        let states: Vec<String> = f.states.iter().map(|s| s.as_str().to_owned()).collect();
-        push(&mut sql, " AND state = ANY(?)", Box::new(states));
+    match f.states.as_slice() {
+        [] => {}
+        // An equality, so that the index on (state, id) reads the page in order.
+        [one] => push(
+            &mut sql,
+            " AND state = ?",
+            Box::new(one.as_str().to_owned()),
+        ),
+        many => {
+            let states: Vec<String> = many.iter().map(|s| s.as_str().to_owned()).collect();
+            push(&mut sql, " AND state = ANY(?)", Box::new(states));
+        }
     }
     if let Some(name) = &f.name {
         push(&mut sql, " AND name = ?", Box::new(name.clone()));
@@ -239,6 +251,11 @@ pub(crate) async fn list_runs<C: GenericClient>(c: &C, f: &RunFilter) -> Result<
     }
     let size = f.effective_page_size();
     let _ = write!(sql, " ORDER BY {id} DESC LIMIT {}", size + 1);
+    let sql = format!(
+        "SELECT runs.id, name, (spec::jsonb) ->> 'desc', labels::text, state, created_at, started_at,
+                ended_at, error, stop_cause, submitted_by, schedule, nominal_time
+         FROM runs WHERE runs.id IN ({sql}) ORDER BY runs.id DESC"
+    );
     let params: Vec<&(dyn ToSql + Sync)> = args
         .iter()
         .map(|a| a.as_ref() as &(dyn ToSql + Sync))

@@ -98,6 +98,12 @@ pub struct RunFilter {
     pub page_token: Option<String>,
 }
 
+/// Whether `states` asks for unfinished runs only: few at any size (retention keeps finished
+/// ones), so the state index is the one to read first.
+pub fn unfinished_only(states: &[RunState]) -> bool {
+    !states.is_empty() && states.iter().all(|s| !s.is_terminal())
+}
+
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
