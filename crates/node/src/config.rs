@@ -620,21 +620,27 @@ mod de {
         }
     }
 
+    /// A table key that names a workflow must be a valid workflow name.
+    fn workflow_name(name: &str) -> Result<(), String> {
+        let spec = domain::WorkflowSpec {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        let mut errs = Vec::new();
+        spec.validate_into(&mut errs);
+        match errs.iter().find(|e| e.path == "name") {
+            Some(e) => Err(format!("{name}: {}", e.message)),
+            None => Ok(()),
+        }
+    }
+
     pub fn keep_per_workflow<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<String, Option<Duration>>, D::Error> {
         let map = BTreeMap::<String, String>::deserialize(d)?;
         let mut out = BTreeMap::new();
         for (name, text) in map {
-            let spec = domain::WorkflowSpec {
-                name: name.clone(),
-                ..Default::default()
-            };
-            let mut errs = Vec::new();
-            spec.validate_into(&mut errs);
-            if let Some(e) = errs.iter().find(|e| e.path == "name") {
-                return Err(D::Error::custom(format!("{name}: {}", e.message)));
-            }
+            workflow_name(&name).map_err(D::Error::custom)?;
             let keep = keep::parse(&text).map_err(|e| D::Error::custom(format!("{name}: {e}")))?;
             out.insert(name, keep);
         }
@@ -794,15 +800,7 @@ mod de {
     ) -> Result<BTreeMap<String, BudgetConfig>, D::Error> {
         let map = BTreeMap::<String, BudgetConfig>::deserialize(d)?;
         for name in map.keys() {
-            let spec = domain::WorkflowSpec {
-                name: name.clone(),
-                ..Default::default()
-            };
-            let mut errs = Vec::new();
-            spec.validate_into(&mut errs);
-            if let Some(e) = errs.iter().find(|e| e.path == "name") {
-                return Err(D::Error::custom(format!("{name}: {}", e.message)));
-            }
+            workflow_name(name).map_err(D::Error::custom)?;
         }
         Ok(map)
     }
@@ -1270,6 +1268,37 @@ mod tests {
     }
 
     #[test]
+    fn retention_defaults_overrides_and_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(dir.path(), None, None, &[]).unwrap();
+        assert_eq!(c.retention.runs, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(c.retention.audit, Some(Duration::from_secs(365 * 86_400)));
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[retention]\nruns = \"7d\"\naudit = \"0\"\n\n[retention.workflows]\nnightly = \"1d\"\nkeep = \"0\"\n",
+        )
+        .unwrap();
+        let env = [("STEWARD_RETENTION__RUNS".to_owned(), "14d".to_owned())];
+        let c = load(dir.path(), Some(&f), None, &env).unwrap();
+        assert_eq!(c.retention.runs, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(c.retention.audit, None);
+        assert_eq!(
+            c.retention.workflows,
+            BTreeMap::from([
+                ("keep".to_owned(), None),
+                ("nightly".to_owned(), Some(Duration::from_secs(86_400))),
+            ])
+        );
+        // What --print-config writes loads back the same.
+        let printed = dir.path().join("printed.toml");
+        std::fs::write(&printed, toml::to_string_pretty(&c).unwrap()).unwrap();
+        let again = load(dir.path(), Some(&printed), None, &[]).unwrap();
+        assert_eq!(again.retention.workflows, c.retention.workflows);
+        assert_eq!(again.retention.audit, None);
+    }
+
+    #[test]
     fn bad_config_names_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
@@ -1314,6 +1343,19 @@ mod tests {
                 "estop_stale_after (1s) must be longer than estop_reread (1s)",
             ),
             ("estop_unlisted = \"pause\"\n", "estop_unlisted:"),
+            (
+                "[retention]\nruns = \"soon\"\n",
+                "retention.runs: invalid retention",
+            ),
+            ("[retention]\nforever = true\n", "unknown field `forever`"),
+            (
+                "[retention.workflows]\n\"a b\" = \"7d\"\n",
+                "retention.workflows: a b:",
+            ),
+            (
+                "[retention.workflows]\nnightly = \"weekly\"\n",
+                "nightly: invalid retention",
+            ),
             (
                 "[buckets.b]\nsize = 0\nevery = \"1m\"\n",
                 "buckets.b.size: must be at least 1",
