@@ -22,7 +22,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     limits::check_len("name", name, domain::spec::MAX_NAME_LEN).map_err(invalid)
 }
 
-fn parse_time(field: &str, text: &str) -> Result<Timestamp, ApiError> {
+pub(crate) fn parse_time(field: &str, text: &str) -> Result<Timestamp, ApiError> {
     limits::check_len(field, text, 64).map_err(invalid)?;
     Timestamp::parse_rfc3339(text).ok_or_else(|| {
         invalid(format!(
@@ -223,46 +223,6 @@ impl Service {
         Ok(pb::ScheduleBackfillResponse {
             fires: u32::try_from(fires).unwrap_or(u32::MAX),
             schedule: Some(convert::schedule_to_wire(&view)),
-        })
-    }
-}
-
-impl Service {
-    /// Deletes finished runs by hand (admin): what retention does on its own.
-    pub async fn prune(
-        &self,
-        caller: &Caller,
-        req: pb::PruneRequest,
-    ) -> Result<pb::PruneResponse, ApiError> {
-        self.authorize(caller, &Call::Prune, "")?;
-        let text = req.before.trim();
-        let before = if text.len() == 10 {
-            parse_time("before", &format!("{text}T00:00:00Z"))?
-        } else {
-            parse_time("before", text)?
-        };
-        let workflow = match req.workflow.trim() {
-            "" => None,
-            w => {
-                limits::check_len("workflow", w, domain::spec::MAX_NAME_LEN).map_err(invalid)?;
-                Some(w.to_owned())
-            }
-        };
-        let runs = self
-            .engine
-            .prune_runs(before, workflow.clone(), req.dry_run)
-            .await?;
-        if !req.dry_run {
-            self.auth.log_allowed(
-                caller,
-                "Prune",
-                workflow.as_deref().unwrap_or("*"),
-                &format!("{runs} runs that ended before {before}"),
-            );
-        }
-        Ok(pb::PruneResponse {
-            runs,
-            dry_run: req.dry_run,
         })
     }
 }

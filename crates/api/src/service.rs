@@ -749,6 +749,44 @@ impl Service {
     }
 
     /// The run now, then on every change until it is terminal (or the server stops).
+    /// Deletes finished runs by hand (admin): what retention does on its own.
+    pub async fn prune(
+        &self,
+        caller: &Caller,
+        req: pb::PruneRequest,
+    ) -> Result<pb::PruneResponse, ApiError> {
+        self.authorize(caller, &Call::Prune, "")?;
+        let text = req.before.trim();
+        let before = if text.len() == 10 {
+            crate::schedules::parse_time("before", &format!("{text}T00:00:00Z"))?
+        } else {
+            crate::schedules::parse_time("before", text)?
+        };
+        let workflow = match req.workflow.trim() {
+            "" => None,
+            w => {
+                check_len("workflow", w, domain::spec::MAX_NAME_LEN)?;
+                Some(w.to_owned())
+            }
+        };
+        let runs = self
+            .engine
+            .prune_runs(before, workflow.clone(), req.dry_run)
+            .await?;
+        if !req.dry_run {
+            self.auth.log_allowed(
+                caller,
+                "Prune",
+                workflow.as_deref().unwrap_or("*"),
+                &format!("{runs} runs that ended before {before}"),
+            );
+        }
+        Ok(pb::PruneResponse {
+            runs,
+            dry_run: req.dry_run,
+        })
+    }
+
     pub async fn watch(&self, caller: &Caller, id: &str) -> Result<RunStream, ApiError> {
         let id = parse_id(id)?;
         self.authorize(caller, &Call::Watch, &id.to_string())?;
