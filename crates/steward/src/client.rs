@@ -294,12 +294,25 @@ pub async fn status(opts: &ClientOpts, id: &str, follow: bool) -> anyhow::Result
 }
 
 /// What `steward list` filters on.
+#[derive(clap::Args)]
 pub struct ListArgs {
+    /// Only runs in this state (repeatable).
+    #[arg(long = "state")]
     pub states: Vec<String>,
+    /// Only runs of this workflow name.
+    #[arg(long)]
     pub name: Option<String>,
+    /// Only runs with this label, KEY=VALUE (repeatable).
+    #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// Runs per page (1..=1000).
+    #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// Continue from a previous page.
+    #[arg(long)]
     pub page_token: Option<String>,
+    /// Only runs created by this schedule's fires.
+    #[arg(long)]
     pub schedule: Option<String>,
 }
 

@@ -93,24 +93,8 @@ enum Command {
     },
     /// Lists runs, newest first.
     List {
-        /// Only runs in this state (repeatable).
-        #[arg(long = "state")]
-        states: Vec<String>,
-        /// Only runs of this workflow name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Only runs with this label, KEY=VALUE (repeatable).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// Runs per page (1..=1000).
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        /// Continue from a previous page.
-        #[arg(long)]
-        page_token: Option<String>,
-        /// Only runs created by this schedule's fires.
-        #[arg(long)]
-        schedule: Option<String>,
+        #[command(flatten)]
+        filter: client::ListArgs,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -424,28 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => client::submit(&client, &file, exec || wait, wait).await,
         Command::Exec { id, wait, client } => client::exec(&client, &id, wait).await,
         Command::Status { id, watch, client } => client::status(&client, &id, watch).await,
-        Command::List {
-            states,
-            name,
-            labels,
-            limit,
-            page_token,
-            schedule,
-            client,
-        } => {
-            client::list(
-                &client,
-                client::ListArgs {
-                    states,
-                    name,
-                    labels,
-                    limit,
-                    page_token,
-                    schedule,
-                },
-            )
-            .await
-        }
+        Command::List { filter, client } => client::list(&client, filter).await,
         Command::Cancel {
             id,
             reason,
