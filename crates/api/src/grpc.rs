@@ -25,8 +25,11 @@ impl Steward for Service {
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let who = caller(&req)?;
-        let spec = Service::wire_spec(req.into_inner().spec)?;
-        Ok(Response::new(Service::submit(self, &who, spec).await?))
+        let req = req.into_inner();
+        let spec = Service::wire_spec(req.spec)?;
+        Ok(Response::new(
+            Service::submit(self, &who, spec, req.start).await?,
+        ))
     }
 
     async fn exec(

@@ -225,13 +225,24 @@ async fn schedule_backfill(
         .map(Json)
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
+    /// `true`: Submit and Exec in one write (needs the spec's idempotency key).
+    #[serde(default)]
+    start: bool,
+}
+
+/// `POST /v1/runs` with the spec as the body; `?start=true` also starts it.
 async fn submit(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
+    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
     body: String,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
     let spec = spec_from_body(&body)?;
-    st.service.submit(&who, spec).await.map(Json)
+    st.service.submit(&who, spec, q.start).await.map(Json)
 }
 
 async fn validate(

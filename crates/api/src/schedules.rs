@@ -198,6 +198,7 @@ impl Service {
         Ok(pb::SubmitResponse {
             id: id.to_string(),
             created: true,
+            state: domain::RunState::Queued.to_string(),
         })
     }
 

@@ -345,10 +345,12 @@ impl Service {
         Ok(())
     }
 
+    /// Submit; with `start`, Submit and Exec in one write (see `SubmitRequest.start`).
     pub async fn submit(
         &self,
         caller: &Caller,
         spec: WorkflowSpec,
+        start: bool,
     ) -> Result<pb::SubmitResponse, ApiError> {
         self.authorize(caller, &Call::Submit, &spec.name)?;
         self.check_scope(
@@ -357,16 +359,24 @@ impl Service {
             &format!("workflow {:?}", spec.name),
             caller.principal.scope.covers_run(&spec.name, &spec.labels),
         )?;
-        let s = self.engine.submit_as(spec, caller.name()).await?;
-        self.auth.log_allowed(
-            caller,
-            "Submit",
-            &s.id.to_string(),
-            if s.created { "" } else { "existing run" },
-        );
+        let (s, state) = if start {
+            // Starting is Exec's right too.
+            self.authorize(caller, &Call::Exec, &spec.name)?;
+            self.engine.submit_started_as(spec, caller.name()).await?
+        } else {
+            self.engine.submit_as(spec, caller.name()).await?
+        };
+        let detail = match (s.created, start) {
+            (true, false) => "",
+            (true, true) => "started",
+            (false, _) => "existing run",
+        };
+        self.auth
+            .log_allowed(caller, "Submit", &s.id.to_string(), detail);
         Ok(pb::SubmitResponse {
             id: s.id.to_string(),
             created: s.created,
+            state: state.to_string(),
         })
     }
 
@@ -609,6 +619,7 @@ impl Service {
         Ok(pb::SubmitResponse {
             id: new.to_string(),
             created: true,
+            state: RunState::Submitted.to_string(),
         })
     }
 

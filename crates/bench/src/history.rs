@@ -52,7 +52,11 @@ async fn submit_rate(b: &Bench) -> anyhow::Result<f64> {
             let mut c = clients[i % CLIENTS].clone();
             let spec = req.clone();
             async move {
-                c.submit(pb::SubmitRequest { spec: Some(spec) }).await?;
+                c.submit(pb::SubmitRequest {
+                    spec: Some(spec),
+                    start: false,
+                })
+                .await?;
                 Ok(())
             }
         })

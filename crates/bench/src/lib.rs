@@ -250,6 +250,7 @@ async fn submit_and_exec(
                 let id = c
                     .submit(pb::SubmitRequest {
                         spec: Some(spec.clone()),
+                        start: false,
                     })
                     .await?
                     .into_inner()
@@ -304,6 +305,7 @@ async fn latency(b: &Bench, n: usize) -> anyhow::Result<Vec<Duration>> {
         let id = c
             .submit(pb::SubmitRequest {
                 spec: Some(spec.clone()),
+                start: false,
             })
             .await?
             .into_inner()
@@ -452,6 +454,7 @@ async fn drain_overhead(trials: usize) -> anyhow::Result<Vec<Duration>> {
             let id = c
                 .submit(pb::SubmitRequest {
                     spec: Some(api::convert::spec_to_wire(&spec)),
+                    start: false,
                 })
                 .await?
                 .into_inner()
@@ -690,6 +693,7 @@ async fn propagation(via_file: bool, runs: usize) -> anyhow::Result<Vec<Duration
         let id = c
             .submit(pb::SubmitRequest {
                 spec: Some(api::convert::spec_to_wire(&spec)),
+                start: false,
             })
             .await?
             .into_inner()
@@ -850,6 +854,7 @@ async fn submit_latency(b: &Bench, spec: &pb::WorkReq, n: usize) -> anyhow::Resu
         let t = Instant::now();
         c.submit(pb::SubmitRequest {
             spec: Some(spec.clone()),
+            start: false,
         })
         .await?;
         samples.push(t.elapsed());
@@ -1226,6 +1231,7 @@ async fn console_suite(o: &BenchOpts) -> anyhow::Result<()> {
         let id = c
             .submit(pb::SubmitRequest {
                 spec: Some(noop_spec(3)),
+                start: false,
             })
             .await?
             .into_inner()

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::estop::{Because, EStopState, Snapshot, Verdict};
-use domain::{Clock, NodeId, Run, RunId, RunState, SpecError, StopCause, Timestamp, WorkflowSpec};
+use domain::{
+    Clock, FieldError, NodeId, Run, RunId, RunState, SpecError, StopCause, Timestamp, WorkflowSpec,
+};
 use store::{CancelOutcome, ExecOutcome, NewRun, RunFilter, RunPage, RunStore};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,8 @@ pub mod metrics;
 mod otel;
 mod retention;
 mod schedules;
+
+use crate::failpoints::crash_point;
 
 pub use retention::Retention;
 
@@ -525,7 +529,7 @@ impl Engine {
     /// Validates and stores a spec; runs nothing (handshake step 1). Nobody in particular
     /// submits it (authentication off); see [`Engine::submit_as`].
     pub async fn submit(&self, spec: WorkflowSpec) -> Result<store::Submitted, EngineError> {
-        self.submit_as(spec, "").await
+        Ok(self.submit_as(spec, "").await?.0)
     }
 
     /// [`Engine::submit`] for the token named `by`, recorded as the run's submitter.
@@ -533,8 +537,35 @@ impl Engine {
         &self,
         spec: WorkflowSpec,
         by: &str,
-    ) -> Result<store::Submitted, EngineError> {
-        self.submit_inner(spec, None, by).await
+    ) -> Result<(store::Submitted, RunState), EngineError> {
+        self.submit_inner(spec, None, by, false).await
+    }
+
+    /// Submit and Exec in one durable write, for a client that names its run by an
+    /// idempotency key (it can find the run again without the handshake). A key that names a
+    /// run already answers that run: started now if it was only submitted, else as it stands.
+    /// Returns the run's state after the call.
+    pub async fn submit_started_as(
+        &self,
+        spec: WorkflowSpec,
+        by: &str,
+    ) -> Result<(store::Submitted, RunState), EngineError> {
+        if spec.idempotency_key.is_none() {
+            return Err(EngineError::InvalidSpec(SpecError(vec![FieldError::new(
+                "idempotency_key",
+                "a run started by Submit (start: true) needs an idempotency key, by which the client finds it again after a lost answer; set one, or Submit then Exec",
+            )])));
+        }
+        let (submitted, state) = self.submit_inner(spec, None, by, true).await?;
+        if state != RunState::Submitted {
+            return Ok((submitted, state));
+        }
+        match self.exec(submitted.id).await {
+            Ok(()) => Ok((submitted, RunState::Queued)),
+            // Started by a concurrent call in between: as a retry, that is success.
+            Err(EngineError::AlreadyExists { state, .. }) => Ok((submitted, state)),
+            Err(e) => Err(e),
+        }
     }
 
     async fn submit_inner(
@@ -542,7 +573,8 @@ impl Engine {
         spec: WorkflowSpec,
         cloned_from: Option<RunId>,
         by: &str,
-    ) -> Result<store::Submitted, EngineError> {
+        start: bool,
+    ) -> Result<(store::Submitted, RunState), EngineError> {
         self.check_accepting()?;
         let calls = actions::validate_spec(&spec).map_err(EngineError::InvalidSpec)?;
         self.check_guardrails(&calls)
@@ -554,19 +586,30 @@ impl Engine {
         self.inner.refuse_if_stopped(&spec)?;
         let now = self.inner.clock.now();
         let key = spec.idempotency_key.clone();
-        let submitted = self
-            .inner
-            .store
-            .submit(NewRun {
-                id: RunId::new_v7(),
-                spec: spec.clone(),
-                created_at: now,
-                expires_at: now.plus(self.inner.opts.submit_ttl),
-                cloned_from,
-                submitted_by: by.to_owned(),
-                schedule: None,
-            })
-            .await?;
+        let run = NewRun {
+            id: RunId::new_v7(),
+            spec: spec.clone(),
+            created_at: now,
+            expires_at: now.plus(self.inner.opts.submit_ttl),
+            cloned_from,
+            submitted_by: by.to_owned(),
+            schedule: None,
+        };
+        let submitted = if start {
+            let started = store::StartedRun {
+                run,
+                node: self.inner.opts.node_id.clone(),
+                lease_until: now.plus(self.inner.opts.lease_ttl),
+            };
+            self.inner.store.submit_started(started).await?
+        } else {
+            self.inner.store.submit(run).await?
+        };
+        let mut state = if start {
+            RunState::Queued
+        } else {
+            RunState::Submitted
+        };
         if !submitted.created
             && let Some(key) = key
         {
@@ -579,12 +622,20 @@ impl Engine {
                     existing: submitted.id,
                 });
             }
+            state = existing.state;
         }
-        if submitted.created {
+        if submitted.created && start {
+            // Stored and leased, not yet started nor answered: a restart resumes it, and the
+            // client's retry (same key) finds it.
+            crash_point!("engine::submit_started_after_commit");
+            self.inner.emit(submitted.id, RunState::Queued);
+            tracing::debug!(run_id = %submitted.id, "run submitted and queued");
+            driver::spawn_run(&self.inner, submitted.id);
+        } else if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);
             tracing::debug!(run_id = %submitted.id, "run submitted");
         }
-        Ok(submitted)
+        Ok((submitted, state))
     }
 
     /// Starts a submitted run (handshake step 2).
@@ -719,7 +770,7 @@ impl Engine {
         let run = self.get(id).await?;
         let mut spec = run.spec;
         spec.idempotency_key = None;
-        Ok(self.submit_inner(spec, Some(id), by).await?.id)
+        Ok(self.submit_inner(spec, Some(id), by, false).await?.0.id)
     }
 
     /// Stops the engine (docs/operating.md, Stopping). The first cause wins; calling again with `Now`

@@ -16,7 +16,7 @@ use domain::schedule::{
 };
 use domain::{RunId, RunState, ScheduledBy, Timestamp, WorkflowSpec};
 use futures::StreamExt;
-use store::{FireRun, NewRun};
+use store::{NewRun, StartedRun};
 
 use crate::failpoints::crash_point;
 use crate::{Engine, EngineError, Inner, driver};
@@ -390,8 +390,8 @@ impl Inner {
         nominal: Timestamp,
         workflow: WorkflowSpec,
         now: Timestamp,
-    ) -> FireRun {
-        FireRun {
+    ) -> StartedRun {
+        StartedRun {
             run: NewRun {
                 id,
                 spec: workflow,

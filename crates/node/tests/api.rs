@@ -94,6 +94,7 @@ impl Server {
         self.grpc()
             .submit(pb::SubmitRequest {
                 spec: Some(wire(yaml)),
+                start: false,
             })
             .await
             .unwrap()
@@ -623,6 +624,7 @@ async fn check(s: &Server, case: &Bad) {
             .grpc()
             .submit(pb::SubmitRequest {
                 spec: Some(spec.clone()),
+                start: false,
             })
             .await
             .unwrap_err();
@@ -646,7 +648,11 @@ async fn check(s: &Server, case: &Bad) {
         );
 
         // HTTP with the SubmitRequest message as JSON.
-        let msg = serde_json::to_string(&pb::SubmitRequest { spec: Some(spec) }).unwrap();
+        let msg = serde_json::to_string(&pb::SubmitRequest {
+            spec: Some(spec),
+            start: false,
+        })
+        .unwrap();
         let (code, body) = s.post("/v1/runs", msg).await;
         assert_eq!(code, 400, "{what}: HTTP JSON submit: {body}");
         assert_eq!(body["code"], "INVALID_ARGUMENT", "{what}: {body}");
@@ -751,6 +757,7 @@ async fn every_error_of_a_spec_is_reported_at_once() {
         .grpc()
         .submit(pb::SubmitRequest {
             spec: Some(wire(MANY_ERRORS)),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -775,6 +782,7 @@ async fn every_error_of_a_spec_is_reported_at_once() {
     // HTTP with the SubmitRequest message.
     let msg = serde_json::to_string(&pb::SubmitRequest {
         spec: Some(wire(MANY_ERRORS)),
+        start: false,
     })
     .unwrap();
     let (code, body) = s.post("/v1/runs", msg).await;
@@ -826,7 +834,10 @@ async fn a_submit_without_a_spec_is_invalid() {
     let s = server().await;
     let err = s
         .grpc()
-        .submit(pb::SubmitRequest { spec: None })
+        .submit(pb::SubmitRequest {
+            spec: None,
+            start: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -901,6 +912,7 @@ async fn validate_checks_a_spec_and_stores_nothing() {
     // The SubmitRequest shape works for validate too.
     let msg = serde_json::to_string(&pb::SubmitRequest {
         spec: Some(wire(&good)),
+        start: false,
     })
     .unwrap();
     let (code, body) = s.post("/v1/validate", msg).await;
@@ -938,6 +950,7 @@ async fn integer_args_survive_the_wire() {
         .grpc()
         .submit(pb::SubmitRequest {
             spec: Some(api::convert::spec_to_wire(&spec)),
+            start: false,
         })
         .await;
     assert!(sub.is_ok(), "{sub:?}");
@@ -1043,7 +1056,10 @@ async fn the_same_idempotency_key_gives_the_same_run() {
     s.wait_terminal(&first.id).await;
     let (code, body) = s.post("/v1/runs", yaml).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body, json!({"id": first.id, "created": false}));
+    assert_eq!(
+        body,
+        json!({"id": first.id, "created": false, "state": "completed"})
+    );
 
     assert_eq!(s.run_count().await, 1);
     assert_eq!(s.status(&first.id).await.idempotency_key, "erase-aap-1");
@@ -1053,6 +1069,99 @@ async fn the_same_idempotency_key_gives_the_same_run() {
     assert!(other.created);
     assert_ne!(other.id, first.id);
     assert_eq!(s.run_count().await, 2);
+}
+
+async fn submit_start(s: &Server, yaml: &str) -> Result<pb::SubmitResponse, tonic::Status> {
+    s.grpc()
+        .submit(pb::SubmitRequest {
+            spec: Some(wire(yaml)),
+            start: true,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_with_start_runs_a_keyed_run_in_one_call_and_once() {
+    let s = server().await;
+    let keyed = "name: SatelliteDiskErase\nidempotency_key: erase-aap-7\nblocks:\n  - jobs: [{action: noop}, {action: noop}]\n";
+
+    // Without a key the client could not find its run after a lost answer: refused, naming
+    // the field, and nothing stored.
+    let unkeyed = keyed.replace("idempotency_key: erase-aap-7\n", "");
+    let err = submit_start(&s, &unkeyed).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("idempotency_key"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.run_count().await, 0);
+
+    let first = submit_start(&s, keyed).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.state, "queued");
+    let run = s.wait_terminal(&first.id).await;
+    assert_eq!(run.state, "completed");
+    assert!(run.blocks[0].jobs.iter().all(|j| j.attempts == 1));
+
+    // The same call again (a retry after a lost answer): the same run, nothing run again.
+    let again = submit_start(&s, keyed).await.unwrap();
+    assert_eq!(again.id, first.id);
+    assert!(!again.created);
+    assert_eq!(again.state, "completed");
+    assert_eq!(s.run_count().await, 1);
+    assert!(
+        s.status(&first.id).await.blocks[0]
+            .jobs
+            .iter()
+            .all(|j| j.attempts == 1)
+    );
+    // Exec of a run that started is what it always is.
+    assert_eq!(
+        s.exec(&first.id).await.unwrap_err().code(),
+        tonic::Code::AlreadyExists
+    );
+
+    // A key submitted without starting is started by a Submit with start.
+    let later = keyed.replace("erase-aap-7", "erase-aap-8");
+    let submitted = s.submit(&later).await;
+    assert_eq!(submitted.state, "submitted");
+    let started = submit_start(&s, &later).await.unwrap();
+    assert_eq!(started.id, submitted.id);
+    assert!(!started.created);
+    assert_eq!(started.state, "queued");
+    assert_eq!(s.wait_terminal(&submitted.id).await.state, "completed");
+
+    // A used key with a different spec is refused as for Submit.
+    let err = submit_start(
+        &s,
+        &keyed.replace("{action: noop}]", "{action: noop}, {action: noop}]"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+    // HTTP: ?start=true, and a bad value named.
+    let third = keyed.replace("erase-aap-7", "erase-aap-9");
+    let (code, body) = s.post("/v1/runs?start=true", third.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["created"], json!(true));
+    assert_eq!(body["state"], json!("queued"));
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_terminal(&id).await.state, "completed");
+    let (code, body) = s
+        .post(
+            "/v1/runs?start=yes",
+            keyed.replace("erase-aap-7", "erase-aap-10"),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("start"), "{body}");
+    let (code, body) = s.post("/v1/runs?start=true", unkeyed).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("idempotency_key"), "{body}");
+    assert_eq!(s.run_count().await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2098,6 +2207,7 @@ async fn write_file_cannot_touch_stewards_own_files() {
             .grpc()
             .submit(pb::SubmitRequest {
                 spec: Some(wire(&write(&path, mode))),
+                start: false,
             })
             .await
             .unwrap_err();

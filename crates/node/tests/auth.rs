@@ -132,6 +132,7 @@ impl Node {
             .submit(req(
                 pb::SubmitRequest {
                     spec: Some(spec(name, &[])),
+                    start: false,
                 },
                 Some(token),
             ))
@@ -272,6 +273,7 @@ async fn call(n: &Node, over_http: bool, what: &str, token: &str, fresh_run: &st
                 .submit(req(
                     pb::SubmitRequest {
                         spec: Some(spec("t", &[])),
+                        start: false,
                     },
                     t,
                 ))
@@ -449,6 +451,7 @@ async fn scoped_tokens_are_refused_outside_their_scope() {
         .submit(req(
             pb::SubmitRequest {
                 spec: Some(spec("SatelliteDiskErase", &[])),
+                start: false,
             },
             Some(&ci),
         ))
@@ -611,6 +614,7 @@ async fn the_token_not_a_header_is_who_acts_and_the_access_log_says_so() {
         .submit(req(
             pb::SubmitRequest {
                 spec: Some(spec("t", &[])),
+                start: false,
             },
             Some(&viewer),
         ))

@@ -256,6 +256,7 @@ async fn a_client_certificate_names_the_token_it_acts_as() {
                 )
                 .unwrap(),
             ),
+            start: false,
         })
         .await
         .unwrap_err();

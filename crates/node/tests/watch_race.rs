@@ -24,7 +24,10 @@ async fn a_watch_opened_just_before_a_change_sees_it_at_once() {
         serde_json::from_str(r#"{"name": "w", "blocks": [{"jobs": [{"action": "noop"}]}]}"#)
             .unwrap();
     let id = c
-        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .submit(pb::SubmitRequest {
+            spec: Some(spec),
+            start: false,
+        })
         .await
         .unwrap()
         .into_inner()

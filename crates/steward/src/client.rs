@@ -158,20 +158,31 @@ pub async fn submit(
 ) -> anyhow::Result<ExitCode> {
     let spec = read_spec(file)?;
     let mut c = connect(opts).await?;
+    // A spec with an idempotency key is submitted and started in one call: the key finds the
+    // run again if the answer is lost. Without one, the handshake: Submit, then Exec.
+    let start = exec && spec.idempotency_key.is_some();
     let resp = c
         .submit(request(pb::SubmitRequest {
             spec: Some(api::convert::spec_to_wire(&spec)),
+            start,
         }))
         .await
         .map_err(status_err)?
         .into_inner();
-    if opts.json && !exec {
+    if opts.json && (!exec || (start && !wait)) {
         output::json(&resp);
     } else if !opts.json {
         output::line(&resp.id);
     }
     if !exec {
         return Ok(ExitCode::SUCCESS);
+    }
+    if start {
+        return if wait {
+            watch(opts, &mut c, &resp.id, false).await
+        } else {
+            Ok(ExitCode::SUCCESS)
+        };
     }
     exec_inner(opts, &mut c, &resp.id, wait, !resp.created).await
 }

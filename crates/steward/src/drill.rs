@@ -310,6 +310,7 @@ async fn start_canary(
     let run_id = runs
         .submit(request(pb::SubmitRequest {
             spec: Some(api::convert::spec_to_wire(spec)),
+            start: false,
         }))
         .await
         .map_err(status_err)?

@@ -288,6 +288,7 @@ async fn a_malformed_file_stops_everything_until_it_is_fixed() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec("name: x\nblocks:\n  - jobs: [{action: noop}]\n")),
+            start: false,
         })
         .await
         .unwrap_err();

@@ -432,6 +432,7 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
                 spec: Some(spec(&format!(
                     "name: x\ndesc: filler {i}\nblocks:\n  - jobs: [{{action: noop}}]\n"
                 ))),
+                start: false,
             })
             .await;
         if r.is_err() {

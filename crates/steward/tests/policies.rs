@@ -39,6 +39,7 @@ async fn submits_are_checked_against_every_policy_at_once() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec("name: hello\nblocks:\n  - jobs: [{action: noop}]\n")),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -57,6 +58,7 @@ async fn submits_are_checked_against_every_policy_at_once() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(bad)),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -139,7 +141,8 @@ async fn the_policy_file_reloads_and_a_bad_one_is_refused() {
     let other = spec("name: Other\nblocks:\n  - jobs: [{action: noop}]\n");
     assert!(
         c.submit(pb::SubmitRequest {
-            spec: Some(other.clone())
+            spec: Some(other.clone()),
+            start: false,
         })
         .await
         .is_err()
@@ -150,6 +153,7 @@ async fn the_policy_file_reloads_and_a_bad_one_is_refused() {
     until("the new policies", async || {
         c.submit(pb::SubmitRequest {
             spec: Some(other.clone()),
+            start: false,
         })
         .await
         .is_ok()
@@ -170,7 +174,8 @@ async fn the_policy_file_reloads_and_a_bad_one_is_refused() {
     assert!(body.contains("max_jobs"), "{body}");
     assert!(
         c.submit(pb::SubmitRequest {
-            spec: Some(other.clone())
+            spec: Some(other.clone()),
+            start: false,
         })
         .await
         .is_ok(),
@@ -187,9 +192,12 @@ async fn the_policy_file_reloads_and_a_bad_one_is_refused() {
     })
     .await;
     assert!(
-        c.submit(pb::SubmitRequest { spec: Some(other) })
-            .await
-            .is_err()
+        c.submit(pb::SubmitRequest {
+            spec: Some(other),
+            start: false
+        })
+        .await
+        .is_err()
     );
 }
 
@@ -273,6 +281,7 @@ async fn a_missing_policy_file_refuses_every_submission_until_it_appears() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(hello.clone()),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -290,6 +299,7 @@ async fn a_missing_policy_file_refuses_every_submission_until_it_appears() {
     until("the policy file to load", async || {
         c.submit(pb::SubmitRequest {
             spec: Some(hello.clone()),
+            start: false,
         })
         .await
         .is_ok()

@@ -34,6 +34,7 @@ async fn the_satellite_erase_bucket_allows_one_run_per_30_minutes_across_restart
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(&spilled)),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -154,6 +155,7 @@ async fn an_exhausted_error_budget_stops_the_workflow_by_itself() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(failing)),
+            start: false,
         })
         .await
         .unwrap_err();

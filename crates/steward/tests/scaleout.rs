@@ -199,6 +199,7 @@ async fn estop_through_one_node_stops_runs_on_another(extra: &[(&'static str, St
                 spec: Some(spec(
                     "name: erase\nlabels: {site: aap}\nblocks:\n  - jobs: [{action: noop}]\n",
                 )),
+                start: false,
             })
             .await
             .unwrap_err();

@@ -311,6 +311,7 @@ async fn submit_refuses_a_secret_the_node_does_not_have() {
             spec: Some(spec(
                 "name: x\nblocks:\n  - jobs:\n      - {action: shell, args: {argv: [\"true\"], env: {P: {secret: nowhere}}}}\n",
             )),
+            start: false,
         })
         .await
         .unwrap_err();

@@ -60,6 +60,7 @@ async fn sigterm_drains_a_busy_queue_without_losing_or_repeating_work() {
         let sub = c
             .submit(pb::SubmitRequest {
                 spec: Some(spec(&yaml)),
+                start: false,
             })
             .await;
         let id = match sub {

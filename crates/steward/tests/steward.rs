@@ -43,6 +43,7 @@ async fn handshake_through_grpc_survives_a_restart() {
     let first = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(&yaml)),
+            start: false,
         })
         .await
         .unwrap()
@@ -55,6 +56,7 @@ async fn handshake_through_grpc_survives_a_restart() {
     let again = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(&yaml)),
+            start: false,
         })
         .await
         .unwrap()
@@ -66,6 +68,7 @@ async fn handshake_through_grpc_survives_a_restart() {
     let err = c
         .submit(pb::SubmitRequest {
             spec: Some(spec(&changed)),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -333,4 +336,76 @@ async fn kill_9_mid_block_resumes_at_the_first_unfinished_job() {
     }
     assert_eq!(starts.len(), 3 * 7, "every job ran");
     assert!(dones.len() == 3 * 7, "every job finished");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_started_by_submit_survives_a_kill_between_its_commit_and_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("jobs.log");
+    let job = logged_job(&log);
+    let yaml =
+        format!("name: erase\nidempotency_key: erase-aap-1\nblocks:\n  - jobs: [{job}, {job}]\n");
+    let start = || pb::SubmitRequest {
+        spec: Some(spec(&yaml)),
+        start: true,
+    };
+
+    // Submit with start commits the run queued and leased, then the process dies before it
+    // answers or starts a job.
+    let mut server = Server::start(
+        &data,
+        &[("FAILPOINTS", "engine::submit_started_after_commit=return")],
+    )
+    .await;
+    let mut c = server.client().await;
+    assert!(c.submit(start()).await.is_err(), "the answer is lost");
+    assert!(!server.wait_exit(LONG).await.success());
+    assert_eq!(
+        job_log(&log),
+        Default::default(),
+        "no job ran before the kill"
+    );
+
+    // After a restart the run resumes by itself, and the client's retry finds it.
+    drop(server);
+    let server = Server::start(&data, &[]).await;
+    let mut c = server.client().await;
+    let again = c.submit(start()).await.unwrap().into_inner();
+    assert!(!again.created, "nothing new stored: {again:?}");
+    let run = wait_terminal(&mut c, &again.id, LONG).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    let (starts, dones) = job_log(&log);
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(
+        starts.values().all(|n| *n == 1),
+        "each job ran once: {starts:?}"
+    );
+    assert_eq!(dones.len(), 2);
+    let listed = c
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(listed.len(), 1, "one run: {listed:?}");
+
+    // The CLI starts a keyed spec in one call and, asked again, answers the same run.
+    let file = dir.path().join("keyed.yaml");
+    std::fs::write(&file, yaml.replace("erase-aap-1", "erase-aap-2")).unwrap();
+    let token = server.admin_token();
+    let args = ["submit", file.to_str().unwrap(), "--wait"];
+    let first = cli_as(token.as_deref(), &server.addr, &args);
+    let first_line = |out: std::process::Output| {
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    let id = first_line(first);
+    assert_eq!(status(&mut c, &id).await.state, "completed");
+    let second = cli_as(token.as_deref(), &server.addr, &args);
+    assert_eq!(first_line(second), id);
+    let (starts, _) = job_log(&log);
+    assert_eq!(starts.len(), 4, "{starts:?}");
+    assert!(starts.values().all(|n| *n == 1), "{starts:?}");
 }

@@ -25,8 +25,8 @@ use domain::{JobKey, JobState, NodeId, RunId, RunState, StopCause, Timestamp, Wo
 
 use domain::schedule::{LastRun, ScheduleRecord, ScheduleSpec, ScheduleState};
 use store::{
-    CancelOutcome, EStopStore, Error, ExecOutcome, FireRun, NewRun, RunFilter, RunStore,
-    ScheduleStore, Transition,
+    CancelOutcome, EStopStore, Error, ExecOutcome, NewRun, RunFilter, RunStore, ScheduleStore,
+    StartedRun, Submitted, Transition,
 };
 
 /// One `#[tokio::test]` per conformance case. `runs`, `estop`, `buckets` and `auth` name async
@@ -40,6 +40,7 @@ macro_rules! conformance_tests {
             submit_stores_a_pending_run,
             idempotency_key_returns_the_first_run,
             exec_moves_submitted_to_queued_once,
+            submit_started_stores_a_queued_leased_run_once,
             exec_after_ttl_expires,
             expire_sweeps_only_due_runs,
             cancel_by_state,
@@ -183,6 +184,69 @@ pub async fn exec_moves_submitted_to_queued_once(s: Arc<dyn RunStore>) {
         ExecOutcome::AlreadyStarted(RunState::Queued)
     );
     assert_eq!(s.get(nr.id).await.unwrap().lease_owner, Some(node("a")));
+}
+
+pub async fn submit_started_stores_a_queued_leased_run_once(s: Arc<dyn RunStore>) {
+    let mut sp = spec("hello", 2, 3);
+    sp.labels.insert("site".into(), "aap".into());
+    sp.idempotency_key = Some("erase-aap-2".into());
+    let until = Timestamp(T0.0 + 30_000);
+    let started = |sp: WorkflowSpec, n: &str| StartedRun {
+        run: new_run(sp),
+        node: node(n),
+        lease_until: until,
+    };
+    let first = started(sp.clone(), "a");
+    let got = s.submit_started(first.clone()).await.unwrap();
+    assert_eq!(
+        got,
+        Submitted {
+            id: first.run.id,
+            created: true
+        }
+    );
+    let run = s.get(got.id).await.unwrap();
+    assert_eq!(run.state, RunState::Queued);
+    assert_eq!(run.lease_owner, Some(node("a")));
+    assert_eq!(run.lease_expires_at, Some(until));
+    assert_eq!(run.spec, sp);
+    assert_eq!(run.blocks.len(), 2);
+    assert!(run.blocks.iter().all(|b| b.state == JobState::Pending
+        && b.jobs.len() == 3
+        && b.jobs.iter().all(|j| j.state == JobState::Pending)));
+    let by_label = RunFilter {
+        labels: [("site".to_owned(), "aap".to_owned())].into(),
+        ..Default::default()
+    };
+    assert_eq!(s.list(&by_label).await.unwrap().runs.len(), 1);
+    // Executing runs are what a node resumes.
+    assert_eq!(
+        s.recover(&node("a"), until, 10).await.unwrap(),
+        vec![got.id]
+    );
+    // The same key again, from another node: the first run, as it is; nothing stored.
+    let again = s.submit_started(started(sp.clone(), "b")).await.unwrap();
+    assert_eq!(
+        again,
+        Submitted {
+            id: got.id,
+            created: false
+        }
+    );
+    assert_eq!(s.get(got.id).await.unwrap().lease_owner, Some(node("a")));
+    assert_eq!(
+        s.list(&RunFilter::default()).await.unwrap().runs.len(),
+        1,
+        "the second call must store nothing"
+    );
+    // A key Submit stored without starting is answered as it is too: starting it is Exec's.
+    let mut other = spec("hello", 1, 1);
+    other.idempotency_key = Some("erase-aap-3".into());
+    let submitted = s.submit(new_run(other.clone())).await.unwrap();
+    let again = s.submit_started(started(other, "a")).await.unwrap();
+    assert_eq!(again.id, submitted.id);
+    assert!(!again.created);
+    assert_eq!(s.get(again.id).await.unwrap().state, RunState::Submitted);
 }
 
 pub async fn exec_after_ttl_expires(s: Arc<dyn RunStore>) {
@@ -941,13 +1005,13 @@ fn schedule_record(name: &str, next_check: Option<Timestamp>) -> ScheduleRecord 
     }
 }
 
-fn fire(record: &ScheduleRecord, nominal: Timestamp) -> FireRun {
+fn fire(record: &ScheduleRecord, nominal: Timestamp) -> StartedRun {
     let mut run = new_run(record.spec.workflow_for(nominal));
     run.schedule = Some(domain::ScheduledBy {
         name: record.spec.schedule.clone(),
         nominal_time: nominal,
     });
-    FireRun {
+    StartedRun {
         run,
         node: node("a"),
         lease_until: Timestamp(T0.0 + HOUR),

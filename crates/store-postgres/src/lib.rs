@@ -561,8 +561,18 @@ const EXECUTING: &str = "('queued','running','paused')";
 #[async_trait]
 impl RunStore for PgStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        self.write(move |c| Box::pin(async move { rows::submit(c, &run).await }))
+        self.write(move |c| Box::pin(async move { rows::submit(c, &run, None).await }))
             .await
+    }
+
+    async fn submit_started(&self, run: store::StartedRun) -> Result<Submitted> {
+        self.write(move |c| {
+            Box::pin(async move {
+                let lease = Some((run.node.0.as_str(), run.lease_until.0));
+                rows::submit(c, &run.run, lease).await
+            })
+        })
+        .await
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {

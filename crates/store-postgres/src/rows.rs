@@ -90,18 +90,61 @@ pub(crate) async fn collect_ids(c: &Conn, sql: &str, params: &[Value]) -> Result
     Ok(ids)
 }
 
-pub(crate) async fn submit(c: &Conn, run: &NewRun) -> Result<Submitted> {
+/// Stores `run` as `submitted`, or, with `lease` (the node and until when), as `queued` and
+/// leased to that node; unless its idempotency key names a run already, which is answered.
+///
+/// One statement, one round trip: the run, its labels, blocks and jobs are inserted by the
+/// data-modifying parts of one `WITH`, each reading the run's row from the first (none when
+/// the key was taken, and then nothing is inserted).
+pub(crate) async fn submit(
+    c: &Conn,
+    run: &NewRun,
+    lease: Option<(&str, i64)>,
+) -> Result<Submitted> {
     let id = run.id.to_string();
     let labels = to_json(&run.spec.labels)?;
     let spec = to_json(&run.spec)?;
+    let (keys, values): (Vec<&str>, Vec<&str>) = run
+        .spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .unzip();
+    let per_block: Vec<i64> = run
+        .spec
+        .blocks
+        .iter()
+        .map(|b| i64::try_from(b.jobs.len()).unwrap_or(i64::MAX))
+        .collect();
+    let state = if lease.is_some() {
+        "queued"
+    } else {
+        "submitted"
+    };
     // A concurrent Submit of the same key on another node: whoever inserts first wins, and
     // the other finds that run.
     let inserted = c
-        .execute(
-            "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at,
-                               expires_at, cloned_from, submitted_by, schedule, nominal_time)
-             VALUES ($1, $2, $3::text::jsonb, $4, $5, 'submitted', $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (idempotency_key) DO NOTHING",
+        .query(
+            "WITH r AS (
+                 INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at,
+                                   expires_at, cloned_from, submitted_by, schedule, nominal_time,
+                                   lease_owner, lease_expires_at)
+                 VALUES ($1, $2, $3::text::jsonb, $4, $5, $12, $6, $7, $8, $9, $10, $11, $13, $14)
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING id),
+             l AS (
+                 INSERT INTO run_labels (run_id, key, value)
+                 SELECT r.id, t.k, t.v FROM r, unnest($15::text[], $16::text[]) AS t(k, v)),
+             b AS (
+                 INSERT INTO blocks (run_id, idx, state)
+                 SELECT r.id, n.ord - 1, 'pending'
+                 FROM r, unnest($17::bigint[]) WITH ORDINALITY AS n(jobs, ord)),
+             j AS (
+                 INSERT INTO jobs (run_id, block_idx, idx, state)
+                 SELECT r.id, n.ord - 1, g, 'pending'
+                 FROM r, unnest($17::bigint[]) WITH ORDINALITY AS n(jobs, ord),
+                      generate_series(0, n.jobs - 1) AS g)
+             SELECT id FROM r",
             &[
                 &id,
                 &run.spec.name,
@@ -114,11 +157,17 @@ pub(crate) async fn submit(c: &Conn, run: &NewRun) -> Result<Submitted> {
                 &run.submitted_by,
                 &run.schedule.as_ref().map(|s| s.name.as_str()),
                 &run.schedule.as_ref().map(|s| s.nominal_time.0),
+                &state,
+                &lease.map(|(node, _)| node),
+                &lease.map(|(_, until)| until),
+                &keys,
+                &values,
+                &per_block,
             ],
         )
         .await
         .map_err(db_err)?;
-    if inserted == 0 {
+    if inserted.is_empty() {
         let row = c
             .query_one(
                 "SELECT id FROM runs WHERE idempotency_key = $1",
@@ -131,43 +180,6 @@ pub(crate) async fn submit(c: &Conn, run: &NewRun) -> Result<Submitted> {
             created: false,
         });
     }
-    if !run.spec.labels.is_empty() {
-        let (keys, values): (Vec<&str>, Vec<&str>) = run
-            .spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .unzip();
-        c.execute(
-            "INSERT INTO run_labels (run_id, key, value)
-             SELECT $1, k, v FROM unnest($2::text[], $3::text[]) AS t(k, v)",
-            &[&id, &keys, &values],
-        )
-        .await
-        .map_err(db_err)?;
-    }
-    let n_blocks = i64::try_from(run.spec.blocks.len()).unwrap_or(i64::MAX);
-    c.execute(
-        "INSERT INTO blocks (run_id, idx, state)
-         SELECT $1, b, 'pending' FROM generate_series(0, $2::bigint - 1) AS b",
-        &[&id, &n_blocks],
-    )
-    .await
-    .map_err(db_err)?;
-    let per_block: Vec<i64> = run
-        .spec
-        .blocks
-        .iter()
-        .map(|b| i64::try_from(b.jobs.len()).unwrap_or(i64::MAX))
-        .collect();
-    c.execute(
-        "INSERT INTO jobs (run_id, block_idx, idx, state)
-         SELECT $1, b.ord - 1, j, 'pending'
-         FROM unnest($2::bigint[]) WITH ORDINALITY AS b(n, ord), generate_series(0, b.n - 1) AS j",
-        &[&id, &per_block],
-    )
-    .await
-    .map_err(db_err)?;
     Ok(Submitted {
         id: run.id,
         created: true,

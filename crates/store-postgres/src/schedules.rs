@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use domain::Timestamp;
 use domain::schedule::{LastRun, ScheduleRecord};
 use store::sql::{self, Statement, Value};
-use store::{FireRun, Result, ScheduleStore, Submitted};
+use store::{Result, ScheduleStore, StartedRun, Submitted};
 
 use crate::rows::{self, PgRow, binds, refs};
 use crate::{Conn, PgStore, db_err};
@@ -15,7 +15,7 @@ async fn write(
     c: &Conn,
     record: &ScheduleRecord,
     expected_version: Option<i64>,
-    fire: Option<&FireRun>,
+    fire: Option<&StartedRun>,
 ) -> Result<(i64, Option<Submitted>)> {
     let (st, version) = sql::schedule_write(record, expected_version)?;
     if c.run(&st).await? == 0 {
@@ -26,13 +26,7 @@ async fn write(
     }
     let submitted = match fire {
         None => None,
-        Some(f) => {
-            let submitted = rows::submit(c, &f.run).await?;
-            if submitted.created {
-                c.run(&sql::queue(f.run.id, &f.node, f.lease_until)).await?;
-            }
-            Some(submitted)
-        }
+        Some(f) => Some(rows::submit(c, &f.run, Some((&f.node.0, f.lease_until.0))).await?),
     };
     Ok((version, submitted))
 }
@@ -43,7 +37,7 @@ impl ScheduleStore for PgStore {
         &self,
         record: ScheduleRecord,
         expected_version: Option<i64>,
-        fire: Option<FireRun>,
+        fire: Option<StartedRun>,
     ) -> Result<(i64, Option<Submitted>)> {
         self.write(move |c| {
             Box::pin(async move { write(c, &record, expected_version, fire.as_ref()).await })

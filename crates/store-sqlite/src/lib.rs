@@ -223,7 +223,13 @@ impl SqliteStore {
 }
 
 /// Stores a run in `submitted`, or answers the run already stored under its idempotency key.
-pub(crate) fn insert_run(c: &Connection, run: &NewRun) -> Result<Submitted> {
+/// Stores `run` as `submitted`, or, with `lease` (the node and until when), as `queued` and
+/// leased to that node; unless its idempotency key names a run already, which is answered.
+pub(crate) fn insert_run(
+    c: &Connection,
+    run: &NewRun,
+    lease: Option<(&NodeId, Timestamp)>,
+) -> Result<Submitted> {
     if let Some(key) = &run.spec.idempotency_key {
         let existing: Option<String> = c
             .prepare_cached("SELECT id FROM runs WHERE idempotency_key = ?1")
@@ -239,8 +245,9 @@ pub(crate) fn insert_run(c: &Connection, run: &NewRun) -> Result<Submitted> {
     let spec = to_json(&run.spec)?;
     c.prepare_cached(
         "INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at, expires_at,
-                           cloned_from, submitted_by, schedule, nominal_time)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, ?7, ?8, ?9, ?10, ?11)",
+                           cloned_from, submitted_by, schedule, nominal_time, lease_owner,
+                           lease_expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?12, ?6, ?7, ?8, ?9, ?10, ?11, ?13, ?14)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -255,6 +262,13 @@ pub(crate) fn insert_run(c: &Connection, run: &NewRun) -> Result<Submitted> {
             run.submitted_by,
             run.schedule.as_ref().map(|s| s.name.as_str()),
             run.schedule.as_ref().map(|s| s.nominal_time.0),
+            if lease.is_some() {
+                "queued"
+            } else {
+                "submitted"
+            },
+            lease.map(|(node, _)| node.0.as_str()),
+            lease.map(|(_, until)| until.0),
         ])
     })
     .map_err(db_err)?;
@@ -289,7 +303,12 @@ const EXECUTING: &str = "('queued','running','paused')";
 #[async_trait]
 impl RunStore for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        self.write(move |c| insert_run(c, &run)).await
+        self.write(move |c| insert_run(c, &run, None)).await
+    }
+
+    async fn submit_started(&self, run: store::StartedRun) -> Result<Submitted> {
+        self.write(move |c| insert_run(c, &run.run, Some((&run.node, run.lease_until))))
+            .await
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {

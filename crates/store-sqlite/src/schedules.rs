@@ -6,7 +6,7 @@ use domain::Timestamp;
 use domain::schedule::{LastRun, ScheduleRecord};
 use rusqlite::Connection;
 use store::sql::{self, Statement, Value};
-use store::{FireRun, Result, ScheduleStore, Submitted};
+use store::{Result, ScheduleStore, StartedRun, Submitted};
 
 use crate::{SqliteStore, insert_run, rows};
 
@@ -14,7 +14,7 @@ fn write(
     c: &Connection,
     record: &ScheduleRecord,
     expected_version: Option<i64>,
-    fire: Option<&FireRun>,
+    fire: Option<&StartedRun>,
 ) -> Result<(i64, Option<Submitted>)> {
     let (st, version) = sql::schedule_write(record, expected_version)?;
     if rows::execute(c, &st)? == 0 {
@@ -23,17 +23,10 @@ fn write(
             expected_version,
         ));
     }
-    let submitted = fire.map(|f| fire_run(c, f)).transpose()?;
+    let submitted = fire
+        .map(|f| insert_run(c, &f.run, Some((&f.node, f.lease_until))))
+        .transpose()?;
     Ok((version, submitted))
-}
-
-/// Stores a fire's run `queued` and leased, unless its key names a run already.
-fn fire_run(c: &Connection, f: &FireRun) -> Result<Submitted> {
-    let submitted = insert_run(c, &f.run)?;
-    if submitted.created {
-        rows::execute(c, &sql::queue(f.run.id, &f.node, f.lease_until))?;
-    }
-    Ok(submitted)
 }
 
 #[async_trait]
@@ -42,7 +35,7 @@ impl ScheduleStore for SqliteStore {
         &self,
         record: ScheduleRecord,
         expected_version: Option<i64>,
-        fire: Option<FireRun>,
+        fire: Option<StartedRun>,
     ) -> Result<(i64, Option<Submitted>)> {
         self.write(move |c| write(c, &record, expected_version, fire.as_ref()))
             .await

@@ -218,6 +218,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// Stores a run in `submitted`, or returns the run already stored under its idempotency key.
     async fn submit(&self, run: NewRun) -> Result<Submitted>;
 
+    /// Stores a run `queued` and leased (Submit and Exec in one durable write), or returns
+    /// the run already stored under its idempotency key, as it is: nothing new is stored.
+    async fn submit_started(&self, run: StartedRun) -> Result<Submitted>;
+
     async fn get(&self, id: RunId) -> Result<Run>;
 
     async fn list(&self, filter: &RunFilter) -> Result<RunPage>;
@@ -308,9 +312,10 @@ pub trait AuditPrune: Send + Sync + 'static {
     async fn prune_audit(&self, before: Timestamp, limit: u32) -> Result<u64>;
 }
 
-/// A fire's run, stored with the schedule's change: created `queued` and leased to `node`.
+/// A run stored already started: created `queued` and leased to `node`, in the same write
+/// that stores it (a Submit with `start`, a schedule's fire).
 #[derive(Clone, Debug)]
-pub struct FireRun {
+pub struct StartedRun {
     pub run: NewRun,
     pub node: NodeId,
     pub lease_until: Timestamp,
@@ -330,7 +335,7 @@ pub trait ScheduleStore: Send + Sync + 'static {
         &self,
         record: ScheduleRecord,
         expected_version: Option<i64>,
-        fire: Option<FireRun>,
+        fire: Option<StartedRun>,
     ) -> Result<(i64, Option<Submitted>)>;
 
     async fn schedule_get(&self, name: &str) -> Result<Option<ScheduleRecord>>;

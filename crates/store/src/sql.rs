@@ -604,18 +604,6 @@ pub fn schedule_conflict(name: &str, expected_version: Option<i64>) -> Error {
     })
 }
 
-/// Exec's write for a run stored by a schedule's fire ([`QUEUE`]).
-pub fn queue(run: RunId, node: &NodeId, lease_until: Timestamp) -> Statement {
-    stmt(
-        QUEUE,
-        vec![
-            run.to_string().into(),
-            node.0.clone().into(),
-            lease_until.0.into(),
-        ],
-    )
-}
-
 fn schedule_params(
     record: &domain::schedule::ScheduleRecord,
     expected_version: Option<i64>,

@@ -314,6 +314,7 @@ pub fn spec(yaml: &str) -> pb::WorkReq {
 pub async fn submit(c: &mut Client, yaml: &str) -> String {
     c.submit(pb::SubmitRequest {
         spec: Some(spec(yaml)),
+        start: false,
     })
     .await
     .unwrap()
