@@ -94,6 +94,11 @@ impl External {
         ))
     }
 
+    /// Its data directory (clients read its admin token there).
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().context("the server has exited")
     }
@@ -196,7 +201,7 @@ pub(crate) async fn throughput(
 }
 
 /// `steward_runs_finished_total{workflow="bench",state="completed"}` from `/metrics`.
-async fn finished(addr: &str) -> anyhow::Result<f64> {
+pub(crate) async fn finished(addr: &str) -> anyhow::Result<f64> {
     let (code, body) = crate::page(addr, "", "/metrics").await?;
     anyhow::ensure!(code == 200, "/metrics answered {code}");
     Ok(body

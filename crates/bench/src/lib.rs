@@ -12,6 +12,9 @@
 mod external;
 mod history;
 mod schedules;
+mod speed;
+
+pub use speed::{ClientArgs, client};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -413,6 +416,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         "auth" => auth_suite(&o).await,
         "console" => console_suite(&o).await,
         "telemetry" => external::telemetry_suite(&o).await,
+        "speed" => speed::speed_suite(&o).await,
         "schedules" => schedules::schedules_suite().await,
         "history" => history::history_suite(&o).await,
         "drill" => {
@@ -431,7 +435,7 @@ pub async fn run(o: BenchOpts) -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, schedules, history, scaleout, drill or all"
+                "--suite {other:?}: expected core, shutdown, estop, policy, auth, console, telemetry, speed, schedules, history, scaleout, drill or all"
             )
         }
     }

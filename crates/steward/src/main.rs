@@ -171,8 +171,8 @@ enum Command {
     /// Measures throughput and latency on an in-process node, started as `serve` starts one
     /// (see BENCHMARKS.md).
     Bench {
-        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, schedules, history, scaleout
-        /// and drill (these two need --database), or all.
+        /// Which figures: core, shutdown, estop, policy, auth, console, telemetry, speed,
+        /// schedules, history, scaleout and drill (these two need --database), or all.
         #[arg(long, default_value = "all")]
         suite: String,
         /// Runs for the throughput (and restart) figures.
@@ -193,6 +193,28 @@ enum Command {
         /// The core figures on this PostgreSQL database (postgres://...) instead of SQLite.
         #[arg(long)]
         database: Option<String>,
+    },
+    /// One client process of `steward bench --suite speed`: connects, prints `ready`, waits
+    /// for a line on stdin, starts RUNS runs one after another and prints a JSON report.
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(long)]
+        addr: String,
+        /// The server's data directory (its admin token, if any).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
+        /// Submit with start (one call) instead of Submit then Exec.
+        #[arg(long)]
+        start: bool,
+        /// Wait for each run to complete and report the latencies.
+        #[arg(long)]
+        latency: bool,
+        #[arg(long, default_value = "bench")]
+        key_prefix: String,
     },
     /// Copies the embedded SQLite database into FILE while the server runs (a consistent
     /// snapshot). With PostgreSQL, use pg_dump.
@@ -461,6 +483,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 status_runs: status_runs.max(1),
                 stored_runs: stored_runs.max(1000),
                 database,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchClient {
+            addr,
+            dir,
+            runs,
+            jobs,
+            start,
+            latency,
+            key_prefix,
+        } => {
+            bench::client(bench::ClientArgs {
+                addr,
+                dir,
+                runs,
+                jobs,
+                start,
+                latency,
+                key_prefix,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
