@@ -85,10 +85,7 @@ pub async fn client(a: ClientArgs) -> anyhow::Result<()> {
             latencies.push(u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX));
         }
     }
-    println!(
-        "{}",
-        serde_json::json!({ "latencies_us": latencies }).to_string()
-    );
+    println!("{}", serde_json::json!({ "latencies_us": latencies }));
     Ok(())
 }
 
@@ -100,11 +97,24 @@ struct Submitter {
 }
 
 impl Submitter {
-    async fn spawn(x: &External, runs: usize, start: bool, latency: bool, key: &str) -> anyhow::Result<Submitter> {
+    async fn spawn(
+        x: &External,
+        runs: usize,
+        start: bool,
+        latency: bool,
+        key: &str,
+    ) -> anyhow::Result<Submitter> {
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.args(["bench-client", "--addr", &x.addr, "--dir"])
             .arg(x.dir())
-            .args(["--runs", &runs.to_string(), "--jobs", "3", "--key-prefix", key])
+            .args([
+                "--runs",
+                &runs.to_string(),
+                "--jobs",
+                "3",
+                "--key-prefix",
+                key,
+            ])
             .env("RUST_LOG", "off")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -218,45 +228,35 @@ async fn round(
     })
 }
 
-/// Empties the runs of a PostgreSQL database the benchmark owns (`<db>_speed`, created on
-/// first use), so that each server starts as on a fresh install; its URL.
+/// A new, empty PostgreSQL database for the benchmark (`<db>_speed`, dropped first if an
+/// earlier server left it), on the server `url` names, so that each server starts as on a
+/// fresh install; its URL.
 async fn fresh_pg(url: &str) -> anyhow::Result<String> {
     let cfg: tokio_postgres::Config = url.parse()?;
     let db = cfg.get_dbname().context("the URL names no database")?;
     let speed_db = format!("{db}_speed");
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     let create = async {
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&speed_db])
-            .await?
-            .is_some();
-        if !exists {
-            client
-                .batch_execute(&format!("CREATE DATABASE \"{speed_db}\""))
-                .await?;
-        }
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{speed_db}\" WITH (FORCE)"
+            ))
+            .await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{speed_db}\""))
+            .await?;
         drop(client);
         Ok::<_, tokio_postgres::Error>(())
     };
     let (created, _) = tokio::join!(create, conn);
-    created?;
-    let speed_url = match url.rsplit_once('/') {
-        Some((base, tail)) => match tail.split_once('?') {
+    created.context("creating the benchmark's database")?;
+    match url.rsplit_once('/') {
+        Some((base, tail)) => Ok(match tail.split_once('?') {
             Some((_, q)) => format!("{base}/{speed_db}?{q}"),
             None => format!("{base}/{speed_db}"),
-        },
+        }),
         None => anyhow::bail!("unexpected database URL"),
-    };
-    let (client, conn) = tokio_postgres::connect(&speed_url, tokio_postgres::NoTls).await?;
-    let empty = async {
-        // The tables are absent before the first server migrated the database.
-        let _ = client
-            .batch_execute("TRUNCATE runs, run_labels, blocks, jobs; VACUUM ANALYZE")
-            .await;
-        drop(client);
-    };
-    let _ = tokio::join!(empty, conn);
-    Ok(speed_url)
+    }
 }
 
 pub(crate) async fn speed_suite(o: &crate::BenchOpts) -> anyhow::Result<()> {
@@ -305,4 +305,3 @@ pub(crate) async fn speed_suite(o: &crate::BenchOpts) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

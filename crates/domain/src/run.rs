@@ -107,6 +107,43 @@ impl JobStatus {
 }
 
 impl Run {
+    /// A run as it is stored the moment it is created: every block and job pending, no lease.
+    pub fn created(
+        id: RunId,
+        spec: WorkflowSpec,
+        created_at: Timestamp,
+        expires_at: Timestamp,
+    ) -> Run {
+        let blocks = spec
+            .blocks
+            .iter()
+            .map(|b| BlockStatus {
+                state: JobState::Pending,
+                started_at: None,
+                ended_at: None,
+                jobs: b.jobs.iter().map(|_| JobStatus::pending()).collect(),
+            })
+            .collect();
+        Run {
+            id,
+            spec,
+            state: RunState::Submitted,
+            created_at,
+            started_at: None,
+            ended_at: None,
+            expires_at: Some(expires_at),
+            error: None,
+            stop_cause: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            cloned_from: None,
+            cancel_requested: None,
+            submitted_by: String::new(),
+            schedule: None,
+            blocks,
+        }
+    }
+
     /// The first block that has not finished, where a resumed run goes on.
     pub fn first_unfinished_block(&self) -> Option<usize> {
         self.blocks.iter().position(|b| !b.state.is_terminal())

@@ -25,6 +25,16 @@ const NOT_STARTED_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_s
 
 /// Starts driving `id` unless this node drives it already.
 pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
+    spawn(inner, id, None);
+}
+
+/// [`spawn_run`] for a run this node has just stored or queued, as `run` says it is now:
+/// the driver starts from it instead of reading it back.
+pub(crate) fn spawn_loaded_run(inner: &Arc<Inner>, run: Run) {
+    spawn(inner, run.id, Some(run));
+}
+
+fn spawn(inner: &Arc<Inner>, id: RunId, loaded: Option<Run>) {
     let token = inner.token.child_token();
     let halt = Arc::new(Mutex::new(None));
     {
@@ -58,7 +68,7 @@ pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
                 ident: std::sync::OnceLock::new(),
                 created_at: std::sync::OnceLock::new(),
             };
-            if let Err(e) = driver.drive().await {
+            if let Err(e) = driver.drive(loaded).await {
                 match e {
                     store::Error::LeaseLost { .. } => tracing::warn!("another node holds this run now; letting go"),
                     e => tracing::error!(error = %e, "driving the run failed; it resumes when its lease expires or on restart"),
@@ -122,8 +132,11 @@ impl Driver<'_> {
         &self.inner.opts.node_id
     }
 
-    async fn drive(&self) -> store::Result<()> {
-        let run = self.inner.store.get(self.id).await?;
+    async fn drive(&self, loaded: Option<Run>) -> store::Result<()> {
+        let run = match loaded {
+            Some(run) => run,
+            None => self.inner.store.get(self.id).await?,
+        };
         if !run.state.is_executing() || run.lease_owner.as_ref() != Some(self.node()) {
             return Ok(());
         }

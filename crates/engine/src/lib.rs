@@ -595,11 +595,21 @@ impl Engine {
             submitted_by: by.to_owned(),
             schedule: None,
         };
+        // The run as stored, for the driver to start from without reading it back.
+        let mut loaded = None;
         let submitted = if start {
+            let lease_until = now.plus(self.inner.opts.lease_ttl);
+            let mut r = Run::created(run.id, spec.clone(), now, run.expires_at);
+            r.state = RunState::Queued;
+            r.lease_owner = Some(self.inner.opts.node_id.clone());
+            r.lease_expires_at = Some(lease_until);
+            r.cloned_from = cloned_from;
+            r.submitted_by = by.to_owned();
+            loaded = Some(r);
             let started = store::StartedRun {
                 run,
                 node: self.inner.opts.node_id.clone(),
-                lease_until: now.plus(self.inner.opts.lease_ttl),
+                lease_until,
             };
             self.inner.store.submit_started(started).await?
         } else {
@@ -630,7 +640,10 @@ impl Engine {
             crash_point!("engine::submit_started_after_commit");
             self.inner.emit(submitted.id, RunState::Queued);
             tracing::debug!(run_id = %submitted.id, "run submitted and queued");
-            driver::spawn_run(&self.inner, submitted.id);
+            match loaded {
+                Some(run) => driver::spawn_loaded_run(&self.inner, run),
+                None => driver::spawn_run(&self.inner, submitted.id),
+            }
         } else if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);
             tracing::debug!(run_id = %submitted.id, "run submitted");
@@ -656,7 +669,13 @@ impl Engine {
             ExecOutcome::Queued => {
                 self.inner.emit(id, RunState::Queued);
                 tracing::debug!(run_id = %id, "run queued");
-                driver::spawn_run(&self.inner, id);
+                // Only a `submitted` run is queued, and nothing changes one but this (a
+                // cancel or an expiry would have ended it first): the run read above, queued.
+                let mut run = run;
+                run.state = RunState::Queued;
+                run.lease_owner = Some(self.inner.opts.node_id.clone());
+                run.lease_expires_at = Some(lease);
+                driver::spawn_loaded_run(&self.inner, run);
                 Ok(())
             }
             ExecOutcome::Expired => {

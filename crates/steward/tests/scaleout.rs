@@ -521,3 +521,60 @@ async fn the_estop_drill_refuses_a_target_that_matches_real_work() {
     assert_eq!(runs[0].id, real);
     assert_eq!(status(&mut c, &real).await.state, "running");
 }
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_outcomes_survive_a_kill_at_the_pipelined_writers_commit() {
+    let pg = PgServer::start().await;
+    for failpoint in ["store::writer_before_commit", "store::writer_after_commit"] {
+        let url = pg.fresh_db().await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a");
+        let log = dir.path().join("jobs.log");
+        let job = logged_job(&log);
+        let yaml = format!(
+            "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+        );
+        let env = node_env(&url);
+        let mut killed_env = env.clone();
+        killed_env.push(("FAILPOINTS", format!("{failpoint}=20*off->return")));
+        let mut a = start_node(&data, &killed_env).await;
+        let mut c = a.client().await;
+        crate::start_keyed(&mut c, &yaml, 4).await;
+        assert!(
+            !a.wait_exit(LONG).await.success(),
+            "{failpoint}: the fail point must have killed the node"
+        );
+        let done_before = completed_in_db(&url).await;
+        assert!(
+            !done_before.is_empty(),
+            "{failpoint}: no job completed before the kill"
+        );
+
+        // The same node again: it resumes its runs; the clients' retries find them.
+        drop(a);
+        let a = start_node(&data, &env).await;
+        let mut c = a.client().await;
+        assert_eq!(crate::start_keyed(&mut c, &yaml, 4).await, 4);
+        let runs = c
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        assert_eq!(runs.len(), 4, "{failpoint}: one run per key");
+        for r in &runs {
+            let run = wait_terminal(&mut c, &r.id, LONG).await;
+            assert_eq!(run.state, "completed", "{failpoint}: {run:?}");
+        }
+        let starts = starts(&log);
+        for key in &done_before {
+            assert_eq!(
+                starts.get(key),
+                Some(&1),
+                "{failpoint}: {key} was committed before the kill and must not run again"
+            );
+        }
+        assert_eq!(starts.len(), 20, "{failpoint}: every job ran: {starts:?}");
+    }
+}

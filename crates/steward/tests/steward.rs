@@ -409,3 +409,76 @@ async fn a_run_started_by_submit_survives_a_kill_between_its_commit_and_the_answ
     assert_eq!(starts.len(), 4, "{starts:?}");
     assert!(starts.values().all(|n| *n == 1), "{starts:?}");
 }
+
+/// Starts keyed runs of `yaml` (`key-0`, `key-1`...) with Submit's `start`, one call each;
+/// stops at the first refused call (the process died).
+pub(crate) async fn start_keyed(c: &mut Client, yaml: &str, n: usize) -> usize {
+    for i in 0..n {
+        let spec = spec(&format!("idempotency_key: key-{i}\n{yaml}"));
+        let req = pb::SubmitRequest {
+            spec: Some(spec),
+            start: true,
+        };
+        if c.submit(req).await.is_err() {
+            return i;
+        }
+    }
+    n
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_outcomes_survive_a_kill_at_the_writers_commit() {
+    for failpoint in ["store::writer_before_commit", "store::writer_after_commit"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let log = dir.path().join("jobs.log");
+        let job = logged_job(&log);
+        let yaml = format!(
+            "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+        );
+        let mut server = Server::start(
+            &data,
+            &[("FAILPOINTS", &format!("{failpoint}=20*off->return"))],
+        )
+        .await;
+        let mut c = server.client().await;
+        start_keyed(&mut c, &yaml, 4).await;
+        assert!(
+            !server.wait_exit(LONG).await.success(),
+            "{failpoint}: the fail point must have killed the process"
+        );
+        let done_before = completed_in_db(&data.join("steward.db"));
+        assert!(
+            !done_before.is_empty(),
+            "{failpoint}: no job completed before the kill"
+        );
+
+        // The clients' retries find their runs (or store the ones the kill lost), and every
+        // run completes; what was committed before the kill is never done again.
+        drop(server);
+        let server = Server::start(&data, &[]).await;
+        let mut c = server.client().await;
+        assert_eq!(start_keyed(&mut c, &yaml, 4).await, 4);
+        let runs = c
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        assert_eq!(runs.len(), 4, "{failpoint}: one run per key");
+        for r in &runs {
+            let run = wait_terminal(&mut c, &r.id, LONG).await;
+            assert_eq!(run.state, "completed", "{failpoint}: {run:?}");
+        }
+        let (starts, _) = job_log(&log);
+        for key in &done_before {
+            assert_eq!(
+                starts.get(key),
+                Some(&1),
+                "{failpoint}: {key} was committed before the kill and must not run again"
+            );
+        }
+        assert_eq!(starts.len(), 20, "{failpoint}: every job ran: {starts:?}");
+    }
+}

@@ -112,7 +112,7 @@ impl AuthStore for PgStore {
                         params: sql::access_params(a),
                     })
                     .collect();
-                c.run_all(&statements).await
+                c.run_all(&statements).await.map(drop)
             })
         });
     }

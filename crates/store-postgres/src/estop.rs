@@ -18,7 +18,7 @@ async fn append(c: &Conn, records: &[AuditRecord]) -> Result<()> {
             params: sql::audit_params(r),
         })
         .collect();
-    c.run_all(&statements).await
+    c.run_all(&statements).await.map(drop)
 }
 
 #[async_trait]

@@ -151,8 +151,8 @@ impl Conn {
     }
 
     /// Runs `stmts` in order, sent together (pipelined): one round trip for all of them once
-    /// they are prepared. Stops at the first error.
-    pub(crate) async fn run_all(&self, stmts: &[Statement]) -> Result<()> {
+    /// they are prepared. The rows each changed, or the first error.
+    pub(crate) async fn run_all(&self, stmts: &[Statement]) -> Result<Vec<u64>> {
         use std::future::Future;
         use std::task::Poll;
         let mut prepared = Vec::with_capacity(stmts.len());
@@ -188,10 +188,10 @@ impl Conn {
             }
         })
         .await;
-        for r in done.into_iter().flatten() {
-            r.map_err(db_err)?;
-        }
-        Ok(())
+        done.into_iter()
+            .flatten()
+            .map(|r| r.map_err(db_err))
+            .collect()
     }
 
     async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
@@ -385,8 +385,15 @@ impl WriteConn for WriteConnection {
         self.conn.batch_execute(sql).await.map_err(db_err)
     }
 
-    fn run(&mut self, job: WriteJob) -> impl std::future::Future<Output = (bool, Finish)> + Send {
-        job(Some(&self.conn))
+    async fn run(&mut self, lead: &str, job: WriteJob) -> (Result<()>, bool, Finish) {
+        // Pipelined: the lead is sent first (`join` polls it first, and a request is sent on
+        // its first poll), the request's statements right behind it, with no wait between.
+        // A lead that fails leaves the transaction aborted, and the statements behind it fail
+        // with it. (BEGIN does not fail on a live connection; on a lost one, nothing behind
+        // it reaches the server either.)
+        let conn = &self.conn;
+        let (led, (ok, fin)) = tokio::join!(conn.batch_execute(lead), job(Some(conn)));
+        (led.map_err(db_err), ok, fin)
     }
 
     async fn refuse(job: WriteJob) -> Finish {

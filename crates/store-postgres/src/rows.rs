@@ -290,6 +290,7 @@ pub(crate) async fn finish_unstarted(
 ) -> Result<()> {
     c.run_all(&sql::finish_unstarted(id, state, now, cause)?)
         .await
+        .map(drop)
 }
 
 pub(crate) async fn apply(
@@ -299,20 +300,23 @@ pub(crate) async fn apply(
     transitions: &[Transition],
 ) -> Result<()> {
     let key = Value::Text(id.to_string());
-    // The lease fence: this row lock is held to the end of the batch's transaction, so no
-    // other node can claim the run between the check and the writes.
-    let fenced = c
-        .run(&Statement {
-            sql: sql::FENCE,
-            params: vec![key.clone(), node.into()],
-        })
-        .await?;
-    if fenced == 0 {
-        let exists = c.rows(sql::RUN_EXISTS, &[key]).await?;
-        return Err(sql::unfenced(id, !exists.is_empty()));
-    }
-    // The writes, sent together: they run in order, in this transaction, behind the fence.
-    let mut statements = Vec::with_capacity(transitions.len() + 2);
+    // The lease fence, then the writes, all sent together (one round trip): they run in
+    // order, in this request's savepoint. The fence's row lock is held to the end of the
+    // batch's transaction, so no other node can claim the run between the check and the
+    // writes. When the fence finds the run is not this node's, the request fails and its
+    // savepoint, the writes in it, is rolled back.
+    let mut statements = Vec::with_capacity(transitions.len() + 3);
+    statements.push(Statement {
+        sql: sql::FENCE,
+        params: vec![key.clone(), node.into()],
+    });
     sql::transitions(id, transitions, &mut statements)?;
-    c.run_all(&statements).await
+    match c.run_all(&statements).await {
+        Ok(changed) if changed.first().is_some_and(|n| *n > 0) => Ok(()),
+        Ok(_) => {
+            let exists = c.rows(sql::RUN_EXISTS, &[key]).await?;
+            Err(sql::unfenced(id, !exists.is_empty()))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -124,8 +124,19 @@ impl WriteConn for WriteConnection {
         std::future::ready(self.0.execute_batch(sql).map_err(db_err))
     }
 
-    fn run(&mut self, job: WriteJob) -> impl Future<Output = (bool, Finish)> + Send {
-        std::future::ready(job(Some(&self.0)))
+    fn run(
+        &mut self,
+        lead: &str,
+        job: WriteJob,
+    ) -> impl Future<Output = (Result<()>, bool, Finish)> + Send {
+        // No round trips to save: the lead first, and the request only if it went through.
+        std::future::ready(match self.0.execute_batch(lead).map_err(db_err) {
+            Ok(()) => {
+                let (ok, fin) = job(Some(&self.0));
+                (Ok(()), ok, fin)
+            }
+            Err(e) => (Err(e), false, job(None).1),
+        })
     }
 
     fn refuse(job: WriteJob) -> impl Future<Output = Finish> + Send {

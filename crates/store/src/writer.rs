@@ -13,6 +13,22 @@ use std::sync::RwLock;
 
 use tokio::sync::{mpsc, oneshot};
 
+/// A crash window for the kill -9 tests: with the `failpoints` feature,
+/// `FAILPOINTS=NAME=return` (or counts such as `20*off->return`) kills the process here with
+/// SIGKILL, exactly like `kill -9` from outside.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(
+                failpoint = $name,
+                "fail point reached: killing this process with SIGKILL"
+            );
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            std::process::abort()
+        })
+    };
+}
+
 use crate::{Error, Result};
 
 /// The most requests in one transaction.
@@ -37,9 +53,16 @@ pub trait WriteConn: Send {
     /// Runs statements without parameters (transaction control).
     fn execute(&mut self, sql: &str) -> impl Future<Output = Result<()>> + Send;
 
-    /// Runs one request: whether it succeeded (its savepoint is released, or else rolled back)
-    /// and its finisher.
-    fn run(&mut self, job: Self::Job) -> impl Future<Output = (bool, Finish)> + Send;
+    /// Runs the transaction control `lead` (opening the batch, or closing the previous
+    /// request's savepoint and opening the next), then one request. A backend with round
+    /// trips sends both together (PostgreSQL pipelines them), so that moving between
+    /// requests costs none of its own. Returns how `lead` went, whether the request succeeded
+    /// (its savepoint is released, or else rolled back) and its finisher.
+    fn run(
+        &mut self,
+        lead: &str,
+        job: Self::Job,
+    ) -> impl Future<Output = (Result<()>, bool, Finish)> + Send;
 
     /// The finisher of a request that does not run (its batch's transaction did not start).
     fn refuse(job: Self::Job) -> impl Future<Output = Finish> + Send;
@@ -57,40 +80,55 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
                 Err(_) => break,
             }
         }
-        let begun = match conn.ready().await {
-            Ok(()) => conn.execute(C::BEGIN).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = begun {
+        if let Err(e) = conn.ready().await {
             tracing::error!(error = %e, "a write batch could not start");
-            let _ = conn.execute("ROLLBACK").await;
             for job in batch.drain(..) {
                 let fin = C::refuse(job).await;
                 fin(Err(e.clone()));
             }
             continue;
         }
-        // Closing one savepoint and opening the next is one call; so is the last close with
-        // COMMIT, whose result is the batch's: if anything in the transaction went wrong,
-        // nothing of it is kept.
+        // Each request goes with the transaction control before it: the batch's BEGIN for
+        // the first, the previous savepoint's close and the next one's opening for the rest.
+        // The last close goes with COMMIT, whose result is the batch's: if anything in the
+        // transaction went wrong, nothing of it is kept.
         let n = batch.len();
+        let mut lead = C::BEGIN.to_owned();
         let mut res = Ok(());
-        for (i, job) in batch.drain(..).enumerate() {
-            let (ok, fin) = conn.run(job).await;
+        let mut jobs = batch.drain(..);
+        for (i, job) in jobs.by_ref().enumerate() {
+            let (led, ok, fin) = conn.run(&lead, job).await;
             finishers.push(fin);
+            match led {
+                Err(e) if i == 0 => {
+                    tracing::error!(error = %e, "a write batch could not start");
+                    res = Err(e);
+                    break;
+                }
+                // The transaction is aborted: the rest fail, and so does the commit.
+                Err(e) => tracing::error!(error = %e, "moving to the next savepoint failed"),
+                Ok(()) => {}
+            }
             let close = if ok {
                 "RELEASE SAVEPOINT op"
             } else {
                 "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
             };
             if i + 1 < n {
-                if let Err(e) = conn.execute(&format!("{close}; SAVEPOINT op")).await {
-                    // The transaction is aborted: the rest fail, and so does the commit.
-                    tracing::error!(error = %e, "moving to the next savepoint failed");
-                }
+                lead = format!("{close}; SAVEPOINT op");
             } else {
+                // Every request of the batch has run (on PostgreSQL, sent pipelined); nothing
+                // of it is durable yet.
+                crash_point!("store::writer_before_commit");
                 res = conn.execute(&format!("{close}; COMMIT")).await;
+                if res.is_ok() {
+                    // Durable, and nobody told: no caller has acted on it.
+                    crash_point!("store::writer_after_commit");
+                }
             }
+        }
+        for job in jobs {
+            finishers.push(C::refuse(job).await);
         }
         if let Err(e) = &res {
             tracing::error!(error = %e, "committing a batch failed");
