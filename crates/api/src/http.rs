@@ -66,6 +66,11 @@ fn screaming_snake(camel: &str) -> String {
 /// A spec from a request body: `{"spec": WorkReq}` (the SubmitRequest message), or a
 /// workflow file as is (YAML or JSON, the schema of docs/workflows.md).
 fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
+    submit_from_body(body).map(|(spec, _)| spec)
+}
+
+/// The spec of a Submit body, and whether a `SubmitRequest` envelope asks to start it.
+fn submit_from_body(body: &str) -> Result<(WorkflowSpec, bool), ApiError> {
     // Depth before any parser sees the text (a `{"spec": ...}` envelope is a level).
     domain::limits::check_depth(body, domain::limits::MAX_SPEC_DEPTH).map_err(|e| {
         ApiError::invalid_spec(&domain::SpecError(vec![domain::FieldError::new("spec", e)]))
@@ -75,9 +80,10 @@ fn spec_from_body(body: &str) -> Result<WorkflowSpec, ApiError> {
     {
         let req: pb::SubmitRequest = serde_json::from_str(body)
             .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
-        return Service::wire_spec(req.spec);
+        return Ok((Service::wire_spec(req.spec)?, req.start));
     }
-    WorkflowSpec::parse_unchecked(body).map_err(|e| ApiError::invalid_spec(&e))
+    let spec = WorkflowSpec::parse_unchecked(body).map_err(|e| ApiError::invalid_spec(&e))?;
+    Ok((spec, false))
 }
 
 /// A schedule from a request body: `{"spec": ScheduleSpec}` (the ScheduleRequest message), or
@@ -241,8 +247,11 @@ async fn submit(
     body: String,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
-    let spec = spec_from_body(&body)?;
-    st.service.submit(&who, spec, q.start).await.map(Json)
+    let (spec, start) = submit_from_body(&body)?;
+    st.service
+        .submit(&who, spec, q.start || start)
+        .await
+        .map(Json)
 }
 
 async fn validate(

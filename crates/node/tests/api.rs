@@ -1158,10 +1158,16 @@ async fn submit_with_start_runs_a_keyed_run_in_one_call_and_once() {
         .await;
     assert_eq!(code, 400, "{body}");
     assert!(body.to_string().contains("start"), "{body}");
+    // The SubmitRequest envelope's own `start`.
+    let envelope = json!({"spec": {"name": "SatelliteDiskErase", "idempotency_key": "erase-aap-11",
+        "blocks": [{"jobs": [{"action": "noop"}]}]}, "start": true});
+    let (code, body) = s.post("/v1/runs", envelope.to_string()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["state"], json!("queued"));
     let (code, body) = s.post("/v1/runs?start=true", unkeyed).await;
     assert_eq!(code, 400, "{body}");
     assert!(body.to_string().contains("idempotency_key"), "{body}");
-    assert_eq!(s.run_count().await, 3);
+    assert_eq!(s.run_count().await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1652,7 +1658,10 @@ async fn http_submit_exec_status_in_the_proto3_json_shape() {
     let id2 = sub["id"].as_str().unwrap().to_owned();
     let (code, sub) = s.post("/v1/runs", msg.to_string()).await;
     assert_eq!(code, 200);
-    assert_eq!(sub, json!({"id": id2, "created": false}));
+    assert_eq!(
+        sub,
+        json!({"id": id2, "created": false, "state": "submitted"})
+    );
     let (_, exec) = s.post(&format!("/v1/runs/{id2}/exec"), "").await;
     assert_eq!(exec["state"], "queued");
     let run = s.wait_terminal(&id2).await;
