@@ -47,6 +47,7 @@ macro_rules! conformance_tests {
             transitions_record_progress,
             run_finished_settles_leftovers,
             leases_fence_writes,
+            a_fenced_write_leaves_the_others_of_its_batch,
             recover_and_claim,
             renew_reports_cancel_and_lost,
             list_filters_and_pages,
@@ -488,6 +489,63 @@ pub async fn leases_fence_writes(s: Arc<dyn RunStore>) {
         RunState::Queued,
         "a fenced write changes nothing"
     );
+}
+
+pub async fn a_fenced_write_leaves_the_others_of_its_batch(s: Arc<dyn RunStore>) {
+    let until = Timestamp(T0.0 + 1000);
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let nr = new_run(spec("hello", 1, 1));
+        s.submit(nr.clone()).await.unwrap();
+        s.exec(nr.id, &node("a"), T0, until).await.unwrap();
+        runs.push(nr.id);
+    }
+    let key = JobKey { block: 0, job: 0 };
+    let started = |at| {
+        vec![
+            Transition::RunRunning { at },
+            Transition::JobStarted {
+                key,
+                attempt: 1,
+                at,
+            },
+        ]
+    };
+    // Queued together, so that they go in one batch: node b holds no lease on runs[1].
+    let (a, b) = (node("a"), node("b"));
+    s.apply_nowait(&a, runs[0], started(T0));
+    s.apply_nowait(&b, runs[1], started(T0));
+    s.apply_nowait(&a, runs[2], started(T0));
+    let (fenced, kept, last) = tokio::join!(
+        s.apply(&b, runs[1], started(T0)),
+        s.apply(&a, runs[3], started(T0)),
+        s.apply(
+            &a,
+            runs[0],
+            vec![Transition::JobFinished {
+                key,
+                state: JobState::Completed,
+                at: T0,
+                error: None,
+                exit_code: None,
+                output: String::new(),
+            }],
+        ),
+    );
+    assert_eq!(fenced.unwrap_err(), Error::LeaseLost { run: runs[1] });
+    kept.unwrap();
+    last.unwrap();
+    let run = s.get(runs[1]).await.unwrap();
+    assert_eq!(run.state, RunState::Queued, "fenced writes change nothing");
+    assert_eq!(run.blocks[0].jobs[0].attempts, 0);
+    for id in [runs[2], runs[3]] {
+        let run = s.get(id).await.unwrap();
+        assert_eq!(run.state, RunState::Running, "{id}");
+        assert_eq!(run.blocks[0].jobs[0].state, JobState::Running);
+    }
+    let run = s.get(runs[0]).await.unwrap();
+    assert_eq!(run.blocks[0].jobs[0].state, JobState::Completed);
+    assert_eq!(run.blocks[0].jobs[0].attempts, 1);
 }
 
 pub async fn recover_and_claim(s: Arc<dyn RunStore>) {

@@ -55,9 +55,58 @@ const READERS: usize = 8;
 /// How long the writer waits before trying an unreachable database again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-/// A request in the writer's batch. Given no connection, it runs nothing and only hands back
-/// its finisher: the batch's transaction could not start, and nothing may run outside one.
-type WriteJob = Box<dyn for<'a> FnOnce(Option<&'a Conn>) -> BoxFuture<'a, (bool, Finish)> + Send>;
+/// A request that runs on the connection and says whether its savepoint is kept; given no
+/// connection, it runs nothing and only hands back its finisher.
+type RunJob = Box<dyn for<'a> FnOnce(Option<&'a Conn>) -> BoxFuture<'a, (bool, Finish)> + Send>;
+
+/// Turns a request's result into whether its savepoint is kept, and its finisher.
+type Done = Box<dyn FnOnce(Result<()>) -> (bool, Finish) + Send>;
+
+/// A request in the writer's batch.
+enum WriteJob {
+    /// Any request. Given no connection, it runs nothing and only hands back its finisher:
+    /// the batch's transaction could not start, and nothing may run outside one.
+    Run(RunJob),
+    /// The engine's transitions of a run it holds the lease of: statements known in advance,
+    /// so that consecutive ones go to the database at once ([`WriteConn::run_group`]).
+    Apply(Apply),
+}
+
+struct Apply {
+    id: RunId,
+    /// The lease fence first, then the writes.
+    statements: Vec<Statement>,
+    done: Done,
+}
+
+impl Apply {
+    fn new(
+        node: &NodeId,
+        id: RunId,
+        transitions: &[Transition],
+        done: Done,
+    ) -> std::result::Result<Apply, (Error, Done)> {
+        let mut statements = Vec::with_capacity(transitions.len() + 3);
+        statements.push(Statement {
+            sql: sql::FENCE,
+            params: vec![Value::Text(id.to_string()), node.0.clone().into()],
+        });
+        match sql::transitions(id, transitions, &mut statements) {
+            Ok(()) => Ok(Apply {
+                id,
+                statements,
+                done,
+            }),
+            Err(e) => Err((e, done)),
+        }
+    }
+
+    /// Whether the results of its statements, sent with others, say it went through: its
+    /// fence found the lease, and nothing failed.
+    fn went_through(results: &[Result<u64>]) -> bool {
+        matches!(results.first(), Some(Ok(n)) if *n > 0) && results.iter().all(Result::is_ok)
+    }
+}
 
 /// The writer's connection, with its statements prepared once and kept.
 pub(crate) struct Conn {
@@ -153,11 +202,24 @@ impl Conn {
     /// Runs `stmts` in order, sent together (pipelined): one round trip for all of them once
     /// they are prepared. The rows each changed, or the first error.
     pub(crate) async fn run_all(&self, stmts: &[Statement]) -> Result<Vec<u64>> {
+        let refs: Vec<&Statement> = stmts.iter().collect();
+        self.pipeline(&refs).await.into_iter().collect()
+    }
+
+    /// Runs `stmts` in order, sent together (pipelined); each one's result. After a failed
+    /// statement the transaction is aborted, and the ones behind it fail too.
+    pub(crate) async fn pipeline(&self, stmts: &[&Statement]) -> Vec<Result<u64>> {
         use std::future::Future;
         use std::task::Poll;
         let mut prepared = Vec::with_capacity(stmts.len());
         for st in stmts {
-            prepared.push(self.prepared(st.sql).await.map_err(db_err)?);
+            match self.prepared(st.sql).await {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    let e = db_err(e);
+                    return stmts.iter().map(|_| Err(e.clone())).collect();
+                }
+            }
         }
         let binds: Vec<Vec<rows::Bind<'_>>> =
             stmts.iter().map(|st| rows::binds(&st.params)).collect();
@@ -189,8 +251,12 @@ impl Conn {
         })
         .await;
         done.into_iter()
-            .flatten()
-            .map(|r| r.map_err(db_err))
+            .map(|r| match r {
+                Some(r) => r.map_err(db_err),
+                None => Err(Error::Unavailable(
+                    "a pipelined statement got no answer".into(),
+                )),
+            })
             .collect()
     }
 
@@ -385,7 +451,94 @@ impl WriteConn for WriteConnection {
         self.conn.batch_execute(sql).await.map_err(db_err)
     }
 
+    fn groupable(job: &WriteJob) -> bool {
+        matches!(job, WriteJob::Apply(_))
+    }
+
+    /// The group's statements are sent at once, behind the lead: one round trip for all of
+    /// them. Should any request fail (its fence finds the run is not this node's, or a
+    /// statement fails), the group's savepoint is rolled back and its requests run again one
+    /// by one, each in a savepoint of its own, so that each gets its own result.
+    async fn run_group(
+        &mut self,
+        lead: &str,
+        jobs: Vec<WriteJob>,
+    ) -> (Result<()>, bool, Vec<Finish>) {
+        let conn = &self.conn;
+        let mut applies = Vec::with_capacity(jobs.len());
+        // Only Apply requests are grouped (`groupable`); any other would be refused.
+        let mut refused = Vec::new();
+        for job in jobs {
+            match job {
+                WriteJob::Apply(a) => applies.push(a),
+                other => refused.push(Self::refuse(other).await),
+            }
+        }
+        let stmts: Vec<&Statement> = applies.iter().flat_map(|a| &a.statements).collect();
+        let (led, results) = tokio::join!(conn.batch_execute(lead), conn.pipeline(&stmts));
+        if let Err(e) = led {
+            let e = db_err(e);
+            let fins = applies
+                .into_iter()
+                .map(|a| (a.done)(Err(e.clone())).1)
+                .chain(refused)
+                .collect();
+            return (Err(e), false, fins);
+        }
+        let mut at = 0;
+        let mut all = true;
+        for a in &applies {
+            let n = a.statements.len();
+            all &= Apply::went_through(&results[at..at + n]);
+            at += n;
+        }
+        if all {
+            let fins = applies
+                .into_iter()
+                .map(|a| (a.done)(Ok(())).1)
+                .chain(refused)
+                .collect();
+            return (Ok(()), true, fins);
+        }
+        // The rare case: some request failed. Undo the group, then one at a time.
+        if let Err(e) = conn.batch_execute("ROLLBACK TO SAVEPOINT op").await {
+            let e = db_err(e);
+            let fins = applies
+                .into_iter()
+                .map(|a| (a.done)(Err(e.clone())).1)
+                .chain(refused)
+                .collect();
+            return (Ok(()), false, fins);
+        }
+        let mut fins = refused;
+        for a in applies {
+            let r = match conn.batch_execute("SAVEPOINT one").await {
+                Ok(()) => rows::apply_alone(conn, a.id, &a.statements).await,
+                Err(e) => Err(db_err(e)),
+            };
+            let (ok, fin) = (a.done)(r);
+            fins.push(fin);
+            let close = if ok {
+                "RELEASE SAVEPOINT one"
+            } else {
+                "ROLLBACK TO SAVEPOINT one; RELEASE SAVEPOINT one"
+            };
+            if let Err(e) = conn.batch_execute(close).await {
+                tracing::error!(error = %db_err(e), "closing a request's savepoint failed");
+            }
+        }
+        (Ok(()), true, fins)
+    }
+
     async fn run(&mut self, lead: &str, job: WriteJob) -> (Result<()>, bool, Finish) {
+        let job = match job {
+            WriteJob::Run(job) => job,
+            apply @ WriteJob::Apply(_) => {
+                let (led, ok, mut fins) = self.run_group(lead, vec![apply]).await;
+                let fin = fins.pop().unwrap_or_else(|| Box::new(|_| {}));
+                return (led, ok, fin);
+            }
+        };
         // Pipelined: the lead is sent first (`join` polls it first, and a request is sent on
         // its first poll), the request's statements right behind it, with no wait between.
         // A lead that fails leaves the transaction aborted, and the statements behind it fail
@@ -397,7 +550,10 @@ impl WriteConn for WriteConnection {
     }
 
     async fn refuse(job: WriteJob) -> Finish {
-        job(None).await.1
+        match job {
+            WriteJob::Run(job) => job(None).await.1,
+            WriteJob::Apply(a) => (a.done)(Err(Error::Closed)).1,
+        }
     }
 }
 
@@ -528,7 +684,7 @@ impl PgStore {
         F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Box::new(move |conn| {
+        self.writer.send(WriteJob::Run(Box::new(move |conn| {
             Box::pin(async move {
                 let r = match conn {
                     Some(c) => f(c).await,
@@ -536,7 +692,7 @@ impl PgStore {
                 };
                 writer::answer(r, tx)
             })
-        }))?;
+        })))?;
         writer::reply(rx).await
     }
 
@@ -544,7 +700,7 @@ impl PgStore {
     where
         F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<()>> + Send + 'static,
     {
-        let job: WriteJob = Box::new(move |conn| {
+        let job = WriteJob::Run(Box::new(move |conn| {
             Box::pin(async move {
                 let r = match conn {
                     Some(c) => f(c).await,
@@ -552,7 +708,7 @@ impl PgStore {
                 };
                 writer::log_failure(r, what)
             })
-        });
+        }));
         if let Err(e) = self.writer.send(job) {
             tracing::warn!(error = %e, what, "could not queue a write");
         }
@@ -805,16 +961,26 @@ impl RunStore for PgStore {
     }
 
     async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()> {
-        let node = node.0.clone();
-        self.write(move |c| Box::pin(async move { rows::apply(c, &node, id, &transitions).await }))
-            .await
+        let (tx, rx) = oneshot::channel();
+        let done = Box::new(move |r| writer::answer(r, tx));
+        let apply = Apply::new(node, id, &transitions, done).map_err(|(e, _)| e)?;
+        self.writer.send(WriteJob::Apply(apply))?;
+        writer::reply(rx).await
     }
 
     fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) {
-        let node = node.0.clone();
-        self.write_nowait("apply", move |c| {
-            Box::pin(async move { rows::apply(c, &node, id, &transitions).await })
-        });
+        let done = Box::new(move |r| writer::log_failure(r, "apply"));
+        match Apply::new(node, id, &transitions, done) {
+            Ok(apply) => {
+                if let Err(e) = self.writer.send(WriteJob::Apply(apply)) {
+                    tracing::warn!(error = %e, "could not queue a write");
+                }
+            }
+            Err((e, done)) => {
+                let (_, fin) = done(Err(e));
+                fin(Ok(()));
+            }
+        }
     }
 
     async fn prune_runs(

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use deadpool_postgres::GenericClient;
 use domain::{Run, RunId, RunState, StopCause, Timestamp};
 use store::sql::{self, Statement, Value};
-use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, Transition, codec};
+use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, codec};
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 
@@ -293,28 +293,18 @@ pub(crate) async fn finish_unstarted(
         .map(drop)
 }
 
-pub(crate) async fn apply(
-    c: &Conn,
-    node: &str,
-    id: RunId,
-    transitions: &[Transition],
-) -> Result<()> {
-    let key = Value::Text(id.to_string());
-    // The lease fence, then the writes, all sent together (one round trip): they run in
-    // order, in this request's savepoint. The fence's row lock is held to the end of the
-    // batch's transaction, so no other node can claim the run between the check and the
-    // writes. When the fence finds the run is not this node's, the request fails and its
-    // savepoint, the writes in it, is rolled back.
-    let mut statements = Vec::with_capacity(transitions.len() + 3);
-    statements.push(Statement {
-        sql: sql::FENCE,
-        params: vec![key.clone(), node.into()],
-    });
-    sql::transitions(id, transitions, &mut statements)?;
-    match c.run_all(&statements).await {
+/// An engine's transitions alone: `statements` are the lease fence, then the writes, all
+/// sent together (one round trip); they run in order, in the caller's savepoint. The fence's
+/// row lock is held to the end of the batch's transaction, so no other node can claim the run
+/// between the check and the writes. When the fence finds the run is not this node's, the
+/// request fails, and the caller rolls its savepoint, the writes in it, back.
+pub(crate) async fn apply_alone(c: &Conn, id: RunId, statements: &[Statement]) -> Result<()> {
+    match c.run_all(statements).await {
         Ok(changed) if changed.first().is_some_and(|n| *n > 0) => Ok(()),
         Ok(_) => {
-            let exists = c.rows(sql::RUN_EXISTS, &[key]).await?;
+            let exists = c
+                .rows(sql::RUN_EXISTS, &[Value::Text(id.to_string())])
+                .await?;
             Err(sql::unfenced(id, !exists.is_empty()))
         }
         Err(e) => Err(e),

@@ -66,6 +66,63 @@ pub trait WriteConn: Send {
 
     /// The finisher of a request that does not run (its batch's transaction did not start).
     fn refuse(job: Self::Job) -> impl Future<Output = Finish> + Send;
+
+    /// Whether `job` may run in a group ([`WriteConn::run_group`]) with the requests next to
+    /// it. None may by default.
+    fn groupable(_job: &Self::Job) -> bool {
+        false
+    }
+
+    /// Runs `lead`, then consecutive groupable requests in the one savepoint `lead` opened.
+    /// Each finisher gets its own request's result: a request that failed changed nothing,
+    /// and the others are kept. Returns how `lead` went, whether the savepoint is kept, and
+    /// the finishers in order.
+    ///
+    /// By default each request runs alone, in a savepoint of its own inside the group's; a
+    /// backend with round trips sends the group at once instead (PostgreSQL).
+    fn run_group(
+        &mut self,
+        lead: &str,
+        jobs: Vec<Self::Job>,
+    ) -> impl Future<Output = (Result<()>, bool, Vec<Finish>)> + Send {
+        async move {
+            let mut finishers = Vec::with_capacity(jobs.len());
+            let mut jobs = jobs.into_iter();
+            let mut step = format!("{lead}; SAVEPOINT one");
+            let mut first = true;
+            let mut kept = true;
+            for job in jobs.by_ref() {
+                let (led, ok, fin) = self.run(&step, job).await;
+                finishers.push(fin);
+                if let Err(e) = led {
+                    for job in jobs {
+                        finishers.push(Self::refuse(job).await);
+                    }
+                    // A failed lead fails the group; a failed step aborts the transaction.
+                    return if first {
+                        (Err(e), false, finishers)
+                    } else {
+                        (Ok(()), false, finishers)
+                    };
+                }
+                first = false;
+                let close = if ok {
+                    "RELEASE SAVEPOINT one"
+                } else {
+                    "ROLLBACK TO SAVEPOINT one; RELEASE SAVEPOINT one"
+                };
+                step = format!("{close}; SAVEPOINT one");
+                kept = ok;
+            }
+            let close = if kept {
+                "RELEASE SAVEPOINT one"
+            } else {
+                "ROLLBACK TO SAVEPOINT one; RELEASE SAVEPOINT one"
+            };
+            let closed = self.execute(close).await;
+            (Ok(()), closed.is_ok(), finishers)
+        }
+    }
 }
 
 /// Commits batches from `rx` until every sender is gone.
@@ -95,12 +152,26 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
         let n = batch.len();
         let mut lead = C::BEGIN.to_owned();
         let mut res = Ok(());
-        let mut jobs = batch.drain(..);
-        for (i, job) in jobs.by_ref().enumerate() {
-            let (led, ok, fin) = conn.run(&lead, job).await;
-            finishers.push(fin);
+        let mut jobs = batch.drain(..).peekable();
+        let mut i = 0;
+        while let Some(job) = jobs.next() {
+            let (led, ok) = if C::groupable(&job) {
+                let mut group = vec![job];
+                while let Some(next) = jobs.next_if(C::groupable) {
+                    group.push(next);
+                }
+                i += group.len() - 1;
+                let (led, ok, fins) = conn.run_group(&lead, group).await;
+                finishers.extend(fins);
+                (led, ok)
+            } else {
+                let (led, ok, fin) = conn.run(&lead, job).await;
+                finishers.push(fin);
+                (led, ok)
+            };
+            i += 1;
             match led {
-                Err(e) if i == 0 => {
+                Err(e) if lead == C::BEGIN => {
                     tracing::error!(error = %e, "a write batch could not start");
                     res = Err(e);
                     break;
@@ -114,7 +185,7 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
             } else {
                 "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
             };
-            if i + 1 < n {
+            if i < n {
                 lead = format!("{close}; SAVEPOINT op");
             } else {
                 // Every request of the batch has run (on PostgreSQL, sent pipelined); nothing
