@@ -185,7 +185,37 @@ async fn all_finished(c: &mut StewardClient<crate::Channel>) -> anyhow::Result<b
 /// What one round saw.
 struct Round {
     runs_per_s: f64,
+    /// The server's CPU time per run.
     cpu_per_run: Duration,
+    /// PostgreSQL's, when the server is on PostgreSQL (every `postgres` process of this
+    /// machine: nothing else uses it while the benchmark runs).
+    db_cpu_per_run: Duration,
+}
+
+/// User plus system CPU time of every process whose name is `postgres`.
+fn postgres_cpu() -> Duration {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|h| u64::try_from(h).ok())
+        .unwrap_or(100)
+        .max(1);
+    let mut ticks = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += t(11) + t(12);
+    }
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// `n` runs from `submitters` client processes, shared out evenly; time from the go until
@@ -206,6 +236,7 @@ async fn round(
     let mut c = x.client().await?;
     let before = crate::external::finished(&x.addr).await?;
     let cpu_before = x.cpu()?;
+    let db_before = postgres_cpu();
     let started = Instant::now();
     for s in &mut clients {
         s.go().await?;
@@ -220,11 +251,14 @@ async fn round(
     }
     let elapsed = started.elapsed();
     let cpu = x.cpu()?.saturating_sub(cpu_before);
+    let db = postgres_cpu().saturating_sub(db_before);
     let done = crate::external::finished(&x.addr).await? - before;
     anyhow::ensure!(done >= n as f64, "{done} of {n} runs completed");
+    let per = u32::try_from(n).unwrap_or(u32::MAX).max(1);
     Ok(Round {
         runs_per_s: n as f64 / elapsed.as_secs_f64(),
-        cpu_per_run: cpu / u32::try_from(n).unwrap_or(u32::MAX).max(1),
+        cpu_per_run: cpu / per,
+        db_cpu_per_run: db / per,
     })
 }
 
@@ -287,17 +321,28 @@ pub(crate) async fn speed_suite(o: &crate::BenchOpts) -> anyhow::Result<()> {
             let mut l = lat.finish().await?;
             l.sort();
             x.stop().await;
+            let cpu = |r: &Round| {
+                if url.is_some() {
+                    format!(
+                        "server CPU {}, PostgreSQL {} per run",
+                        ms(r.cpu_per_run),
+                        ms(r.db_cpu_per_run)
+                    )
+                } else {
+                    format!("server CPU {} per run", ms(r.cpu_per_run))
+                }
+            };
             println!(
-                "  {backend}, {}: 1 submitter {:.0} runs/s (server CPU {} per run); 16 submitters {:.0} runs/s (server CPU {} per run); 3-step Submit→completed p50 {} p99 {}",
+                "  {backend}, {}: 1 submitter {:.0} runs/s ({}); 16 submitters {:.0} runs/s ({}); 3-step Submit→completed p50 {} p99 {}",
                 if start {
                     "Submit with start (1 call)"
                 } else {
                     "Submit + Exec"
                 },
                 one.runs_per_s,
-                ms(one.cpu_per_run),
+                cpu(&one),
                 sixteen.runs_per_s,
-                ms(sixteen.cpu_per_run),
+                cpu(&sixteen),
                 ms(percentile(&l, 0.5)),
                 ms(percentile(&l, 0.99)),
             );
