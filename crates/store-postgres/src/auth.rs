@@ -90,31 +90,24 @@ impl AuthStore for PgStore {
 
     fn token_used(&self, name: &str, at: Timestamp) {
         let params = vec![name.into(), at.0.into()];
-        self.write_nowait("token use", move |c| {
-            Box::pin(async move {
-                c.run(&Statement {
-                    sql: sql::TOKEN_USED,
-                    params,
-                })
-                .await
-                .map(drop)
-            })
-        });
+        self.write_planned_nowait(
+            "token use",
+            vec![Statement {
+                sql: sql::TOKEN_USED,
+                params,
+            }],
+        );
     }
 
     fn access_append(&self, records: Vec<AccessRecord>) {
-        self.write_nowait("access log", move |c| {
-            Box::pin(async move {
-                let statements: Vec<Statement> = records
-                    .iter()
-                    .map(|a| Statement {
-                        sql: sql::ACCESS_APPEND,
-                        params: sql::access_params(a),
-                    })
-                    .collect();
-                c.run_all(&statements).await.map(drop)
+        let statements = records
+            .iter()
+            .map(|a| Statement {
+                sql: sql::ACCESS_APPEND,
+                params: sql::access_params(a),
             })
-        });
+            .collect();
+        self.write_planned_nowait("access log", statements);
     }
 
     async fn access_list(&self, limit: u32) -> Result<Vec<AccessRecord>> {

@@ -59,52 +59,155 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 /// connection, it runs nothing and only hands back its finisher.
 type RunJob = Box<dyn for<'a> FnOnce(Option<&'a Conn>) -> BoxFuture<'a, (bool, Finish)> + Send>;
 
-/// Turns a request's result into whether its savepoint is kept, and its finisher.
-type Done = Box<dyn FnOnce(Result<()>) -> (bool, Finish) + Send>;
+/// Turns a planned request's result into whether its savepoint is kept, and its finisher.
+type Done = Box<dyn FnOnce(Result<Outcome>) -> (bool, Finish) + Send>;
 
 /// A request in the writer's batch.
 enum WriteJob {
     /// Any request. Given no connection, it runs nothing and only hands back its finisher:
     /// the batch's transaction could not start, and nothing may run outside one.
     Run(RunJob),
-    /// The engine's transitions of a run it holds the lease of: statements known in advance,
-    /// so that consecutive ones go to the database at once ([`WriteConn::run_group`]).
-    Apply(Apply),
+    /// Statements known in advance (the engine's transitions, an access-log line), so that
+    /// consecutive ones go to the database at once ([`WriteConn::run_group`]).
+    Planned(Planned),
 }
 
-struct Apply {
-    id: RunId,
-    /// The lease fence first, then the writes.
-    statements: Vec<Statement>,
+struct Planned {
+    what: Plan,
     done: Done,
 }
 
-impl Apply {
-    fn new(
+/// What a planned request is.
+enum Plan {
+    /// The engine's transitions of a run it holds the lease of: the lease fence first (it
+    /// changes no row when the run is not this node's, and then the request fails), then the
+    /// writes.
+    Apply {
+        id: RunId,
+        statements: Vec<Statement>,
+    },
+    /// Writes nothing refuses (an access-log line, a token's last use).
+    Append(Vec<Statement>),
+    /// A run to store ([`rows::submit_statement`]); `lease` to store it started.
+    Submit {
+        run: Box<NewRun>,
+        lease: Option<(String, i64)>,
+        statement: PgStatement,
+    },
+}
+
+/// What a planned request learned.
+enum Outcome {
+    Done,
+    /// The run a Submit stored, or the one its key named.
+    Stored(Submitted),
+}
+
+impl Planned {
+    /// The engine's transitions of a run it holds the lease of.
+    fn apply(
         node: &NodeId,
         id: RunId,
         transitions: &[Transition],
         done: Done,
-    ) -> std::result::Result<Apply, (Error, Done)> {
+    ) -> std::result::Result<Planned, (Error, Done)> {
         let mut statements = Vec::with_capacity(transitions.len() + 3);
         statements.push(Statement {
             sql: sql::FENCE,
             params: vec![Value::Text(id.to_string()), node.0.clone().into()],
         });
         match sql::transitions(id, transitions, &mut statements) {
-            Ok(()) => Ok(Apply {
-                id,
-                statements,
+            Ok(()) => Ok(Planned {
+                what: Plan::Apply { id, statements },
                 done,
             }),
             Err(e) => Err((e, done)),
         }
     }
 
-    /// Whether the results of its statements, sent with others, say it went through: its
-    /// fence found the lease, and nothing failed.
-    fn went_through(results: &[Result<u64>]) -> bool {
-        matches!(results.first(), Some(Ok(n)) if *n > 0) && results.iter().all(Result::is_ok)
+    /// Its statements, bound, to send with a group's.
+    fn bind<'a>(&'a self, binds: &'a [Vec<rows::Bind<'a>>], out: &mut Vec<Bound<'a>>) {
+        match &self.what {
+            Plan::Apply { statements, .. } | Plan::Append(statements) => {
+                for (st, b) in statements.iter().zip(binds) {
+                    out.push((st.sql, rows::refs(b)));
+                }
+            }
+            Plan::Submit { statement, .. } => out.push((statement.sql, statement.refs())),
+        }
+    }
+
+    fn binds(&self) -> Vec<Vec<rows::Bind<'_>>> {
+        match &self.what {
+            Plan::Apply { statements, .. } | Plan::Append(statements) => statements
+                .iter()
+                .map(|st| rows::binds(&st.params))
+                .collect(),
+            Plan::Submit { .. } => Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match &self.what {
+            Plan::Apply { statements, .. } | Plan::Append(statements) => statements.len(),
+            Plan::Submit { .. } => 1,
+        }
+    }
+
+    /// What the results of its statements, sent with a group's, say: its outcome when it
+    /// went through as planned; none when it must run alone to find out (a fence that found
+    /// the run is another node's, a failed statement, an idempotency key taken).
+    fn judge(&self, results: &[Result<u64>]) -> Option<Outcome> {
+        if !results.iter().all(Result::is_ok) {
+            return None;
+        }
+        match &self.what {
+            Plan::Apply { .. } => {
+                matches!(results.first(), Some(Ok(n)) if *n > 0).then_some(Outcome::Done)
+            }
+            Plan::Append(_) => Some(Outcome::Done),
+            Plan::Submit { run, .. } => {
+                matches!(results.first(), Some(Ok(1))).then_some(Outcome::Stored(Submitted {
+                    id: run.id,
+                    created: true,
+                }))
+            }
+        }
+    }
+}
+
+impl Plan {
+    /// Runs it alone (its group was undone), in the caller's savepoint.
+    async fn alone(&self, c: &Conn) -> Result<Outcome> {
+        match self {
+            Plan::Apply { id, statements } => rows::apply_alone(c, *id, statements)
+                .await
+                .map(|()| Outcome::Done),
+            Plan::Append(statements) => c.run_all(statements).await.map(|_| Outcome::Done),
+            Plan::Submit { run, lease, .. } => {
+                let lease = lease.as_ref().map(|(n, u)| (n.as_str(), *u));
+                rows::submit(c, run, lease).await.map(Outcome::Stored)
+            }
+        }
+    }
+}
+
+/// A statement and its parameters, ready to send.
+pub(crate) type Bound<'a> = (&'a str, Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>);
+
+/// A statement with parameters of PostgreSQL's own types (arrays), which the shared
+/// `store::sql::Value`s do not cover.
+pub(crate) struct PgStatement {
+    pub(crate) sql: &'static str,
+    pub(crate) params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+}
+
+impl PgStatement {
+    pub(crate) fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect()
     }
 }
 
@@ -202,18 +305,25 @@ impl Conn {
     /// Runs `stmts` in order, sent together (pipelined): one round trip for all of them once
     /// they are prepared. The rows each changed, or the first error.
     pub(crate) async fn run_all(&self, stmts: &[Statement]) -> Result<Vec<u64>> {
-        let refs: Vec<&Statement> = stmts.iter().collect();
-        self.pipeline(&refs).await.into_iter().collect()
+        let binds: Vec<Vec<rows::Bind<'_>>> =
+            stmts.iter().map(|st| rows::binds(&st.params)).collect();
+        let bound: Vec<Bound<'_>> = stmts
+            .iter()
+            .zip(&binds)
+            .map(|(st, b)| (st.sql, rows::refs(b)))
+            .collect();
+        self.pipeline(&bound).await.into_iter().collect()
     }
 
-    /// Runs `stmts` in order, sent together (pipelined); each one's result. After a failed
-    /// statement the transaction is aborted, and the ones behind it fail too.
-    pub(crate) async fn pipeline(&self, stmts: &[&Statement]) -> Vec<Result<u64>> {
+    /// Runs `stmts` in order, sent together (pipelined); each one's result (the rows it
+    /// changed or returned). After a failed statement the transaction is aborted, and the
+    /// ones behind it fail too.
+    pub(crate) async fn pipeline(&self, stmts: &[Bound<'_>]) -> Vec<Result<u64>> {
         use std::future::Future;
         use std::task::Poll;
         let mut prepared = Vec::with_capacity(stmts.len());
-        for st in stmts {
-            match self.prepared(st.sql).await {
+        for (sql, _) in stmts {
+            match self.prepared(sql).await {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     let e = db_err(e);
@@ -221,43 +331,33 @@ impl Conn {
                 }
             }
         }
-        let binds: Vec<Vec<rows::Bind<'_>>> =
-            stmts.iter().map(|st| rows::binds(&st.params)).collect();
-        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> =
-            binds.iter().map(|b| rows::refs(b)).collect();
-        // Each request goes out when its future is first polled: poll them in order.
         let mut futs: Vec<_> = prepared
             .iter()
-            .zip(&params)
-            .map(|(st, p)| Box::pin(self.client.execute(st, p)))
+            .zip(stmts)
+            .map(|(st, (_, p))| Box::pin(self.client.execute(st, p)))
             .collect();
-        let mut done: Vec<Option<std::result::Result<u64, tokio_postgres::Error>>> =
+        // Each statement goes out when its future is first polled: poll them all once, in
+        // order; then take the answers, which come in the same order.
+        let mut early: Vec<Option<std::result::Result<u64, tokio_postgres::Error>>> =
             futs.iter().map(|_| None).collect();
         std::future::poll_fn(|cx| {
-            let mut pending = false;
-            for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
-                if d.is_none() {
-                    match f.as_mut().poll(cx) {
-                        Poll::Ready(r) => *d = Some(r),
-                        Poll::Pending => pending = true,
-                    }
+            for (f, e) in futs.iter_mut().zip(early.iter_mut()) {
+                if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                    *e = Some(r);
                 }
             }
-            if pending {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
+            Poll::Ready(())
         })
         .await;
-        done.into_iter()
-            .map(|r| match r {
-                Some(r) => r.map_err(db_err),
-                None => Err(Error::Unavailable(
-                    "a pipelined statement got no answer".into(),
-                )),
-            })
-            .collect()
+        let mut out = Vec::with_capacity(futs.len());
+        for (f, e) in futs.into_iter().zip(early) {
+            let r = match e {
+                Some(r) => r,
+                None => f.await,
+            };
+            out.push(r.map_err(db_err));
+        }
+        out
     }
 
     async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
@@ -452,7 +552,7 @@ impl WriteConn for WriteConnection {
     }
 
     fn groupable(job: &WriteJob) -> bool {
-        matches!(job, WriteJob::Apply(_))
+        matches!(job, WriteJob::Planned(_))
     }
 
     /// The group's statements are sent at once, behind the lead: one round trip for all of
@@ -465,20 +565,26 @@ impl WriteConn for WriteConnection {
         jobs: Vec<WriteJob>,
     ) -> (Result<()>, bool, Vec<Finish>) {
         let conn = &self.conn;
-        let mut applies = Vec::with_capacity(jobs.len());
-        // Only Apply requests are grouped (`groupable`); any other would be refused.
+        let mut planned = Vec::with_capacity(jobs.len());
+        // Only planned requests are grouped (`groupable`); any other would be refused.
         let mut refused = Vec::new();
         for job in jobs {
             match job {
-                WriteJob::Apply(a) => applies.push(a),
+                WriteJob::Planned(a) => planned.push(a),
                 other => refused.push(Self::refuse(other).await),
             }
         }
-        let stmts: Vec<&Statement> = applies.iter().flat_map(|a| &a.statements).collect();
+        let binds: Vec<_> = planned.iter().map(Planned::binds).collect();
+        let mut stmts = Vec::new();
+        for (p, b) in planned.iter().zip(&binds) {
+            p.bind(b, &mut stmts);
+        }
         let (led, results) = tokio::join!(conn.batch_execute(lead), conn.pipeline(&stmts));
+        drop(stmts);
+        drop(binds);
         if let Err(e) = led {
             let e = db_err(e);
-            let fins = applies
+            let fins = planned
                 .into_iter()
                 .map(|a| (a.done)(Err(e.clone())).1)
                 .chain(refused)
@@ -486,16 +592,18 @@ impl WriteConn for WriteConnection {
             return (Err(e), false, fins);
         }
         let mut at = 0;
-        let mut all = true;
-        for a in &applies {
-            let n = a.statements.len();
-            all &= Apply::went_through(&results[at..at + n]);
+        let mut outcomes = Vec::with_capacity(planned.len());
+        for a in &planned {
+            let n = a.len();
+            outcomes.push(a.judge(&results[at..at + n]));
             at += n;
         }
+        let all = outcomes.iter().all(Option::is_some);
         if all {
-            let fins = applies
+            let fins = planned
                 .into_iter()
-                .map(|a| (a.done)(Ok(())).1)
+                .zip(outcomes.into_iter().flatten())
+                .map(|(a, o)| (a.done)(Ok(o)).1)
                 .chain(refused)
                 .collect();
             return (Ok(()), true, fins);
@@ -503,7 +611,7 @@ impl WriteConn for WriteConnection {
         // The rare case: some request failed. Undo the group, then one at a time.
         if let Err(e) = conn.batch_execute("ROLLBACK TO SAVEPOINT op").await {
             let e = db_err(e);
-            let fins = applies
+            let fins = planned
                 .into_iter()
                 .map(|a| (a.done)(Err(e.clone())).1)
                 .chain(refused)
@@ -511,12 +619,13 @@ impl WriteConn for WriteConnection {
             return (Ok(()), false, fins);
         }
         let mut fins = refused;
-        for a in applies {
+        for a in planned {
+            let Planned { what, done } = a;
             let r = match conn.batch_execute("SAVEPOINT one").await {
-                Ok(()) => rows::apply_alone(conn, a.id, &a.statements).await,
+                Ok(()) => what.alone(conn).await,
                 Err(e) => Err(db_err(e)),
             };
-            let (ok, fin) = (a.done)(r);
+            let (ok, fin) = done(r);
             fins.push(fin);
             let close = if ok {
                 "RELEASE SAVEPOINT one"
@@ -533,8 +642,8 @@ impl WriteConn for WriteConnection {
     async fn run(&mut self, lead: &str, job: WriteJob) -> (Result<()>, bool, Finish) {
         let job = match job {
             WriteJob::Run(job) => job,
-            apply @ WriteJob::Apply(_) => {
-                let (led, ok, mut fins) = self.run_group(lead, vec![apply]).await;
+            planned @ WriteJob::Planned(_) => {
+                let (led, ok, mut fins) = self.run_group(lead, vec![planned]).await;
                 let fin = fins.pop().unwrap_or_else(|| Box::new(|_| {}));
                 return (led, ok, fin);
             }
@@ -552,7 +661,7 @@ impl WriteConn for WriteConnection {
     async fn refuse(job: WriteJob) -> Finish {
         match job {
             WriteJob::Run(job) => job(None).await.1,
-            WriteJob::Apply(a) => (a.done)(Err(Error::Closed)).1,
+            WriteJob::Planned(a) => (a.done)(Err(Error::Closed)).1,
         }
     }
 }
@@ -696,19 +805,37 @@ impl PgStore {
         writer::reply(rx).await
     }
 
-    fn write_nowait<F>(&self, what: &'static str, f: F)
-    where
-        F: for<'a> FnOnce(&'a Conn) -> BoxFuture<'a, Result<()>> + Send + 'static,
-    {
-        let job = WriteJob::Run(Box::new(move |conn| {
-            Box::pin(async move {
-                let r = match conn {
-                    Some(c) => f(c).await,
-                    None => Err(Error::Closed),
-                };
-                writer::log_failure(r, what)
-            })
-        }));
+    /// Stores a run (see [`rows::submit_statement`]), as a planned request: it goes to the
+    /// database with the engine's writes of its batch.
+    async fn write_submit(&self, run: NewRun, lease: Option<(String, i64)>) -> Result<Submitted> {
+        let statement =
+            rows::submit_statement(&run, lease.as_ref().map(|(n, u)| (n.as_str(), *u)))?;
+        let (tx, rx) = oneshot::channel();
+        let done: Done = Box::new(move |r: Result<Outcome>| {
+            let r = r.and_then(|o| match o {
+                Outcome::Stored(s) => Ok(s),
+                Outcome::Done => Err(Error::Corrupt("a Submit stored no run".into())),
+            });
+            writer::answer(r, tx)
+        });
+        self.writer.send(WriteJob::Planned(Planned {
+            what: Plan::Submit {
+                run: Box::new(run),
+                lease,
+                statement,
+            },
+            done,
+        }))?;
+        writer::reply(rx).await
+    }
+
+    /// Queues statements nobody waits for and nothing refuses (see [`Planned`]); a failure is
+    /// logged as `what`.
+    fn write_planned_nowait(&self, what: &'static str, statements: Vec<Statement>) {
+        let job = WriteJob::Planned(Planned {
+            what: Plan::Append(statements),
+            done: Box::new(move |r: Result<Outcome>| writer::log_failure(r.map(drop), what)),
+        });
         if let Err(e) = self.writer.send(job) {
             tracing::warn!(error = %e, what, "could not queue a write");
         }
@@ -724,18 +851,12 @@ const EXECUTING: &str = "('queued','running','paused')";
 #[async_trait]
 impl RunStore for PgStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        self.write(move |c| Box::pin(async move { rows::submit(c, &run, None).await }))
-            .await
+        self.write_submit(run, None).await
     }
 
     async fn submit_started(&self, run: store::StartedRun) -> Result<Submitted> {
-        self.write(move |c| {
-            Box::pin(async move {
-                let lease = Some((run.node.0.as_str(), run.lease_until.0));
-                rows::submit(c, &run.run, lease).await
-            })
-        })
-        .await
+        self.write_submit(run.run, Some((run.node.0, run.lease_until.0)))
+            .await
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {
@@ -962,17 +1083,18 @@ impl RunStore for PgStore {
 
     async fn apply(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        let done = Box::new(move |r| writer::answer(r, tx));
-        let apply = Apply::new(node, id, &transitions, done).map_err(|(e, _)| e)?;
-        self.writer.send(WriteJob::Apply(apply))?;
+        let done: Done = Box::new(move |r: Result<Outcome>| writer::answer(r.map(drop), tx));
+        let apply = Planned::apply(node, id, &transitions, done).map_err(|(e, _)| e)?;
+        self.writer.send(WriteJob::Planned(apply))?;
         writer::reply(rx).await
     }
 
     fn apply_nowait(&self, node: &NodeId, id: RunId, transitions: Vec<Transition>) {
-        let done = Box::new(move |r| writer::log_failure(r, "apply"));
-        match Apply::new(node, id, &transitions, done) {
+        let done: Done =
+            Box::new(move |r: Result<Outcome>| writer::log_failure(r.map(drop), "apply"));
+        match Planned::apply(node, id, &transitions, done) {
             Ok(apply) => {
-                if let Err(e) = self.writer.send(WriteJob::Apply(apply)) {
+                if let Err(e) = self.writer.send(WriteJob::Planned(apply)) {
                     tracing::warn!(error = %e, "could not queue a write");
                 }
             }

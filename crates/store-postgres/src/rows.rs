@@ -11,7 +11,7 @@ use store::{Error, NewRun, Result, RunFilter, RunPage, Submitted, codec};
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 
-use crate::{Conn, db_err};
+use crate::{Conn, PgStatement, db_err};
 use store::codec::to_json;
 
 pub(crate) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
@@ -90,25 +90,24 @@ pub(crate) async fn collect_ids(c: &Conn, sql: &str, params: &[Value]) -> Result
     Ok(ids)
 }
 
-/// Stores `run` as `submitted`, or, with `lease` (the node and until when), as `queued` and
-/// leased to that node; unless its idempotency key names a run already, which is answered.
+/// The statement that stores `run` as `submitted`, or, with `lease` (the node and until
+/// when), as `queued` and leased to that node, unless its idempotency key names a run
+/// already: then it stores nothing and returns no row (it returns the run's ID otherwise).
 ///
 /// One statement, one round trip: the run, its labels, blocks and jobs are inserted by the
 /// data-modifying parts of one `WITH`, each reading the run's row from the first (none when
 /// the key was taken, and then nothing is inserted).
-pub(crate) async fn submit(
-    c: &Conn,
-    run: &NewRun,
-    lease: Option<(&str, i64)>,
-) -> Result<Submitted> {
-    let id = run.id.to_string();
+pub(crate) fn submit_statement(run: &NewRun, lease: Option<(&str, i64)>) -> Result<PgStatement> {
+    fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
+        Box::new(v)
+    }
     let labels = to_json(&run.spec.labels)?;
     let spec = to_json(&run.spec)?;
-    let (keys, values): (Vec<&str>, Vec<&str>) = run
+    let (keys, values): (Vec<String>, Vec<String>) = run
         .spec
         .labels
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .unzip();
     let per_block: Vec<i64> = run
         .spec
@@ -121,11 +120,8 @@ pub(crate) async fn submit(
     } else {
         "submitted"
     };
-    // A concurrent Submit of the same key on another node: whoever inserts first wins, and
-    // the other finds that run.
-    let inserted = c
-        .query(
-            "WITH r AS (
+    Ok(PgStatement {
+        sql: "WITH r AS (
                  INSERT INTO runs (id, name, labels, idempotency_key, spec, state, created_at,
                                    expires_at, cloned_from, submitted_by, schedule, nominal_time,
                                    lease_owner, lease_expires_at)
@@ -145,45 +141,59 @@ pub(crate) async fn submit(
                  FROM r, unnest($17::bigint[]) WITH ORDINALITY AS n(jobs, ord),
                       generate_series(0, n.jobs - 1) AS g)
              SELECT id FROM r",
-            &[
-                &id,
-                &run.spec.name,
-                &labels,
-                &run.spec.idempotency_key,
-                &spec,
-                &run.created_at.0,
-                &run.expires_at.0,
-                &run.cloned_from.map(|c| c.to_string()),
-                &run.submitted_by,
-                &run.schedule.as_ref().map(|s| s.name.as_str()),
-                &run.schedule.as_ref().map(|s| s.nominal_time.0),
-                &state,
-                &lease.map(|(node, _)| node),
-                &lease.map(|(_, until)| until),
-                &keys,
-                &values,
-                &per_block,
-            ],
+        params: vec![
+            p(run.id.to_string()),
+            p(run.spec.name.clone()),
+            p(labels),
+            p(run.spec.idempotency_key.clone()),
+            p(spec),
+            p(run.created_at.0),
+            p(run.expires_at.0),
+            p(run.cloned_from.map(|c| c.to_string())),
+            p(run.submitted_by.clone()),
+            p(run.schedule.as_ref().map(|s| s.name.clone())),
+            p(run.schedule.as_ref().map(|s| s.nominal_time.0)),
+            p(state),
+            p(lease.map(|(node, _)| node.to_owned())),
+            p(lease.map(|(_, until)| until)),
+            p(keys),
+            p(values),
+            p(per_block),
+        ],
+    })
+}
+
+/// What a Submit's statement ([`submit_statement`]) stored: `inserted` rows say the run was
+/// stored, none that its idempotency key names a run already, which is looked up.
+pub(crate) async fn submitted(c: &Conn, run: &NewRun, inserted: u64) -> Result<Submitted> {
+    if inserted > 0 {
+        return Ok(Submitted {
+            id: run.id,
+            created: true,
+        });
+    }
+    let row = c
+        .query_one(
+            "SELECT id FROM runs WHERE idempotency_key = $1",
+            &[&run.spec.idempotency_key],
         )
         .await
         .map_err(db_err)?;
-    if inserted.is_empty() {
-        let row = c
-            .query_one(
-                "SELECT id FROM runs WHERE idempotency_key = $1",
-                &[&run.spec.idempotency_key],
-            )
-            .await
-            .map_err(db_err)?;
-        return Ok(Submitted {
-            id: codec::run_id(&get::<String>(&row, 0)?)?,
-            created: false,
-        });
-    }
     Ok(Submitted {
-        id: run.id,
-        created: true,
+        id: codec::run_id(&get::<String>(&row, 0)?)?,
+        created: false,
     })
+}
+
+/// Stores `run` ([`submit_statement`]): the run stored, or the one its key names.
+pub(crate) async fn submit(
+    c: &Conn,
+    run: &NewRun,
+    lease: Option<(&str, i64)>,
+) -> Result<Submitted> {
+    let st = submit_statement(run, lease)?;
+    let inserted = c.query(st.sql, &st.refs()).await.map_err(db_err)?;
+    submitted(c, run, inserted.len() as u64).await
 }
 
 pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> {
