@@ -2,7 +2,11 @@
 //!
 //! Like the SQLite backend, one writer connection commits whatever has queued up while the
 //! previous commit was in flight: one transaction per batch, each request in its own
-//! savepoint so that one failing request does not undo the others (group commit). Writes from
+//! savepoint so that one failing request does not undo the others (group commit). Round trips
+//! are what a write costs here, so the writer pipelines: each request goes out behind its
+//! savepoint step, and consecutive planned requests (statements known before they run: the
+//! engine's writes, Submits, access-log lines) go out together as one group in one savepoint,
+//! undone and run one by one should any of them fail. Writes from
 //! one store handle are committed in the order they were made, which is what
 //! [`RunStore::apply_nowait`] relies on. Reads go to a small pool of connections; a run is read
 //! in one `REPEATABLE READ` snapshot.
@@ -173,6 +177,17 @@ impl Planned {
                 }))
             }
         }
+    }
+}
+
+impl Planned {
+    /// The finishers of a group that failed as a whole, each told `e`.
+    fn fail_all(planned: Vec<Planned>, refused: Vec<Finish>, e: &Error) -> Vec<Finish> {
+        planned
+            .into_iter()
+            .map(|a| (a.done)(Err(e.clone())).1)
+            .chain(refused)
+            .collect()
     }
 }
 
@@ -584,12 +599,11 @@ impl WriteConn for WriteConnection {
         drop(binds);
         if let Err(e) = led {
             let e = db_err(e);
-            let fins = planned
-                .into_iter()
-                .map(|a| (a.done)(Err(e.clone())).1)
-                .chain(refused)
-                .collect();
-            return (Err(e), false, fins);
+            return (
+                Err(e.clone()),
+                false,
+                Planned::fail_all(planned, refused, &e),
+            );
         }
         let mut at = 0;
         let mut outcomes = Vec::with_capacity(planned.len());
@@ -610,13 +624,11 @@ impl WriteConn for WriteConnection {
         }
         // The rare case: some request failed. Undo the group, then one at a time.
         if let Err(e) = conn.batch_execute("ROLLBACK TO SAVEPOINT op").await {
-            let e = db_err(e);
-            let fins = planned
-                .into_iter()
-                .map(|a| (a.done)(Err(e.clone())).1)
-                .chain(refused)
-                .collect();
-            return (Ok(()), false, fins);
+            return (
+                Ok(()),
+                false,
+                Planned::fail_all(planned, refused, &db_err(e)),
+            );
         }
         let mut fins = refused;
         for a in planned {
