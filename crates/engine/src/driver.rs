@@ -25,33 +25,81 @@ const NOT_STARTED_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_s
 
 /// Starts driving `id` unless this node drives it already.
 pub(crate) fn spawn_run(inner: &Arc<Inner>, id: RunId) {
-    spawn(inner, id, None);
+    if let Some((token, halt)) = register(inner, id) {
+        launch(inner, id, token, halt, None);
+    }
 }
 
-/// [`spawn_run`] for a run this node has just stored or queued, as `run` says it is now:
-/// the driver starts from it instead of reading it back.
-pub(crate) fn spawn_loaded_run(inner: &Arc<Inner>, run: Run) {
-    spawn(inner, run.id, Some(run));
+/// A run registered as active before the write that starts it, so that a cancel or an e-stop
+/// that comes between that write and the driver's start finds it (and is not missed by a
+/// driver that starts from memory, [`Reserved::start`]). Dropped unstarted, it is
+/// unregistered.
+pub(crate) struct Reserved {
+    inner: Arc<Inner>,
+    id: RunId,
+    slot: Option<Slot>,
 }
 
-fn spawn(inner: &Arc<Inner>, id: RunId, loaded: Option<Run>) {
+/// An active run's cancellation token and halt slot.
+type Slot = (CancellationToken, Arc<Mutex<Option<Halt>>>);
+
+/// Registers `id` ahead of its start; none when a driver of it is active already.
+pub(crate) fn reserve(inner: &Arc<Inner>, id: RunId) -> Option<Reserved> {
+    register(inner, id).map(|slot| Reserved {
+        inner: inner.clone(),
+        id,
+        slot: Some(slot),
+    })
+}
+
+impl Reserved {
+    /// Drives the run from `run`, as this node has just stored or queued it, instead of
+    /// reading it back.
+    pub(crate) fn start(mut self, run: Run) {
+        if let Some((token, halt)) = self.slot.take() {
+            launch(&self.inner, self.id, token, halt, Some(run));
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.slot.is_some() {
+            if let Ok(mut active) = self.inner.active.lock() {
+                active.remove(&self.id);
+            }
+            self.inner.run_ended.notify_waiters();
+        }
+    }
+}
+
+/// Adds `id` to the active runs: its cancellation token and halt slot; none when it is there.
+fn register(inner: &Arc<Inner>, id: RunId) -> Option<Slot> {
     let token = inner.token.child_token();
     let halt = Arc::new(Mutex::new(None));
-    {
-        let Ok(mut active) = inner.active.lock() else {
-            return;
-        };
-        if active.contains_key(&id) {
-            return;
-        }
-        active.insert(
-            id,
-            ActiveRun {
-                token: token.clone(),
-                halt: halt.clone(),
-            },
-        );
+    let Ok(mut active) = inner.active.lock() else {
+        return None;
+    };
+    if active.contains_key(&id) {
+        return None;
     }
+    active.insert(
+        id,
+        ActiveRun {
+            token: token.clone(),
+            halt: halt.clone(),
+        },
+    );
+    Some((token, halt))
+}
+
+fn launch(
+    inner: &Arc<Inner>,
+    id: RunId,
+    token: CancellationToken,
+    halt: Arc<Mutex<Option<Halt>>>,
+    loaded: Option<Run>,
+) {
     let task_inner = inner.clone();
     // Every line about the run carries its ID and, once the run is read, its workflow.
     let span = tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty);

@@ -597,6 +597,12 @@ impl Engine {
         };
         // The run as stored, for the driver to start from without reading it back.
         let mut loaded = None;
+        // Registered before the write: a cancel right after it finds the run.
+        let reserved = if start {
+            driver::reserve(&self.inner, run.id)
+        } else {
+            None
+        };
         let submitted = if start {
             let lease_until = now.plus(self.inner.opts.lease_ttl);
             let mut r = Run::created(run.id, spec.clone(), now, run.expires_at);
@@ -638,11 +644,14 @@ impl Engine {
             // Stored and leased, not yet started nor answered: a restart resumes it, and the
             // client's retry (same key) finds it.
             crash_point!("engine::submit_started_after_commit");
+            if let Some(d) = failpoints::pause("engine::before_driver_start") {
+                tokio::time::sleep(d).await;
+            }
             self.inner.emit(submitted.id, RunState::Queued);
             tracing::debug!(run_id = %submitted.id, "run submitted and queued");
-            match loaded {
-                Some(run) => driver::spawn_loaded_run(&self.inner, run),
-                None => driver::spawn_run(&self.inner, submitted.id),
+            match (reserved, loaded) {
+                (Some(r), Some(run)) => r.start(run),
+                _ => driver::spawn_run(&self.inner, submitted.id),
             }
         } else if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);
@@ -660,6 +669,8 @@ impl Engine {
         }
         let now = self.inner.clock.now();
         let lease = now.plus(self.inner.opts.lease_ttl);
+        // Registered before the write: a cancel right after it finds the run.
+        let reserved = driver::reserve(&self.inner, id);
         match self
             .inner
             .store
@@ -675,7 +686,10 @@ impl Engine {
                 run.state = RunState::Queued;
                 run.lease_owner = Some(self.inner.opts.node_id.clone());
                 run.lease_expires_at = Some(lease);
-                driver::spawn_loaded_run(&self.inner, run);
+                match reserved {
+                    Some(r) => r.start(run),
+                    None => driver::spawn_run(&self.inner, id),
+                }
                 Ok(())
             }
             ExecOutcome::Expired => {

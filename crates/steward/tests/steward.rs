@@ -482,3 +482,51 @@ async fn committed_outcomes_survive_a_kill_at_the_writers_commit() {
         assert_eq!(starts.len(), 20, "{failpoint}: every job ran: {starts:?}");
     }
 }
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_between_a_started_submit_and_its_driver_is_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let marker = dir.path().join("ran");
+    let job = sh(&format!("touch {}", marker.display()));
+    let yaml = format!("name: erase\nidempotency_key: erase-aap-1\nblocks:\n  - jobs: [{job}]\n");
+    // The run is stored, queued and leased; its driver starts 1 s later.
+    let server = Server::start(
+        &data,
+        &[("FAILPOINTS", "engine::before_driver_start=return(1000)")],
+    )
+    .await;
+    let mut c = server.client().await;
+    let mut submitter = server.client().await;
+    let req = pb::SubmitRequest {
+        spec: Some(spec(&yaml)),
+        start: true,
+    };
+    let cancel = async {
+        let id = loop {
+            let runs = c
+                .list(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if let Some(r) = runs.first() {
+                break r.id.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        c.cancel(pb::CancelRequest {
+            id: id.clone(),
+            reason: "wrong site".into(),
+        })
+        .await
+        .unwrap();
+        id
+    };
+    let (submitted, id) = tokio::join!(submitter.submit(req), cancel);
+    assert_eq!(submitted.unwrap().into_inner().id, id);
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "cancelled", "{run:?}");
+    assert!(!marker.exists(), "the job must not have run");
+}

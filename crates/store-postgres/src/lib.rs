@@ -624,14 +624,16 @@ impl WriteConn for WriteConnection {
         }
         // The rare case: some request failed. Undo the group, then one at a time.
         if let Err(e) = conn.batch_execute("ROLLBACK TO SAVEPOINT op").await {
+            let e = db_err(e);
             return (
-                Ok(()),
+                Err(e.clone()),
                 false,
-                Planned::fail_all(planned, refused, &db_err(e)),
+                Planned::fail_all(planned, refused, &e),
             );
         }
         let mut fins = refused;
-        for a in planned {
+        let mut planned = planned.into_iter();
+        while let Some(a) = planned.next() {
             let Planned { what, done } = a;
             let r = match conn.batch_execute("SAVEPOINT one").await {
                 Ok(()) => what.alone(conn).await,
@@ -645,7 +647,10 @@ impl WriteConn for WriteConnection {
                 "ROLLBACK TO SAVEPOINT one; RELEASE SAVEPOINT one"
             };
             if let Err(e) = conn.batch_execute(close).await {
-                tracing::error!(error = %db_err(e), "closing a request's savepoint failed");
+                // The writer fails the whole batch (see `store::writer::run`).
+                let e = db_err(e);
+                fins.extend(Planned::fail_all(planned.collect(), Vec::new(), &e));
+                return (Err(e), false, fins);
             }
         }
         (Ok(()), true, fins)

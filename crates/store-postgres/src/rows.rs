@@ -303,20 +303,23 @@ pub(crate) async fn finish_unstarted(
         .map(drop)
 }
 
-/// An engine's transitions alone: `statements` are the lease fence, then the writes, all
-/// sent together (one round trip); they run in order, in the caller's savepoint. The fence's
+/// An engine's transitions alone: `statements` are the lease fence, then the writes (sent
+/// together once the fence held); they run in order, in the caller's savepoint. The fence's
 /// row lock is held to the end of the batch's transaction, so no other node can claim the run
 /// between the check and the writes. When the fence finds the run is not this node's, the
 /// request fails, and the caller rolls its savepoint, the writes in it, back.
 pub(crate) async fn apply_alone(c: &Conn, id: RunId, statements: &[Statement]) -> Result<()> {
-    match c.run_all(statements).await {
-        Ok(changed) if changed.first().is_some_and(|n| *n > 0) => Ok(()),
-        Ok(_) => {
-            let exists = c
-                .rows(sql::RUN_EXISTS, &[Value::Text(id.to_string())])
-                .await?;
-            Err(sql::unfenced(id, !exists.is_empty()))
-        }
-        Err(e) => Err(e),
+    // Here, where a request is known to have failed in its group, the writes go only behind
+    // a fence that held: a stale node's writes never wait on the rows of the node that holds
+    // the run now.
+    let Some((fence, writes)) = statements.split_first() else {
+        return Ok(());
+    };
+    if c.run(fence).await? == 0 {
+        let exists = c
+            .rows(sql::RUN_EXISTS, &[Value::Text(id.to_string())])
+            .await?;
+        return Err(sql::unfenced(id, !exists.is_empty()));
     }
+    c.run_all(writes).await.map(drop)
 }

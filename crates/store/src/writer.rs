@@ -89,7 +89,6 @@ pub trait WriteConn: Send {
             let mut finishers = Vec::with_capacity(jobs.len());
             let mut jobs = jobs.into_iter();
             let mut step = format!("{lead}; SAVEPOINT one");
-            let mut first = true;
             let mut kept = true;
             for job in jobs.by_ref() {
                 let (led, ok, fin) = self.run(&step, job).await;
@@ -98,14 +97,9 @@ pub trait WriteConn: Send {
                     for job in jobs {
                         finishers.push(Self::refuse(job).await);
                     }
-                    // A failed lead fails the group; a failed step aborts the transaction.
-                    return if first {
-                        (Err(e), false, finishers)
-                    } else {
-                        (Ok(()), false, finishers)
-                    };
+                    // A failed step of transaction control fails the batch.
+                    return (Err(e), false, finishers);
                 }
-                first = false;
                 let close = if ok {
                     "RELEASE SAVEPOINT one"
                 } else {
@@ -119,8 +113,10 @@ pub trait WriteConn: Send {
             } else {
                 "ROLLBACK TO SAVEPOINT one; RELEASE SAVEPOINT one"
             };
-            let closed = self.execute(close).await;
-            (Ok(()), closed.is_ok(), finishers)
+            match self.execute(close).await {
+                Ok(()) => (Ok(()), true, finishers),
+                Err(e) => (Err(e), false, finishers),
+            }
         }
     }
 }
@@ -170,15 +166,17 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
                 (led, ok)
             };
             i += 1;
-            match led {
-                Err(e) if lead == C::BEGIN => {
+            // A failed step of transaction control fails the batch: what a savepoint holds
+            // is no longer known (a later rollback to it could undo a request already told
+            // it went through), so nothing of the batch is kept.
+            if let Err(e) = led {
+                if lead == C::BEGIN {
                     tracing::error!(error = %e, "a write batch could not start");
-                    res = Err(e);
-                    break;
+                } else {
+                    tracing::error!(error = %e, "moving to the next savepoint failed");
                 }
-                // The transaction is aborted: the rest fail, and so does the commit.
-                Err(e) => tracing::error!(error = %e, "moving to the next savepoint failed"),
-                Ok(()) => {}
+                res = Err(e);
+                break;
             }
             let close = if ok {
                 "RELEASE SAVEPOINT op"
