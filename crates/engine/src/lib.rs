@@ -595,28 +595,19 @@ impl Engine {
             submitted_by: by.to_owned(),
             schedule: None,
         };
-        // The run as stored, for the driver to start from without reading it back.
-        let mut loaded = None;
-        // Registered before the write: a cancel right after it finds the run.
-        let reserved = if start {
-            driver::reserve(&self.inner, run.id)
-        } else {
-            None
-        };
+        // A run started here: its driver's slot, registered before the write (a cancel right
+        // after it finds the run), and the run as stored, to start from without reading it.
+        let mut started_here = None;
         let submitted = if start {
-            let lease_until = now.plus(self.inner.opts.lease_ttl);
-            let mut r = Run::created(run.id, spec.clone(), now, run.expires_at);
-            r.state = RunState::Queued;
-            r.lease_owner = Some(self.inner.opts.node_id.clone());
-            r.lease_expires_at = Some(lease_until);
-            r.cloned_from = cloned_from;
-            r.submitted_by = by.to_owned();
-            loaded = Some(r);
             let started = store::StartedRun {
                 run,
                 node: self.inner.opts.node_id.clone(),
-                lease_until,
+                lease_until: now.plus(self.inner.opts.lease_ttl),
             };
+            started_here = Some((
+                driver::reserve(&self.inner, started.run.id),
+                started.as_stored(),
+            ));
             self.inner.store.submit_started(started).await?
         } else {
             self.inner.store.submit(run).await?
@@ -640,7 +631,9 @@ impl Engine {
             }
             state = existing.state;
         }
-        if submitted.created && start {
+        if submitted.created
+            && let Some((reserved, run)) = started_here
+        {
             // Stored and leased, not yet started nor answered: a restart resumes it, and the
             // client's retry (same key) finds it.
             crash_point!("engine::submit_started_after_commit");
@@ -649,9 +642,9 @@ impl Engine {
             }
             self.inner.emit(submitted.id, RunState::Queued);
             tracing::debug!(run_id = %submitted.id, "run submitted and queued");
-            match (reserved, loaded) {
-                (Some(r), Some(run)) => r.start(run),
-                _ => driver::spawn_run(&self.inner, submitted.id),
+            match reserved {
+                Some(r) => r.start(run),
+                None => driver::spawn_run(&self.inner, submitted.id),
             }
         } else if submitted.created {
             self.inner.emit(submitted.id, RunState::Submitted);

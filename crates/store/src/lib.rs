@@ -321,6 +321,21 @@ pub struct StartedRun {
     pub lease_until: Timestamp,
 }
 
+impl StartedRun {
+    /// The run as this write stores it.
+    pub fn as_stored(&self) -> Run {
+        let r = &self.run;
+        let mut run = Run::created(r.id, r.spec.clone(), r.created_at, r.expires_at);
+        run.state = RunState::Queued;
+        run.lease_owner = Some(self.node.clone());
+        run.lease_expires_at = Some(self.lease_until);
+        run.cloned_from = r.cloned_from;
+        run.submitted_by = r.submitted_by.clone();
+        run.schedule = r.schedule.clone();
+        run
+    }
+}
+
 /// Schedules, shared by every node of a database. A record's `version` changes on every write:
 /// a write names the version it read, and fails with [`Error::Conflict`] if another node (or
 /// call) wrote in between, so that each fire is decided once.
