@@ -394,6 +394,17 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
         return;
     }
     let _mount = Mounted(data.clone());
+    // The jobs' ledger entries live on a file system of their own: removing an ended
+    // attempt's entry must not give the store back room while the test needs it full.
+    let jobs = data.join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let jobs_mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&jobs)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(jobs_mounted, "cannot mount a tmpfs for the jobs' ledger");
+    let _jobs_mount = Mounted(jobs);
     let log = dir.path().join("jobs.log");
     std::fs::write(data.join("policies.toml"), TEST_POLICIES).unwrap();
     let server =
@@ -467,7 +478,9 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
     assert_eq!(
         count(&log, "start"),
         runs,
-        "a job started on a failing store"
+        "a job started on a failing store:\n{}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        server.log_text()
     );
 
     std::fs::remove_file(&filler).unwrap();
