@@ -227,15 +227,43 @@ async fn round(
     start: bool,
     tag: &str,
 ) -> anyhow::Result<Round> {
+    round_on(&[x], n, submitters, start, tag).await
+}
+
+/// [`round`] against several nodes of one database, the submitters shared out among them in
+/// turn; the CPU figure is the nodes' together.
+async fn round_on(
+    nodes: &[&External],
+    n: usize,
+    submitters: usize,
+    start: bool,
+    tag: &str,
+) -> anyhow::Result<Round> {
+    let x = nodes.first().context("no node")?;
     let per = n / submitters;
     let n = per * submitters;
     let mut clients = Vec::with_capacity(submitters);
     for i in 0..submitters {
-        clients.push(Submitter::spawn(x, per, start, false, &format!("{tag}-{i}")).await?);
+        let node = nodes[i % nodes.len()];
+        clients.push(Submitter::spawn(node, per, start, false, &format!("{tag}-{i}")).await?);
     }
     let mut c = x.client().await?;
-    let before = crate::external::finished(&x.addr).await?;
-    let cpu_before = x.cpu()?;
+    let finished = async || -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for node in nodes {
+            sum += crate::external::finished(&node.addr).await?;
+        }
+        Ok(sum)
+    };
+    let cpu = || -> anyhow::Result<Duration> {
+        let mut sum = Duration::ZERO;
+        for node in nodes {
+            sum += node.cpu()?;
+        }
+        Ok(sum)
+    };
+    let before = finished().await?;
+    let cpu_before = cpu()?;
     let db_before = postgres_cpu();
     let started = Instant::now();
     for s in &mut clients {
@@ -250,9 +278,9 @@ async fn round(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed();
-    let cpu = x.cpu()?.saturating_sub(cpu_before);
+    let cpu = cpu()?.saturating_sub(cpu_before);
     let db = postgres_cpu().saturating_sub(db_before);
-    let done = crate::external::finished(&x.addr).await? - before;
+    let done = finished().await? - before;
     anyhow::ensure!(done >= n as f64, "{done} of {n} runs completed");
     let per = u32::try_from(n).unwrap_or(u32::MAX).max(1);
     Ok(Round {
@@ -348,5 +376,34 @@ pub(crate) async fn speed_suite(o: &crate::BenchOpts) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(url) = &o.database {
+        two_nodes(url, n).await?;
+    }
+    Ok(())
+}
+
+/// Two nodes on one PostgreSQL database against one, 16 submitters with Submit `start`:
+/// node A alone, A and B (8 submitters each), A alone again, on one fresh database.
+async fn two_nodes(url: &str, n: usize) -> anyhow::Result<()> {
+    let db = fresh_pg(url).await?;
+    let settings = [("STEWARD_AUTH", "none"), ("STEWARD_DATABASE", db.as_str())];
+    let a = External::start(&settings, None).await?;
+    let b = External::start(&settings, None).await?;
+    round_on(&[&a, &b], 320, 16, true, "warm").await?;
+    let one_before = round_on(&[&a], n, 16, true, "one-a").await?;
+    let two = round_on(&[&a, &b], n, 16, true, "two").await?;
+    let one_after = round_on(&[&a], n, 16, true, "one-b").await?;
+    a.stop().await;
+    b.stop().await;
+    let one = (one_before.runs_per_s + one_after.runs_per_s) / 2.0;
+    println!(
+        "  PostgreSQL, two nodes on one database, 16 submitters, Submit with start: one node {one:.0} runs/s ({:.0} before, {:.0} after), two nodes {:.0} runs/s; ratio {:.2} (server CPU {} per run, PostgreSQL {} per run)",
+        one_before.runs_per_s,
+        one_after.runs_per_s,
+        two.runs_per_s,
+        two.runs_per_s / one,
+        ms(two.cpu_per_run),
+        ms(two.db_cpu_per_run),
+    );
     Ok(())
 }

@@ -19,6 +19,10 @@ use domain::estop::EStopState;
 /// The first wait before a refused commit is tried again; it doubles up to the max.
 const COMMIT_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 const COMMIT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long an attempt's start waits to be written with its outcome: an attempt that ends
+/// within it (an in-process action, a quick call) costs one write instead of two; a longer one
+/// has its start queued then. The start is never waited for, so nothing is less durable.
+const START_RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// The first wait before a job this node could not start is tried again; doubles up to max.
 const NOT_STARTED_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 const NOT_STARTED_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
@@ -149,6 +153,9 @@ enum Outcome {
 struct JobResult {
     key: JobKey,
     outcome: Outcome,
+    /// The attempt's start (and the run's, for its first job), when the attempt ended before
+    /// it was queued on its own ([`START_RECORD_WAIT`]): written with the outcome, first.
+    started: Vec<Transition>,
 }
 
 enum Flow {
@@ -339,7 +346,8 @@ impl Driver<'_> {
             }
             let at = self.inner.now();
             let mut ts = Vec::with_capacity(results.len() + 2);
-            for r in results {
+            for mut r in results {
+                ts.append(&mut r.started);
                 let ji = r.key.job as usize;
                 match r.outcome {
                     Outcome::Completed(out) => ts.push(Transition::JobFinished {
@@ -595,8 +603,15 @@ impl Driver<'_> {
         spec: &JobSpec,
         prior_attempts: u32,
     ) -> JobResult {
-        let outcome = self.attempts(key, call, spec, prior_attempts).await;
-        JobResult { key, outcome }
+        let mut started = Vec::new();
+        let outcome = self
+            .attempts(key, call, spec, prior_attempts, &mut started)
+            .await;
+        JobResult {
+            key,
+            outcome,
+            started,
+        }
     }
 
     async fn attempts(
@@ -605,6 +620,7 @@ impl Driver<'_> {
         call: &ActionCall,
         spec: &JobSpec,
         prior_attempts: u32,
+        unrecorded: &mut Vec<Transition>,
     ) -> Outcome {
         let inner = self.inner;
         let retry = spec.retry.clone().unwrap_or_default();
@@ -662,7 +678,9 @@ impl Driver<'_> {
                 ts.push(Transition::RunRunning { at });
             }
             ts.push(Transition::JobStarted { key, attempt, at });
-            inner.store.apply_nowait(self.node(), self.id, ts);
+            // The start is not waited for (a crash may lose it either way). Held a moment, it
+            // goes with the outcome of an attempt that ends at once: one write, not two.
+            *unrecorded = ts;
             if first_start {
                 inner.emit(self.id, RunState::Running);
                 if let Some(created) = self.created_at.get() {
@@ -691,16 +709,26 @@ impl Driver<'_> {
             let result = {
                 let fut = self.run_call(call, &ctx).instrument(span.clone());
                 tokio::pin!(fut);
-                match spec.timeout {
-                    Some(t) => tokio::select! {
-                        r = &mut fut => r,
-                        () = tokio::time::sleep(t.0) => {
+                let timeout = async {
+                    match spec.timeout {
+                        Some(t) => tokio::time::sleep(t.0).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(timeout);
+                let record = tokio::time::sleep(START_RECORD_WAIT);
+                tokio::pin!(record);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut fut => break r,
+                        () = &mut timeout => {
                             timed_out = true;
                             ctx.cancel.cancel();
-                            fut.await
+                            break fut.await;
                         }
-                    },
-                    None => fut.await,
+                        () = &mut record, if !unrecorded.is_empty() => self.record_start(unrecorded),
+                    }
                 }
             };
             drop(permit);
@@ -731,6 +759,7 @@ impl Driver<'_> {
                 Ok(out) => return Outcome::Completed(out),
                 Err(ActionError::NotStarted { message }) => {
                     // Nothing ran: the next try is the same attempt.
+                    self.record_start(unrecorded);
                     attempt -= 1;
                     tracing::warn!(job = %idempotency_key, %message, retry_in = ?not_started_backoff, "the job could not be started on this node; trying again");
                     tokio::select! {
@@ -772,6 +801,7 @@ impl Driver<'_> {
                     output,
                 };
             }
+            self.record_start(unrecorded);
             let backoff = retry.backoff_before(used + failed + 1);
             tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
             tokio::select! {
@@ -779,6 +809,15 @@ impl Driver<'_> {
                 () = self.token.cancelled() => return Outcome::Cancelled { output },
                 () = inner.no_new_jobs.cancelled() => return Outcome::Cancelled { output },
             }
+        }
+    }
+
+    /// Queues an attempt's start ([`START_RECORD_WAIT`]), if it is not yet.
+    fn record_start(&self, unrecorded: &mut Vec<Transition>) {
+        if !unrecorded.is_empty() {
+            self.inner
+                .store
+                .apply_nowait(self.node(), self.id, std::mem::take(unrecorded));
         }
     }
 

@@ -877,17 +877,8 @@ impl RunStore for PgStore {
     }
 
     async fn get(&self, id: RunId) -> Result<Run> {
-        let mut c = self.reader().await?;
-        let tx = c
-            .build_transaction()
-            .read_only(true)
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .start()
-            .await
-            .map_err(db_err)?;
-        let run = rows::load_run(&tx, id).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(run)
+        let c = self.reader().await?;
+        rows::load_run(&c, id).await
     }
 
     async fn list(&self, filter: &RunFilter) -> Result<RunPage> {

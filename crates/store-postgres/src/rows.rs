@@ -196,16 +196,42 @@ pub(crate) async fn submit(
     submitted(c, run, inserted.len() as u64).await
 }
 
-pub(crate) async fn load_run<C: GenericClient>(c: &C, id: RunId) -> Result<Run> {
+/// The run `id` as one snapshot, in one round trip: the transaction's start, the reads of the
+/// run, its blocks and its jobs (statements prepared once per connection), and the end are
+/// sent together and answered in order.
+pub(crate) async fn load_run(c: &deadpool_postgres::ClientWrapper, id: RunId) -> Result<Run> {
+    let (head, blocks, jobs) = tokio::try_join!(
+        c.prepare_cached(sql::LOAD_RUN),
+        c.prepare_cached(sql::LOAD_BLOCKS),
+        c.prepare_cached(sql::LOAD_JOBS),
+    )
+    .map_err(db_err)?;
     let key = [Value::Text(id.to_string())];
     let binds = binds(&key);
     let key = refs(&binds);
-    let head = c.query(sql::LOAD_RUN, &key).await.map_err(db_err)?;
+    // Each request goes out when its future is first polled, and `join!` polls all of them
+    // once before any can be answered: the ROLLBACK (a read-only snapshot has nothing to
+    // keep) is sent with the rest even when a read fails, so the connection always goes back
+    // to its pool outside a transaction.
+    let (begin, head, blocks, jobs, end) = tokio::join!(
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        c.query(&head, &key),
+        c.query(&blocks, &key),
+        c.query(&jobs, &key),
+        c.batch_execute("ROLLBACK"),
+    );
+    begin.map_err(db_err)?;
+    let (head, blocks, jobs) = (
+        head.map_err(db_err)?,
+        blocks.map_err(db_err)?,
+        jobs.map_err(db_err)?,
+    );
+    end.map_err(db_err)?;
     let mut run = sql::RunReader::new(id, &first(&head).ok_or(Error::NotFound(id))?)?;
-    for r in &c.query(sql::LOAD_BLOCKS, &key).await.map_err(db_err)? {
+    for r in &blocks {
         run.block(&PgRow(r))?;
     }
-    for r in &c.query(sql::LOAD_JOBS, &key).await.map_err(db_err)? {
+    for r in &jobs {
         run.job(&PgRow(r))?;
     }
     Ok(run.finish())
