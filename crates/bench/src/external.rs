@@ -300,9 +300,9 @@ pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> 
         let rate = rates[i][rates[i].len() / 2];
         medians.push(rate);
         println!(
-            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {} per run",
+            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {:.1} µs per run",
             rate / medians[0],
-            ms(cpus[i][cpus[i].len() / 2])
+            cpus[i][cpus[i].len() / 2].as_secs_f64() * 1e6
         );
     }
     println!(

@@ -690,8 +690,10 @@ impl Driver<'_> {
                 }
             }
             crash_point!("engine::job_started");
-            // Lines about the attempt carry its job key; exported, it is a span of the run's trace.
-            let span = tracing::info_span!("job", run_id = %self.id, workflow = self.ident.get().map_or("", |(name, _)| name.as_str()), job = %idempotency_key, action = call.action(), attempt);
+            // Lines about the attempt carry its job key, and the run's fields from the run span
+            // it is in; exported, it is a span of the run's trace, under the run span.
+            let span =
+                tracing::info_span!("job", job = %idempotency_key, action = call.action(), attempt);
             let ctx = JobContext {
                 run_id: self.id,
                 idempotency_key: idempotency_key.clone(),

@@ -9,6 +9,7 @@
 //! Each part is a `tracing` layer with a filter of its own: `RUST_LOG` quiets the log without
 //! losing spans.
 
+mod json_log;
 mod sentry_report;
 
 use std::borrow::Cow;
@@ -68,12 +69,16 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
     let spans = tracer.as_ref().map(|p| {
         // Only the engine's spans (runs and job attempts) make up a run's trace; the events
         // inside them become span events.
-        // No busy/idle timing (a run span is entered at every poll), no thread or source
-        // location attributes: a span costs what it says.
+        // No busy/idle timing and no OpenTelemetry context made current on entry (a run span
+        // is entered at every poll; a job's parent and its `traceparent` come from the spans
+        // themselves), no thread, target or source location attributes: a span costs what it
+        // says.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("steward"))
             .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_threads(false)
+            .with_target(false)
             .with_location(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
@@ -116,11 +121,9 @@ fn log_layer(json: bool) -> BoxedLayer {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        // The current span alone: a job's span carries the run's fields too.
         return layer
-            .json()
-            .flatten_event(true)
-            .with_span_list(false)
+            .fmt_fields(json_log::JsonSpanFields)
+            .event_format(json_log::JsonEvents)
             .with_filter(filter)
             .boxed();
     }
