@@ -39,6 +39,10 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_retention_labels.sql"),
 ];
 const READERS: usize = 4;
+/// Prepared statements each connection keeps. A run's writes and reads use a few dozen
+/// distinct statements; SQLite's parser costs more than executing most of them, so every one
+/// must stay prepared (rusqlite keeps 16 by default, and past that they were parsed again).
+const STATEMENT_CACHE: usize = 256;
 
 /// A request in the writer's batch. Given no connection, it runs nothing and only hands back
 /// its finisher: the batch's transaction could not start, and nothing may run outside one.
@@ -74,8 +78,37 @@ pub(crate) fn db_err(e: rusqlite::Error) -> Error {
     }
 }
 
+/// Keeps every statement a connection runs prepared, with one plan: the statement cache holds
+/// them all, and the query planner's stability guarantee (QPSG) stops SQLite from preparing a
+/// statement again each time a new value is bound to it. Without QPSG, a read such as "a run's
+/// blocks in order" was parsed and planned anew at every call, because the plan of `WHERE
+/// run_id = ?1 ORDER BY idx` may depend on the value; no statement here gains from a plan
+/// made for its values.
+fn keep_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
+}
+
+/// A connection for reads (the pool's).
+fn open_reader(path: &Path) -> Result<Connection> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)?;
+    c.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(db_err)?;
+    keep_plans(&c).map_err(db_err)?;
+    Ok(c)
+}
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    keep_plans(conn)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -121,7 +154,7 @@ impl WriteConn for WriteConnection {
     }
 
     fn execute(&mut self, sql: &str) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(self.0.execute_batch(sql).map_err(db_err))
+        std::future::ready(control(&self.0, sql))
     }
 
     fn run(
@@ -130,7 +163,7 @@ impl WriteConn for WriteConnection {
         job: WriteJob,
     ) -> impl Future<Output = (Result<()>, bool, Finish)> + Send {
         // No round trips to save: the lead first, and the request only if it went through.
-        std::future::ready(match self.0.execute_batch(lead).map_err(db_err) {
+        std::future::ready(match control(&self.0, lead) {
             Ok(()) => {
                 let (ok, fin) = job(Some(&self.0));
                 (Ok(()), ok, fin)
@@ -142,6 +175,21 @@ impl WriteConn for WriteConnection {
     fn refuse(job: WriteJob) -> impl Future<Output = Finish> + Send {
         std::future::ready(job(None).1)
     }
+}
+
+/// Runs the writer's transaction control: `BEGIN IMMEDIATE; SAVEPOINT op`, `RELEASE SAVEPOINT
+/// op; SAVEPOINT op` and the like, a handful of fixed statements joined by `;` (none holds a
+/// `;` of its own). Each is prepared once and kept, not parsed again at every request.
+fn control(c: &Connection, sql: &str) -> Result<()> {
+    sql.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .try_for_each(|s| {
+            c.prepare_cached(s)
+                .and_then(|mut st| st.execute([]))
+                .map(drop)
+        })
+        .map_err(db_err)
 }
 
 impl SqliteStore {
@@ -209,16 +257,7 @@ impl SqliteStore {
             let conn = pool.lock().ok().and_then(|mut p| p.pop());
             let conn = match conn {
                 Some(c) => c,
-                None => {
-                    let c = Connection::open_with_flags(
-                        &path,
-                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    )
-                    .map_err(db_err)?;
-                    c.busy_timeout(std::time::Duration::from_secs(10))
-                        .map_err(db_err)?;
-                    c
-                }
+                None => open_reader(&path)?,
             };
             let r = f(&conn);
             if let Ok(mut p) = pool.lock()
@@ -601,5 +640,81 @@ impl store::AuditPrune for SqliteStore {
             Ok((audit + access) as u64)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` runs of 2 blocks of 2 jobs each, stored through the store.
+    async fn stored_runs(s: &SqliteStore, n: usize) -> Vec<RunId> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let nr = store_conformance::new_run(store_conformance::spec("plans", 2, 2));
+            ids.push(s.submit(nr).await.expect("submit").id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_read_is_planned_once_whatever_values_it_is_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("steward.db");
+        let s = SqliteStore::open(&path).expect("open");
+        let ids = stored_runs(&s, 3).await;
+        let c = open_reader(&path).expect("reader");
+        for id in &ids {
+            let run = rows::load_run(&c, *id).expect("load");
+            assert_eq!(run.blocks.len(), 2);
+        }
+        for sql in [sql::LOAD_RUN, sql::LOAD_BLOCKS, sql::LOAD_JOBS] {
+            let st = c
+                .prepare_cached(&sql::sqlite_placeholders(sql))
+                .expect("cached");
+            assert_eq!(
+                st.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "prepared again on a new value: {sql}"
+            );
+        }
+        s.close().await.expect("close");
+    }
+
+    #[test]
+    fn transaction_control_runs_each_statement_and_a_rollback_undoes_the_savepoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Connection::open(dir.path().join("t.db")).expect("open");
+        configure(&c).expect("configure");
+        migrate(&mut c).expect("migrate");
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+                .expect("count")
+        };
+        let append = |c: &Connection| {
+            c.execute(
+                "INSERT INTO access_log (at, actor, call, target, allowed, peer, detail)
+                 VALUES (1, 'a', 'Submit', '-', 1, '-', '')",
+                [],
+            )
+            .expect("insert")
+        };
+        control(&c, "BEGIN IMMEDIATE; SAVEPOINT op").expect("begin");
+        append(&c);
+        control(&c, "RELEASE SAVEPOINT op; SAVEPOINT op").expect("release");
+        append(&c);
+        control(&c, "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op").expect("rollback");
+        control(&c, "COMMIT").expect("commit");
+        assert_eq!(
+            count(&c),
+            1,
+            "the kept savepoint stays, the rolled back one goes"
+        );
+        // The same control again, from the statement cache.
+        control(&c, "BEGIN IMMEDIATE; SAVEPOINT op").expect("begin again");
+        append(&c);
+        control(&c, "RELEASE SAVEPOINT op; COMMIT").expect("commit again");
+        assert_eq!(count(&c), 2);
+        assert!(control(&c, "COMMIT").is_err(), "no transaction to commit");
     }
 }
