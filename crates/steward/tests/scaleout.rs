@@ -527,32 +527,42 @@ async fn the_estop_drill_refuses_a_target_that_matches_real_work() {
 async fn committed_outcomes_survive_a_kill_at_the_pipelined_writers_commit() {
     let pg = PgServer::start().await;
     for failpoint in ["store::writer_before_commit", "store::writer_after_commit"] {
-        let url = pg.fresh_db().await;
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("a");
-        let log = dir.path().join("jobs.log");
-        let job = logged_job(&log);
-        let yaml = format!(
-            "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
-        );
+        // The kill comes at the writer's 21st commit; should no job have completed by then (a
+        // loaded machine), the scenario is run again on a fresh database, the kill 10 commits
+        // later.
+        let mut skip = 20;
+        let (_dir, data, log, yaml, url, done_before) = loop {
+            let url = pg.fresh_db().await;
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("a");
+            let log = dir.path().join("jobs.log");
+            let job = logged_job(&log);
+            let yaml = format!(
+                "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+            );
+            let mut killed_env = node_env(&url);
+            killed_env.push(("FAILPOINTS", format!("{failpoint}={skip}*off->return")));
+            let mut a = start_node(&data, &killed_env).await;
+            let mut c = a.client().await;
+            crate::start_keyed(&mut c, &yaml, 4).await;
+            assert!(
+                !a.wait_exit(LONG).await.success(),
+                "{failpoint}: the fail point must have killed the node"
+            );
+            let done_before = completed_in_db(&url).await;
+            if !done_before.is_empty() {
+                break (dir, data, log, yaml, url, done_before);
+            }
+            assert!(
+                skip < 40,
+                "{failpoint}: no job completed before the kill, even at commit {}",
+                skip + 1
+            );
+            skip += 10;
+        };
         let env = node_env(&url);
-        let mut killed_env = env.clone();
-        killed_env.push(("FAILPOINTS", format!("{failpoint}=20*off->return")));
-        let mut a = start_node(&data, &killed_env).await;
-        let mut c = a.client().await;
-        crate::start_keyed(&mut c, &yaml, 4).await;
-        assert!(
-            !a.wait_exit(LONG).await.success(),
-            "{failpoint}: the fail point must have killed the node"
-        );
-        let done_before = completed_in_db(&url).await;
-        assert!(
-            !done_before.is_empty(),
-            "{failpoint}: no job completed before the kill"
-        );
 
         // The same node again: it resumes its runs; the clients' retries find them.
-        drop(a);
         let a = start_node(&data, &env).await;
         let mut c = a.client().await;
         assert_eq!(crate::start_keyed(&mut c, &yaml, 4).await, 4);

@@ -430,33 +430,43 @@ pub(crate) async fn start_keyed(c: &mut Client, yaml: &str, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_outcomes_survive_a_kill_at_the_writers_commit() {
     for failpoint in ["store::writer_before_commit", "store::writer_after_commit"] {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let log = dir.path().join("jobs.log");
-        let job = logged_job(&log);
-        let yaml = format!(
-            "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
-        );
-        let mut server = Server::start(
-            &data,
-            &[("FAILPOINTS", &format!("{failpoint}=20*off->return"))],
-        )
-        .await;
-        let mut c = server.client().await;
-        start_keyed(&mut c, &yaml, 4).await;
-        assert!(
-            !server.wait_exit(LONG).await.success(),
-            "{failpoint}: the fail point must have killed the process"
-        );
-        let done_before = completed_in_db(&data.join("steward.db"));
-        assert!(
-            !done_before.is_empty(),
-            "{failpoint}: no job completed before the kill"
-        );
+        // The kill comes at the writer's 21st commit; should no job have completed by then (a
+        // loaded machine, where the runs' and jobs' starts took every commit so far), the
+        // scenario is run again from scratch with the kill 10 commits later.
+        let mut skip = 20;
+        let (_dir, data, log, yaml, done_before) = loop {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let log = dir.path().join("jobs.log");
+            let job = logged_job(&log);
+            let yaml = format!(
+                "name: erase\nblocks:\n  - concurrency: 2\n    jobs: [{job}, {job}, {job}, {job}]\n  - jobs: [{job}]\n"
+            );
+            let mut server = Server::start(
+                &data,
+                &[("FAILPOINTS", &format!("{failpoint}={skip}*off->return"))],
+            )
+            .await;
+            let mut c = server.client().await;
+            start_keyed(&mut c, &yaml, 4).await;
+            assert!(
+                !server.wait_exit(LONG).await.success(),
+                "{failpoint}: the fail point must have killed the process"
+            );
+            let done_before = completed_in_db(&data.join("steward.db"));
+            if !done_before.is_empty() {
+                break (dir, data, log, yaml, done_before);
+            }
+            assert!(
+                skip < 40,
+                "{failpoint}: no job completed before the kill, even at commit {}",
+                skip + 1
+            );
+            skip += 10;
+        };
 
         // The clients' retries find their runs (or store the ones the kill lost), and every
         // run completes; what was committed before the kill is never done again.
-        drop(server);
         let server = Server::start(&data, &[]).await;
         let mut c = server.client().await;
         assert_eq!(start_keyed(&mut c, &yaml, 4).await, 4);

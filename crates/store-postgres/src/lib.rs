@@ -540,6 +540,7 @@ struct WriteConnection {
 impl WriteConn for WriteConnection {
     type Job = WriteJob;
     const BEGIN: &'static str = "BEGIN; SAVEPOINT op";
+    const BEGIN_ALONE: &'static str = "BEGIN";
 
     async fn ready(&mut self) -> Result<()> {
         if !self.conn.is_closed() {

@@ -148,6 +148,7 @@ struct WriteConnection(Connection);
 impl WriteConn for WriteConnection {
     type Job = WriteJob;
     const BEGIN: &'static str = "BEGIN IMMEDIATE; SAVEPOINT op";
+    const BEGIN_ALONE: &'static str = "BEGIN IMMEDIATE";
 
     fn ready(&mut self) -> impl Future<Output = Result<()>> + Send {
         std::future::ready(Ok(()))
@@ -678,6 +679,62 @@ mod tests {
                 "prepared again on a new value: {sql}"
             );
         }
+        s.close().await.expect("close");
+    }
+
+    fn append_access(c: &Connection, call: &str) -> Result<()> {
+        c.execute(
+            "INSERT INTO access_log (at, actor, call, target, allowed, peer, detail)
+             VALUES (1, 'a', ?1, '-', 1, '-', '')",
+            [call],
+        )
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn calls(s: &SqliteStore) -> Vec<String> {
+        s.read(|c| {
+            let mut st = c
+                .prepare("SELECT call FROM access_log ORDER BY seq")
+                .map_err(db_err)?;
+            let out = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .and_then(Iterator::collect)
+                .map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+        .expect("read")
+    }
+
+    /// A request that fails after it wrote: alone in its batch (no savepoint), or among
+    /// others (each in its savepoint), it leaves nothing and the others keep their writes.
+    #[tokio::test]
+    async fn a_request_that_fails_after_writing_leaves_nothing_alone_or_in_a_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("steward.db")).expect("open");
+        let failing = |call: &'static str| {
+            move |c: &Connection| -> Result<()> {
+                append_access(c, call)?;
+                Err(Error::Conflict(format!("{call} failed after writing")))
+            }
+        };
+        let err = s.write(failing("alone")).await.unwrap_err();
+        assert_eq!(err, Error::Conflict("alone failed after writing".into()));
+        s.write(|c| append_access(c, "after")).await.expect("after");
+        assert_eq!(calls(&s).await, ["after"]);
+
+        let (a, b, c) = tokio::join!(
+            s.write(|c| append_access(c, "first")),
+            s.write(failing("middle")),
+            s.write(|c| append_access(c, "last")),
+        );
+        a.expect("first");
+        assert!(b.is_err());
+        c.expect("last");
+        let got = calls(&s).await;
+        assert!(!got.contains(&"middle".to_owned()), "{got:?}");
+        assert_eq!(got.len(), 3, "{got:?}");
         s.close().await.expect("close");
     }
 

@@ -1,6 +1,7 @@
 //! The group-commit writer both backends use: one connection commits whatever has queued up
 //! while the previous commit was in flight, in one transaction, each request in its own
-//! savepoint so that one failing request does not undo the others. Requests are committed in
+//! savepoint so that one failing request does not undo the others (a request alone in its
+//! batch needs none: its transaction is rolled back if it fails). Requests are committed in
 //! the order they were queued, which is what [`RunStore::apply_nowait`](crate::RunStore::apply_nowait)
 //! relies on.
 //!
@@ -45,6 +46,10 @@ pub trait WriteConn: Send {
     /// Opens the batch's transaction and its first savepoint: `BEGIN; SAVEPOINT op` or the
     /// backend's equal.
     const BEGIN: &'static str;
+
+    /// Opens the transaction of a batch of one request, which needs no savepoint: `BEGIN` or
+    /// the backend's equal.
+    const BEGIN_ALONE: &'static str;
 
     /// Makes the connection usable (a backend that reconnects does it here). An error fails
     /// the batch, none of whose requests then run.
@@ -146,6 +151,37 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
         // The last close goes with COMMIT, whose result is the batch's: if anything in the
         // transaction went wrong, nothing of it is kept.
         let n = batch.len();
+        // A request alone in its batch needs no savepoint: the transaction is its own, and
+        // rolling it back undoes the request and nothing else. A savepoint costs SQLite a copy
+        // of every page the request changes, and PostgreSQL two statements.
+        if n == 1
+            && !C::groupable(&batch[0])
+            && let Some(job) = batch.pop()
+        {
+            let (led, ok, fin) = conn.run(C::BEGIN_ALONE, job).await;
+            let res = match led {
+                Err(e) => {
+                    tracing::error!(error = %e, "a write batch could not start");
+                    Err(e)
+                }
+                Ok(()) if ok => {
+                    crash_point!("store::writer_before_commit");
+                    let res = conn.execute("COMMIT").await;
+                    if res.is_ok() {
+                        crash_point!("store::writer_after_commit");
+                    }
+                    res
+                }
+                // The request failed: it is undone, and its own error is its answer.
+                Ok(()) => conn.execute("ROLLBACK").await,
+            };
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "committing a batch failed");
+                let _ = conn.execute("ROLLBACK").await;
+            }
+            fin(res);
+            continue;
+        }
         let mut lead = C::BEGIN.to_owned();
         let mut res = Ok(());
         let mut jobs = batch.drain(..).peekable();
