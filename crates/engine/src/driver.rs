@@ -21,7 +21,8 @@ const COMMIT_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_mill
 const COMMIT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long an attempt's start waits to be written with its outcome: an attempt that ends
 /// within it (an in-process action, a quick call) costs one write instead of two; a longer one
-/// has its start queued then. The start is never waited for, so nothing is less durable.
+/// has its start queued then (or later, while the driver awaits a commit). The start is never
+/// waited for, so nothing is less durable.
 const START_RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// The first wait before a job this node could not start is tried again; doubles up to max.
 const NOT_STARTED_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
@@ -119,6 +120,7 @@ fn launch(
                 paused: AtomicBool::new(false),
                 ident: std::sync::OnceLock::new(),
                 created_at: std::sync::OnceLock::new(),
+                held: Mutex::new(Vec::new()),
             };
             if let Err(e) = driver.drive(loaded).await {
                 match e {
@@ -180,6 +182,11 @@ struct Driver<'a> {
     ident: std::sync::OnceLock<(String, std::collections::BTreeMap<String, String>)>,
     /// When the run was submitted: the start latency is measured from it.
     created_at: std::sync::OnceLock<domain::Timestamp>,
+    /// Attempts' starts (the first with the run's) not yet queued, oldest first, each held
+    /// for [`START_RECORD_WAIT`] to go with its attempt's outcome. Whatever queues one queues
+    /// those before it too, and a pause queues them all first: the store sees the run
+    /// `running`, and starts, in the order they happened.
+    held: Mutex<Vec<(JobKey, Vec<Transition>)>>,
 }
 
 impl Driver<'_> {
@@ -503,11 +510,10 @@ impl Driver<'_> {
                 if !self.paused.swap(true, Ordering::SeqCst) {
                     tracing::info!(verdict = %v, "e-stop: pausing the run; in-flight jobs finish, nothing new starts");
                     let at = self.inner.now();
-                    self.inner.store.apply_nowait(
-                        self.node(),
-                        self.id,
-                        vec![Transition::RunPaused { at }],
-                    );
+                    // Held starts first: a `running` written after this would hide the pause.
+                    let mut ts = self.take_held(None);
+                    ts.push(Transition::RunPaused { at });
+                    self.inner.store.apply_nowait(self.node(), self.id, ts);
                     self.inner.emit(self.id, RunState::Paused);
                 }
             }
@@ -603,10 +609,14 @@ impl Driver<'_> {
         spec: &JobSpec,
         prior_attempts: u32,
     ) -> JobResult {
-        let mut started = Vec::new();
-        let outcome = self
-            .attempts(key, call, spec, prior_attempts, &mut started)
-            .await;
+        let outcome = self.attempts(key, call, spec, prior_attempts).await;
+        // The attempt's start, if still held, goes with its outcome; older held starts of
+        // other jobs are queued now, ahead of it.
+        let earlier = self.take_held(Some(key));
+        let started = self.take_held_one(key);
+        if !earlier.is_empty() {
+            self.inner.store.apply_nowait(self.node(), self.id, earlier);
+        }
         JobResult {
             key,
             outcome,
@@ -620,7 +630,6 @@ impl Driver<'_> {
         call: &ActionCall,
         spec: &JobSpec,
         prior_attempts: u32,
-        unrecorded: &mut Vec<Transition>,
     ) -> Outcome {
         let inner = self.inner;
         let retry = spec.retry.clone().unwrap_or_default();
@@ -680,7 +689,8 @@ impl Driver<'_> {
             ts.push(Transition::JobStarted { key, attempt, at });
             // The start is not waited for (a crash may lose it either way). Held a moment, it
             // goes with the outcome of an attempt that ends at once: one write, not two.
-            *unrecorded = ts;
+            self.hold(key, ts);
+            let mut holding = true;
             if first_start {
                 inner.emit(self.id, RunState::Running);
                 if let Some(created) = self.created_at.get() {
@@ -718,7 +728,10 @@ impl Driver<'_> {
                     }
                 };
                 tokio::pin!(timeout);
-                let record = tokio::time::sleep(START_RECORD_WAIT);
+                // A test may hold starts longer (`engine::start_held=return(MS)`).
+                let record = tokio::time::sleep(
+                    crate::failpoints::pause("engine::start_held").unwrap_or(START_RECORD_WAIT),
+                );
                 tokio::pin!(record);
                 loop {
                     tokio::select! {
@@ -729,7 +742,10 @@ impl Driver<'_> {
                             ctx.cancel.cancel();
                             break fut.await;
                         }
-                        () = &mut record, if !unrecorded.is_empty() => self.record_start(unrecorded),
+                        () = &mut record, if holding => {
+                            self.record_start(key);
+                            holding = false;
+                        }
                     }
                 }
             };
@@ -761,7 +777,7 @@ impl Driver<'_> {
                 Ok(out) => return Outcome::Completed(out),
                 Err(ActionError::NotStarted { message }) => {
                     // Nothing ran: the next try is the same attempt.
-                    self.record_start(unrecorded);
+                    self.record_start(key);
                     attempt -= 1;
                     tracing::warn!(job = %idempotency_key, %message, retry_in = ?not_started_backoff, "the job could not be started on this node; trying again");
                     tokio::select! {
@@ -803,7 +819,7 @@ impl Driver<'_> {
                     output,
                 };
             }
-            self.record_start(unrecorded);
+            self.record_start(key);
             let backoff = retry.backoff_before(used + failed + 1);
             tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
             tokio::select! {
@@ -814,12 +830,44 @@ impl Driver<'_> {
         }
     }
 
-    /// Queues an attempt's start ([`START_RECORD_WAIT`]), if it is not yet.
-    fn record_start(&self, unrecorded: &mut Vec<Transition>) {
-        if !unrecorded.is_empty() {
-            self.inner
-                .store
-                .apply_nowait(self.node(), self.id, std::mem::take(unrecorded));
+    /// Holds an attempt's start ([`Driver::held`]).
+    fn hold(&self, key: JobKey, ts: Vec<Transition>) {
+        match self.held.lock() {
+            Ok(mut held) => held.push((key, ts)),
+            Err(_) => self.inner.store.apply_nowait(self.node(), self.id, ts),
+        }
+    }
+
+    /// Takes the held starts older than `key`'s (all of them for `None`), oldest first.
+    fn take_held(&self, key: Option<JobKey>) -> Vec<Transition> {
+        let Ok(mut held) = self.held.lock() else {
+            return Vec::new();
+        };
+        let end = match key {
+            Some(k) => held.iter().position(|(h, _)| *h == k).unwrap_or(0),
+            None => held.len(),
+        };
+        held.drain(..end).flat_map(|(_, ts)| ts).collect()
+    }
+
+    /// Takes `key`'s held start, if it is held and the oldest.
+    fn take_held_one(&self, key: JobKey) -> Vec<Transition> {
+        let Ok(mut held) = self.held.lock() else {
+            return Vec::new();
+        };
+        match held.first() {
+            Some((h, _)) if *h == key => held.remove(0).1,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Queues an attempt's start ([`START_RECORD_WAIT`]), and the older ones held, if it is
+    /// still held.
+    fn record_start(&self, key: JobKey) {
+        let mut ts = self.take_held(Some(key));
+        ts.extend(self.take_held_one(key));
+        if !ts.is_empty() {
+            self.inner.store.apply_nowait(self.node(), self.id, ts);
         }
     }
 

@@ -79,6 +79,19 @@ where
         if done(&runs) {
             return runs;
         }
+        if !all_ended(&runs) {
+            // A run is under way: the store's writer is a thread of its own, which a paused
+            // clock does not wait for. Give it real time before the clock moves on (a
+            // blocking task holds the paused clock still while it runs), or on a loaded
+            // machine the clock races past the run's next fires while it commits.
+            tokio::task::spawn_blocking(|| {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let _ = rx.recv_timeout(Duration::from_millis(20));
+                drop(tx);
+            })
+            .await
+            .unwrap();
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     panic!(

@@ -611,3 +611,47 @@ async fn a_new_node_never_seeds_over_the_list_in_etcd() {
     assert_eq!(all[0]["state"], "stop", "{list}");
     assert_eq!(all[0]["reason"], "INC-13", "{list}");
 }
+
+/// A pause that comes while the run's first start is still held (to go with its job's
+/// outcome) is not undone when that start is written: the run stays `paused` in the store.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_while_the_first_start_is_held_stays_a_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Starts are held 2 s instead of 1 ms: the pause comes inside that window.
+    let server = Server::start(&data, &[("FAILPOINTS", "engine::start_held=return(2000)")]).await;
+    let mut c = server.client().await;
+    let pidfile = dir.path().join("pid");
+    let started = std::time::Instant::now();
+    let id = start_long_job(&mut c, &pidfile, "erase", "aap").await;
+    let out = cli(
+        &server,
+        &["estop", "set", "site=aap", "pause", "--reason", "INC-7"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + LONG;
+    while status(&mut c, &id).await.state != "paused" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never showed paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "the pause came after the held start was due: the test proves nothing"
+    );
+    // Past the moment the held start was due: nothing made the run `running` again.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(started.elapsed())).await;
+    let run = status(&mut c, &id).await;
+    assert_eq!(run.state, "paused", "{run:?}");
+    assert_eq!(run.blocks[0].jobs[0].state, "running", "{run:?}");
+
+    let out = cli(
+        &server,
+        &["estop", "set", "site=aap", "stop", "--reason", "INC-7"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "stopped");
+}

@@ -2,7 +2,8 @@
 //!
 //! Like the SQLite backend, one writer connection commits whatever has queued up while the
 //! previous commit was in flight: one transaction per batch, each request in its own
-//! savepoint so that one failing request does not undo the others (group commit). Round trips
+//! savepoint so that one failing request does not undo the others (group commit; a request
+//! alone in its batch needs none). Round trips
 //! are what a write costs here, so the writer pipelines: each request goes out behind its
 //! savepoint step, and consecutive planned requests (statements known before they run: the
 //! engine's writes, Submits, access-log lines) go out together as one group in one savepoint,

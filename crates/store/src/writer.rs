@@ -40,7 +40,8 @@ pub type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// A write connection as the writer sees it.
 pub trait WriteConn: Send {
-    /// A queued request: it runs on the connection and says whether its savepoint is kept.
+    /// A queued request: it runs on the connection and says whether it succeeded (its
+    /// savepoint, or its transaction when it is alone, is then kept).
     type Job: Send + 'static;
 
     /// Opens the batch's transaction and its first savepoint: `BEGIN; SAVEPOINT op` or the
@@ -62,7 +63,8 @@ pub trait WriteConn: Send {
     /// request's savepoint and opening the next), then one request. A backend with round
     /// trips sends both together (PostgreSQL pipelines them), so that moving between
     /// requests costs none of its own. Returns how `lead` went, whether the request succeeded
-    /// (its savepoint is released, or else rolled back) and its finisher.
+    /// (the writer then keeps it, or else rolls back its savepoint or its transaction) and its
+    /// finisher.
     fn run(
         &mut self,
         lead: &str,
@@ -162,6 +164,7 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
             let res = match led {
                 Err(e) => {
                     tracing::error!(error = %e, "a write batch could not start");
+                    let _ = conn.execute("ROLLBACK").await;
                     Err(e)
                 }
                 Ok(()) if ok => {
@@ -169,16 +172,24 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
                     let res = conn.execute("COMMIT").await;
                     if res.is_ok() {
                         crash_point!("store::writer_after_commit");
+                    } else {
+                        let _ = conn.execute("ROLLBACK").await;
+                    }
+                    if let Err(e) = &res {
+                        tracing::error!(error = %e, "committing a batch failed");
                     }
                     res
                 }
-                // The request failed: it is undone, and its own error is its answer.
-                Ok(()) => conn.execute("ROLLBACK").await,
+                // The request failed: undone with its transaction, its own error is its
+                // answer. (A database may have rolled it back already, after an I/O error:
+                // then the ROLLBACK finds no transaction, which changes nothing.)
+                Ok(()) => {
+                    if let Err(e) = conn.execute("ROLLBACK").await {
+                        tracing::debug!(error = %e, "rolling back a failed request");
+                    }
+                    Ok(())
+                }
             };
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "committing a batch failed");
-                let _ = conn.execute("ROLLBACK").await;
-            }
             fin(res);
             continue;
         }

@@ -32,7 +32,7 @@ pub(crate) struct JsonSpanFields;
 
 impl<'w> FormatFields<'w> for JsonSpanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut members = Members::new(&mut writer, true);
+        let mut members = Members::new(&mut writer, true, false);
         fields.record(&mut members);
         members.result
     }
@@ -43,9 +43,15 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
         let first = current.fields.is_empty();
-        let mut members = Members::new(&mut current.fields, first);
+        let len = current.fields.len();
+        let mut members = Members::new(&mut current.fields, first, false);
         fields.record(&mut members);
-        members.result
+        let result = members.result;
+        if result.is_err() {
+            // A value whose formatting failed halfway: keep the span's members whole.
+            current.fields.truncate(len);
+        }
+        result
     }
 }
 
@@ -69,7 +75,7 @@ where
         w.write_str("{\"timestamp\":\"")?;
         tracing_subscriber::fmt::time::SystemTime.format_time(&mut w)?;
         write!(w, "\",\"level\":\"{}\"", meta.level())?;
-        let mut members = Members::new(&mut w, false);
+        let mut members = Members::new(&mut w, false, true);
         event.record(&mut members);
         members.result?;
         w.write_str(",\"target\":")?;
@@ -95,18 +101,25 @@ where
     }
 }
 
+/// The members every line has of its own: an event's field of the same name is written as
+/// `fields.NAME`, so that no line holds a name twice.
+const LINE_KEYS: [&str; 4] = ["timestamp", "level", "target", "span"];
+
 /// Writes each field it visits as a JSON object member, a comma before all but the first.
 struct Members<'a> {
     out: &'a mut dyn fmt::Write,
     first: bool,
+    /// An event's fields, whose names must not be the line's own ([`LINE_KEYS`]).
+    event: bool,
     result: fmt::Result,
 }
 
 impl<'a> Members<'a> {
-    fn new(out: &'a mut dyn fmt::Write, first: bool) -> Self {
+    fn new(out: &'a mut dyn fmt::Write, first: bool, event: bool) -> Self {
         Self {
             out,
             first,
+            event,
             result: Ok(()),
         }
     }
@@ -119,13 +132,20 @@ impl<'a> Members<'a> {
             return;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);
+        let renamed = self.event && LINE_KEYS.contains(&name);
         let out = &mut *self.out;
         let comma = !std::mem::take(&mut self.first);
         self.result = (|| {
             if comma {
                 out.write_char(',')?;
             }
-            string(out, name)?;
+            if renamed {
+                out.write_str("\"fields.")?;
+                Escaped(out).write_str(name)?;
+                out.write_char('"')?;
+            } else {
+                string(out, name)?;
+            }
             out.write_char(':')?;
             value(out)
         })();
@@ -191,16 +211,18 @@ fn string(w: &mut dyn fmt::Write, s: &str) -> fmt::Result {
 }
 
 /// Escapes what it is given for the inside of a JSON string as it writes it: quotes,
-/// backslashes and every control character (so that no value can break a line in two).
+/// backslashes, every control character and the Unicode line and paragraph separators (so
+/// that no value can break a line in two, whatever splits the lines).
 struct Escaped<'a>(&'a mut dyn fmt::Write);
 
 impl fmt::Write for Escaped<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         // Most pieces need nothing escaped: one pass over the bytes finds out. Every control
-        // character is below 0x20, 0x7f, or (U+0080 to U+009F) starts with the byte 0xc2.
+        // character is below 0x20, 0x7f, or (U+0080 to U+009F) starts with the byte 0xc2;
+        // U+2028 and U+2029 start with 0xe2.
         if !s
             .bytes()
-            .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f | 0xc2))
+            .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f | 0xc2 | 0xe2))
         {
             return self.0.write_str(s);
         }
@@ -212,7 +234,7 @@ impl fmt::Write for Escaped<'_> {
                 '\n' => "\\n",
                 '\r' => "\\r",
                 '\t' => "\\t",
-                c if c.is_control() => "",
+                c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => "",
                 _ => continue,
             };
             self.0.write_str(&s[plain..i])?;
@@ -272,6 +294,7 @@ mod tests {
                 code = -3,
                 ok = true,
                 ratio = 0.5,
+                target = "site=a",
                 "run finished"
             );
         });
@@ -286,6 +309,10 @@ mod tests {
         assert!(
             v["target"].as_str().unwrap().starts_with("telemetry"),
             "{v}"
+        );
+        assert_eq!(
+            v["fields.target"], "site=a",
+            "a field named like the line's own"
         );
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{v}");
         let span = &v["span"];
@@ -322,7 +349,7 @@ mod tests {
     #[test]
     fn escaping_leaves_no_raw_control_character() {
         let mut out = String::new();
-        string(&mut out, "é\u{7f}\u{0}\"\u{85}¢").unwrap();
-        assert_eq!(out, "\"é\\u007f\\u0000\\\"\\u0085¢\"");
+        string(&mut out, "é\u{7f}\u{0}\"\u{85}¢\u{2028}…").unwrap();
+        assert_eq!(out, "\"é\\u007f\\u0000\\\"\\u0085¢\\u2028…\"");
     }
 }
