@@ -511,7 +511,7 @@ impl Driver<'_> {
                     tracing::info!(verdict = %v, "e-stop: pausing the run; in-flight jobs finish, nothing new starts");
                     let at = self.inner.now();
                     // Held starts first: a `running` written after this would hide the pause.
-                    let mut ts = self.take_held(None);
+                    let mut ts = self.take_held_all();
                     ts.push(Transition::RunPaused { at });
                     self.inner.store.apply_nowait(self.node(), self.id, ts);
                     self.inner.emit(self.id, RunState::Paused);
@@ -612,8 +612,7 @@ impl Driver<'_> {
         let outcome = self.attempts(key, call, spec, prior_attempts).await;
         // The attempt's start, if still held, goes with its outcome; older held starts of
         // other jobs are queued now, ahead of it.
-        let earlier = self.take_held(Some(key));
-        let started = self.take_held_one(key);
+        let (earlier, started) = self.take_held_through(key);
         if !earlier.is_empty() {
             self.inner.store.apply_nowait(self.node(), self.id, earlier);
         }
@@ -838,34 +837,34 @@ impl Driver<'_> {
         }
     }
 
-    /// Takes the held starts older than `key`'s (all of them for `None`), oldest first.
-    fn take_held(&self, key: Option<JobKey>) -> Vec<Transition> {
-        let Ok(mut held) = self.held.lock() else {
-            return Vec::new();
-        };
-        let end = match key {
-            Some(k) => held.iter().position(|(h, _)| *h == k).unwrap_or(0),
-            None => held.len(),
-        };
-        held.drain(..end).flat_map(|(_, ts)| ts).collect()
+    /// Takes every held start, oldest first.
+    fn take_held_all(&self) -> Vec<Transition> {
+        self.held.lock().map_or_else(
+            |_| Vec::new(),
+            |mut held| held.drain(..).flat_map(|(_, ts)| ts).collect(),
+        )
     }
 
-    /// Takes `key`'s held start, if it is held and the oldest.
-    fn take_held_one(&self, key: JobKey) -> Vec<Transition> {
+    /// Takes `key`'s held start and those older than it: (the older ones, oldest first;
+    /// `key`'s). Both are empty when `key`'s start is not held.
+    fn take_held_through(&self, key: JobKey) -> (Vec<Transition>, Vec<Transition>) {
         let Ok(mut held) = self.held.lock() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
-        match held.first() {
-            Some((h, _)) if *h == key => held.remove(0).1,
-            _ => Vec::new(),
-        }
+        let Some(at) = held.iter().position(|(h, _)| *h == key) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut taken = held.drain(..=at);
+        let older = taken.by_ref().take(at).flat_map(|(_, ts)| ts).collect();
+        let own = taken.next().map(|(_, ts)| ts).unwrap_or_default();
+        (older, own)
     }
 
     /// Queues an attempt's start ([`START_RECORD_WAIT`]), and the older ones held, if it is
     /// still held.
     fn record_start(&self, key: JobKey) {
-        let mut ts = self.take_held(Some(key));
-        ts.extend(self.take_held_one(key));
+        let (mut ts, own) = self.take_held_through(key);
+        ts.extend(own);
         if !ts.is_empty() {
             self.inner.store.apply_nowait(self.node(), self.id, ts);
         }

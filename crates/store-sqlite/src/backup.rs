@@ -28,13 +28,7 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupInfo> {
             to.display()
         )));
     }
-    let src = Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db_err)?;
-    src.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(db_err)?;
+    let src = crate::open_reader(db)?;
     // Written next to the target and renamed at the end: a failed backup leaves no file that
     // looks like one.
     let partial = to.with_extension("partial");

@@ -156,44 +156,9 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
         // A request alone in its batch needs no savepoint: the transaction is its own, and
         // rolling it back undoes the request and nothing else. A savepoint costs SQLite a copy
         // of every page the request changes, and PostgreSQL two statements.
-        if n == 1
-            && !C::groupable(&batch[0])
-            && let Some(job) = batch.pop()
-        {
-            let (led, ok, fin) = conn.run(C::BEGIN_ALONE, job).await;
-            let res = match led {
-                Err(e) => {
-                    tracing::error!(error = %e, "a write batch could not start");
-                    let _ = conn.execute("ROLLBACK").await;
-                    Err(e)
-                }
-                Ok(()) if ok => {
-                    crash_point!("store::writer_before_commit");
-                    let res = conn.execute("COMMIT").await;
-                    if res.is_ok() {
-                        crash_point!("store::writer_after_commit");
-                    } else {
-                        let _ = conn.execute("ROLLBACK").await;
-                    }
-                    if let Err(e) = &res {
-                        tracing::error!(error = %e, "committing a batch failed");
-                    }
-                    res
-                }
-                // The request failed: undone with its transaction, its own error is its
-                // answer. (A database may have rolled it back already, after an I/O error:
-                // then the ROLLBACK finds no transaction, which changes nothing.)
-                Ok(()) => {
-                    if let Err(e) = conn.execute("ROLLBACK").await {
-                        tracing::debug!(error = %e, "rolling back a failed request");
-                    }
-                    Ok(())
-                }
-            };
-            fin(res);
-            continue;
-        }
-        let mut lead = C::BEGIN.to_owned();
+        let alone = n == 1 && !C::groupable(&batch[0]);
+        let begin = if alone { C::BEGIN_ALONE } else { C::BEGIN };
+        let mut lead = begin.to_owned();
         let mut res = Ok(());
         let mut jobs = batch.drain(..).peekable();
         let mut i = 0;
@@ -217,7 +182,7 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
             // is no longer known (a later rollback to it could undo a request already told
             // it went through), so nothing of the batch is kept.
             if let Err(e) = led {
-                if lead == C::BEGIN {
+                if lead == begin {
                     tracing::error!(error = %e, "a write batch could not start");
                 } else {
                     tracing::error!(error = %e, "moving to the next savepoint failed");
@@ -232,11 +197,23 @@ pub async fn run<C: WriteConn>(conn: &mut C, rx: &mut mpsc::UnboundedReceiver<C:
             };
             if i < n {
                 lead = format!("{close}; SAVEPOINT op");
+            } else if alone && !ok {
+                // The request failed: undone with its transaction, its own error is its
+                // answer. (A database may have rolled it back already, after an I/O error:
+                // then the ROLLBACK finds no transaction, which changes nothing.)
+                if let Err(e) = conn.execute("ROLLBACK").await {
+                    tracing::debug!(error = %e, "rolling back a failed request");
+                }
             } else {
                 // Every request of the batch has run (on PostgreSQL, sent pipelined); nothing
                 // of it is durable yet.
                 crash_point!("store::writer_before_commit");
-                res = conn.execute(&format!("{close}; COMMIT")).await;
+                let end = if alone {
+                    "COMMIT".to_owned()
+                } else {
+                    format!("{close}; COMMIT")
+                };
+                res = conn.execute(&end).await;
                 if res.is_ok() {
                     // Durable, and nobody told: no caller has acted on it.
                     crash_point!("store::writer_after_commit");
