@@ -659,6 +659,19 @@ mod tests {
         ids
     }
 
+    /// SQLite syncs with `fdatasync` (see `.cargo/config.toml`): the flag reaches the bundled
+    /// SQLite's build only through the workspace's configuration, so a build that misses it
+    /// (cargo started from outside the workspace) fails here instead of silently syncing with
+    /// `fsync`.
+    #[test]
+    fn sqlite_is_built_to_sync_with_fdatasync() {
+        let flags = option_env!("LIBSQLITE3_FLAGS").unwrap_or("");
+        assert!(
+            flags.split_whitespace().any(|f| f == "-DHAVE_FDATASYNC=1"),
+            "LIBSQLITE3_FLAGS is {flags:?}: build from the workspace, whose .cargo/config.toml sets it"
+        );
+    }
+
     #[tokio::test]
     async fn a_read_is_planned_once_whatever_values_it_is_given() {
         let dir = tempfile::tempdir().expect("tempdir");
