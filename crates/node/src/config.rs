@@ -49,6 +49,13 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     #[serde(deserialize_with = "de::output_limit")]
     pub output_limit: usize,
+    /// The async runtime's worker threads; left out, [`ServeConfig::worker_threads`] decides.
+    #[serde(
+        rename = "worker_threads",
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de::worker_threads"
+    )]
+    pub worker_threads_set: Option<usize>,
     /// `log_format`: `text`, `json`, or `auto` (`None`: JSON unless stderr is a terminal).
     #[serde(rename = "log_format", with = "de::log_format")]
     pub log_json: Option<bool>,
@@ -228,6 +235,7 @@ impl Default for ServeConfig {
             kill_grace: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(30),
             output_limit: 16 * 1024,
+            worker_threads_set: None,
             log_json: None,
             estop_source_set: None,
             estop_file: PathBuf::new(),
@@ -302,6 +310,22 @@ impl ServeConfig {
             p.push((f.clone(), "a TLS file"));
         }
         actions::Protected::new(p)
+    }
+
+    /// The async runtime's worker threads: as set, else one per CPU, less one on SQLite (at
+    /// least one). That CPU is the SQLite writer's thread: with as many workers as CPUs, the
+    /// workers and the writer take turns on the same CPUs, and each step of a run wakes a
+    /// thread that must first push another off (BENCHMARKS.md, "One CPU for the SQLite
+    /// writer"). PostgreSQL's writer is a task among the others, and its server has CPUs of its
+    /// own.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads_set.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            match self.database {
+                Database::Sqlite(_) => cpus.saturating_sub(1).max(1),
+                Database::Postgres(_) => cpus,
+            }
+        })
     }
 
     /// Where the e-stop list lives.
@@ -766,6 +790,10 @@ mod de {
         in_range(d, 256, 16 * 1024 * 1024, " bytes")
     }
 
+    pub fn worker_threads<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        in_range(d, 1, 1024, "").map(Some)
+    }
+
     pub fn at_least_one<'de, D, T>(d: D) -> Result<T, D::Error>
     where
         D: Deserializer<'de>,
@@ -1110,6 +1138,31 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_leave_a_cpu_to_the_sqlite_writer_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let c = load(dir.path(), None, None, &[]).unwrap();
+        assert_eq!(c.worker_threads(), cpus.saturating_sub(1).max(1));
+        assert!(!toml::to_string(&c).unwrap().contains("worker_threads"));
+        let c = load(
+            dir.path(),
+            None,
+            None,
+            &vars_of(&[("STEWARD_WORKER_THREADS", "3")]),
+        )
+        .unwrap();
+        assert_eq!(c.worker_threads(), 3);
+        assert!(toml::to_string(&c).unwrap().contains("worker_threads = 3"));
+        let pg = vars_of(&[("STEWARD_DATABASE", "postgres://steward@db:5432/steward")]);
+        let c = load(dir.path(), None, None, &pg).unwrap();
+        assert_eq!(
+            c.worker_threads(),
+            cpus,
+            "PostgreSQL's writer is no thread of its own"
+        );
+    }
+
+    #[test]
     fn the_sentry_dsn_is_never_shown_whole() {
         let dir = tempfile::tempdir().unwrap();
         let env = vars_of(&[
@@ -1308,6 +1361,14 @@ mod tests {
             (
                 "shutdown_grace = \"0s\"\n",
                 "shutdown_grace: must be greater than 0",
+            ),
+            (
+                "worker_threads = 0\n",
+                "worker_threads: 0 is out of range 1..=1024",
+            ),
+            (
+                "worker_threads = \"four\"\n",
+                "worker_threads: invalid type",
             ),
             ("listen = \"here\"\n", "listen:"),
             (

@@ -295,6 +295,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<StopCause> {
         data_dir = %cfg.data_dir.display(),
         node_id = %node.node_id(),
         pid = std::process::id(),
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         startup = ?started.elapsed(),
         "steward serving"
     );

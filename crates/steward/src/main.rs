@@ -371,17 +371,47 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` reads its configuration before the runtime starts: it sets the worker threads.
+    let (command, workers) = match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            config,
+            print_config,
+        } => {
+            let loaded = config::environment().and_then(|env| {
+                config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)
+            });
+            match loaded {
+                Ok(cfg) => {
+                    let workers = cfg.worker_threads();
+                    (Ready::Serve(Box::new(cfg), print_config), Some(workers))
+                }
+                Err(e) => {
+                    output::error(&format!("{e:#}"));
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        command => (Ready::Other(command), None),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             output::error(&format!("starting the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
-    let result = rt.block_on(run(cli));
+    let result = rt.block_on(async move {
+        match command {
+            Ready::Serve(cfg, print_config) => serve(*cfg, print_config).await,
+            Ready::Other(command) => run(command).await,
+        }
+    });
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -391,37 +421,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Serve {
-            data_dir,
-            listen,
-            config,
-            print_config,
-        } => {
-            let env = config::environment()?;
-            let cfg = config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)?;
-            if print_config {
-                output::line(&toml::to_string_pretty(&cfg)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            // JSON for whatever collects the log (a file, journald, a container runtime); text
-            // for a person at a terminal.
-            use std::io::IsTerminal as _;
-            let _telemetry = telemetry::init(telemetry::Settings {
-                json: cfg.log_json.unwrap_or(!std::io::stderr().is_terminal()),
-                otlp_endpoint: cfg.otlp_endpoint.clone(),
-                sentry_dsn: cfg.sentry_dsn.clone(),
-                node_id: (!cfg.node_id.is_empty()).then(|| cfg.node_id.clone()),
-            })?;
-            let cause = node::serve(cfg).await?;
-            Ok(match cause {
-                domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(1),
-            })
+/// A command, its configuration read where that comes first.
+enum Ready {
+    Serve(Box<config::ServeConfig>, bool),
+    Other(Command),
+}
+
+async fn serve(cfg: config::ServeConfig, print_config: bool) -> anyhow::Result<ExitCode> {
+    if print_config {
+        output::line(&toml::to_string_pretty(&cfg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // JSON for whatever collects the log (a file, journald, a container runtime); text
+    // for a person at a terminal.
+    use std::io::IsTerminal as _;
+    let _telemetry = telemetry::init(telemetry::Settings {
+        json: cfg.log_json.unwrap_or(!std::io::stderr().is_terminal()),
+        otlp_endpoint: cfg.otlp_endpoint.clone(),
+        sentry_dsn: cfg.sentry_dsn.clone(),
+        node_id: (!cfg.node_id.is_empty()).then(|| cfg.node_id.clone()),
+    })?;
+    let cause = node::serve(cfg).await?;
+    Ok(match cause {
+        domain::StopCause::Signal { .. } | domain::StopCause::StopCommand { .. } => {
+            ExitCode::SUCCESS
         }
+        _ => ExitCode::from(1),
+    })
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { .. } => unreachable!("serve starts in main"),
         Command::Submit {
             file,
             exec,

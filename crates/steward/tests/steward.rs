@@ -540,3 +540,46 @@ async fn a_cancel_between_a_started_submit_and_its_driver_is_heard() {
     assert_eq!(run.state, "cancelled", "{run:?}");
     assert!(!marker.exists(), "the job must not have run");
 }
+
+/// The runtime gets one worker thread per CPU less one (the SQLite writer's), at least one,
+/// unless `worker_threads` says otherwise; a value out of range stops `serve` before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_as_many_workers_as_configured() {
+    let workers = |s: &Server| -> Option<u64> {
+        s.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "steward serving")
+            .and_then(|v| v["workers"].as_u64())
+    };
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&dir.path().join("default"), &[]).await;
+    assert_eq!(
+        workers(&s),
+        Some(cpus.saturating_sub(1).max(1)),
+        "{}",
+        s.log_text()
+    );
+    s.stop().await;
+    let mut s = Server::start(
+        &dir.path().join("three"),
+        &[("STEWARD_WORKER_THREADS", "3")],
+    )
+    .await;
+    assert_eq!(workers(&s), Some(3), "{}", s.log_text());
+    s.stop().await;
+
+    for bad in ["0", "1025", "many"] {
+        let out = std::process::Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("bad"))
+            .env("STEWARD_WORKER_THREADS", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("worker_threads"), "{bad}: {err}");
+        assert!(!dir.path().join("bad").join("steward.db").exists(), "{bad}");
+    }
+}
