@@ -312,19 +312,12 @@ impl ServeConfig {
         actions::Protected::new(p)
     }
 
-    /// The async runtime's worker threads: as set, else one per CPU, less one on SQLite (at
-    /// least one). That CPU is the SQLite writer's thread: with as many workers as CPUs, the
-    /// workers and the writer take turns on the same CPUs, and each step of a run wakes a
-    /// thread that must first push another off (BENCHMARKS.md, "One CPU for the SQLite
-    /// writer"). PostgreSQL's writer is a task among the others, and its server has CPUs of its
-    /// own.
+    /// The async runtime's worker threads: as set, else one per CPU. Fewer spend less CPU per
+    /// run at low load, since each step of a run then wakes fewer threads, and stop a thousand
+    /// jobs more slowly (BENCHMARKS.md, "Worker threads"): the default keeps the e-stop fast.
     pub fn worker_threads(&self) -> usize {
         self.worker_threads_set.unwrap_or_else(|| {
-            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-            match self.database {
-                Database::Sqlite(_) => cpus.saturating_sub(1).max(1),
-                Database::Postgres(_) => cpus,
-            }
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
     }
 
@@ -1138,11 +1131,11 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_leave_a_cpu_to_the_sqlite_writer_unless_set() {
+    fn worker_threads_are_one_per_cpu_unless_set() {
         let dir = tempfile::tempdir().unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get();
         let c = load(dir.path(), None, None, &[]).unwrap();
-        assert_eq!(c.worker_threads(), cpus.saturating_sub(1).max(1));
+        assert_eq!(c.worker_threads(), cpus);
         assert!(!toml::to_string(&c).unwrap().contains("worker_threads"));
         let c = load(
             dir.path(),
@@ -1153,13 +1146,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.worker_threads(), 3);
         assert!(toml::to_string(&c).unwrap().contains("worker_threads = 3"));
-        let pg = vars_of(&[("STEWARD_DATABASE", "postgres://steward@db:5432/steward")]);
-        let c = load(dir.path(), None, None, &pg).unwrap();
-        assert_eq!(
-            c.worker_threads(),
-            cpus,
-            "PostgreSQL's writer is no thread of its own"
-        );
     }
 
     #[test]

@@ -541,8 +541,8 @@ async fn a_cancel_between_a_started_submit_and_its_driver_is_heard() {
     assert!(!marker.exists(), "the job must not have run");
 }
 
-/// The runtime gets one worker thread per CPU less one (the SQLite writer's), at least one,
-/// unless `worker_threads` says otherwise; a value out of range stops `serve` before it starts.
+/// The runtime gets one worker thread per CPU unless `worker_threads` says otherwise; a value
+/// out of range stops `serve` before it starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_as_many_workers_as_configured() {
     let workers = |s: &Server| -> Option<u64> {
@@ -555,12 +555,7 @@ async fn serve_runs_as_many_workers_as_configured() {
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     let dir = tempfile::tempdir().unwrap();
     let mut s = Server::start(&dir.path().join("default"), &[]).await;
-    assert_eq!(
-        workers(&s),
-        Some(cpus.saturating_sub(1).max(1)),
-        "{}",
-        s.log_text()
-    );
+    assert_eq!(workers(&s), Some(cpus), "{}", s.log_text());
     s.stop().await;
     let mut s = Server::start(
         &dir.path().join("three"),
