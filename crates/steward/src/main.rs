@@ -371,47 +371,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    // `serve` reads its configuration before the runtime starts: it sets the worker threads.
-    let (command, workers) = match cli.command {
+    // Kept until the outcome is printed: dropping it waits for blocking tasks still running.
+    let mut rt = None;
+    let result = match cli.command {
+        // `serve` reads its configuration before the runtime starts: it sets the worker threads.
         Command::Serve {
             data_dir,
             listen,
             config,
             print_config,
-        } => {
-            let loaded = config::environment().and_then(|env| {
-                config::load(&data_dir, config.as_deref(), listen.as_deref(), &env)
-            });
-            match loaded {
-                Ok(cfg) => {
-                    let workers = cfg.worker_threads();
-                    (Ready::Serve(Box::new(cfg), print_config), Some(workers))
-                }
-                Err(e) => {
-                    output::error(&format!("{e:#}"));
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        command => (Ready::Other(command), None),
+        } => config::environment()
+            .and_then(|env| config::load(&data_dir, config.as_deref(), listen.as_deref(), &env))
+            .and_then(|cfg| {
+                rt.insert(runtime(Some(cfg.worker_threads()))?)
+                    .block_on(serve(cfg, print_config))
+            }),
+        command => runtime(None).and_then(|r| rt.insert(r).block_on(run(command))),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
-    }
-    let rt = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            output::error(&format!("starting the runtime: {e}"));
-            return ExitCode::from(1);
-        }
-    };
-    let result = rt.block_on(async move {
-        match command {
-            Ready::Serve(cfg, print_config) => serve(*cfg, print_config).await,
-            Ready::Other(command) => run(command).await,
-        }
-    });
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -421,10 +397,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// A command, its configuration read where that comes first.
-enum Ready {
-    Serve(Box<config::ServeConfig>, bool),
-    Other(Command),
+/// The multi-threaded runtime, with `workers` worker threads (default: one per CPU).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
 }
 
 async fn serve(cfg: config::ServeConfig, print_config: bool) -> anyhow::Result<ExitCode> {
