@@ -49,13 +49,15 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     #[serde(deserialize_with = "de::output_limit")]
     pub output_limit: usize,
-    /// The async runtime's worker threads; left out, [`ServeConfig::worker_threads`] decides.
+    /// The async runtime's worker threads; left out, the runtime's default: one per CPU (or
+    /// `TOKIO_WORKER_THREADS`). Fewer spend less CPU per run at low load, since each step of a
+    /// run wakes fewer threads, and stop a thousand jobs more slowly (BENCHMARKS.md, "Worker
+    /// threads"): the default keeps the e-stop fast.
     #[serde(
-        rename = "worker_threads",
         skip_serializing_if = "Option::is_none",
         deserialize_with = "de::worker_threads"
     )]
-    pub worker_threads_set: Option<usize>,
+    pub worker_threads: Option<usize>,
     /// `log_format`: `text`, `json`, or `auto` (`None`: JSON unless stderr is a terminal).
     #[serde(rename = "log_format", with = "de::log_format")]
     pub log_json: Option<bool>,
@@ -235,7 +237,7 @@ impl Default for ServeConfig {
             kill_grace: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(30),
             output_limit: 16 * 1024,
-            worker_threads_set: None,
+            worker_threads: None,
             log_json: None,
             estop_source_set: None,
             estop_file: PathBuf::new(),
@@ -310,15 +312,6 @@ impl ServeConfig {
             p.push((f.clone(), "a TLS file"));
         }
         actions::Protected::new(p)
-    }
-
-    /// The async runtime's worker threads: as set, else one per CPU. Fewer spend less CPU per
-    /// run at low load, since each step of a run then wakes fewer threads, and stop a thousand
-    /// jobs more slowly (BENCHMARKS.md, "Worker threads"): the default keeps the e-stop fast.
-    pub fn worker_threads(&self) -> usize {
-        self.worker_threads_set.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        })
     }
 
     /// Where the e-stop list lives.
@@ -1131,11 +1124,10 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_are_one_per_cpu_unless_set() {
+    fn worker_threads_are_left_to_the_runtime_unless_set() {
         let dir = tempfile::tempdir().unwrap();
-        let cpus = std::thread::available_parallelism().unwrap().get();
         let c = load(dir.path(), None, None, &[]).unwrap();
-        assert_eq!(c.worker_threads(), cpus);
+        assert_eq!(c.worker_threads, None);
         assert!(!toml::to_string(&c).unwrap().contains("worker_threads"));
         let c = load(
             dir.path(),
@@ -1144,7 +1136,7 @@ mod tests {
             &vars_of(&[("STEWARD_WORKER_THREADS", "3")]),
         )
         .unwrap();
-        assert_eq!(c.worker_threads(), 3);
+        assert_eq!(c.worker_threads, Some(3));
         assert!(toml::to_string(&c).unwrap().contains("worker_threads = 3"));
     }
 

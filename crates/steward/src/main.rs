@@ -383,7 +383,7 @@ fn main() -> ExitCode {
         } => config::environment()
             .and_then(|env| config::load(&data_dir, config.as_deref(), listen.as_deref(), &env))
             .and_then(|cfg| {
-                rt.insert(runtime(Some(cfg.worker_threads()))?)
+                rt.insert(runtime(cfg.worker_threads)?)
                     .block_on(serve(cfg, print_config))
             }),
         command => runtime(None).and_then(|r| rt.insert(r).block_on(run(command))),
@@ -397,7 +397,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The multi-threaded runtime, with `workers` worker threads (default: one per CPU).
+/// The multi-threaded runtime, with `workers` worker threads (default: `TOKIO_WORKER_THREADS`,
+/// else one per CPU).
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {

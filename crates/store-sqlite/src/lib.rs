@@ -660,9 +660,11 @@ mod tests {
     }
 
     /// SQLite syncs with `fdatasync` (see `.cargo/config.toml`): the flag reaches the bundled
-    /// SQLite's build only through the workspace's configuration, so a build that misses it
-    /// (cargo started from outside the workspace) fails here instead of silently syncing with
-    /// `fsync`.
+    /// SQLite's build only through the workspace's configuration, so tests built without it
+    /// (cargo started outside the workspace, or `LIBSQLITE3_FLAGS` set to something else in the
+    /// environment) fail here instead of passing on a SQLite that syncs with `fsync`. Cargo
+    /// hands the same value to this crate and to `libsqlite3-sys`'s build script, which builds
+    /// again when it changes.
     #[test]
     fn sqlite_is_built_to_sync_with_fdatasync() {
         let flags = option_env!("LIBSQLITE3_FLAGS").unwrap_or("");
