@@ -26,6 +26,7 @@ pub mod metrics;
 mod otel;
 mod retention;
 mod schedules;
+mod submitted;
 
 use crate::failpoints::crash_point;
 
@@ -292,6 +293,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// The last count of runs by state, and when it was taken.
     pub(crate) counts: Mutex<Option<Counted>>,
+    /// Runs this node's Submit stored, for their Exec to start without reading them back.
+    pub(crate) submitted: submitted::SubmittedRuns,
 }
 
 /// Runs by state, and when they were counted.
@@ -328,6 +331,7 @@ impl Engine {
                 run_ended: tokio::sync::Notify::new(),
                 metrics: Arc::new(metrics::Metrics::new()),
                 counts: Mutex::new(None),
+                submitted: submitted::SubmittedRuns::default(),
                 job_slots: Arc::new(Semaphore::new(opts.max_running_jobs.max(1))),
                 opts,
                 store,
@@ -598,6 +602,8 @@ impl Engine {
         // A run started here: its driver's slot, registered before the write (a cancel right
         // after it finds the run), and the run as stored, to start from without reading it.
         let mut started_here = None;
+        // A run only submitted: as stored, for its Exec.
+        let mut kept = None;
         let submitted = if start {
             let started = store::StartedRun {
                 run,
@@ -610,6 +616,7 @@ impl Engine {
             ));
             self.inner.store.submit_started(started).await?
         } else {
+            kept = Some(run.as_stored());
             self.inner.store.submit(run).await?
         };
         let mut state = if start {
@@ -647,6 +654,9 @@ impl Engine {
                 None => driver::spawn_run(&self.inner, submitted.id),
             }
         } else if submitted.created {
+            if let Some(run) = kept {
+                self.inner.submitted.keep(run);
+            }
             self.inner.emit(submitted.id, RunState::Submitted);
             tracing::debug!(run_id = %submitted.id, "run submitted");
         }
@@ -656,10 +666,19 @@ impl Engine {
     /// Starts a submitted run (handshake step 2).
     pub async fn exec(&self, id: RunId) -> Result<(), EngineError> {
         self.check_accepting()?;
-        let run = self.get(id).await?;
-        if run.state == RunState::Submitted {
-            self.inner.refuse_if_stopped(&run.spec)?;
-        }
+        // As this node's Submit stored it (the write below tells whether it is still only
+        // submitted), else as stored now. A refusal is decided on the run as stored now: it
+        // may have ended since.
+        let run = match self.inner.submitted.take(id) {
+            Some(run) if self.inner.refuse_if_stopped(&run.spec).is_ok() => run,
+            _ => {
+                let run = self.get(id).await?;
+                if run.state == RunState::Submitted {
+                    self.inner.refuse_if_stopped(&run.spec)?;
+                }
+                run
+            }
+        };
         let now = self.inner.clock.now();
         let lease = now.plus(self.inner.opts.lease_ttl);
         // Registered before the write: a cancel right after it finds the run.
@@ -674,7 +693,7 @@ impl Engine {
                 self.inner.emit(id, RunState::Queued);
                 tracing::debug!(run_id = %id, "run queued");
                 // Only a `submitted` run is queued, and nothing changes one but this (a
-                // cancel or an expiry would have ended it first): the run read above, queued.
+                // cancel or an expiry would have ended it first): the run above, queued.
                 let mut run = run;
                 run.state = RunState::Queued;
                 run.lease_owner = Some(self.inner.opts.node_id.clone());

@@ -66,6 +66,44 @@ async fn wait_terminal(engine: &Engine, id: RunId) -> domain::Run {
     panic!("run {id} did not finish");
 }
 
+/// The Exec of a handshake starts the run from what its Submit stored, without reading it back;
+/// a run that ended in between (cancelled) is answered as it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_starts_from_what_submit_stored() {
+    let f = fixture(|_| {});
+    let s = spec("name: kept\nblocks:\n  - jobs: [{action: noop}]\n");
+    let sub = f.engine.submit(s).await.unwrap();
+    // Read back, the run would be this one, whose job fails.
+    let failing = spec(
+        "name: kept\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 3']}}]\n",
+    );
+    let db = rusqlite::Connection::open(f._dir.path().join("steward.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE runs SET spec = ?1 WHERE id = ?2",
+            (serde_json::to_string(&failing).unwrap(), sub.id.to_string()),
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    assert_eq!(f.engine.status(sub.id).await.unwrap().spec, failing);
+    f.engine.exec(sub.id).await.unwrap();
+    assert_eq!(
+        wait_terminal(&f.engine, sub.id).await.state,
+        RunState::Completed
+    );
+
+    let sub = f
+        .engine
+        .submit(spec("name: kept\nblocks:\n  - jobs: [{action: noop}]\n"))
+        .await
+        .unwrap();
+    f.engine.cancel(sub.id, "ana", "not now").await.unwrap();
+    match f.engine.exec(sub.id).await {
+        Err(EngineError::AlreadyExists { state, .. }) => assert_eq!(state, RunState::Cancelled),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_run_in_order_and_complete() {
     let f = fixture(|_| {});

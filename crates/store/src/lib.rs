@@ -321,17 +321,24 @@ pub struct StartedRun {
     pub lease_until: Timestamp,
 }
 
+impl NewRun {
+    /// The run as Submit stores it: `submitted`, every block and job pending, no lease.
+    pub fn as_stored(&self) -> Run {
+        let mut run = Run::created(self.id, self.spec.clone(), self.created_at, self.expires_at);
+        run.cloned_from = self.cloned_from;
+        run.submitted_by = self.submitted_by.clone();
+        run.schedule = self.schedule.clone();
+        run
+    }
+}
+
 impl StartedRun {
     /// The run as this write stores it.
     pub fn as_stored(&self) -> Run {
-        let r = &self.run;
-        let mut run = Run::created(r.id, r.spec.clone(), r.created_at, r.expires_at);
+        let mut run = self.run.as_stored();
         run.state = RunState::Queued;
         run.lease_owner = Some(self.node.clone());
         run.lease_expires_at = Some(self.lease_until);
-        run.cloned_from = r.cloned_from;
-        run.submitted_by = r.submitted_by.clone();
-        run.schedule = r.schedule.clone();
         run
     }
 }
