@@ -603,7 +603,7 @@ impl Engine {
         // after it finds the run), and the run as stored, to start from without reading it.
         let mut started_here = None;
         // A run only submitted: as stored, for its Exec.
-        let mut kept = None;
+        let kept = (!start).then(|| run.as_stored());
         let submitted = if start {
             let started = store::StartedRun {
                 run,
@@ -616,7 +616,6 @@ impl Engine {
             ));
             self.inner.store.submit_started(started).await?
         } else {
-            kept = Some(run.as_stored());
             self.inner.store.submit(run).await?
         };
         let mut state = if start {
