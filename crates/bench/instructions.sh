@@ -9,7 +9,8 @@
 # The settings are those of `steward bench --suite telemetry`: `off` (RUST_LOG=off, no
 # exporter), `logs` (JSON at info), `spans` (OTLP to a sink on loopback), `on` (both).
 # Needs valgrind, python3 (the OTLP sink) and curl; uses the release binary and ports 47001
-# and 47318 on 127.0.0.1. Kernel time (fsync, syscalls) is not counted.
+# and 47318 on 127.0.0.1. Kernel time (fsync, syscalls) is not counted. With KEEP=DIR, each
+# LARGE run's callgrind output is kept as DIR/SETTING.cg.out (for callgrind_annotate).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/release/steward
@@ -65,6 +66,9 @@ count() { # MODE RUNS -> instructions
   sleep 1
   kill -TERM "$server"
   wait "$server" || true
+  if [[ -n ${KEEP:-} && $runs == "$large" ]]; then
+    mkdir -p "$KEEP" && cp "$d/cg.out" "$KEEP/$mode.cg.out"
+  fi
   grep -h '^summary:\|^totals:' "$d/cg.out" | head -1 | awk '{print $2}'
 }
 

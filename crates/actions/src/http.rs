@@ -431,7 +431,7 @@ pub(crate) async fn run(
     // The attempt's place in its run's trace, unless the spec names another.
     if let Some(tp) = &ctx.traceparent
         && !headers.contains_key("traceparent")
-        && let Ok(v) = reqwest::header::HeaderValue::from_str(tp)
+        && let Ok(v) = reqwest::header::HeaderValue::from_str(&tp.to_string())
     {
         headers.insert("traceparent", v);
     }

@@ -46,7 +46,7 @@ pub struct JobContext {
     pub run_as: Option<RunAs>,
     /// The W3C `traceparent` of this attempt: `TRACEPARENT` for a `shell` job, the
     /// `traceparent` header of an `http` job (unless the spec sets one).
-    pub traceparent: Option<String>,
+    pub traceparent: Option<domain::trace::TraceParent>,
 }
 
 /// What a node holds every job to, and the secrets jobs may draw on; set once at start.

@@ -196,7 +196,7 @@ pub(crate) async fn run(
     cmd.args(rest);
     // W3C Trace Context's variable; the job's own `env` may set another.
     if let Some(tp) = &ctx.traceparent {
-        cmd.env("TRACEPARENT", tp);
+        cmd.env("TRACEPARENT", tp.to_string());
     }
     cmd.envs(env)
         .env("STEWARD_IDEMPOTENCY_KEY", &ctx.idempotency_key)

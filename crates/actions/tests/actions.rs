@@ -33,7 +33,14 @@ fn ctx() -> JobContext {
         supervisor: None,
         guardrails: Default::default(),
         run_as: None,
-        traceparent: Some(TRACEPARENT.into()),
+        traceparent: Some(domain::trace::TraceParent {
+            trace_id: [
+                0x01, 0x92, 0xf0, 0xc1, 0x8a, 0x4e, 0x7d, 0x2b, 0x9f, 0x3a, 0x1c, 0x2d, 0x3e, 0x4f,
+                0x5a, 0x6b,
+            ],
+            span_id: [1, 2, 3, 4, 5, 6, 7, 8],
+            sampled: true,
+        }),
     }
 }
 

@@ -3,6 +3,8 @@
 //! it, names the same trace without storing anything, and the trace is found by the run ID.
 //! The trace's root is the run itself; its span ID is derived from the run ID too.
 
+use std::fmt;
+
 use crate::RunId;
 
 /// The run's trace ID: the run ID's 16 bytes (a UUIDv7 is never all zero).
@@ -21,6 +23,32 @@ pub fn root_span_id(run: RunId) -> [u8; 8] {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     if z == 0 { 1 } else { z }.to_be_bytes()
+}
+
+/// A place in a trace, handed to a job: made into a `traceparent` value ([`fmt::Display`])
+/// only where a job takes one (a `shell` job's `TRACEPARENT`, an `http` job's header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// The run's root.
+    pub fn of_run(run: RunId) -> Self {
+        Self {
+            trace_id: trace_id(run),
+            span_id: root_span_id(run),
+            sampled: true,
+        }
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&traceparent(self.trace_id, self.span_id, self.sampled))
+    }
 }
 
 /// A `traceparent` header value (version 00).
@@ -66,6 +94,7 @@ mod tests {
         let other: RunId = "0192f0c1-8a4e-7d2b-9f3a-1c2d3e4f5a6c".parse().unwrap();
         assert_ne!(root_span_id(run), root_span_id(other));
         assert_ne!(root_span_id(run), [0; 8]);
+        assert_eq!(TraceParent::of_run(run).to_string(), tp);
     }
 
     #[test]

@@ -108,9 +108,11 @@ fn launch(
     let task_inner = inner.clone();
     // Every line about the run carries its ID and, once the run is read, its workflow.
     let span = tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty);
-    crate::otel::adopt_run_span(&span, id, &inner.opts.node_id);
     inner.tracker.spawn(
         async move {
+            // Exported, this driving of the run is a span of the run's trace; it ends with the
+            // task.
+            let run_span = crate::otel::run_span(id, &task_inner.opts.node_id);
             let driver = Driver {
                 inner: &task_inner,
                 id,
@@ -121,6 +123,8 @@ fn launch(
                 ident: std::sync::OnceLock::new(),
                 created_at: std::sync::OnceLock::new(),
                 held: Mutex::new(Vec::new()),
+                span_id: run_span.id(),
+                span: Mutex::new(run_span),
             };
             if let Err(e) = driver.drive(loaded).await {
                 match e {
@@ -187,11 +191,23 @@ struct Driver<'a> {
     /// those before it too, and a pause queues them all first: the store sees the run
     /// `running`, and starts, in the order they happened.
     held: Mutex<Vec<(JobKey, Vec<Transition>)>>,
+    /// This driving's span (recording nothing without an exporter), and its ID.
+    span: Mutex<otlp::Span>,
+    span_id: Option<[u8; 8]>,
 }
 
 impl Driver<'_> {
     fn node(&self) -> &domain::NodeId {
         &self.inner.opts.node_id
+    }
+
+    /// Adds an event to the run's span, when it is recorded; `attrs` is only made then.
+    fn span_event(&self, name: &'static str, attrs: impl FnOnce() -> Vec<otlp::Attr>) {
+        if self.span_id.is_some()
+            && let Ok(mut span) = self.span.lock()
+        {
+            span.event(name, attrs());
+        }
     }
 
     async fn drive(&self, loaded: Option<Run>) -> store::Result<()> {
@@ -211,6 +227,11 @@ impl Driver<'_> {
             .set((run.spec.name.clone(), run.spec.labels.clone()));
         let _ = self.created_at.set(run.created_at);
         tracing::Span::current().record("workflow", run.spec.name.as_str());
+        if self.span_id.is_some()
+            && let Ok(mut span) = self.span.lock()
+        {
+            span.set("workflow", run.spec.name.clone());
+        }
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
         }
@@ -413,6 +434,7 @@ impl Driver<'_> {
             match finished {
                 Some(Some(state)) => {
                     self.finished(state);
+                    self.span_event("run finished", || vec![("state", state.to_string().into())]);
                     tracing::info!(%state, "run finished");
                     return Ok(Flow::Finished);
                 }
@@ -509,6 +531,7 @@ impl Driver<'_> {
             EStopState::Pause => {
                 if !self.paused.swap(true, Ordering::SeqCst) {
                     tracing::info!(verdict = %v, "e-stop: pausing the run; in-flight jobs finish, nothing new starts");
+                    self.span_event("e-stop: paused", || vec![("verdict", v.to_string().into())]);
                     let at = self.inner.now();
                     // Held starts first: a `running` written after this would hide the pause.
                     let mut ts = self.take_held_all();
@@ -520,6 +543,7 @@ impl Driver<'_> {
             EStopState::Go => {
                 if self.paused.swap(false, Ordering::SeqCst) {
                     tracing::info!("e-stop: resuming the run");
+                    self.span_event("e-stop: resumed", Vec::new);
                     let at = self.inner.now();
                     self.inner.store.apply_nowait(
                         self.node(),
@@ -703,6 +727,13 @@ impl Driver<'_> {
             // it is in; exported, it is a span of the run's trace, under the run span.
             let span =
                 tracing::info_span!("job", job = %idempotency_key, action = call.action(), attempt);
+            let mut job_span = crate::otel::job_span(
+                self.id,
+                self.span_id,
+                idempotency_key.as_str(),
+                call.action(),
+                attempt,
+            );
             let ctx = JobContext {
                 run_id: self.id,
                 idempotency_key: idempotency_key.clone(),
@@ -713,7 +744,7 @@ impl Driver<'_> {
                 supervisor: inner.opts.supervisor.clone(),
                 guardrails: inner.opts.guardrails.clone(),
                 run_as: inner.run_as_for(self.ident.get().map_or("", |(name, _)| name)),
-                traceparent: Some(crate::otel::traceparent(&span, self.id)),
+                traceparent: Some(crate::otel::traceparent(&job_span, self.id)),
             };
             let mut timed_out = false;
             let began = std::time::Instant::now();
@@ -752,14 +783,13 @@ impl Driver<'_> {
             match &result {
                 Ok(_) => {}
                 Err(ActionError::Failed { message, .. } | ActionError::Fatal { message, .. }) => {
-                    crate::otel::failed(&span, message);
+                    job_span.fail(message);
                 }
-                Err(ActionError::Cancelled { .. }) if timed_out => {
-                    crate::otel::failed(&span, "timed out")
-                }
-                Err(ActionError::Cancelled { .. }) => crate::otel::failed(&span, "cancelled"),
-                Err(ActionError::NotStarted { message }) => crate::otel::failed(&span, message),
+                Err(ActionError::Cancelled { .. }) if timed_out => job_span.fail("timed out"),
+                Err(ActionError::Cancelled { .. }) => job_span.fail("cancelled"),
+                Err(ActionError::NotStarted { message }) => job_span.fail(message),
             }
+            drop(job_span);
             drop(span);
             if !matches!(result, Err(ActionError::NotStarted { .. })) {
                 let failed = timed_out
@@ -821,6 +851,13 @@ impl Driver<'_> {
             self.record_start(key);
             let backoff = retry.backoff_before(used + failed + 1);
             tracing::info!(job = %idempotency_key, attempt, %error, backoff = ?backoff, "job attempt failed; retrying");
+            self.span_event("job attempt failed; retrying", || {
+                vec![
+                    ("job", idempotency_key.to_string().into()),
+                    ("attempt", attempt.into()),
+                    ("error", error.clone().into()),
+                ]
+            });
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = self.token.cancelled() => return Outcome::Cancelled { output },
@@ -1025,6 +1062,13 @@ impl Driver<'_> {
         });
         self.commit_alone(ts).await?;
         self.finished(state);
+        self.span_event("run finished", || {
+            let mut attrs = vec![("state", state.to_string().into())];
+            if let Some(cause) = &cause {
+                attrs.push(("cause", cause.to_string().into()));
+            }
+            attrs
+        });
         match cause {
             Some(cause) => tracing::info!(%state, %cause, "run finished"),
             None => tracing::info!(%state, "run finished"),
@@ -1050,6 +1094,9 @@ impl Driver<'_> {
             _ => self.shutdown_cause(),
         };
         tracing::info!(%cause, "run interrupted; it resumes at its first unfinished job");
+        self.span_event("run interrupted", || {
+            vec![("cause", cause.to_string().into())]
+        });
         self.commit_alone(vec![Transition::RunInterrupted { cause }])
             .await?;
         self.inner.store.release(self.node(), self.id).await

@@ -22,8 +22,13 @@ struct Span {
     span_id: String,
     parent_span_id: String,
     attrs: Vec<(String, String)>,
+    /// Each event's name and attributes.
+    events: Vec<(String, Vec<(String, String)>)>,
     /// 2: error.
     status_code: i32,
+    status_message: String,
+    /// The request's `api-key` header.
+    api_key: Option<String>,
 }
 
 impl Span {
@@ -47,43 +52,60 @@ async fn otlp_receiver() -> (String, Spans) {
     let g = got.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let g = g.clone();
-            async move {
-                let req = ExportTraceServiceRequest::decode(body).unwrap();
-                let mut spans = g.lock().unwrap();
-                for rs in req.resource_spans {
-                    for ss in rs.scope_spans {
-                        for s in ss.spans {
-                            let attrs = s
-                                .attributes
-                                .iter()
-                                .map(|kv| {
-                                    let v = match kv.value.as_ref().and_then(|v| v.value.clone()) {
-                                        Some(AnyValue::StringValue(s)) => s,
-                                        Some(AnyValue::IntValue(i)) => i.to_string(),
-                                        other => format!("{other:?}"),
-                                    };
-                                    (kv.key.clone(), v)
-                                })
-                                .collect();
-                            spans.push(Span {
-                                name: s.name,
-                                trace_id: hex(&s.trace_id),
-                                span_id: hex(&s.span_id),
-                                parent_span_id: hex(&s.parent_span_id),
-                                attrs,
-                                status_code: s.status.map_or(0, |st| st.code),
-                            });
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let g = g.clone();
+                async move {
+                    let api_key = headers
+                        .get("api-key")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let req = ExportTraceServiceRequest::decode(body).unwrap();
+                    let mut spans = g.lock().unwrap();
+                    for rs in req.resource_spans {
+                        for ss in rs.scope_spans {
+                            for s in ss.spans {
+                                let events = s
+                                    .events
+                                    .iter()
+                                    .map(|e| (e.name.clone(), attrs(&e.attributes)))
+                                    .collect();
+                                spans.push(Span {
+                                    name: s.name,
+                                    trace_id: hex(&s.trace_id),
+                                    span_id: hex(&s.span_id),
+                                    parent_span_id: hex(&s.parent_span_id),
+                                    attrs: attrs(&s.attributes),
+                                    events,
+                                    status_code: s.status.as_ref().map_or(0, |st| st.code),
+                                    status_message: s
+                                        .status
+                                        .map(|st| st.message)
+                                        .unwrap_or_default(),
+                                    api_key: api_key.clone(),
+                                });
+                            }
                         }
                     }
+                    axum::http::StatusCode::OK
                 }
-                axum::http::StatusCode::OK
-            }
-        }),
+            },
+        ),
     );
     let addr = serve_loopback(app).await;
     (format!("http://{addr}"), got)
+}
+
+fn attrs(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(String, String)> {
+    kvs.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.clone()) {
+                Some(AnyValue::StringValue(s)) => s,
+                Some(AnyValue::IntValue(i)) => i.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
 }
 
 /// Waits until a span matching `f` has arrived.
@@ -210,10 +232,11 @@ async fn a_failed_job_attempt_is_an_error_span() {
     let env = [
         ("STEWARD_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k%3D1"),
     ];
     let mut server = Server::start(&data, &env).await;
     let mut c = server.client().await;
-    let job = sh("exit 3");
+    let job = sh("echo nope; exit 3");
     let id = submit(
         &mut c,
         &format!("name: hello\nblocks:\n  - jobs: [{job}]\n"),
@@ -227,6 +250,21 @@ async fn a_failed_job_attempt_is_an_error_span() {
     })
     .await;
     assert_eq!(job.status_code, 2, "status error: {job:?}");
+    assert!(job.status_message.contains("exit"), "{job:?}");
+    assert_eq!(job.api_key.as_deref(), Some("k=1"), "the export's headers");
+    // The run's span names its workflow and ends with an event saying how the run ended.
+    let run = wait_span(&spans, "of the run", |s| {
+        s.name == "run" && s.trace_id == trace
+    })
+    .await;
+    assert_eq!(run.attr("workflow"), Some("hello"), "{run:?}");
+    assert_eq!(job.parent_span_id, run.span_id);
+    let (name, attrs) = run.events.last().expect("an event");
+    assert_eq!(name, "run finished", "{run:?}");
+    assert!(
+        attrs.contains(&("state".to_owned(), "failed".to_owned())),
+        "{run:?}"
+    );
     server.stop().await;
 }
 

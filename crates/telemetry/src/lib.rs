@@ -1,13 +1,13 @@
 //! What a node tells the outside about itself, set up once at start ([`init`]):
 //! - **logs** on stderr, as text for a person or JSON for a collector, filtered by `RUST_LOG`;
 //! - **traces** over OTLP/HTTP when an endpoint is set: the `run` and `job` spans the engine
-//!   makes (`engine::otel`), batched on a thread of their own, so that a slow or absent
-//!   collector costs runs nothing (a full queue drops spans);
+//!   makes (`engine::otel`), batched by the `otlp` pipeline on a thread of its own, so that a
+//!   slow or absent collector costs runs nothing (a full queue drops spans);
 //! - **errors** to Sentry when a DSN is set: every `error` line, panics, and each failed run
 //!   ([`report_failed_run`]), with breadcrumbs from the lines before it.
 //!
-//! Each part is a `tracing` layer with a filter of its own: `RUST_LOG` quiets the log without
-//! losing spans.
+//! The log and Sentry are `tracing` layers, each with a filter of its own; spans are not
+//! `tracing`'s: `RUST_LOG` quiets the log without losing them.
 
 mod json_log;
 mod sentry_report;
@@ -16,7 +16,6 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -44,14 +43,14 @@ pub struct Settings {
 /// Keeps the exporters running; dropping it flushes what they hold (bounded in time).
 #[must_use = "dropping the guard stops exporting"]
 pub struct Guard {
-    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    spans: Option<std::sync::Arc<otlp::Pipeline>>,
     _sentry: Option<sentry::ClientInitGuard>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(t) = self.tracer.take()
-            && let Err(e) = t.shutdown_with_timeout(FLUSH_TIMEOUT)
+        if let Some(p) = self.spans.take()
+            && let Err(e) = p.shutdown(FLUSH_TIMEOUT)
         {
             tracing::warn!(error = %e, "the last spans could not be exported");
         }
@@ -61,30 +60,11 @@ impl Drop for Guard {
 /// Installs the process's `tracing` subscriber and the exporters. Called once, before anything
 /// logs; a second call fails.
 pub fn init(settings: Settings) -> anyhow::Result<Guard> {
-    let tracer = settings
+    let spans = settings
         .otlp_endpoint
         .as_ref()
-        .map(|e| tracer_provider(e, settings.node_id.as_deref()))
+        .map(|e| span_pipeline(e, settings.node_id.as_deref(), |k| std::env::var(k).ok()))
         .transpose()?;
-    let spans = tracer.as_ref().map(|p| {
-        // Only the engine's spans (runs and job attempts) make up a run's trace; the events
-        // inside them become span events.
-        // No busy/idle timing and no OpenTelemetry context made current on entry (a run span
-        // is entered at every poll; a job's parent and its `traceparent` come from the spans
-        // themselves), no thread, target or source location attributes: a span costs what it
-        // says.
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("steward"))
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_location(false)
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target("engine", tracing::Level::INFO),
-            )
-    });
     let sentry = settings
         .sentry_dsn
         .as_ref()
@@ -101,12 +81,16 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
     });
     tracing_subscriber::registry()
         .with(log_layer(settings.json))
-        .with(spans)
         .with(errors)
         .try_init()
         .context("installing the log subscriber")?;
+    if let Some(p) = &spans
+        && otlp::install(p.clone()).is_err()
+    {
+        anyhow::bail!("the span pipeline is already installed");
+    }
     Ok(Guard {
-        tracer,
+        spans,
         _sentry: sentry,
     })
 }
@@ -175,38 +159,111 @@ pub fn traces_url(endpoint: &url::Url) -> url::Url {
     url
 }
 
-/// The span pipeline: a batch processor (its own thread; `OTEL_BSP_*` tune it) in front of an
-/// OTLP/HTTP exporter whose client is Steward's (rustls with `ring`, the platform's roots).
-fn tracer_provider(
+/// The span pipeline: `otlp`'s batching (OpenTelemetry's `OTEL_BSP_*` settings) in front of
+/// an OTLP/HTTP transport whose client is Steward's (rustls with `ring`, the platform's roots).
+/// `env` reads the environment (a test's, in tests).
+fn span_pipeline(
     endpoint: &url::Url,
     node: Option<&str>,
-) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
-    use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-    let client = blocking_client()?;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(client)
-        .with_endpoint(traces_url(endpoint).as_str())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .context("otlp_endpoint: setting up the span exporter")?;
-    let mut resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("steward")
-        .with_attribute(opentelemetry::KeyValue::new(
-            "service.version",
-            env!("CARGO_PKG_VERSION"),
-        ));
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<std::sync::Arc<otlp::Pipeline>> {
+    let config = otlp::Config::from_env(&env).context("otlp_endpoint: the batching settings")?;
+    let headers = otlp_headers(&env)?;
+    let transport = HttpTransport {
+        client: blocking_client()?,
+        url: traces_url(endpoint),
+        headers,
+    };
+    let mut resource: Vec<otlp::Attr> = vec![
+        ("service.name", "steward".into()),
+        ("service.version", env!("CARGO_PKG_VERSION").into()),
+    ];
     if let Some(node) = node {
-        resource = resource.with_attribute(opentelemetry::KeyValue::new(
-            "service.instance.id",
-            node.to_owned(),
-        ));
+        resource.push(("service.instance.id", node.to_owned().into()));
     }
-    let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter).build();
-    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_resource(resource.build())
-        .build())
+    otlp::Pipeline::start(config, resource, "steward", transport)
+        .context("otlp_endpoint: starting the export thread")
+}
+
+/// The headers every export carries: `OTEL_EXPORTER_OTLP_HEADERS`, then
+/// `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (which wins for a name in both), each a list of
+/// `name=value` separated by commas, values percent-encoded (OpenTelemetry's format). Values
+/// are often API keys: an error names the variable, the entry and the header, never a value.
+fn otlp_headers(
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<reqwest::header::HeaderMap> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = reqwest::header::HeaderMap::new();
+    for var in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        let Some(list) = env(var) else { continue };
+        for (i, entry) in list.split(',').enumerate() {
+            if entry.trim().is_empty() {
+                continue;
+            }
+            let n = i + 1;
+            let Some((name, value)) = entry.split_once('=') else {
+                anyhow::bail!("{var}: entry {n} has no `=` (the format is name=value,name=value)");
+            };
+            let name = name.trim();
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                anyhow::anyhow!(
+                    "{var}: entry {n}: {:?} is not a header name",
+                    escape_control(name)
+                )
+            })?;
+            let value = percent_encoding::percent_decode_str(value.trim())
+                .decode_utf8()
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{var}: entry {n} ({header}): the value is not UTF-8 once decoded"
+                    )
+                })?;
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                anyhow::anyhow!(
+                    "{var}: entry {n} ({header}): the value is not a valid header value"
+                )
+            })?;
+            value.set_sensitive(true);
+            map.insert(header, value);
+        }
+    }
+    Ok(map)
+}
+
+/// Posts each batch to the collector, one at a time, on the pipeline's thread.
+struct HttpTransport {
+    client: reqwest::blocking::Client,
+    url: url::Url,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl otlp::Transport for HttpTransport {
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+        let response = self
+            .client
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body)
+            .send()
+            // The URL may hold credentials; the error is about the request, not where it went.
+            .map_err(|e| e.without_url().to_string())?;
+        let status = response.status();
+        // Read (a bounded part of) the answer, so that the connection is kept for the next.
+        let mut response = response;
+        let _ = std::io::copy(
+            &mut std::io::Read::take(&mut response, 64 * 1024),
+            &mut std::io::sink(),
+        );
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the collector answered {status}"))
+        }
+    }
 }
 
 /// A blocking client for the exporter's thread. It owns a runtime of its own, which may be
@@ -243,6 +300,72 @@ mod tests {
         assert_eq!(
             u("https://otel.example/custom/path"),
             "https://otel.example/custom/path"
+        );
+    }
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs = pairs.to_vec();
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn export_headers_are_opentelemetrys_list_with_the_traces_variable_winning() {
+        let h = otlp_headers(env(&[
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=abc%20def, x-tenant=one,,",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=two"),
+        ]))
+        .unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["api-key"], "abc def");
+        assert!(h["api-key"].is_sensitive());
+        assert_eq!(h["x-tenant"], "two");
+        assert!(otlp_headers(env(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_export_header_is_refused_by_entry_without_its_value() {
+        for (list, want) in [
+            (
+                "a=1,novalue",
+                "OTEL_EXPORTER_OTLP_HEADERS: entry 2 has no `=`",
+            ),
+            (
+                "bad name=secret1",
+                "entry 1: \"bad name\" is not a header name",
+            ),
+            (
+                "api-key=secret2%0a",
+                "entry 1 (api-key): the value is not a valid header value",
+            ),
+            (
+                "api-key=secret3%ff",
+                "entry 1 (api-key): the value is not UTF-8 once decoded",
+            ),
+        ] {
+            let e = otlp_headers(env(&[("OTEL_EXPORTER_OTLP_HEADERS", list)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{list}: {e}");
+            assert!(!e.contains("secret"), "{list}: the value is shown: {e}");
+        }
+    }
+
+    #[test]
+    fn a_bad_batching_setting_stops_the_pipeline_from_starting() {
+        let url = url::Url::parse("http://127.0.0.1:4318").unwrap();
+        let e = span_pipeline(&url, None, env(&[("OTEL_BSP_MAX_QUEUE_SIZE", "lots")])).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("OTEL_BSP_MAX_QUEUE_SIZE=\"lots\": not a whole number"),
+            "{e}"
         );
     }
 

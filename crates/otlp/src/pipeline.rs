@@ -1,0 +1,453 @@
+//! The batching between the spans and the collector: a bounded queue that drops when full,
+//! and a thread of its own that takes a batch when it is full or when the schedule delay has
+//! passed, encodes it and hands it to the [`Transport`]. Nothing a run does waits on it.
+
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+use crate::{Attr, SpanRecord};
+
+/// Sends one encoded `ExportTraceServiceRequest`; an error is the reason it was not taken.
+/// Called on the pipeline's thread only, one batch at a time.
+pub trait Transport: Send + 'static {
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String>;
+}
+
+/// How the pipeline batches: OpenTelemetry's batch span processor settings, with its
+/// defaults and its environment variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The longest a span waits for its batch to leave (`OTEL_BSP_SCHEDULE_DELAY`, ms).
+    pub schedule_delay: Duration,
+    /// Spans held at most; more are dropped (`OTEL_BSP_MAX_QUEUE_SIZE`).
+    pub max_queue: usize,
+    /// Spans sent at most in one request (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`); a full batch
+    /// leaves at once.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            schedule_delay: Duration::from_millis(5000),
+            max_queue: 2048,
+            max_batch: 512,
+        }
+    }
+}
+
+/// A batching setting that cannot be used, by its variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{var}={value:?}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub problem: &'static str,
+}
+
+/// The largest queue a setting may ask for: a span record is a few hundred bytes.
+const MAX_QUEUE_LIMIT: usize = 1 << 20;
+/// The longest schedule delay a setting may ask for: an hour.
+const MAX_DELAY_MS: u64 = 3_600_000;
+
+impl Config {
+    /// The defaults, with what `var` (the process environment, or a test's) sets.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Self::default();
+        let number = |name: &'static str, max: u64| -> Result<Option<u64>, ConfigError> {
+            let Some(value) = var(name) else {
+                return Ok(None);
+            };
+            let err = |problem| ConfigError {
+                var: name,
+                value: value.clone(),
+                problem,
+            };
+            let n: u64 = value
+                .trim()
+                .parse()
+                .map_err(|_| err("not a whole number"))?;
+            if n == 0 || n > max {
+                return Err(err(if n == 0 {
+                    "must be at least 1"
+                } else {
+                    "too large"
+                }));
+            }
+            Ok(Some(n))
+        };
+        if let Some(ms) = number("OTEL_BSP_SCHEDULE_DELAY", MAX_DELAY_MS)? {
+            c.schedule_delay = Duration::from_millis(ms);
+        }
+        let limit = MAX_QUEUE_LIMIT as u64;
+        if let Some(n) = number("OTEL_BSP_MAX_QUEUE_SIZE", limit)? {
+            c.max_queue = usize::try_from(n).unwrap_or(MAX_QUEUE_LIMIT);
+        }
+        if let Some(n) = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", limit)? {
+            c.max_batch = usize::try_from(n).unwrap_or(MAX_QUEUE_LIMIT);
+        }
+        // As OpenTelemetry's SDKs do: a batch is never larger than the queue.
+        c.max_batch = c.max_batch.min(c.max_queue);
+        Ok(c)
+    }
+}
+
+/// The pipeline did not finish sending within the time it was given.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} spans were still queued when the time to send them ran out")]
+pub struct ShutdownError(pub usize);
+
+struct Queue {
+    spans: Vec<SpanRecord>,
+    /// Dropped since the last batch left (the queue was full).
+    dropped: u64,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    config: Config,
+}
+
+/// The queue and its thread. [`Pipeline::submit`] never blocks on the thread's work.
+pub struct Pipeline {
+    shared: Arc<Shared>,
+    done: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Starts the pipeline's thread. Every request carries `resource` (the resource's
+    /// attributes) and the instrumentation scope `scope`.
+    pub fn start(
+        config: Config,
+        resource: Vec<Attr>,
+        scope: &'static str,
+        mut transport: impl Transport,
+    ) -> std::io::Result<Arc<Self>> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                spans: Vec::with_capacity(config.max_batch),
+                dropped: 0,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            config,
+        });
+        let (done_tx, done) = mpsc::channel();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                run(&s, &resource, scope, &mut transport);
+                let _ = done_tx.send(());
+            })?;
+        Ok(Arc::new(Self {
+            shared,
+            done: Mutex::new(Some(done)),
+        }))
+    }
+
+    /// Queues a finished span; drops it when the queue is full or the pipeline is closing.
+    pub fn submit(&self, span: SpanRecord) {
+        let mut q = self.lock();
+        if q.closing {
+            return;
+        }
+        if q.spans.len() >= self.shared.config.max_queue {
+            q.dropped += 1;
+            return;
+        }
+        q.spans.push(span);
+        // Only a full batch wakes the thread before its time: one wake-up per batch.
+        if q.spans.len() == self.shared.config.max_batch {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Sends what is queued and stops the thread, waiting at most `timeout` for it. Spans
+    /// submitted after this are dropped.
+    pub fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownError> {
+        self.lock().closing = true;
+        self.shared.wake.notify_one();
+        let done = self
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(done) = done else {
+            return Ok(());
+        };
+        match done.recv_timeout(timeout) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ShutdownError(self.lock().spans.len())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding the queue leaves it consistent (a push or a take).
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The thread: a batch leaves when it is full, when the delay since the last one has passed,
+/// or when the pipeline closes (then everything queued leaves, a batch at a time).
+fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Transport) {
+    let config = &shared.config;
+    let mut due = Instant::now() + config.schedule_delay;
+    // Sends fail in streaks (a collector down): one line at the first and one when it ends.
+    let mut failing = false;
+    loop {
+        let (batch, dropped, closing) = {
+            let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            while !q.closing && q.spans.len() < config.max_batch {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                q = shared
+                    .wake
+                    .wait_timeout(q, due - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            let batch = if q.spans.len() <= config.max_batch {
+                std::mem::replace(&mut q.spans, Vec::with_capacity(config.max_batch))
+            } else {
+                q.spans.drain(..config.max_batch).collect()
+            };
+            (batch, std::mem::take(&mut q.dropped), q.closing)
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                queue = config.max_queue,
+                "spans dropped: the export queue was full"
+            );
+        }
+        let full = batch.len() == config.max_batch;
+        if !batch.is_empty() {
+            let body = crate::encode_request(resource, scope, &batch);
+            drop(batch);
+            match transport.send(body) {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("spans are exported again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "exporting spans failed; spans are dropped until it works again");
+                }
+                Err(_) => {}
+            }
+        } else if closing {
+            return;
+        }
+        if !full {
+            due = Instant::now() + config.schedule_delay;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn the_settings_are_opentelemetrys_with_its_defaults() {
+        assert_eq!(Config::from_env(env(&[])).unwrap(), Config::default());
+        let c = Config::from_env(env(&[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "64"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
+        ]))
+        .unwrap();
+        assert_eq!(c.schedule_delay, Duration::from_millis(100));
+        assert_eq!(c.max_queue, 64);
+        assert_eq!(c.max_batch, 64, "a batch is never larger than the queue");
+    }
+
+    #[test]
+    fn a_bad_setting_is_refused_by_name() {
+        for (var, value, problem) in [
+            ("OTEL_BSP_SCHEDULE_DELAY", "soon", "not a whole number"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "0", "must be at least 1"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "3600001", "too large"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "-1", "not a whole number"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "1048577", "too large"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0", "must be at least 1"),
+        ] {
+            let e = Config::from_env(env(&[(var, value)])).unwrap_err();
+            assert_eq!((e.var, e.value.as_str(), e.problem), (var, value, problem));
+            assert!(e.to_string().starts_with(var), "{e}");
+        }
+    }
+
+    type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// Keeps what it is sent; fails while `fail` holds.
+    struct Keep(Sent, Arc<std::sync::atomic::AtomicBool>);
+
+    impl Transport for Keep {
+        fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("collector down".into());
+            }
+            self.0.lock().unwrap().push(body);
+            Ok(())
+        }
+    }
+
+    fn span(i: u8) -> SpanRecord {
+        SpanRecord {
+            name: "run",
+            trace_id: [i; 16],
+            span_id: [i; 8],
+            parent_span_id: [0; 8],
+            parent_is_remote: true,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            attrs: Vec::new(),
+            events: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn decoded(sent: &Sent) -> Vec<usize> {
+        use prost::Message as _;
+        sent.lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                    b.as_slice(),
+                )
+                .unwrap()
+                .resource_spans[0]
+                    .scope_spans[0]
+                    .spans
+                    .len()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_batch_leaves_at_once_and_the_rest_at_shutdown() {
+        let sent = Sent::default();
+        let config = Config {
+            schedule_delay: Duration::from_secs(3600),
+            max_queue: 100,
+            max_batch: 4,
+        };
+        let p = Pipeline::start(
+            config,
+            Vec::new(),
+            "steward",
+            Keep(sent.clone(), Arc::default()),
+        )
+        .unwrap();
+        for i in 0..6 {
+            p.submit(span(i));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the full batch did not leave");
+            std::thread::yield_now();
+        }
+        p.shutdown(Duration::from_secs(30)).unwrap();
+        assert_eq!(decoded(&sent), vec![4, 2]);
+        // Closed: nothing more is taken.
+        p.submit(span(9));
+        assert_eq!(p.lock().spans.len(), 0);
+    }
+
+    /// Holds each send until it is let through; says when a send is waiting.
+    struct Gate(Sent, mpsc::Sender<()>, mpsc::Receiver<()>);
+
+    impl Transport for Gate {
+        fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+            let _ = self.1.send(());
+            let _ = self.2.recv();
+            self.0.lock().unwrap().push(body);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_what_does_not_fit_while_a_send_hangs() {
+        let sent = Sent::default();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let config = Config {
+            schedule_delay: Duration::from_secs(3600),
+            max_queue: 3,
+            max_batch: 1,
+        };
+        let gate = Gate(sent.clone(), entered_tx, release_rx);
+        let p = Pipeline::start(config, Vec::new(), "steward", gate).unwrap();
+        p.submit(span(0));
+        entered.recv_timeout(Duration::from_secs(30)).unwrap();
+        // The thread hangs in its send: three spans fit, two do not, and nothing waits.
+        for i in 1..6 {
+            p.submit(span(i));
+        }
+        {
+            let q = p.lock();
+            assert_eq!((q.spans.len(), q.dropped), (3, 2));
+        }
+        for _ in 0..4 {
+            release.send(()).unwrap();
+        }
+        p.shutdown(Duration::from_secs(30)).unwrap();
+        assert_eq!(decoded(&sent), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_failing_collector_loses_its_batches_and_nothing_else() {
+        let sent = Sent::default();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let config = Config {
+            schedule_delay: Duration::from_secs(3600),
+            max_queue: 10,
+            max_batch: 1,
+        };
+        let keep = Keep(sent.clone(), down.clone());
+        let p = Pipeline::start(config, Vec::new(), "steward", keep).unwrap();
+        p.submit(span(0));
+        p.submit(span(1));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p.lock().spans.is_empty() {
+            assert!(Instant::now() < deadline, "the batches were not taken");
+            std::thread::yield_now();
+        }
+        down.store(false, std::sync::atomic::Ordering::SeqCst);
+        p.submit(span(2));
+        p.shutdown(Duration::from_secs(30)).unwrap();
+        let total: usize = decoded(&sent).iter().sum();
+        assert!(
+            total >= 1,
+            "the span after the collector came back was sent"
+        );
+    }
+}
