@@ -92,11 +92,29 @@ impl ActionCall {
 
     /// Runs one attempt (see the crate docs for the contract).
     pub async fn run(&self, ctx: &JobContext) -> Result<JobOutput, ActionError> {
+        use tracing::Instrument as _;
         let mut sensitive = Sensitive::default();
+        // Lines an attempt writes (a process group that cannot be signalled, a ledger entry
+        // that cannot be written...) carry its job key, action and attempt, through a `job`
+        // span around it. `sleep` and `noop` write none, and go without one: a span costs
+        // about 5,000 instructions to make, enter and close (BENCHMARKS.md, "Spans of our
+        // own").
+        let span = || {
+            tracing::info_span!(
+                "job",
+                job = ctx.idempotency_key.as_str(),
+                action = self.action(),
+                attempt = ctx.attempt
+            )
+        };
         let mut result = match self {
-            ActionCall::Shell(a) => shell::run(a, ctx, &mut sensitive).await,
-            ActionCall::Http(a) => http::run(a, ctx, &mut sensitive).await,
-            ActionCall::WriteFile(a) => write_file::run(a, ctx, &mut sensitive).await,
+            ActionCall::Shell(a) => shell::run(a, ctx, &mut sensitive).instrument(span()).await,
+            ActionCall::Http(a) => http::run(a, ctx, &mut sensitive).instrument(span()).await,
+            ActionCall::WriteFile(a) => {
+                write_file::run(a, ctx, &mut sensitive)
+                    .instrument(span())
+                    .await
+            }
             ActionCall::Sleep(a) => sleep::run(a, ctx).await,
             ActionCall::TokenBucket(a) => Err(ActionError::Fatal {
                 message: format!(

@@ -723,10 +723,9 @@ impl Driver<'_> {
                 }
             }
             crash_point!("engine::job_started");
-            // Lines about the attempt carry its job key, and the run's fields from the run span
-            // it is in; exported, it is a span of the run's trace, under the run span.
-            let span =
-                tracing::info_span!("job", job = %idempotency_key, action = call.action(), attempt);
+            // Exported, the attempt is a span of the run's trace, under the run span. (Lines
+            // written inside the attempt carry its job key through the `job` span that
+            // `ActionCall::run` makes, and the run's fields through the run span.)
             let mut job_span = crate::otel::job_span(
                 self.id,
                 self.span_id,
@@ -749,7 +748,7 @@ impl Driver<'_> {
             let mut timed_out = false;
             let began = std::time::Instant::now();
             let result = {
-                let fut = self.run_call(call, &ctx).instrument(span.clone());
+                let fut = self.run_call(call, &ctx);
                 tokio::pin!(fut);
                 let timeout = async {
                     match spec.timeout {
@@ -790,7 +789,6 @@ impl Driver<'_> {
                 Err(ActionError::NotStarted { message }) => job_span.fail(message),
             }
             drop(job_span);
-            drop(span);
             if !matches!(result, Err(ActionError::NotStarted { .. })) {
                 let failed = timed_out
                     || matches!(

@@ -387,3 +387,39 @@ async fn a_failed_run_is_reported_to_sentry_with_its_tags_and_no_secret() {
         assert!(!e.contains(SECRET), "a secret reached Sentry: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_inside_a_job_attempt_carries_the_run_and_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("STEWARD_LOG_FORMAT", "json"),
+        // The shell action's start line is at `debug`.
+        ("RUST_LOG", "info,actions=debug"),
+    ];
+    let mut server = Server::start(&data, &env).await;
+    let mut c = server.client().await;
+    let job = sh("true");
+    let id = submit(
+        &mut c,
+        &format!("name: hello\nblocks:\n  - jobs: [{{action: noop}}, {job}]\n"),
+    )
+    .await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
+    server.stop().await;
+    let log = server.log_text();
+    let started: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["message"] == "shell job started")
+        .collect();
+    assert_eq!(started.len(), 1, "{log}");
+    let span = &started[0]["span"];
+    assert_eq!(span["run_id"], id.as_str(), "{span}");
+    assert_eq!(span["workflow"], "hello", "{span}");
+    assert_eq!(span["job"], format!("{id}/b0/j1").as_str(), "{span}");
+    assert_eq!(span["action"], "shell", "{span}");
+    assert_eq!(span["attempt"], 1, "{span}");
+    assert_eq!(span["name"], "job", "{span}");
+}

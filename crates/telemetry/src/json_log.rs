@@ -32,9 +32,13 @@ pub(crate) struct JsonSpanFields;
 
 impl<'w> FormatFields<'w> for JsonSpanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut members = Members::new(&mut writer, true, false);
+        // Written here first and then copied whole: the span's own buffer starts empty, and
+        // growing it piece by piece reallocates it several times per span.
+        let mut buf = String::with_capacity(128);
+        let mut members = Members::new(&mut buf, true, false);
         fields.record(&mut members);
-        members.result
+        members.result?;
+        writer.write_str(&buf)
     }
 
     fn add_fields(

@@ -79,8 +79,25 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
                     .with_filter(tracing::level_filters::LevelFilter::INFO),
             )
     });
+    // Without Sentry the log's filter is the whole subscriber's: what it leaves out is never
+    // made (a callsite it disables costs a branch), and a span costs nothing more for being
+    // filtered. Sentry sees `info` and up whatever `RUST_LOG` says, so then the filter is the
+    // log's own.
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let (global, own) = if errors.is_none() {
+        (Some(filter), None)
+    } else {
+        (None, Some(filter))
+    };
+    let (targets, env) = match global {
+        Some(LogFilter::Targets(t)) => (Some(t), None),
+        Some(LogFilter::Env(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     tracing_subscriber::registry()
-        .with(log_layer(settings.json))
+        .with(targets)
+        .with(env)
+        .with(log_layer(settings.json, own))
         .with(errors)
         .try_init()
         .context("installing the log subscriber")?;
@@ -95,40 +112,86 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
     })
 }
 
-type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+/// What `RUST_LOG` lets into the log.
+#[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "made once, at start")]
+enum LogFilter {
+    /// Targets and levels only (`info`, `info,engine=debug`): decided per callsite once, and
+    /// nothing to do when a span is entered or left.
+    Targets(tracing_subscriber::filter::Targets),
+    /// With span or field directives (`[run{workflow=erase}]=debug`): `EnvFilter`, which
+    /// looks each span up as it is entered and left.
+    Env(tracing_subscriber::EnvFilter),
+}
 
-/// The log on stderr, filtered by `RUST_LOG` (default `info`).
-fn log_layer(json: bool) -> BoxedLayer {
+/// The filter `spec` (`RUST_LOG`) asks for: `info` when it is unset, empty or does not parse.
+fn log_filter(spec: Option<&str>) -> LogFilter {
+    use tracing_subscriber::filter::Targets;
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    // Span and field directives are written with brackets, braces or quotes; what has none is
+    // targets and levels, which both filters read alike.
+    if !spec.contains(['[', ']', '{', '}', '"']) {
+        let directives: Vec<&str> = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if let Ok(t) = directives.join(",").parse::<Targets>() {
+            return LogFilter::Targets(t);
+        }
+        return LogFilter::Targets(Targets::new().with_default(tracing::Level::INFO));
+    }
+    LogFilter::Env(
+        tracing_subscriber::EnvFilter::try_new(spec)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    )
+}
+
+type BoxedLayer<S> = Box<dyn tracing_subscriber::Layer<S> + Send + Sync>;
+
+/// The log on stderr; `filter`, when given, is its own (else the subscriber's filters it).
+fn log_layer<S>(json: bool, filter: Option<LogFilter>) -> BoxedLayer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
     use std::io::IsTerminal as _;
     use tracing_subscriber::field::MakeExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    type BoxedFilter<S> = Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>;
+    let filter: Option<BoxedFilter<S>> = filter.map(|f| match f {
+        LogFilter::Targets(t) => Box::new(t) as BoxedFilter<S>,
+        LogFilter::Env(e) => Box::new(e) as BoxedFilter<S>,
+    });
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        return layer
+        let layer = layer
             .fmt_fields(json_log::JsonSpanFields)
-            .event_format(json_log::JsonEvents)
-            .with_filter(filter)
-            .boxed();
+            .event_format(json_log::JsonEvents);
+        return match filter {
+            Some(f) => layer.with_filter(f).boxed(),
+            None => layer.boxed(),
+        };
     }
     // Colours only on a terminal; every field escaped, so that a value holding a newline (a
     // reason, a path) cannot forge a line of its own.
-    layer
-        .with_ansi(std::io::stderr().is_terminal())
-        .fmt_fields(
-            tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-                let raw = format!("{value:?}");
-                let text = escape_control(&raw);
-                if field.name() == "message" {
-                    write!(w, "{text}")
-                } else {
-                    write!(w, "{field}={text}")
-                }
-            })
-            .delimited(" "),
-        )
-        .with_filter(filter)
-        .boxed()
+    let layer = layer.with_ansi(std::io::stderr().is_terminal()).fmt_fields(
+        tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+            let raw = format!("{value:?}");
+            let text = escape_control(&raw);
+            if field.name() == "message" {
+                write!(w, "{text}")
+            } else {
+                write!(w, "{field}={text}")
+            }
+        })
+        .delimited(" "),
+    );
+    match filter {
+        Some(f) => layer.with_filter(f).boxed(),
+        None => layer.boxed(),
+    }
 }
 
 /// Control characters as escapes (`\n`, `\u{1b}`): a log line stays one line, and no field
@@ -367,6 +430,36 @@ mod tests {
             e.contains("OTEL_BSP_MAX_QUEUE_SIZE=\"lots\": not a whole number"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rust_log_with_targets_and_levels_only_is_a_targets_filter() {
+        use tracing::Level;
+        use tracing_subscriber::filter::LevelFilter;
+        let targets = |spec| match log_filter(spec) {
+            LogFilter::Targets(t) => t,
+            LogFilter::Env(e) => panic!("{spec:?}: an EnvFilter {e}"),
+        };
+        for spec in [None, Some(""), Some("  "), Some("no such level=x")] {
+            let t = targets(spec);
+            assert_eq!(t.default_level(), Some(LevelFilter::INFO), "{spec:?}");
+        }
+        let t = targets(Some(" warn , engine=debug,, api::auth=off "));
+        assert!(t.would_enable("engine::driver", &Level::DEBUG));
+        assert!(!t.would_enable("engine::driver", &Level::TRACE));
+        assert!(!t.would_enable("node::serve", &Level::INFO));
+        assert!(t.would_enable("node::serve", &Level::WARN));
+        assert!(!t.would_enable("api::auth", &Level::ERROR));
+        for spec in [
+            "[run]=debug",
+            "engine[job{attempt}]=trace",
+            "[{run_id=\"x\"}]=debug",
+        ] {
+            assert!(
+                matches!(log_filter(Some(spec)), LogFilter::Env(_)),
+                "{spec}: span and field directives need an EnvFilter"
+            );
+        }
     }
 
     #[test]
