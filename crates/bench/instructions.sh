@@ -9,11 +9,11 @@
 # The settings are those of `steward bench --suite telemetry`: `off` (RUST_LOG=off, no
 # exporter), `logs` (JSON at info), `spans` (OTLP to a sink on loopback), `on` (both).
 # Needs valgrind, python3 (the OTLP sink) and curl; uses the release binary and ports 47001
-# and 47318 on 127.0.0.1. Kernel time (fsync, syscalls) is not counted. With KEEP=DIR, each
+# and 47318 on 127.0.0.1 (BIN=PATH: another binary). Kernel time (fsync, syscalls) is not counted. With KEEP=DIR, each
 # LARGE run's callgrind output is kept as DIR/SETTING.cg.out (for callgrind_annotate).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin=target/release/steward
+bin=${BIN:-target/release/steward}
 small=${SMALL:-400}
 large=${LARGE:-2400}
 work=$(mktemp -d)

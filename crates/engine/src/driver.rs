@@ -106,13 +106,21 @@ fn launch(
     loaded: Option<Run>,
 ) {
     let task_inner = inner.clone();
-    // Every line about the run carries its ID and, once the run is read, its workflow.
-    let span = tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty);
+    // Every line about the run carries its ID and its workflow: known here when the run is,
+    // else recorded once it is read (recording a field later costs more than naming it now).
+    let span = match &loaded {
+        Some(run) => tracing::info_span!("run", run_id = %id, workflow = run.spec.name.as_str()),
+        None => tracing::info_span!("run", run_id = %id, workflow = tracing::field::Empty),
+    };
     inner.tracker.spawn(
         async move {
             // Exported, this driving of the run is a span of the run's trace; it ends with the
             // task.
-            let run_span = crate::otel::run_span(id, &task_inner.opts.node_id);
+            let run_span = crate::otel::run_span(
+                id,
+                &task_inner.node_attr,
+                loaded.as_ref().map(|r| r.spec.name.as_str()),
+            );
             let driver = Driver {
                 inner: &task_inner,
                 id,
@@ -211,9 +219,10 @@ impl Driver<'_> {
     }
 
     async fn drive(&self, loaded: Option<Run>) -> store::Result<()> {
-        let run = match loaded {
-            Some(run) => run,
-            None => self.inner.store.get(self.id).await?,
+        // `read`: the run span was made without the workflow, which is only known now.
+        let (run, read) = match loaded {
+            Some(run) => (run, false),
+            None => (self.inner.store.get(self.id).await?, true),
         };
         if !run.state.is_executing() || run.lease_owner.as_ref() != Some(self.node()) {
             return Ok(());
@@ -226,11 +235,13 @@ impl Driver<'_> {
             .ident
             .set((run.spec.name.clone(), run.spec.labels.clone()));
         let _ = self.created_at.set(run.created_at);
-        tracing::Span::current().record("workflow", run.spec.name.as_str());
-        if self.span_id.is_some()
-            && let Ok(mut span) = self.span.lock()
-        {
-            span.set("workflow", run.spec.name.clone());
+        if read {
+            tracing::Span::current().record("workflow", run.spec.name.as_str());
+            if self.span_id.is_some()
+                && let Ok(mut span) = self.span.lock()
+            {
+                span.set("workflow", run.spec.name.clone());
+            }
         }
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;
@@ -434,7 +445,7 @@ impl Driver<'_> {
             match finished {
                 Some(Some(state)) => {
                     self.finished(state);
-                    self.span_event("run finished", || vec![("state", state.to_string().into())]);
+                    self.span_event("run finished", || vec![("state", state.as_str().into())]);
                     tracing::info!(%state, "run finished");
                     return Ok(Flow::Finished);
                 }
@@ -1061,7 +1072,7 @@ impl Driver<'_> {
         self.commit_alone(ts).await?;
         self.finished(state);
         self.span_event("run finished", || {
-            let mut attrs = vec![("state", state.to_string().into())];
+            let mut attrs = vec![("state", state.as_str().into())];
             if let Some(cause) = &cause {
                 attrs.push(("cause", cause.to_string().into()));
             }

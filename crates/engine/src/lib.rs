@@ -262,6 +262,8 @@ pub(crate) struct ActiveRun {
 
 pub(crate) struct Inner {
     pub(crate) opts: EngineOptions,
+    /// The node ID as the `steward.node` attribute of run spans: shared, not copied per run.
+    pub(crate) node_attr: Arc<str>,
     pub(crate) store: Arc<dyn RunStore>,
     pub(crate) buckets: Arc<dyn store::BucketStore>,
     pub(crate) schedules: Arc<dyn store::ScheduleStore>,
@@ -326,6 +328,7 @@ impl Engine {
         let (loops, loop_failures) = tasks::Tasks::with(tracker.clone(), token.clone());
         Engine {
             inner: Arc::new(Inner {
+                node_attr: Arc::from(opts.node_id.to_string()),
                 loops,
                 loop_failures: tokio::sync::Mutex::new(loop_failures),
                 run_ended: tokio::sync::Notify::new(),

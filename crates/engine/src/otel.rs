@@ -8,7 +8,11 @@ use domain::RunId;
 use domain::trace::TraceParent;
 
 /// The span of this node's driving of `run`, under the run's root.
-pub(crate) fn run_span(run: RunId, node: &domain::NodeId) -> otlp::Span {
+pub(crate) fn run_span(
+    run: RunId,
+    node: &std::sync::Arc<str>,
+    workflow: Option<&str>,
+) -> otlp::Span {
     let mut span = otlp::Span::start(
         "run",
         domain::trace::trace_id(run),
@@ -17,8 +21,11 @@ pub(crate) fn run_span(run: RunId, node: &domain::NodeId) -> otlp::Span {
         true,
     );
     if span.is_recording() {
-        span.set("steward.run_id", run.to_string());
-        span.set("steward.node", node.to_string());
+        span.set("steward.run_id", otlp::Value::Uuid(run.as_bytes()));
+        span.set("steward.node", node.clone());
+        if let Some(w) = workflow {
+            span.set("workflow", w.to_owned());
+        }
     }
     span
 }

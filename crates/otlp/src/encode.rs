@@ -81,16 +81,62 @@ fn event(b: &mut Vec<u8>, e: &Event) {
     }
 }
 
-/// A `KeyValue` (key = 1, value = 2: an `AnyValue`, string_value = 1 or int_value = 3).
+/// A `KeyValue` (key = 1, value = 2: an `AnyValue`, string_value = 1 or int_value = 3). Its
+/// lengths are known before it is written: a span has several, so they are not written
+/// through [`nested`].
 fn key_value(b: &mut Vec<u8>, field: u32, (key, value): &Attr) {
-    nested(b, field, |b| {
-        string(b, 1, key);
-        nested(b, 2, |b| match value {
-            Value::Str(s) => string(b, 1, s),
-            // int64 is the two's complement as a varint.
-            Value::Int(i) => varint(b, 3, u64::from_ne_bytes(i.to_ne_bytes())),
-        });
-    });
+    // The AnyValue's body: one field.
+    let value_len = match value {
+        Value::Str(s) => str_field_len(s.len()),
+        Value::Shared(s) => str_field_len(s.len()),
+        Value::Uuid(_) => str_field_len(UUID_LEN),
+        Value::Int(i) => 1 + encoded_len_varint(int64(*i)),
+    };
+    let kv_len = str_field_len(key.len()) + 1 + varint_len(value_len) + value_len;
+    encode_key(field, WireType::LengthDelimited, b);
+    encode_varint(kv_len as u64, b);
+    string(b, 1, key);
+    encode_key(2, WireType::LengthDelimited, b);
+    encode_varint(value_len as u64, b);
+    match value {
+        Value::Str(s) => string(b, 1, s),
+        Value::Shared(s) => string(b, 1, s),
+        Value::Uuid(u) => {
+            encode_key(1, WireType::LengthDelimited, b);
+            encode_varint(UUID_LEN as u64, b);
+            uuid(b, u);
+        }
+        Value::Int(i) => varint(b, 3, int64(*i)),
+    }
+}
+
+/// The length of a hyphenated UUID.
+const UUID_LEN: usize = 36;
+
+/// `u` in its hyphenated form, lower case.
+fn uuid(b: &mut Vec<u8>, u: &[u8; 16]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            b.push(b'-');
+        }
+        b.push(HEX[usize::from(byte >> 4)]);
+        b.push(HEX[usize::from(byte & 0xf)]);
+    }
+}
+
+/// int64 on the wire: its two's complement as a varint.
+fn int64(i: i64) -> u64 {
+    u64::from_ne_bytes(i.to_ne_bytes())
+}
+
+fn varint_len(n: usize) -> usize {
+    encoded_len_varint(n as u64)
+}
+
+/// The length of a string field of `len` bytes (field numbers below 16: a one-byte key).
+fn str_field_len(len: usize) -> usize {
+    1 + varint_len(len) + len
 }
 
 /// A length-delimited field whose body `f` writes. One byte is set aside for the length; a
@@ -160,9 +206,17 @@ mod tests {
             parent_is_remote: i.is_multiple_of(2),
             start_unix_nano: 1_700_000_000_000_000_000 + u64::from(i),
             end_unix_nano: 1_700_000_000_000_000_999,
-            attrs: vec![
+            attrs: smallvec::smallvec![
                 ("job", Value::Str(Cow::Owned(format!("run/{i}/0/1")))),
                 ("action", Value::from("shell")),
+                ("node", Value::from(std::sync::Arc::<str>::from("node-a"))),
+                (
+                    "run",
+                    Value::Uuid([
+                        0x01, 0xa2, 0x2c, 0xae, 0xed, 0x6f, 0x73, 0x35, 0xb0, 0x6c, 0x70, 0x7b,
+                        0x19, 0x93, 0x1b, 0x7c,
+                    ]),
+                ),
                 ("attempt", Value::Int(-7)),
                 // Long enough that its lengths take two bytes.
                 ("long", Value::Str(Cow::Owned("é".repeat(300)))),
@@ -217,6 +271,11 @@ mod tests {
                 vec![
                     kv("job", AnyValue::StringValue(format!("run/{i}/0/1"))),
                     kv("action", AnyValue::StringValue("shell".into())),
+                    kv("node", AnyValue::StringValue("node-a".into())),
+                    kv(
+                        "run",
+                        AnyValue::StringValue("01a22cae-ed6f-7335-b06c-707b19931b7c".into()),
+                    ),
                     kv("attempt", AnyValue::IntValue(-7)),
                     kv("long", AnyValue::StringValue("é".repeat(300))),
                 ]

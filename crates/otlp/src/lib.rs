@@ -28,7 +28,18 @@ pub use pipeline::{Config, ConfigError, Pipeline, ShutdownError, Transport};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Str(Cow<'static, str>),
+    /// A string many spans carry (a node's ID): shared, not copied.
+    Shared(Arc<str>),
+    /// A UUID, sent in its hyphenated text form (`01a22cae-ed6f-7335-b06c-707b19931b7c`):
+    /// written out only when the span is encoded.
+    Uuid([u8; 16]),
     Int(i64),
+}
+
+impl From<Arc<str>> for Value {
+    fn from(s: Arc<str>) -> Self {
+        Self::Shared(s)
+    }
 }
 
 impl From<&'static str> for Value {
@@ -58,6 +69,9 @@ impl From<u32> for Value {
 /// An attribute: a key and its value.
 pub type Attr = (&'static str, Value);
 
+/// A span's attributes: as many as a run's spans have are held inline, without an allocation.
+pub type Attrs = smallvec::SmallVec<[Attr; 4]>;
+
 /// Something that happened inside a span, at a time.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
@@ -77,7 +91,7 @@ pub struct SpanRecord {
     pub parent_is_remote: bool,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
-    pub attrs: Vec<Attr>,
+    pub attrs: Attrs,
     pub events: Vec<Event>,
     /// `Some`: the span's status is an error, with this message.
     pub error: Option<String>,
@@ -99,7 +113,7 @@ pub fn exporting() -> bool {
 /// A span being recorded; dropping it ends it and queues it for export. Empty (recording
 /// nothing) when no pipeline is installed.
 #[derive(Debug, Default)]
-pub struct Span(Option<Box<SpanRecord>>);
+pub struct Span(Option<SpanRecord>);
 
 impl Span {
     /// Starts a span named `name` in the trace `trace_id`, under `parent`, when a pipeline is
@@ -113,7 +127,7 @@ impl Span {
         if !exporting() {
             return Self(None);
         }
-        Self(Some(Box::new(SpanRecord {
+        Self(Some(SpanRecord {
             name,
             trace_id,
             span_id: new_span_id(),
@@ -121,10 +135,10 @@ impl Span {
             parent_is_remote,
             start_unix_nano: now_unix_nano(),
             end_unix_nano: 0,
-            attrs: Vec::with_capacity(4),
+            attrs: Attrs::new(),
             events: Vec::new(),
             error: None,
-        })))
+        }))
     }
 
     /// Whether this span records anything: check it before making an attribute that costs.
@@ -172,7 +186,7 @@ impl Drop for Span {
         if let Some(mut r) = self.0.take() {
             r.end_unix_nano = now_unix_nano();
             if let Some(p) = PIPELINE.get() {
-                p.submit(*r);
+                p.submit(r);
             }
         }
     }
@@ -234,7 +248,7 @@ mod tests {
 
     #[test]
     fn an_attribute_set_twice_keeps_the_last_value() {
-        let mut s = Span(Some(Box::new(SpanRecord {
+        let mut s = Span(Some(SpanRecord {
             name: "run",
             trace_id: [1; 16],
             span_id: [2; 8],
@@ -242,17 +256,17 @@ mod tests {
             parent_is_remote: false,
             start_unix_nano: 1,
             end_unix_nano: 0,
-            attrs: Vec::new(),
+            attrs: Attrs::new(),
             events: Vec::new(),
             error: None,
-        })));
+        }));
         s.set("workflow", "a");
         s.set("attempt", 1u32);
         s.set("workflow", String::from("b"));
         let r = s.0.take().unwrap();
         assert_eq!(
-            r.attrs,
-            vec![("workflow", Value::from("b")), ("attempt", Value::Int(1))]
+            r.attrs.as_slice(),
+            [("workflow", Value::from("b")), ("attempt", Value::Int(1))]
         );
     }
 }

@@ -328,7 +328,7 @@ mod tests {
             parent_is_remote: true,
             start_unix_nano: 1,
             end_unix_nano: 2,
-            attrs: Vec::new(),
+            attrs: crate::Attrs::new(),
             events: Vec::new(),
             error: None,
         }

@@ -214,6 +214,24 @@ fn string(w: &mut dyn fmt::Write, s: &str) -> fmt::Result {
     w.write_char('"')
 }
 
+/// The bytes that are, or start, a character [`Escaped`] escapes: every control character is
+/// below 0x20, 0x7f, or (U+0080 to U+009F) starts with the byte 0xc2; U+2028 and U+2029 start
+/// with 0xe2; and the quote and the backslash.
+const MAY_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t[0xc2] = true;
+    t[0xe2] = true;
+    t
+};
+
 /// Escapes what it is given for the inside of a JSON string as it writes it: quotes,
 /// backslashes, every control character and the Unicode line and paragraph separators (so
 /// that no value can break a line in two, whatever splits the lines).
@@ -221,13 +239,9 @@ struct Escaped<'a>(&'a mut dyn fmt::Write);
 
 impl fmt::Write for Escaped<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        // Most pieces need nothing escaped: one pass over the bytes finds out. Every control
-        // character is below 0x20, 0x7f, or (U+0080 to U+009F) starts with the byte 0xc2;
-        // U+2028 and U+2029 start with 0xe2.
-        if !s
-            .bytes()
-            .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | 0x7f | 0xc2 | 0xe2))
-        {
+        // Most pieces need nothing escaped: one pass over the bytes, a table lookup each,
+        // finds out.
+        if !s.bytes().any(|b| MAY_ESCAPE[usize::from(b)]) {
             return self.0.write_str(s);
         }
         let mut plain = 0;
