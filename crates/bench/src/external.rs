@@ -278,8 +278,12 @@ pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> 
     let rounds = 5;
     let mut rates = vec![Vec::new(); configs.len()];
     let mut cpus = vec![Vec::new(); configs.len()];
-    for _ in 0..rounds {
-        for (i, (_, settings)) in configs.iter().enumerate() {
+    for round in 0..rounds {
+        // Each round starts at another setting, so that none always runs first or after the
+        // same one while the machine's other load drifts.
+        for k in 0..configs.len() {
+            let i = (round + k) % configs.len();
+            let settings = &configs[i].1;
             let x = External::start(settings, Some(&log)).await?;
             // Warm up connections, caches and the page cache.
             throughput(&x, 200, 3, o.concurrency).await?;
@@ -294,15 +298,21 @@ pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> 
         o.runs, o.concurrency
     );
     let mut medians = Vec::new();
+    let mut cpu_medians = Vec::new();
     for (i, (name, _)) in configs.iter().enumerate() {
         rates[i].sort_by(f64::total_cmp);
         cpus[i].sort();
         let rate = rates[i][rates[i].len() / 2];
+        let cpu = cpus[i][cpus[i].len() / 2].as_secs_f64();
         medians.push(rate);
+        cpu_medians.push(cpu);
+        // The CPU ratio is all off's CPU per run over this setting's: like the throughput
+        // ratio, 1 is free and lower costs more.
         println!(
-            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {:.1} µs per run",
+            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {:.1} µs per run (ratio {:.3})",
             rate / medians[0],
-            cpus[i][cpus[i].len() / 2].as_secs_f64() * 1e6
+            cpu * 1e6,
+            cpu_medians[0] / cpu
         );
     }
     println!(

@@ -7,9 +7,10 @@
 //! span records nothing and costs a branch.
 //!
 //! Why not the OpenTelemetry SDK and `tracing-opentelemetry`: a run's spans are few and of a
-//! fixed shape, and through the SDK each one cost about 26 thousand instructions (a builder in
+//! fixed shape, and through the SDK each one cost about 28 thousand instructions (a builder in
 //! the `tracing` span's extensions, the SDK span, its `SpanData`, the conversion to the
-//! generated OTLP messages, their encoding, and dropping all of it), a tenth of a whole run.
+//! generated OTLP messages, their encoding, and dropping all of it): the 4 spans of a `noop`
+//! run added 14 % to its instructions. Recorded here, they add under 2 %.
 //! Here a span is one allocation, its attributes borrowed or owned strings, and a batch is
 //! written straight into OTLP's wire format with `prost`'s encoding primitives (`encode.rs`);
 //! the tests decode what it writes with the generated OTLP types.
