@@ -56,6 +56,10 @@ fn span(b: &mut Vec<u8>, s: &SpanRecord) {
     for e in &s.events {
         nested(b, 11, |b| event(b, e));
     }
+    if s.dropped_events > 0 {
+        // Span.dropped_events_count = 12
+        varint(b, 12, u64::from(s.dropped_events));
+    }
     if let Some(message) = &s.error {
         // Status.message = 2, code = 3
         nested(b, 15, |b| {
@@ -218,14 +222,16 @@ mod tests {
                     ]),
                 ),
                 ("attempt", Value::Int(-7)),
-                // Long enough that its lengths take two bytes.
+                // Long enough that its lengths take two bytes, and three.
                 ("long", Value::Str(Cow::Owned("é".repeat(300)))),
+                ("longer", Value::Str(Cow::Owned("x".repeat(20_000)))),
             ],
             events: vec![Event {
                 time_unix_nano: 5,
                 name: Cow::Borrowed("job attempt failed; retrying"),
                 attrs: vec![("attempt", Value::Int(1))],
             }],
+            dropped_events: u32::from(i),
             error: (i == 1).then(|| "exit status 3".to_owned()),
         }
     }
@@ -278,10 +284,12 @@ mod tests {
                     ),
                     kv("attempt", AnyValue::IntValue(-7)),
                     kv("long", AnyValue::StringValue("é".repeat(300))),
+                    kv("longer", AnyValue::StringValue("x".repeat(20_000))),
                 ]
             );
             assert_eq!(got.events.len(), 1);
             assert_eq!(got.events[0].time_unix_nano, 5);
+            assert_eq!(got.dropped_events_count, u32::try_from(i).unwrap());
             assert_eq!(got.events[0].name, "job attempt failed; retrying");
             assert_eq!(
                 got.events[0].attributes,

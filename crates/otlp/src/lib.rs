@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use encode::encode_request;
-pub use pipeline::{Config, ConfigError, Pipeline, ShutdownError, Transport};
+pub use pipeline::{Config, ConfigError, Pipeline, SendError, ShutdownError, Transport};
 
 /// An attribute's value.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,10 +93,20 @@ pub struct SpanRecord {
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub attrs: Attrs,
+    /// At most [`MAX_EVENTS`]; the events left out are counted.
     pub events: Vec<Event>,
+    pub dropped_events: u32,
     /// `Some`: the span's status is an error, with this message.
     pub error: Option<String>,
 }
+
+/// Events a span keeps at most (OpenTelemetry's default limit): a run retried many times
+/// keeps its first events and counts the rest.
+pub const MAX_EVENTS: usize = 128;
+
+/// The longest text a span keeps as an event's attribute or its error message, in bytes: an
+/// error can be a job's whole output.
+pub const MAX_TEXT: usize = 4096;
 
 static PIPELINE: OnceLock<Arc<Pipeline>> = OnceLock::new();
 
@@ -138,6 +148,7 @@ impl Span {
             end_unix_nano: 0,
             attrs: Attrs::new(),
             events: Vec::new(),
+            dropped_events: 0,
             error: None,
         }))
     }
@@ -163,9 +174,19 @@ impl Span {
         }
     }
 
-    /// Adds an event, now.
-    pub fn event(&mut self, name: impl Into<Cow<'static, str>>, attrs: Vec<Attr>) {
+    /// Adds an event, now; past [`MAX_EVENTS`] it is only counted. Its text attributes are
+    /// cut to [`MAX_TEXT`].
+    pub fn event(&mut self, name: impl Into<Cow<'static, str>>, mut attrs: Vec<Attr>) {
         if let Some(r) = &mut self.0 {
+            if r.events.len() >= MAX_EVENTS {
+                r.dropped_events = r.dropped_events.saturating_add(1);
+                return;
+            }
+            for (_, v) in &mut attrs {
+                if let Value::Str(Cow::Owned(s)) = v {
+                    cut(s);
+                }
+            }
             r.events.push(Event {
                 time_unix_nano: now_unix_nano(),
                 name: name.into(),
@@ -174,10 +195,10 @@ impl Span {
         }
     }
 
-    /// Marks the span failed, with `message` (the last one given wins).
+    /// Marks the span failed, with `message` cut to [`MAX_TEXT`] (the last one given wins).
     pub fn fail(&mut self, message: &str) {
         if let Some(r) = &mut self.0 {
-            r.error = Some(message.to_owned());
+            r.error = Some(message[..floor_char_boundary(message, MAX_TEXT)].to_owned());
         }
     }
 }
@@ -191,6 +212,19 @@ impl Drop for Span {
             }
         }
     }
+}
+
+/// Cuts `s` to at most [`MAX_TEXT`] bytes, on a character boundary.
+fn cut(s: &mut String) {
+    s.truncate(floor_char_boundary(s, MAX_TEXT));
+}
+
+/// The largest character boundary of `s` at or below `at`.
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
 }
 
 /// Wall-clock time: a span's times are when it really began and ended, whatever clock the
@@ -259,6 +293,7 @@ mod tests {
             end_unix_nano: 0,
             attrs: Attrs::new(),
             events: Vec::new(),
+            dropped_events: 0,
             error: None,
         }));
         s.set("workflow", "a");
@@ -269,5 +304,34 @@ mod tests {
             r.attrs.as_slice(),
             [("workflow", Value::from("b")), ("attempt", Value::Int(1))]
         );
+    }
+
+    #[test]
+    fn events_and_texts_are_bounded() {
+        let mut s = Span(Some(SpanRecord {
+            name: "run",
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: [3; 8],
+            parent_is_remote: false,
+            start_unix_nano: 1,
+            end_unix_nano: 0,
+            attrs: Attrs::new(),
+            events: Vec::new(),
+            dropped_events: 0,
+            error: None,
+        }));
+        let long = "é".repeat(MAX_TEXT);
+        for _ in 0..MAX_EVENTS + 5 {
+            s.event("retrying", vec![("error", long.clone().into())]);
+        }
+        s.fail(&long);
+        let r = s.0.take().unwrap();
+        assert_eq!((r.events.len(), r.dropped_events), (MAX_EVENTS, 5));
+        let Value::Str(e) = &r.events[0].attrs[0].1 else {
+            panic!("{:?}", r.events[0]);
+        };
+        assert_eq!(e.len(), MAX_TEXT, "cut on a character boundary");
+        assert_eq!(r.error.as_deref().map(str::len), Some(MAX_TEXT));
     }
 }

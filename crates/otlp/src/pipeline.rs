@@ -7,11 +7,31 @@ use std::time::{Duration, Instant};
 
 use crate::{Attr, SpanRecord};
 
-/// Sends one encoded `ExportTraceServiceRequest`; an error is the reason it was not taken.
-/// Called on the pipeline's thread only, one batch at a time.
+/// Sends one encoded `ExportTraceServiceRequest`. Called on the pipeline's thread only, one
+/// batch at a time; a batch whose send fails with [`SendError::retry`] set is sent again.
 pub trait Transport: Send + 'static {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String>;
+    fn send(&mut self, body: &[u8]) -> Result<(), SendError>;
 }
+
+/// Why a batch was not taken, and whether sending it again may work.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SendError {
+    pub message: String,
+    /// `None`: the collector refused the batch itself; it is dropped. `Some(after)`: the
+    /// collector was unreachable or busy (`after`: how long it asked to be left alone).
+    pub retry: Option<Option<Duration>>,
+}
+
+/// Sends of one batch at most (the first and its retries), and the waits between them
+/// (OpenTelemetry's exporters wait about this long; a collector's `Retry-After` is honoured up
+/// to [`MAX_RETRY_WAIT`]). Closing the pipeline stops retrying.
+const RETRY_WAITS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1600),
+];
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 /// How the pipeline batches: OpenTelemetry's batch span processor settings, with its
 /// defaults and its environment variables.
@@ -54,6 +74,8 @@ impl Config {
     /// The defaults, with what `var` (the process environment, or a test's) sets.
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut c = Self::default();
+        // OpenTelemetry reads an empty variable as one that is not set.
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
         let number = |name: &'static str, max: u64| -> Result<Option<u64>, ConfigError> {
             let Some(value) = var(name) else {
                 return Ok(None);
@@ -94,13 +116,15 @@ impl Config {
 
 /// The pipeline did not finish sending within the time it was given.
 #[derive(Debug, thiserror::Error)]
-#[error("{0} spans were still queued when the time to send them ran out")]
+#[error("{0} spans were still queued or being sent when the time to send them ran out")]
 pub struct ShutdownError(pub usize);
 
 struct Queue {
     spans: Vec<SpanRecord>,
     /// Dropped since the last batch left (the queue was full).
     dropped: u64,
+    /// Spans of the batch being sent.
+    sending: usize,
     closing: bool,
 }
 
@@ -127,16 +151,22 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// Starts the pipeline's thread. Every request carries `resource` (the resource's
     /// attributes) and the instrumentation scope `scope`.
+    /// A setting out of its range is brought into it (at least one span, a batch no larger
+    /// than the queue, a delay of at least 1 ms).
     pub fn start(
-        config: Config,
+        mut config: Config,
         resource: Vec<Attr>,
         scope: &'static str,
         mut transport: impl Transport,
     ) -> std::io::Result<Arc<Self>> {
+        config.max_queue = config.max_queue.max(1);
+        config.max_batch = config.max_batch.clamp(1, config.max_queue);
+        config.schedule_delay = config.schedule_delay.max(Duration::from_millis(1));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
-                spans: Vec::with_capacity(config.max_batch),
+                spans: Vec::new(),
                 dropped: 0,
+                sending: 0,
                 closing: false,
             }),
             wake: Condvar::new(),
@@ -188,7 +218,10 @@ impl Pipeline {
         };
         match done.recv_timeout(timeout) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(ShutdownError(self.lock().spans.len())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let q = self.lock();
+                Err(ShutdownError(q.spans.len() + q.sending))
+            }
         }
     }
 
@@ -223,10 +256,11 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
                     .0;
             }
             let batch = if q.spans.len() <= config.max_batch {
-                std::mem::replace(&mut q.spans, Vec::with_capacity(config.max_batch))
+                std::mem::take(&mut q.spans)
             } else {
                 q.spans.drain(..config.max_batch).collect()
             };
+            q.sending = batch.len();
             (batch, std::mem::take(&mut q.dropped), q.closing)
         };
         if dropped > 0 {
@@ -240,7 +274,7 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
         if !batch.is_empty() {
             let body = crate::encode_request(resource, scope, &batch);
             drop(batch);
-            match transport.send(body) {
+            match send(shared, transport, &body) {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("spans are exported again");
@@ -252,11 +286,49 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
                 }
                 Err(_) => {}
             }
+            shared
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sending = 0;
         } else if closing {
             return;
         }
         if !full {
             due = Instant::now() + config.schedule_delay;
+        }
+    }
+}
+
+/// Sends `body`, and again after each wait of [`RETRY_WAITS`] while the collector is
+/// unreachable or busy and the pipeline is not closing.
+fn send(shared: &Shared, transport: &mut impl Transport, body: &[u8]) -> Result<(), SendError> {
+    let mut waits = RETRY_WAITS.iter();
+    loop {
+        let err = match transport.send(body) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let (Some(after), Some(wait)) = (err.retry, waits.next()) else {
+            return Err(err);
+        };
+        let wait = after.map_or(*wait, |a| a.min(MAX_RETRY_WAIT));
+        // Waits on the queue, so that closing ends the wait (and the retries) at once.
+        let deadline = Instant::now() + wait;
+        let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if q.closing {
+                return Err(err);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            q = shared
+                .wake
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -304,19 +376,69 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_empty_setting_is_an_unset_one() {
+        let c = Config::from_env(env(&[
+            ("OTEL_BSP_SCHEDULE_DELAY", ""),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "  "),
+        ]))
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
     type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
 
-    /// Keeps what it is sent; fails while `fail` holds.
-    struct Keep(Sent, Arc<std::sync::atomic::AtomicBool>);
+    /// Answers each send with the next of `answers` (then `Ok`), keeping what it was sent
+    /// when it answers `Ok`, and says on `calls` that it was called.
+    struct Scripted {
+        sent: Sent,
+        answers: std::collections::VecDeque<Result<(), SendError>>,
+        calls: mpsc::Sender<()>,
+        /// Each send waits for a message here first, when set.
+        gate: Option<mpsc::Receiver<()>>,
+    }
 
-    impl Transport for Keep {
-        fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
-            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err("collector down".into());
+    impl Transport for Scripted {
+        fn send(&mut self, body: &[u8]) -> Result<(), SendError> {
+            let _ = self.calls.send(());
+            if let Some(g) = &self.gate {
+                let _ = g.recv();
             }
-            self.0.lock().unwrap().push(body);
-            Ok(())
+            let answer = self.answers.pop_front().unwrap_or(Ok(()));
+            if answer.is_ok() {
+                self.sent.lock().unwrap().push(body.to_vec());
+            }
+            answer
         }
+    }
+
+    fn scripted(
+        answers: Vec<Result<(), SendError>>,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> (Scripted, Sent, mpsc::Receiver<()>) {
+        let sent = Sent::default();
+        let (calls, called) = mpsc::channel();
+        let t = Scripted {
+            sent: sent.clone(),
+            answers: answers.into(),
+            calls,
+            gate,
+        };
+        (t, sent, called)
+    }
+
+    fn busy() -> Result<(), SendError> {
+        Err(SendError {
+            message: "503".into(),
+            retry: Some(Some(Duration::from_millis(1))),
+        })
+    }
+
+    fn refused() -> Result<(), SendError> {
+        Err(SendError {
+            message: "400".into(),
+            retry: None,
+        })
     }
 
     fn span(i: u8) -> SpanRecord {
@@ -330,11 +452,13 @@ mod tests {
             end_unix_nano: 2,
             attrs: crate::Attrs::new(),
             events: Vec::new(),
+            dropped_events: 0,
             error: None,
         }
     }
 
-    fn decoded(sent: &Sent) -> Vec<usize> {
+    /// The trace IDs' first bytes of each request sent, in order.
+    fn decoded(sent: &Sent) -> Vec<Vec<u8>> {
         use prost::Message as _;
         sent.lock()
             .unwrap()
@@ -347,107 +471,109 @@ mod tests {
                 .resource_spans[0]
                     .scope_spans[0]
                     .spans
-                    .len()
+                    .iter()
+                    .map(|s| s.trace_id[0])
+                    .collect()
             })
             .collect()
     }
 
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn config(max_queue: usize, max_batch: usize) -> Config {
+        Config {
+            schedule_delay: Duration::from_secs(3600),
+            max_queue,
+            max_batch,
+        }
+    }
+
     #[test]
     fn a_full_batch_leaves_at_once_and_the_rest_at_shutdown() {
-        let sent = Sent::default();
-        let config = Config {
-            schedule_delay: Duration::from_secs(3600),
-            max_queue: 100,
-            max_batch: 4,
-        };
-        let p = Pipeline::start(
-            config,
-            Vec::new(),
-            "steward",
-            Keep(sent.clone(), Arc::default()),
-        )
-        .unwrap();
+        let (t, sent, called) = scripted(Vec::new(), None);
+        let p = Pipeline::start(config(100, 4), Vec::new(), "steward", t).unwrap();
         for i in 0..6 {
             p.submit(span(i));
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while sent.lock().unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "the full batch did not leave");
-            std::thread::yield_now();
-        }
-        p.shutdown(Duration::from_secs(30)).unwrap();
-        assert_eq!(decoded(&sent), vec![4, 2]);
+        called.recv_timeout(LONG).unwrap();
+        p.shutdown(LONG).unwrap();
+        assert_eq!(decoded(&sent), vec![vec![0, 1, 2, 3], vec![4, 5]]);
         // Closed: nothing more is taken.
         p.submit(span(9));
         assert_eq!(p.lock().spans.len(), 0);
     }
 
-    /// Holds each send until it is let through; says when a send is waiting.
-    struct Gate(Sent, mpsc::Sender<()>, mpsc::Receiver<()>);
-
-    impl Transport for Gate {
-        fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
-            let _ = self.1.send(());
-            let _ = self.2.recv();
-            self.0.lock().unwrap().push(body);
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_full_queue_drops_what_does_not_fit_while_a_send_hangs() {
-        let sent = Sent::default();
-        let (entered_tx, entered) = mpsc::channel();
-        let (release, release_rx) = mpsc::channel();
-        let config = Config {
-            schedule_delay: Duration::from_secs(3600),
-            max_queue: 3,
-            max_batch: 1,
-        };
-        let gate = Gate(sent.clone(), entered_tx, release_rx);
-        let p = Pipeline::start(config, Vec::new(), "steward", gate).unwrap();
+        let (release, gate) = mpsc::channel();
+        let (t, sent, called) = scripted(Vec::new(), Some(gate));
+        let p = Pipeline::start(config(3, 1), Vec::new(), "steward", t).unwrap();
         p.submit(span(0));
-        entered.recv_timeout(Duration::from_secs(30)).unwrap();
+        called.recv_timeout(LONG).unwrap();
         // The thread hangs in its send: three spans fit, two do not, and nothing waits.
         for i in 1..6 {
             p.submit(span(i));
         }
         {
             let q = p.lock();
-            assert_eq!((q.spans.len(), q.dropped), (3, 2));
+            assert_eq!((q.spans.len(), q.dropped, q.sending), (3, 2, 1));
         }
         for _ in 0..4 {
             release.send(()).unwrap();
         }
-        p.shutdown(Duration::from_secs(30)).unwrap();
-        assert_eq!(decoded(&sent), vec![1, 1, 1, 1]);
+        p.shutdown(LONG).unwrap();
+        assert_eq!(decoded(&sent), vec![vec![0], vec![1], vec![2], vec![3]]);
     }
 
     #[test]
-    fn a_failing_collector_loses_its_batches_and_nothing_else() {
-        let sent = Sent::default();
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let config = Config {
-            schedule_delay: Duration::from_secs(3600),
-            max_queue: 10,
-            max_batch: 1,
-        };
-        let keep = Keep(sent.clone(), down.clone());
-        let p = Pipeline::start(config, Vec::new(), "steward", keep).unwrap();
-        p.submit(span(0));
-        p.submit(span(1));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !p.lock().spans.is_empty() {
-            assert!(Instant::now() < deadline, "the batches were not taken");
-            std::thread::yield_now();
+    fn a_busy_collector_is_tried_again_and_a_refused_batch_is_dropped() {
+        // The first batch: busy twice, then taken. The second: refused, never sent again.
+        // The third: busy more often than it is retried.
+        let answers = vec![
+            busy(),
+            busy(),
+            Ok(()),
+            refused(),
+            busy(),
+            busy(),
+            busy(),
+            busy(),
+        ];
+        let (t, sent, called) = scripted(answers, None);
+        let p = Pipeline::start(config(10, 1), Vec::new(), "steward", t).unwrap();
+        for i in 0..3 {
+            p.submit(span(i));
+            // One batch at a time, so that each meets its own answers.
+            let calls = if i == 1 { 1 } else { 3 + usize::from(i == 2) };
+            for _ in 0..calls {
+                called.recv_timeout(LONG).unwrap();
+            }
         }
-        down.store(false, std::sync::atomic::Ordering::SeqCst);
-        p.submit(span(2));
-        p.shutdown(Duration::from_secs(30)).unwrap();
-        let total: usize = decoded(&sent).iter().sum();
-        assert!(
-            total >= 1,
-            "the span after the collector came back was sent"
+        p.submit(span(3));
+        p.shutdown(LONG).unwrap();
+        assert_eq!(decoded(&sent), vec![vec![0], vec![3]]);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_brought_into_it() {
+        let (t, sent, called) = scripted(Vec::new(), None);
+        let bad = Config {
+            schedule_delay: Duration::ZERO,
+            max_queue: 0,
+            max_batch: 0,
+        };
+        let p = Pipeline::start(bad, Vec::new(), "steward", t).unwrap();
+        assert_eq!(
+            p.shared.config,
+            Config {
+                schedule_delay: Duration::from_millis(1),
+                max_queue: 1,
+                max_batch: 1,
+            }
         );
+        p.submit(span(7));
+        called.recv_timeout(LONG).unwrap();
+        p.shutdown(LONG).unwrap();
+        assert_eq!(decoded(&sent), vec![vec![7]]);
     }
 }

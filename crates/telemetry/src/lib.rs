@@ -94,17 +94,25 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
         Some(LogFilter::Env(e)) => (None, Some(e)),
         None => (None, None),
     };
-    tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(targets)
         .with(env)
         .with(log_layer(settings.json, own))
         .with(errors)
         .try_init()
-        .context("installing the log subscriber")?;
-    if let Some(p) = &spans
-        && otlp::install(p.clone()).is_err()
-    {
-        anyhow::bail!("the span pipeline is already installed");
+        .context("installing the log subscriber")
+        .and_then(|()| match &spans {
+            Some(p) if otlp::install(p.clone()).is_err() => {
+                Err(anyhow::anyhow!("the span pipeline is already installed"))
+            }
+            _ => Ok(()),
+        });
+    if let Err(e) = installed {
+        // Its thread is not left running.
+        if let Some(p) = &spans {
+            let _ = p.shutdown(Duration::ZERO);
+        }
+        return Err(e);
     }
     Ok(Guard {
         spans,
@@ -124,30 +132,41 @@ enum LogFilter {
     Env(tracing_subscriber::EnvFilter),
 }
 
-/// The filter `spec` (`RUST_LOG`) asks for: `info` when it is unset, empty or does not parse.
+/// The filter `spec` (`RUST_LOG`) asks for, read by `EnvFilter`'s rules: `info` when it is
+/// unset or does not parse. When every directive is a plain `LEVEL`, `TARGET` or
+/// `TARGET=LEVEL`, which `Targets` reads exactly as `EnvFilter` does, it is a `Targets`.
 fn log_filter(spec: Option<&str>) -> LogFilter {
     use tracing_subscriber::filter::Targets;
-    let spec = spec
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("info");
-    // Span and field directives are written with brackets, braces or quotes; what has none is
-    // targets and levels, which both filters read alike.
-    if !spec.contains(['[', ']', '{', '}', '"']) {
-        let directives: Vec<&str> = spec
-            .split(',')
-            .map(str::trim)
-            .filter(|d| !d.is_empty())
-            .collect();
-        if let Ok(t) = directives.join(",").parse::<Targets>() {
-            return LogFilter::Targets(t);
-        }
-        return LogFilter::Targets(Targets::new().with_default(tracing::Level::INFO));
+    let info = || LogFilter::Targets(Targets::new().with_default(tracing::Level::INFO));
+    let Some(spec) = spec else {
+        return info();
+    };
+    let Ok(env) = tracing_subscriber::EnvFilter::try_new(spec) else {
+        return info();
+    };
+    if plain(spec)
+        && let Ok(t) = spec.parse::<Targets>()
+    {
+        return LogFilter::Targets(t);
     }
-    LogFilter::Env(
-        tracing_subscriber::EnvFilter::try_new(spec)
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    )
+    LogFilter::Env(env)
+}
+
+/// Whether every directive of `spec` is `LEVEL`, `TARGET` or `TARGET=LEVEL`, with targets of
+/// letters, digits, `_`, `-` and `:` only, and nothing else (no spaces, no empty directive).
+fn plain(spec: &str) -> bool {
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':'))
+    };
+    !spec.is_empty()
+        && spec.split(',').all(|d| match d.split_once('=') {
+            Some((target, level)) => {
+                name(target) && level.parse::<tracing::level_filters::LevelFilter>().is_ok()
+            }
+            None => name(d),
+        })
 }
 
 type BoxedLayer<S> = Box<dyn tracing_subscriber::Layer<S> + Send + Sync>;
@@ -244,8 +263,55 @@ fn span_pipeline(
     if let Some(node) = node {
         resource.push(("service.instance.id", node.to_owned().into()));
     }
+    resource.extend(resource_attributes(&env)?);
     otlp::Pipeline::start(config, resource, "steward", transport)
         .context("otlp_endpoint: starting the export thread")
+}
+
+/// The resource attributes `OTEL_RESOURCE_ATTRIBUTES` adds (`key=value,key=value`, values
+/// percent-encoded), such as `deployment.environment=prod`. Steward's own (`service.name`,
+/// `service.version`, `service.instance.id`) are not replaced.
+fn resource_attributes(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Vec<otlp::Attr>> {
+    const VAR: &str = "OTEL_RESOURCE_ATTRIBUTES";
+    const OWN: [&str; 3] = ["service.name", "service.version", "service.instance.id"];
+    // They go with every export: bounded in number and length.
+    const MAX_ATTRS: usize = 64;
+    const MAX_LEN: usize = 1024;
+    let Some(list) = env(VAR) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<otlp::Attr> = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        if entry.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let Some((key, value)) = entry.split_once('=') else {
+            anyhow::bail!("{VAR}: entry {n} has no `=` (the format is key=value,key=value)");
+        };
+        let key = key.trim();
+        let value = percent_encoding::percent_decode_str(value.trim())
+            .decode_utf8()
+            .map_err(|_| {
+                anyhow::anyhow!("{VAR}: entry {n}: the value is not UTF-8 once decoded")
+            })?;
+        if key.is_empty() || key.len() > MAX_LEN || value.len() > MAX_LEN {
+            anyhow::bail!(
+                "{VAR}: entry {n}: a key must be 1 to {MAX_LEN} bytes and a value at most {MAX_LEN}"
+            );
+        }
+        if OWN.contains(&key) {
+            continue;
+        }
+        if out.len() == MAX_ATTRS {
+            anyhow::bail!("{VAR}: more than {MAX_ATTRS} attributes");
+        }
+        // An attribute's key is `&'static str`: these few are made once, at start, and kept
+        // for the life of the process.
+        let key: &'static str = Box::leak(key.to_owned().into_boxed_str());
+        out.push((key, value.into_owned().into()));
+    }
+    Ok(out)
 }
 
 /// The headers every export carries: `OTEL_EXPORTER_OTLP_HEADERS`, then
@@ -270,13 +336,14 @@ fn otlp_headers(
             let Some((name, value)) = entry.split_once('=') else {
                 anyhow::bail!("{var}: entry {n} has no `=` (the format is name=value,name=value)");
             };
-            let name = name.trim();
-            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                anyhow::anyhow!(
-                    "{var}: entry {n}: {:?} is not a header name",
-                    escape_control(name)
-                )
+            // Not echoed: a mistyped entry (`Authorization: Bearer …=`) may hold the value.
+            let header = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                anyhow::anyhow!("{var}: entry {n}: the name is not a valid header name")
             })?;
+            if value.trim().is_empty() {
+                // As OpenTelemetry's SDKs do: a header without a value is not sent.
+                continue;
+            }
             let value = percent_encoding::percent_decode_str(value.trim())
                 .decode_utf8()
                 .map_err(|_| {
@@ -293,6 +360,11 @@ fn otlp_headers(
             map.insert(header, value);
         }
     }
+    // What is sent is OTLP's protobuf, whatever a variable says.
+    map.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/x-protobuf"),
+    );
     Ok(map)
 }
 
@@ -304,17 +376,25 @@ struct HttpTransport {
 }
 
 impl otlp::Transport for HttpTransport {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+    fn send(&mut self, body: &[u8]) -> Result<(), otlp::SendError> {
         let response = self
             .client
             .post(self.url.clone())
             .headers(self.headers.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(body)
+            .body(body.to_vec())
             .send()
-            // The URL may hold credentials; the error is about the request, not where it went.
-            .map_err(|e| e.without_url().to_string())?;
+            .map_err(|e| otlp::SendError {
+                message: error_chain(&e.without_url()),
+                // Not sent, or no answer: the collector may take it on another try.
+                retry: Some(None),
+            })?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         // Read (a bounded part of) the answer, so that the connection is kept for the next.
         let mut response = response;
         let _ = std::io::copy(
@@ -322,11 +402,27 @@ impl otlp::Transport for HttpTransport {
             &mut std::io::sink(),
         );
         if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("the collector answered {status}"))
+            return Ok(());
         }
+        // OTLP/HTTP: these mean "later"; any other refusal is about the batch itself.
+        let retry = matches!(status.as_u16(), 429 | 502 | 503 | 504).then_some(retry_after);
+        Err(otlp::SendError {
+            message: format!("the collector answered {status}"),
+            retry,
+        })
     }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message is only the outermost).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
 }
 
 /// A blocking client for the exporter's thread. It owns a runtime of its own, which may be
@@ -339,6 +435,9 @@ fn blocking_client() -> anyhow::Result<reqwest::blocking::Client> {
             reqwest::blocking::Client::builder()
                 .tls_backend_preconfigured(tls)
                 .timeout(EXPORT_TIMEOUT)
+                // A redirect would carry the export's headers (an API key) to wherever it
+                // points: a collector's address is configured, never followed.
+                .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!("steward/", env!("CARGO_PKG_VERSION")))
                 .build()
         })
@@ -381,16 +480,21 @@ mod tests {
         let h = otlp_headers(env(&[
             (
                 "OTEL_EXPORTER_OTLP_HEADERS",
-                "api-key=abc%20def, x-tenant=one,,",
+                "api-key=abc%20def, x-tenant=one,,empty=,content-type=text/plain",
             ),
             ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=two"),
         ]))
         .unwrap();
-        assert_eq!(h.len(), 2);
+        assert_eq!(h.len(), 3, "{h:?}");
         assert_eq!(h["api-key"], "abc def");
         assert!(h["api-key"].is_sensitive());
         assert_eq!(h["x-tenant"], "two");
-        assert!(otlp_headers(env(&[])).unwrap().is_empty());
+        assert!(
+            !h.contains_key("empty"),
+            "a header without a value is not sent"
+        );
+        assert_eq!(h["content-type"], "application/x-protobuf");
+        assert_eq!(otlp_headers(env(&[])).unwrap().len(), 1);
     }
 
     #[test]
@@ -402,7 +506,11 @@ mod tests {
             ),
             (
                 "bad name=secret1",
-                "entry 1: \"bad name\" is not a header name",
+                "entry 1: the name is not a valid header name",
+            ),
+            (
+                "Authorization: Basic secret4=",
+                "entry 1: the name is not a valid header name",
             ),
             (
                 "api-key=secret2%0a",
@@ -418,6 +526,35 @@ mod tests {
                 .to_string();
             assert!(e.contains(want), "{list}: {e}");
             assert!(!e.contains("secret"), "{list}: the value is shown: {e}");
+        }
+    }
+
+    #[test]
+    fn resource_attributes_come_from_the_standard_variable_and_steward_keeps_its_own() {
+        let a = resource_attributes(env(&[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod, team=ops%2Finfra,,service.name=other",
+        )]))
+        .unwrap();
+        assert_eq!(
+            a,
+            vec![
+                ("deployment.environment", "prod".to_owned().into()),
+                ("team", "ops/infra".to_owned().into()),
+            ]
+        );
+        for (bad, want) in [
+            ("a=1,b", "entry 2 has no `=`"),
+            ("=x", "entry 1: a key must be 1 to 1024 bytes"),
+            ("k=%ff", "entry 1: the value is not UTF-8"),
+        ] {
+            let e = resource_attributes(env(&[("OTEL_RESOURCE_ATTRIBUTES", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("OTEL_RESOURCE_ATTRIBUTES: ") && e.contains(want),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -440,24 +577,41 @@ mod tests {
             LogFilter::Targets(t) => t,
             LogFilter::Env(e) => panic!("{spec:?}: an EnvFilter {e}"),
         };
-        for spec in [None, Some(""), Some("  "), Some("no such level=x")] {
+        // Unset, or not parsed by EnvFilter's rules: `info`, as before.
+        for spec in [
+            None,
+            Some("no such level=x"),
+            Some("=debug"),
+            Some("*=debug"),
+        ] {
             let t = targets(spec);
             assert_eq!(t.default_level(), Some(LevelFilter::INFO), "{spec:?}");
+            assert!(!t.would_enable("engine", &Level::DEBUG), "{spec:?}");
         }
-        let t = targets(Some(" warn , engine=debug,, api::auth=off "));
+        let t = targets(Some("WARN,engine=debug,api::auth=off,steward"));
         assert!(t.would_enable("engine::driver", &Level::DEBUG));
         assert!(!t.would_enable("engine::driver", &Level::TRACE));
         assert!(!t.would_enable("node::serve", &Level::INFO));
         assert!(t.would_enable("node::serve", &Level::WARN));
         assert!(!t.would_enable("api::auth", &Level::ERROR));
+        assert!(
+            t.would_enable("steward", &Level::TRACE),
+            "a bare target: all of it"
+        );
+        // Anything else is EnvFilter's to read, as it always was: span and field directives,
+        // and the odd cases whose meaning only EnvFilter's rules give (an empty directive,
+        // spaces, nothing at all).
         for spec in [
             "[run]=debug",
             "engine[job{attempt}]=trace",
             "[{run_id=\"x\"}]=debug",
+            ",",
+            "",
+            " warn ",
         ] {
             assert!(
                 matches!(log_filter(Some(spec)), LogFilter::Env(_)),
-                "{spec}: span and field directives need an EnvFilter"
+                "{spec:?} is EnvFilter's"
             );
         }
     }
