@@ -281,9 +281,9 @@ mod tests {
         s.fail("x");
     }
 
-    #[test]
-    fn an_attribute_set_twice_keeps_the_last_value() {
-        let mut s = Span(Some(SpanRecord {
+    /// A span that records, whether a pipeline is installed or not.
+    fn recording() -> Span {
+        Span(Some(SpanRecord {
             name: "run",
             trace_id: [1; 16],
             span_id: [2; 8],
@@ -295,7 +295,12 @@ mod tests {
             events: Vec::new(),
             dropped_events: 0,
             error: None,
-        }));
+        }))
+    }
+
+    #[test]
+    fn an_attribute_set_twice_keeps_the_last_value() {
+        let mut s = recording();
         s.set("workflow", "a");
         s.set("attempt", 1u32);
         s.set("workflow", String::from("b"));
@@ -308,19 +313,7 @@ mod tests {
 
     #[test]
     fn events_and_texts_are_bounded() {
-        let mut s = Span(Some(SpanRecord {
-            name: "run",
-            trace_id: [1; 16],
-            span_id: [2; 8],
-            parent_span_id: [3; 8],
-            parent_is_remote: false,
-            start_unix_nano: 1,
-            end_unix_nano: 0,
-            attrs: Attrs::new(),
-            events: Vec::new(),
-            dropped_events: 0,
-            error: None,
-        }));
+        let mut s = recording();
         let long = "é".repeat(MAX_TEXT);
         for _ in 0..MAX_EVENTS + 5 {
             s.event("retrying", vec![("error", long.clone().into())]);

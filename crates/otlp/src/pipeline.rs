@@ -243,18 +243,9 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
     let mut failing = false;
     loop {
         let (batch, dropped, closing) = {
-            let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            while !q.closing && q.spans.len() < config.max_batch {
-                let now = Instant::now();
-                if now >= due {
-                    break;
-                }
-                q = shared
-                    .wake
-                    .wait_timeout(q, due - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-            }
+            let mut q = wait_until(shared, due, |q| {
+                q.closing || q.spans.len() >= config.max_batch
+            });
             let batch = if q.spans.len() <= config.max_batch {
                 std::mem::take(&mut q.spans)
             } else {
@@ -314,22 +305,29 @@ fn send(shared: &Shared, transport: &mut impl Transport, body: &[u8]) -> Result<
         };
         let wait = after.map_or(*wait, |a| a.min(MAX_RETRY_WAIT));
         // Waits on the queue, so that closing ends the wait (and the retries) at once.
-        let deadline = Instant::now() + wait;
-        let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if q.closing {
-                return Err(err);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            q = shared
-                .wake
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+        if wait_until(shared, Instant::now() + wait, |q| q.closing).closing {
+            return Err(err);
         }
+    }
+}
+
+/// The queue, locked, once `done` holds for it or `deadline` has passed, whichever is first.
+fn wait_until(
+    shared: &Shared,
+    deadline: Instant,
+    done: impl Fn(&Queue) -> bool,
+) -> std::sync::MutexGuard<'_, Queue> {
+    let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let now = Instant::now();
+        if done(&q) || now >= deadline {
+            return q;
+        }
+        q = shared
+            .wake
+            .wait_timeout(q, deadline - now)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
     }
 }
 

@@ -281,20 +281,7 @@ fn resource_attributes(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<V
         return Ok(Vec::new());
     };
     let mut out: Vec<otlp::Attr> = Vec::new();
-    for (i, entry) in list.split(',').enumerate() {
-        if entry.trim().is_empty() {
-            continue;
-        }
-        let n = i + 1;
-        let Some((key, value)) = entry.split_once('=') else {
-            anyhow::bail!("{VAR}: entry {n} has no `=` (the format is key=value,key=value)");
-        };
-        let key = key.trim();
-        let value = percent_encoding::percent_decode_str(value.trim())
-            .decode_utf8()
-            .map_err(|_| {
-                anyhow::anyhow!("{VAR}: entry {n}: the value is not UTF-8 once decoded")
-            })?;
+    for (n, key, value) in otel_list(VAR, &list)? {
         if key.is_empty() || key.len() > MAX_LEN || value.len() > MAX_LEN {
             anyhow::bail!(
                 "{VAR}: entry {n}: a key must be 1 to {MAX_LEN} bytes and a value at most {MAX_LEN}"
@@ -309,7 +296,30 @@ fn resource_attributes(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<V
         // An attribute's key is `&'static str`: these few are made once, at start, and kept
         // for the life of the process.
         let key: &'static str = Box::leak(key.to_owned().into_boxed_str());
-        out.push((key, value.into_owned().into()));
+        out.push((key, value.into()));
+    }
+    Ok(out)
+}
+
+/// The entries of one of OpenTelemetry's list variables (`key=value,key=value`, values
+/// percent-encoded), empty ones left out: each with its place in the list (from 1), its key
+/// and its value decoded. An error names the variable and the entry, never a value.
+fn otel_list<'a>(var: &str, list: &'a str) -> anyhow::Result<Vec<(usize, &'a str, String)>> {
+    let mut out = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        if entry.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let Some((key, value)) = entry.split_once('=') else {
+            anyhow::bail!("{var}: entry {n} has no `=` (the format is key=value,key=value)");
+        };
+        let value = percent_encoding::percent_decode_str(value.trim())
+            .decode_utf8()
+            .map_err(|_| {
+                anyhow::anyhow!("{var}: entry {n}: the value is not UTF-8 once decoded")
+            })?;
+        out.push((n, key.trim(), value.into_owned()));
     }
     Ok(out)
 }
@@ -328,29 +338,15 @@ fn otlp_headers(
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     ] {
         let Some(list) = env(var) else { continue };
-        for (i, entry) in list.split(',').enumerate() {
-            if entry.trim().is_empty() {
-                continue;
-            }
-            let n = i + 1;
-            let Some((name, value)) = entry.split_once('=') else {
-                anyhow::bail!("{var}: entry {n} has no `=` (the format is name=value,name=value)");
-            };
+        for (n, name, value) in otel_list(var, &list)? {
             // Not echoed: a mistyped entry (`Authorization: Bearer …=`) may hold the value.
-            let header = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
                 anyhow::anyhow!("{var}: entry {n}: the name is not a valid header name")
             })?;
             if value.trim().is_empty() {
                 // As OpenTelemetry's SDKs do: a header without a value is not sent.
                 continue;
             }
-            let value = percent_encoding::percent_decode_str(value.trim())
-                .decode_utf8()
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "{var}: entry {n} ({header}): the value is not UTF-8 once decoded"
-                    )
-                })?;
             let mut value = HeaderValue::from_str(&value).map_err(|_| {
                 anyhow::anyhow!(
                     "{var}: entry {n} ({header}): the value is not a valid header value"
@@ -518,7 +514,7 @@ mod tests {
             ),
             (
                 "api-key=secret3%ff",
-                "entry 1 (api-key): the value is not UTF-8 once decoded",
+                "OTEL_EXPORTER_OTLP_HEADERS: entry 1: the value is not UTF-8 once decoded",
             ),
         ] {
             let e = otlp_headers(env(&[("OTEL_EXPORTER_OTLP_HEADERS", list)]))
