@@ -693,7 +693,16 @@ async fn attempts_made_before_a_crash_count_against_the_retry_budget() {
             .unwrap_or(0)
     };
     eventually("two attempts", LONG, || attempts() == 2).await;
-    // In the 6 s backoff before the third attempt.
+    // The second attempt's start is written while its process runs, but not waited for: wait
+    // until the store has it, so that the kill falls in the 6 s backoff before the third.
+    let deadline = std::time::Instant::now() + LONG;
+    while status(&mut c, &id).await.blocks[0].jobs[0].attempts < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second attempt was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.kill9().await;
     let server = Server::start(&data, &[]).await;
     let mut c = server.client().await;
