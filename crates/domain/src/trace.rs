@@ -45,34 +45,37 @@ impl TraceParent {
     }
 }
 
+/// The `traceparent` header value (version 00).
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&traceparent(self.trace_id, self.span_id, self.sampled))
+        f.write_str("00-")?;
+        write_hex(f, &self.trace_id)?;
+        f.write_str("-")?;
+        write_hex(f, &self.span_id)?;
+        f.write_str(if self.sampled { "-01" } else { "-00" })
     }
 }
 
 /// A `traceparent` header value (version 00).
 pub fn traceparent(trace_id: [u8; 16], span_id: [u8; 8], sampled: bool) -> String {
-    let mut s = String::with_capacity(55);
-    s.push_str("00-");
-    push_hex(&mut s, &trace_id);
-    s.push('-');
-    push_hex(&mut s, &span_id);
-    s.push_str(if sampled { "-01" } else { "-00" });
-    s
+    TraceParent {
+        trace_id,
+        span_id,
+        sampled,
+    }
+    .to_string()
 }
 
 /// The `traceparent` of a run's root: what a webhook about the run carries.
 pub fn run_traceparent(run: RunId) -> String {
-    traceparent(trace_id(run), root_span_id(run), true)
+    TraceParent::of_run(run).to_string()
 }
 
-fn push_hex(s: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
+        write!(f, "{b:02x}")?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -209,13 +209,18 @@ impl Driver<'_> {
         &self.inner.opts.node_id
     }
 
-    /// Adds an event to the run's span, when it is recorded; `attrs` is only made then.
-    fn span_event(&self, name: &'static str, attrs: impl FnOnce() -> Vec<otlp::Attr>) {
+    /// Does `f` to the run's span when it is recorded (else nothing is made for it).
+    fn with_span(&self, f: impl FnOnce(&mut otlp::Span)) {
         if self.span_id.is_some()
             && let Ok(mut span) = self.span.lock()
         {
-            span.event(name, attrs());
+            f(&mut span);
         }
+    }
+
+    /// Adds an event to the run's span, when it is recorded; `attrs` is only made then.
+    fn span_event(&self, name: &'static str, attrs: impl FnOnce() -> Vec<otlp::Attr>) {
+        self.with_span(|span| span.event(name, attrs()));
     }
 
     async fn drive(&self, loaded: Option<Run>) -> store::Result<()> {
@@ -237,11 +242,7 @@ impl Driver<'_> {
         let _ = self.created_at.set(run.created_at);
         if read {
             tracing::Span::current().record("workflow", run.spec.name.as_str());
-            if self.span_id.is_some()
-                && let Ok(mut span) = self.span.lock()
-            {
-                span.set("workflow", run.spec.name.clone());
-            }
+            self.with_span(|span| span.set("workflow", run.spec.name.clone()));
         }
         if let Some(cause) = run.cancel_requested.clone() {
             return self.end(RunState::Cancelled, cause).await;

@@ -83,16 +83,10 @@ pub fn init(settings: Settings) -> anyhow::Result<Guard> {
     // made (a callsite it disables costs a branch), and a span costs nothing more for being
     // filtered. Sentry sees `info` and up whatever `RUST_LOG` says, so then the filter is the
     // log's own.
-    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let (global, own) = if errors.is_none() {
-        (Some(filter), None)
-    } else {
-        (None, Some(filter))
-    };
-    let (targets, env) = match global {
-        Some(LogFilter::Targets(t)) => (Some(t), None),
-        Some(LogFilter::Env(e)) => (None, Some(e)),
-        None => (None, None),
+    let (targets, env, own) = match log_filter(std::env::var("RUST_LOG").ok().as_deref()) {
+        f if errors.is_some() => (None, None, Some(f)),
+        LogFilter::Targets(t) => (Some(t), None, None),
+        LogFilter::Env(e) => (None, Some(e), None),
     };
     let installed = tracing_subscriber::registry()
         .with(targets)
