@@ -17,9 +17,23 @@ const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 /// One request holding `spans`: one resource (`resource`'s attributes), one scope (`scope`).
 pub fn encode_request(resource: &[Attr], scope: &str, spans: &[SpanRecord]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(256 + spans.len() * 192);
+    let mut buf = Vec::new();
+    encode_request_into(&mut buf, resource, scope, spans);
+    buf
+}
+
+/// [`encode_request`] into `buf`, cleared first: a caller that encodes batch after batch
+/// keeps one buffer.
+pub fn encode_request_into(
+    buf: &mut Vec<u8>,
+    resource: &[Attr],
+    scope: &str,
+    spans: &[SpanRecord],
+) {
+    buf.clear();
+    buf.reserve(256 + spans.len() * 192);
     // ExportTraceServiceRequest.resource_spans = 1
-    nested(&mut buf, 1, |b| {
+    nested(buf, 1, |b| {
         // ResourceSpans.resource = 1: Resource.attributes = 1
         nested(b, 1, |b| {
             for a in resource {
@@ -39,7 +53,6 @@ pub fn encode_request(resource: &[Attr], scope: &str, spans: &[SpanRecord]) -> V
             }
         });
     });
-    buf
 }
 
 fn span(b: &mut Vec<u8>, s: &SpanRecord) {
@@ -157,9 +170,9 @@ fn nested(b: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
         b[at] = len as u8;
         return;
     }
-    let mut head = Vec::with_capacity(n);
-    encode_varint(len64, &mut head);
-    b.splice(at..=at, head);
+    let mut head = [0u8; 10];
+    encode_varint(len64, &mut &mut head[..]);
+    b.splice(at..=at, head[..n].iter().copied());
 }
 
 fn string(b: &mut Vec<u8>, field: u32, s: &str) {

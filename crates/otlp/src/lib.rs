@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-pub use encode::encode_request;
+pub use encode::{encode_request, encode_request_into};
 pub use pipeline::{Config, ConfigError, Pipeline, SendError, ShutdownError, Transport};
 
 /// An attribute's value.

@@ -13,6 +13,13 @@ mod stop;
 
 use node::config;
 
+// mimalloc frees a block from any thread without a lock. With the C library's allocator, a
+// request built on a runtime thread and dropped on the store's writer thread (or a span
+// queued by one thread and freed by the exporter's) took the lock of the arena it came from,
+// and the threads slept on each other's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "steward",

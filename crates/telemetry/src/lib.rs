@@ -10,6 +10,7 @@
 //! `tracing`'s: `RUST_LOG` quiets the log without losing them.
 
 mod json_log;
+mod log_out;
 mod sentry_report;
 
 use std::borrow::Cow;
@@ -177,7 +178,7 @@ where
         LogFilter::Targets(t) => Box::new(t) as BoxedFilter<S>,
         LogFilter::Env(e) => Box::new(e) as BoxedFilter<S>,
     });
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer().with_writer(log_out::LogOut::stderr());
     if json {
         let layer = layer
             .fmt_fields(json_log::JsonSpanFields)
