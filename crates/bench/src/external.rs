@@ -24,10 +24,34 @@ pub(crate) struct External {
 impl External {
     /// Starts the server with `settings` (`STEWARD_*` and others) on top of this process's
     /// environment, its stderr to `log` (or nowhere), and waits until it answers.
+    ///
+    /// The port is found free by binding it and letting it go, so that another process (an
+    /// outgoing connection's local port, say) can take it before the server binds it: a server
+    /// that exits before it answers is started again on another port, up to 3 times.
     pub(crate) async fn start(
         settings: &[(&str, &str)],
         log: Option<&Path>,
     ) -> anyhow::Result<External> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::try_start(settings, log).await? {
+                Ok(server) => return Ok(server),
+                Err(status) if tries < 3 => {
+                    println!("  (the server exited before it answered, {status}; started again)");
+                }
+                Err(status) => {
+                    anyhow::bail!("the server exited before it answered, 3 times: {status}")
+                }
+            }
+        }
+    }
+
+    /// The server, or how it exited before it answered.
+    async fn try_start(
+        settings: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Result<External, std::process::ExitStatus>> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("policies.toml"), BENCH_POLICIES)?;
         let port = {
@@ -52,9 +76,12 @@ impl External {
             cmd.env(k, v);
         }
         let started = Instant::now();
-        let child = cmd.spawn().context("starting steward serve")?;
+        let mut child = cmd.spawn().context("starting steward serve")?;
         let deadline = started + Duration::from_secs(30);
         let ready_after = loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Err(status));
+            }
             if let Ok(ch) = channel(&addr, dir.path()).await
                 && StewardClient::new(ch)
                     .list(pb::ListRequest {
@@ -72,12 +99,12 @@ impl External {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        Ok(External {
+        Ok(Ok(External {
             child,
             dir,
             addr,
             ready_after,
-        })
+        }))
     }
 
     pub(crate) async fn client(&self) -> anyhow::Result<StewardClient<crate::Channel>> {

@@ -234,6 +234,10 @@ impl Pipeline {
     }
 }
 
+/// The most memory the request buffer keeps between batches (a batch of 512 spans is
+/// about 100 KiB).
+const MAX_KEPT_BODY: usize = 1 << 20;
+
 /// The thread: a batch leaves when it is full, when the delay since the last one has passed,
 /// or when the pipeline closes (then everything queued leaves, a batch at a time).
 fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Transport) {
@@ -271,6 +275,9 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
         if !batch.is_empty() {
             crate::encode_request_into(&mut body, resource, scope, &batch);
             batch.clear();
+            // What a burst needed is not kept for good: a queue that grew past a batch while
+            // a send hung, a request of spans full of events.
+            batch.shrink_to(config.max_batch);
             match send(shared, transport, &body) {
                 Ok(()) if failing => {
                     failing = false;
@@ -288,6 +295,9 @@ fn run(shared: &Shared, resource: &[Attr], scope: &str, transport: &mut impl Tra
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .sending = 0;
+            if body.capacity() > MAX_KEPT_BODY {
+                body = Vec::new();
+            }
         } else if closing {
             return;
         }

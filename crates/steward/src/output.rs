@@ -9,7 +9,10 @@ pub fn line(s: &str) {
 }
 
 pub fn error(s: &str) {
-    eprintln!("error: {s}");
+    // One write: `eprintln!` writes its pieces one by one, and the server's log lines, written
+    // without stderr's lock, could land between them.
+    let line = format!("error: {s}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 pub fn json<T: serde::Serialize>(v: &T) {

@@ -22,6 +22,7 @@ use tracing::{Event, Subscriber};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime as _;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -83,7 +84,14 @@ where
             reason = "a log line's timestamp is the wall clock's"
         )]
         let now = std::time::SystemTime::now();
-        write!(w, "{}", humantime::format_rfc3339_micros(now))?;
+        // humantime writes the years 1970 to 9999 (it panics before 1970): a clock outside
+        // them gets the formatter of before.
+        match now.duration_since(std::time::UNIX_EPOCH) {
+            Ok(t) if t.as_secs() < YEAR_10000 => {
+                write!(w, "{}", humantime::format_rfc3339_micros(now))?;
+            }
+            _ => tracing_subscriber::fmt::time::SystemTime.format_time(&mut w)?,
+        }
         w.write_str("\",\"level\":\"")?;
         w.write_str(meta.level().as_str())?;
         w.write_str("\"")?;
@@ -112,6 +120,9 @@ where
         w.write_str("}\n")
     }
 }
+
+/// 10000-01-01T00:00:00Z in seconds since the epoch.
+const YEAR_10000: u64 = 253_402_300_800;
 
 /// The members every line has of its own: an event's field of the same name is written as
 /// `fields.NAME`, so that no line holds a name twice.
