@@ -324,22 +324,28 @@ pub(crate) async fn telemetry_suite(o: &crate::BenchOpts) -> anyhow::Result<()> 
         "telemetry: separate server, {} runs x 3 noop jobs, {} clients, median of {rounds} rounds each (metrics always on)",
         o.runs, o.concurrency
     );
-    let mut medians = Vec::new();
-    let mut cpu_medians = Vec::new();
+    // Each round's own ratio (this setting against all off, seconds apart) is printed too:
+    // this machine's speed drifts over minutes, which moves the medians of the settings apart
+    // but cancels out of a ratio taken within a round.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let off_rates = rates[0].clone();
+    let off_cpus: Vec<f64> = cpus[0].iter().map(Duration::as_secs_f64).collect();
     for (i, (name, _)) in configs.iter().enumerate() {
-        rates[i].sort_by(f64::total_cmp);
-        cpus[i].sort();
-        let rate = rates[i][rates[i].len() / 2];
-        let cpu = cpus[i][cpus[i].len() / 2].as_secs_f64();
-        medians.push(rate);
-        cpu_medians.push(cpu);
+        let rate = median(rates[i].clone());
+        let cpu_of = |r: usize| cpus[i][r].as_secs_f64();
+        let cpu = median((0..rounds).map(cpu_of).collect());
+        let paired = median((0..rounds).map(|r| rates[i][r] / off_rates[r]).collect());
+        let cpu_paired = median((0..rounds).map(|r| off_cpus[r] / cpu_of(r)).collect());
         // The CPU ratio is all off's CPU per run over this setting's: like the throughput
         // ratio, 1 is free and lower costs more.
         println!(
-            "  {name}: {rate:.0} runs/s (ratio {:.3}), server CPU {:.1} µs per run (ratio {:.3})",
-            rate / medians[0],
+            "  {name}: {rate:.0} runs/s (ratio {:.3}; within rounds {paired:.3}), server CPU {:.1} µs per run (ratio {:.3}; within rounds {cpu_paired:.3})",
+            rate / median(off_rates.clone()),
             cpu * 1e6,
-            cpu_medians[0] / cpu
+            median(off_cpus.clone()) / cpu
         );
     }
     println!(
