@@ -8,7 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
-use proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -421,12 +420,11 @@ async fn pages_escape_what_they_show() {
     let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
     let mut c = server.client().await;
     let admin = server.admin_token().unwrap();
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         "name: x\ndesc: '<script>alert(1)</script>'\nlabels: {site: '\"><img src=x onerror=alert(2)>'}\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'echo \"<b>bold</b>\"; exit 3']}}]\n",
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     wait_terminal(&mut c, &id, LONG).await;
     let token = csrf(&server.addr, &admin).await;
     let (code, _, _) = call(

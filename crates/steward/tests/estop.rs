@@ -309,8 +309,7 @@ async fn a_malformed_file_stops_everything_until_it_is_fixed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let id = submit(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
 }
 

@@ -29,12 +29,11 @@ async fn a_run_ending_during_a_lease_renewal_is_no_lost_lease() {
     // their snapshot; a 1.3 s run started every 0.5 s is sure to end inside some pause.
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let id = submit(
+        let id = submit_and_exec(
             &mut c,
             &format!("name: x\nblocks:\n  - jobs: [{}]\n", sh("sleep 1.3")),
         )
         .await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
         ids.push(id);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -230,8 +229,7 @@ async fn after_a_crash_nothing_of_the_old_attempt_runs_beside_the_new() {
             check = overlap_check(&grandchild, &log),
         ));
         let mut c = server.client().await;
-        let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        let id = submit_and_exec(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
         eventually("the grandchild to start", LONG, || {
             std::fs::read_to_string(&grandchild).is_ok_and(|s| s.ends_with('\n'))
         })
@@ -289,8 +287,7 @@ async fn a_job_that_leaves_its_process_group_dies_with_it() {
             e = escaped.display()
         ));
         let mut c = server.client().await;
-        let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        let id = submit_and_exec(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
         eventually("the escaped process to start", LONG, || {
             std::fs::read_to_string(&escaped).is_ok_and(|s| s.ends_with('\n'))
         })
@@ -422,12 +419,11 @@ async fn a_full_disk_mid_run_loses_nothing_and_repeats_nothing() {
     let runs = 4;
     let mut ids = Vec::new();
     for _ in 0..runs {
-        let id = submit(
+        let id = submit_and_exec(
             &mut c,
             &format!("name: x\nblocks:\n  - jobs: [{job}]\n  - jobs: [{job}]\n"),
         )
         .await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
         ids.push(id);
     }
     eventually("every first job to start", LONG, || {
@@ -628,8 +624,7 @@ async fn a_job_inherits_no_credentials_or_descriptors_of_the_server() {
     // `env`, then the descriptors `ls` itself holds: only 0, 1 and 2, and the directory it
     // reads.
     let job = sh("env; ls -l /proc/self/fd");
-    let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
     let run = wait_terminal(&mut c, &id, Duration::from_secs(60)).await;
     assert_eq!(run.state, "completed", "{run:?}");
     let out = &run.blocks[0].jobs[0].output;
@@ -685,8 +680,7 @@ async fn attempts_made_before_a_crash_count_against_the_retry_budget() {
         "{{action: shell, args: {{argv: [sh, -c, 'echo attempt >> {}; exit 1']}}, retry: {{attempts: 3, initial_backoff: 3s, max_backoff: 10s}}}}",
         log.display()
     );
-    let id = submit(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &format!("name: x\nblocks:\n  - jobs: [{job}]\n")).await;
     let attempts = || {
         std::fs::read_to_string(&log)
             .map(|s| s.lines().count())

@@ -27,12 +27,11 @@ async fn runs_prune_by_hand_and_by_retention() {
     let mut c = server.client().await;
     let mut ids = Vec::new();
     for name in ["hello", "x"] {
-        let id = submit(
+        let id = submit_and_exec(
             &mut c,
             &format!("name: {name}\nblocks:\n  - jobs: [{{action: noop}}]\n"),
         )
         .await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
         wait_terminal(&mut c, &id, LONG).await;
         ids.push(id);
     }
@@ -225,14 +224,13 @@ async fn watch_of_a_ten_thousand_job_run_sends_what_changed() {
     let mut c = server.client().await;
     let many = vec!["{action: noop}"; 10_000].join(", ");
     let step = "{action: sleep, args: {duration: 300ms}}";
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!(
             "name: hello\nblocks:\n  - concurrency: 100\n    jobs: [{many}]\n  - jobs: [{step}]\n  - jobs: [{step}]\n  - jobs: [{step}]\n"
         ),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     let mut stream = c
         .watch(pb::WatchRequest { id: id.clone() })
         .await

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use proto::v1 as pb;
 
 use crate::harness::*;
 
@@ -35,7 +34,7 @@ async fn metrics_count_runs_and_jobs_by_workflow_state_and_action() {
     let mut c = server.client().await;
     // Two runs complete (3 jobs each), one fails (its shell job exits 3), one waits.
     for _ in 0..2 {
-        let id = submit(
+        let id = submit_and_exec(
             &mut c,
             &format!(
                 "name: erase\nblocks:\n  - jobs: [{}, {{action: noop}}, {{action: noop}}]\n",
@@ -43,15 +42,13 @@ async fn metrics_count_runs_and_jobs_by_workflow_state_and_action() {
             ),
         )
         .await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
         assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
     }
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!("name: x\nblocks:\n  - jobs: [{}]\n", sh("exit 3")),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "failed");
     submit(&mut c, "name: x\nblocks:\n  - jobs: [{action: noop}]\n").await;
 

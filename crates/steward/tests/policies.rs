@@ -31,8 +31,7 @@ async fn submits_are_checked_against_every_policy_at_once() {
     let mut c = server.client().await;
 
     // Compliant: accepted and runs.
-    let id = submit(&mut c, &erase_spec("aap", &["aap01", "aap02"])).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &erase_spec("aap", &["aap01", "aap02"])).await;
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
 
     // No entry: refused.
@@ -210,8 +209,7 @@ async fn a_fresh_install_writes_policies_that_accept_the_examples() {
     assert!(text.contains("[workflows.hello]"), "{text}");
     let mut c = server.client().await;
     let hello = std::fs::read_to_string(workspace_root().join("examples/hello.yaml")).unwrap();
-    let id = submit(&mut c, &hello).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &hello).await;
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
     let erase = std::fs::read_to_string(
         workspace_root().join("examples/satellite-disk-erase/workflow.yaml"),

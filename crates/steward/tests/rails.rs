@@ -105,8 +105,7 @@ async fn an_exhausted_error_budget_stops_the_workflow_by_itself() {
         "name: Flaky\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 1']}}]\n";
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let id = submit(&mut c, failing).await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        let id = submit_and_exec(&mut c, failing).await;
         assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "failed");
         ids.push(id);
     }
@@ -187,8 +186,7 @@ async fn an_error_budget_counts_across_restarts_and_starts_afresh_after_a_trip()
     let failing =
         "name: Flaky\nblocks:\n  - jobs: [{action: shell, args: {argv: [sh, -c, 'exit 1']}}]\n";
     let fail_as = async |c: &mut Client, name: &str| {
-        let id = submit(c, &failing.replace("Flaky", name)).await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+        let id = submit_and_exec(c, &failing.replace("Flaky", name)).await;
         assert_eq!(wait_terminal(c, &id, LONG).await.state, "failed");
     };
     let fail = async |c: &mut Client| {

@@ -241,8 +241,7 @@ async fn a_database_outage_mid_run_is_ridden_out() {
     env.push(("STEWARD_LEASE_TTL", "15s".to_owned()));
     let node = start_node(&dir.path().join("a"), &env).await;
     let mut c = node.client().await;
-    let id = submit(&mut c, &yaml).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &yaml).await;
     eventually("two jobs to finish", LONG, || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.matches("done ").count() >= 2)
     })

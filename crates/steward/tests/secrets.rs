@@ -339,7 +339,7 @@ async fn jobs_cannot_call_the_server_that_runs_them() {
     let mut c = server.client().await;
     let responder = server.token("leaked", "responder");
     let localhost = server.addr.replace("127.0.0.1", "localhost");
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!(
             r#"
@@ -365,7 +365,6 @@ blocks:
         ),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     let run = wait_terminal(&mut c, &id, LONG).await;
     let jobs = &run.blocks[0].jobs;
     for j in &jobs[..2] {
@@ -453,12 +452,11 @@ async fn shell_jobs_run_as_the_configured_user() {
     );
     assert!(!server.log_text().contains("run_as is not set"));
     for (workflow, user) in [("x", "nobody"), ("daemon-work", "daemon")] {
-        let id = submit(
+        let id = submit_and_exec(
             &mut c,
             &format!("name: {workflow}\nblocks:\n  - jobs: [{job}]\n"),
         )
         .await;
-        c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
         let run = wait_terminal(&mut c, &id, LONG).await;
         let out = &run.blocks[0].jobs[0].output;
         let mut lines = out.lines();

@@ -183,8 +183,7 @@ async fn grace_expiry_cancels_and_the_job_reruns_with_the_same_key() {
     ];
     let mut server = Server::start(&data, &env).await;
     let mut c = server.client().await;
-    let id = submit(&mut c, &format!("name: long\nblocks:\n  - jobs: [{job}]\n")).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &format!("name: long\nblocks:\n  - jobs: [{job}]\n")).await;
     eventually("the job to start", LONG, || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     })
@@ -229,12 +228,11 @@ async fn sigusr1_stops_at_the_end_of_the_round() {
     let second = sh(&format!("echo second >> {}", log.display()));
     let mut server = Server::start(&data, &[]).await;
     let mut c = server.client().await;
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!("name: rounds\nblocks:\n  - jobs: [{first}]\n  - jobs: [{second}]\n"),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     eventually("the first block to start", LONG, || {
         db_states(&data.join("steward.db"))
             .get(&id)
@@ -266,8 +264,7 @@ async fn a_second_signal_stops_now() {
     let job = sh(&format!("echo $$ > {}; exec sleep 300", pidfile.display()));
     let mut server = Server::start(&data, &[("STEWARD_KILL_GRACE", "1s")]).await;
     let mut c = server.client().await;
-    let id = submit(&mut c, &format!("name: long\nblocks:\n  - jobs: [{job}]\n")).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &format!("name: long\nblocks:\n  - jobs: [{job}]\n")).await;
     eventually("the job to start", LONG, || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     })

@@ -162,12 +162,11 @@ async fn cancel_kills_a_shell_jobs_grandchildren() {
         "sleep 300 & echo $! > {}; wait",
         pidfile.display()
     ));
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!("name: hello\nblocks:\n  - jobs: [{job}]\n"),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     eventually("the grandchild to start", LONG, || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     })

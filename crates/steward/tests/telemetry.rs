@@ -8,7 +8,6 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message as _;
-use proto::v1 as pb;
 
 use crate::harness::*;
 
@@ -159,8 +158,7 @@ async fn a_runs_spans_are_one_trace_across_a_kill_and_resume() {
 
     let mut server = Server::start(&data, &env).await;
     let mut c = server.client().await;
-    let id = submit(&mut c, &yaml).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, &yaml).await;
     let trace = id.replace('-', "");
     // The first job's span is exported by the first process before it dies.
     let job1 = wait_span(&spans, "of the first job", |s| {
@@ -237,12 +235,11 @@ async fn a_failed_job_attempt_is_an_error_span() {
     let mut server = Server::start(&data, &env).await;
     let mut c = server.client().await;
     let job = sh("echo nope; exit 3");
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!("name: hello\nblocks:\n  - jobs: [{job}]\n"),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "failed");
     let trace = id.replace('-', "");
     let job = wait_span(&spans, "of the failed job", |s| {
@@ -335,8 +332,7 @@ async fn a_failed_run_is_reported_to_sentry_with_its_tags_and_no_secret() {
     let yaml = "name: hello\nlabels: {site: aap}\nblocks:\n  - jobs: [{action: noop}, \
                 {action: shell, args: {argv: [sh, -c, 'echo pw=$PASS; echo pw=$PASS >&2; exit 3'], \
                 env: {PASS: {secret: db}}}}]\n";
-    let id = submit(&mut c, yaml).await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    let id = submit_and_exec(&mut c, yaml).await;
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "failed");
 
     let deadline = std::time::Instant::now() + LONG;
@@ -400,12 +396,11 @@ async fn a_line_inside_a_job_attempt_carries_the_run_and_the_job() {
     let mut server = Server::start(&data, &env).await;
     let mut c = server.client().await;
     let job = sh("true");
-    let id = submit(
+    let id = submit_and_exec(
         &mut c,
         &format!("name: hello\nblocks:\n  - jobs: [{{action: noop}}, {job}]\n"),
     )
     .await;
-    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
     server.stop().await;
     let log = server.log_text();

@@ -322,6 +322,13 @@ pub async fn submit(c: &mut Client, yaml: &str) -> String {
     .id
 }
 
+/// Submits the run, then starts it (Exec): the two calls a client makes.
+pub async fn submit_and_exec(c: &mut Client, yaml: &str) -> String {
+    let id = submit(c, yaml).await;
+    c.exec(pb::ExecRequest { id: id.clone() }).await.unwrap();
+    id
+}
+
 pub async fn status(c: &mut Client, id: &str) -> pb::Run {
     c.status(pb::StatusRequest { id: id.to_owned() })
         .await
