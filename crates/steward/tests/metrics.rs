@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-
 use crate::harness::*;
 
 const LONG: Duration = Duration::from_secs(60);
