@@ -821,7 +821,12 @@ mod de {
 
     pub fn webhook_url<'de, D: Deserializer<'de>>(d: D) -> Result<reqwest::Url, D::Error> {
         let s = String::deserialize(d)?;
-        let url: reqwest::Url = s.trim().parse().map_err(D::Error::custom)?;
+        // The value is not repeated: a webhook's URL often holds its token.
+        let url: reqwest::Url = s.trim().parse().map_err(|e| {
+            D::Error::custom(format!(
+                "not a URL ({e}); expected an http:// or https:// URL such as https://host:port/path"
+            ))
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(D::Error::custom(format!(
                 "{:?} is not an http:// or https:// URL",
@@ -1356,6 +1361,14 @@ mod tests {
             ("http_deny = \"10.0.0.0/8\"\n", "http_deny: invalid type"),
             ("otlp_endpoint = \"grpc://otel:4317\"\n", "otlp_endpoint:"),
             (
+                "otlp_endpoint = \"\"\n",
+                "otlp_endpoint: not a URL (relative URL without a base); expected an http:// or https:// URL",
+            ),
+            (
+                "[[notify]]\nurl = \"hooks.example/T0KEN\"\n",
+                "notify[0].url: not a URL",
+            ),
+            (
                 "otlp_endpoint = \"https://u:p@otel.example\"\n",
                 "otlp_endpoint: holds credentials",
             ),
@@ -1462,6 +1475,7 @@ mod tests {
             std::fs::write(&f, text).unwrap();
             let err = format!("{:#}", load(dir.path(), Some(&f), None, &[]).unwrap_err());
             assert!(err.contains(want), "{text:?}: {err}");
+            assert!(!err.contains("T0KEN"), "a URL's secret repeated: {err}");
         }
         for (var, value, want) in [
             (
