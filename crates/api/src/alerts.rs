@@ -215,9 +215,9 @@ impl Service {
 pub(crate) async fn alertmanager(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    crate::http::Text(body): crate::http::Text,
 ) -> Result<Json<Outcome>, ApiError> {
-    // Who may not stop is refused before the body is read.
+    // Who may not stop is refused before the body is parsed.
     st.service.authorize(
         &who,
         &Call::EStopSet {

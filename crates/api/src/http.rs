@@ -104,7 +104,7 @@ fn schedule_from_body(body: &str) -> Result<domain::schedule::ScheduleSpec, doma
 async fn prune(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::PruneResponse>, ApiError> {
     let req: pb::PruneRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
@@ -114,7 +114,7 @@ async fn prune(
 async fn schedule_create(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::Schedule>, ApiError> {
     let spec = schedule_from_body(&body);
     st.service
@@ -127,7 +127,7 @@ async fn schedule_update(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
     Path(name): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::Schedule>, ApiError> {
     let spec = schedule_from_body(&body).and_then(|s| {
         if s.schedule == name {
@@ -173,7 +173,7 @@ async fn schedule_pause(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
     Path(name): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::Schedule>, ApiError> {
     let body: CancelBody = if body.trim().is_empty() {
         CancelBody::default()
@@ -214,7 +214,7 @@ async fn schedule_backfill(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
     Path(name): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::ScheduleBackfillResponse>, ApiError> {
     let body: BackfillBody = serde_json::from_str(&body)
         .map_err(|e| ApiError::new(tonic::Code::InvalidArgument, format!("body: {e}")))?;
@@ -244,7 +244,7 @@ async fn submit(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
     query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
     let (spec, start) = submit_from_body(&body)?;
@@ -257,7 +257,7 @@ async fn submit(
 async fn validate(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::ValidateResponse>, ApiError> {
     st.service.validate(&who, spec_from_body(&body)).map(Json)
 }
@@ -340,7 +340,7 @@ async fn cancel(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
     Path(id): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::CancelResponse>, ApiError> {
     let body: CancelBody = if body.trim().is_empty() {
         CancelBody::default()
@@ -399,7 +399,7 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, 
 async fn estop_set(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::AuditRecord>, ApiError> {
     let req: pb::EStopSetRequest = json_body(&body)?;
     st.service.estop_set(&who, req).await.map(Json)
@@ -409,7 +409,7 @@ async fn estop_set(
 async fn estop_clear(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::EStopClearResponse>, ApiError> {
     let req: pb::EStopClearRequest = json_body(&body)?;
     st.service.estop_clear(&who, req).await.map(Json)
@@ -450,7 +450,7 @@ async fn estop_audit(
 async fn create_token(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Json<pb::CreateTokenResponse>, ApiError> {
     let req: pb::CreateTokenRequest = json_body(&body)?;
     st.service.create_token(&who, req).await.map(Json)
@@ -518,6 +518,40 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
             domain::limits::clip(uri.path())
         ),
     )
+}
+
+/// A request's body as text. Axum refuses a body over [`MAX_BODY_BYTES`], or one that is not
+/// UTF-8, with a line of plain text; through this extractor such a body gets the API's error
+/// body, as every other refusal does.
+pub(crate) struct Text(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Text {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        use axum::extract::rejection::StringRejection;
+        let rejection = match String::from_request(req, state).await {
+            Ok(text) => return Ok(Self(text)),
+            Err(rejection) => rejection,
+        };
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request body is larger than the limit of {} MiB",
+                MAX_BODY_BYTES / (1024 * 1024)
+            )
+        } else if matches!(rejection, StringRejection::InvalidUtf8(_)) {
+            "the request body is not UTF-8 text".to_owned()
+        } else {
+            format!(
+                "the request body could not be read: {}",
+                rejection.body_text()
+            )
+        };
+        let mut r = ApiError::new(tonic::Code::InvalidArgument, message).into_response();
+        *r.status_mut() = status;
+        Err(r)
+    }
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {

@@ -174,7 +174,7 @@ impl Server {
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
-        body: impl Into<String>,
+        body: impl Into<Vec<u8>>,
     ) -> (u16, axum::http::HeaderMap, String) {
         use http_body_util::BodyExt;
         use tower::ServiceExt;
@@ -204,7 +204,7 @@ impl Server {
         headers: &[(&str, &str)],
         body: impl Into<String>,
     ) -> (u16, Value) {
-        let (code, _, text) = self.http(method, path, headers, body).await;
+        let (code, _, text) = self.http(method, path, headers, body.into()).await;
         let body = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("HTTP {code}: body is not JSON ({e}): {text:?}"));
         (code, body)
@@ -1959,7 +1959,7 @@ struct Hostile {
     what: &'static str,
     method: &'static str,
     path: String,
-    body: String,
+    body: Vec<u8>,
     code: u16,
     says: &'static str,
 }
@@ -1968,7 +1968,7 @@ fn hostile(
     what: &'static str,
     method: &'static str,
     path: impl Into<String>,
-    body: impl Into<String>,
+    body: impl Into<Vec<u8>>,
     code: u16,
     says: &'static str,
 ) -> Hostile {
@@ -2068,6 +2068,30 @@ async fn hostile_http_input_gets_a_clear_error_at_once() {
             "",
             200,
             "",
+        ),
+        hostile(
+            "a body of 10 MiB",
+            "POST",
+            "/v1/runs",
+            vec![b' '; 10 << 20],
+            413,
+            "larger than the limit of 9 MiB",
+        ),
+        hostile(
+            "a body that is not UTF-8",
+            "POST",
+            "/v1/runs",
+            b"name: \xff\xfe".to_vec(),
+            400,
+            "the request body is not UTF-8 text",
+        ),
+        hostile(
+            "an Alertmanager payload that is not UTF-8",
+            "POST",
+            "/v1/alerts/alertmanager",
+            b"{\"alerts\": \"\xc3\"}".to_vec(),
+            400,
+            "the request body is not UTF-8 text",
         ),
         hostile(
             "a 10 KB label key in a List filter",
