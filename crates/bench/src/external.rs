@@ -216,11 +216,7 @@ pub(crate) async fn throughput(
     }
     let elapsed = started.elapsed();
     let cpu = x.cpu()?.saturating_sub(cpu_before);
-    let done = finished(&x.addr).await? - before;
-    anyhow::ensure!(
-        done >= n as f64,
-        "{done} of {n} runs completed; the rest failed"
-    );
+    completed(&[x.addr.as_str()], before, n).await?;
     Ok(Throughput {
         runs_per_s: n as f64 / elapsed.as_secs_f64(),
         cpu_per_run: cpu / u32::try_from(n).unwrap_or(u32::MAX).max(1),
@@ -229,17 +225,76 @@ pub(crate) async fn throughput(
 
 /// `steward_runs_finished_total{workflow="bench",state="completed"}` from `/metrics`.
 pub(crate) async fn finished(addr: &str) -> anyhow::Result<f64> {
+    Ok(finished_by_state(addr)
+        .await?
+        .get("completed")
+        .copied()
+        .unwrap_or(0.0))
+}
+
+/// `steward_runs_finished_total{workflow="bench"}` from `/metrics`, by state.
+async fn finished_by_state(addr: &str) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
     let (code, body) = crate::page(addr, "", "/metrics").await?;
     anyhow::ensure!(code == 200, "/metrics answered {code}");
-    Ok(body
-        .lines()
-        .filter(|l| {
-            l.starts_with("steward_runs_finished_total{")
-                && l.contains("workflow=\"bench\"")
-                && l.contains("state=\"completed\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    let mut by_state = std::collections::BTreeMap::new();
+    for l in body.lines() {
+        let Some(labels) = l
+            .strip_prefix("steward_runs_finished_total{")
+            .and_then(|l| l.split_once('}'))
+        else {
+            continue;
+        };
+        let (labels, value) = labels;
+        let state = labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("state=\""))
+            .and_then(|v| v.strip_suffix('"'));
+        if let (true, Some(state), Ok(v)) = (
+            labels.contains("workflow=\"bench\""),
+            state,
+            value.trim().parse::<f64>(),
+        ) {
+            *by_state.entry(state.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    Ok(by_state)
+}
+
+/// Waits until the nodes at `addrs` count `n` more completed runs than `before` (their
+/// `/metrics` summed). A run is counted just after its end is committed, so the count may
+/// trail what List shows for a moment: it is read again for up to 5 s. Short of `n` then,
+/// the error says how the other runs ended.
+pub(crate) async fn completed(addrs: &[&str], before: f64, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut done = 0.0;
+        for addr in addrs {
+            done += finished(addr).await?;
+        }
+        let done = done - before;
+        if done >= n as f64 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let mut others = Vec::new();
+            for addr in addrs {
+                for (state, count) in finished_by_state(addr).await? {
+                    if state != "completed" && count > 0.0 {
+                        others.push(format!("{count} {state} on {addr}"));
+                    }
+                }
+            }
+            anyhow::bail!(
+                "{done} of {n} runs completed; since the node started: {}",
+                if others.is_empty() {
+                    "none ended otherwise".to_owned()
+                } else {
+                    others.join(", ")
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// An OTLP/HTTP collector that takes every batch and keeps only its size: the cost measured
