@@ -684,14 +684,12 @@ fn cgroup_kill(dir: &Path) {
     }
 }
 
-/// Lowers the calling thread's priority (nice 10): the cleanup after ended attempts (removing
-/// cgroups, scanning `/proc`) gives way to the runtime, which, when a stop ends a thousand
-/// attempts at once, is still killing and recording the rest. nix has no `setpriority`.
-#[allow(unsafe_code)]
+/// Lowers the calling thread's priority by 10 `nice` steps (on Linux a thread has a priority
+/// of its own): the cleanup after ended attempts (removing cgroups, scanning `/proc`) gives
+/// way to the runtime, which, when a stop ends a thousand attempts at once, is still killing
+/// and recording the rest. A kernel that refuses leaves the priority as it was.
 fn yield_to_jobs() {
-    // SAFETY: setpriority(2) takes no pointers; on Linux, PRIO_PROCESS with 0 is the calling
-    // thread. Failure (a kernel that refuses) leaves the priority as it was.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let _ = rustix::process::nice(10);
 }
 
 /// [`end_cgroup_blocking`] off the runtime, awaited.

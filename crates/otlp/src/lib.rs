@@ -23,7 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use encode::{encode_request, encode_request_into};
-pub use pipeline::{Config, ConfigError, Pipeline, SendError, ShutdownError, Transport};
+pub use pipeline::{
+    Config, ConfigError, EXPORT_NICE, Pipeline, SendError, ShutdownError, Transport,
+    lower_thread_priority,
+};
 
 /// An attribute's value.
 #[derive(Clone, Debug, PartialEq)]

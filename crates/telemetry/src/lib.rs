@@ -423,6 +423,9 @@ fn blocking_client() -> anyhow::Result<reqwest::blocking::Client> {
     std::thread::Builder::new()
         .name("otlp-client".into())
         .spawn(move || {
+            // The client's own runtime thread, started here, inherits the export's lower
+            // priority.
+            otlp::lower_thread_priority();
             reqwest::blocking::Client::builder()
                 .tls_backend_preconfigured(tls)
                 .timeout(EXPORT_TIMEOUT)
