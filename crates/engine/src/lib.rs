@@ -195,7 +195,7 @@ pub enum EngineError {
     NotFound(RunId),
     /// Not found, and older than retention keeps runs: it was most likely pruned.
     #[error(
-        "run {id} not found: it was created {created}, and finished runs are deleted {kept} after they end (retention); runs that old are pruned"
+        "run {id} not found: it was created {created}, and retention ({kept}) deletes finished runs that long after they end; runs that old are pruned"
     )]
     Pruned {
         id: RunId,

@@ -84,7 +84,10 @@ async fn finished_runs_go_after_their_workflows_retention_and_running_ones_stay(
     let err = e.status(slow).await.unwrap_err();
     assert!(matches!(err, EngineError::Pruned { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("pruned") && text.contains("10m"), "{text}");
+    assert!(
+        text.contains("retention (10m) deletes finished runs") && text.contains("pruned"),
+        "{text}"
+    );
 
     // By hand: a dry run counts, changes nothing; then it deletes.
     let later = Timestamp(e.status(forever).await.unwrap().ended_at.unwrap().0 + 1);
