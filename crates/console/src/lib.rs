@@ -97,7 +97,7 @@ impl Console {
             .route("/ui/console.css", get(pages::style))
             .fallback(pages::not_found)
             .layer(axum::middleware::map_response(pages::headers))
-            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+            .layer(axum::extract::DefaultBodyLimit::max(pages::MAX_FORM_BYTES))
             .with_state(self.inner.clone())
     }
 }

@@ -57,6 +57,40 @@ struct ErrorPage<'a> {
     message: &'a str,
 }
 
+/// The largest form the console takes: its forms hold a few short fields.
+pub(crate) const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// A submitted form. Axum refuses a form that is too large or does not parse with a line of
+/// plain text; through this extractor the person who sent it gets a page that says what went
+/// wrong, like every other refusal.
+pub(crate) struct PageForm<T>(pub(crate) T);
+
+impl<T, S> axum::extract::FromRequest<S> for PageForm<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Form::<T>::from_request(req, state).await {
+            Ok(Form(form)) => Ok(Self(form)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    format!(
+                        "The form is larger than {} KiB; the console's forms are much smaller.",
+                        MAX_FORM_BYTES / 1024
+                    )
+                } else {
+                    format!("The form could not be read: {}", rejection.body_text())
+                };
+                Err(page_error(status, &message))
+            }
+        }
+    }
+}
+
 /// A page that says what went wrong and how to go on.
 pub(crate) fn page_error(status: StatusCode, message: &str) -> Response {
     let mut r = Html::render(&ErrorPage {
@@ -693,7 +727,7 @@ pub(crate) async fn run_action(
     s: Session,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    Form(form): Form<ActionForm>,
+    PageForm(form): PageForm<ActionForm>,
 ) -> Response {
     if let Some(r) = s.refuse_form(&headers, &form.csrf) {
         return r;
@@ -1016,7 +1050,7 @@ pub(crate) async fn estop_review(
     State(inner): State<Arc<Inner>>,
     s: Session,
     headers: HeaderMap,
-    Form(f): Form<StopForm>,
+    PageForm(f): PageForm<StopForm>,
 ) -> Response {
     if let Some(r) = s.refuse_form(&headers, &f.csrf) {
         return r;
@@ -1028,7 +1062,7 @@ pub(crate) async fn estop_set(
     State(inner): State<Arc<Inner>>,
     s: Session,
     headers: HeaderMap,
-    Form(f): Form<StopForm>,
+    PageForm(f): PageForm<StopForm>,
 ) -> Response {
     if let Some(r) = s.refuse_form(&headers, &f.csrf) {
         return r;
@@ -1081,7 +1115,7 @@ pub(crate) async fn estop_clear(
     State(inner): State<Arc<Inner>>,
     s: Session,
     headers: HeaderMap,
-    Form(f): Form<ClearForm>,
+    PageForm(f): PageForm<ClearForm>,
 ) -> Response {
     if let Some(r) = s.refuse_form(&headers, &f.csrf) {
         return r;

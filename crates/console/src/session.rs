@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use api::auth::Caller;
 use askama::Template;
-use axum::extract::{ConnectInfo, Form, FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -206,7 +206,7 @@ pub(crate) async fn signin(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     ConnectInfoOpt(peer): ConnectInfoOpt,
-    Form(form): Form<SignInForm>,
+    crate::pages::PageForm(form): crate::pages::PageForm<SignInForm>,
 ) -> Response {
     if !same_site(&headers) {
         return page_error(
@@ -263,7 +263,7 @@ pub(crate) async fn signout(
     State(inner): State<Arc<Inner>>,
     session: Session,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    crate::pages::PageForm(form): crate::pages::PageForm<CsrfForm>,
 ) -> Response {
     if let Some(r) = session.refuse_form(&headers, &form.csrf) {
         return r;
