@@ -110,20 +110,39 @@ fn key_value(b: &mut Vec<u8>, field: u32, (key, value): &Attr) {
         Value::Int(i) => 1 + encoded_len_varint(int64(*i)),
     };
     let kv_len = str_field_len(key.len()) + 1 + varint_len(value_len) + value_len;
-    encode_key(field, WireType::LengthDelimited, b);
-    encode_varint(kv_len as u64, b);
+    tag(b, field, WireType::LengthDelimited);
+    length(b, kv_len);
     string(b, 1, key);
-    encode_key(2, WireType::LengthDelimited, b);
-    encode_varint(value_len as u64, b);
+    tag(b, 2, WireType::LengthDelimited);
+    length(b, value_len);
     match value {
         Value::Str(s) => string(b, 1, s),
         Value::Shared(s) => string(b, 1, s),
         Value::Uuid(u) => {
-            encode_key(1, WireType::LengthDelimited, b);
-            encode_varint(UUID_LEN as u64, b);
+            tag(b, 1, WireType::LengthDelimited);
+            length(b, UUID_LEN);
             uuid(b, u);
         }
         Value::Int(i) => varint(b, 3, int64(*i)),
+    }
+}
+
+/// A field's key. The fields written here are numbered below 16, whose key is one byte:
+/// pushed as it is, without `prost`'s general varint loop (a span's attributes write several
+/// keys each).
+fn tag(b: &mut Vec<u8>, field: u32, wire: WireType) {
+    if field < 16 {
+        b.push(u8::try_from((field << 3) | wire as u32).unwrap_or(0));
+    } else {
+        encode_key(field, wire, b);
+    }
+}
+
+/// A length, as a varint: one byte below 128, as most are here.
+fn length(b: &mut Vec<u8>, n: usize) {
+    match u8::try_from(n) {
+        Ok(small) if small < 0x80 => b.push(small),
+        _ => encode_varint(n as u64, b),
     }
 }
 
@@ -133,13 +152,18 @@ const UUID_LEN: usize = 36;
 /// `u` in its hyphenated form, lower case.
 fn uuid(b: &mut Vec<u8>, u: &[u8; 16]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Written into an array, then copied once: one capacity check instead of 36.
+    let mut text = [b'-'; UUID_LEN];
+    let mut at = 0;
     for (i, byte) in u.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            b.push(b'-');
+            at += 1;
         }
-        b.push(HEX[usize::from(byte >> 4)]);
-        b.push(HEX[usize::from(byte & 0xf)]);
+        text[at] = HEX[usize::from(byte >> 4)];
+        text[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
     }
+    b.extend_from_slice(&text);
 }
 
 /// int64 on the wire: its two's complement as a varint.
@@ -180,18 +204,18 @@ fn string(b: &mut Vec<u8>, field: u32, s: &str) {
 }
 
 fn bytes(b: &mut Vec<u8>, field: u32, v: &[u8]) {
-    encode_key(field, WireType::LengthDelimited, b);
-    encode_varint(v.len() as u64, b);
+    tag(b, field, WireType::LengthDelimited);
+    length(b, v.len());
     b.extend_from_slice(v);
 }
 
 fn varint(b: &mut Vec<u8>, field: u32, v: u64) {
-    encode_key(field, WireType::Varint, b);
+    tag(b, field, WireType::Varint);
     encode_varint(v, b);
 }
 
 fn fixed64(b: &mut Vec<u8>, field: u32, v: u64) {
-    encode_key(field, WireType::SixtyFourBit, b);
+    tag(b, field, WireType::SixtyFourBit);
     b.extend_from_slice(&v.to_le_bytes());
 }
 
