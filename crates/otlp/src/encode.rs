@@ -147,23 +147,13 @@ fn length(b: &mut Vec<u8>, n: usize) {
 }
 
 /// The length of a hyphenated UUID.
-const UUID_LEN: usize = 36;
+const UUID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
 
 /// `u` in its hyphenated form, lower case.
 fn uuid(b: &mut Vec<u8>, u: &[u8; 16]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    // Written into an array, then copied once: one capacity check instead of 36.
-    let mut text = [b'-'; UUID_LEN];
-    let mut at = 0;
-    for (i, byte) in u.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
-        }
-        text[at] = HEX[usize::from(byte >> 4)];
-        text[at + 1] = HEX[usize::from(byte & 0xf)];
-        at += 2;
-    }
-    b.extend_from_slice(&text);
+    let mut text = [0u8; UUID_LEN];
+    let text = uuid::Uuid::from_bytes(*u).hyphenated().encode_lower(&mut text);
+    b.extend_from_slice(text.as_bytes());
 }
 
 /// int64 on the wire: its two's complement as a varint.
