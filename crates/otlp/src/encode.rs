@@ -152,7 +152,9 @@ const UUID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
 /// `u` in its hyphenated form, lower case.
 fn uuid(b: &mut Vec<u8>, u: &[u8; 16]) {
     let mut text = [0u8; UUID_LEN];
-    let text = uuid::Uuid::from_bytes(*u).hyphenated().encode_lower(&mut text);
+    let text = uuid::Uuid::from_bytes(*u)
+        .hyphenated()
+        .encode_lower(&mut text);
     b.extend_from_slice(text.as_bytes());
 }
 
