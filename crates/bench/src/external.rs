@@ -238,13 +238,12 @@ async fn finished_by_state(addr: &str) -> anyhow::Result<std::collections::BTree
     anyhow::ensure!(code == 200, "/metrics answered {code}");
     let mut by_state = std::collections::BTreeMap::new();
     for l in body.lines() {
-        let Some(labels) = l
+        let Some((labels, value)) = l
             .strip_prefix("steward_runs_finished_total{")
             .and_then(|l| l.split_once('}'))
         else {
             continue;
         };
-        let (labels, value) = labels;
         let state = labels
             .split(',')
             .find_map(|kv| kv.strip_prefix("state=\""))
@@ -267,23 +266,21 @@ async fn finished_by_state(addr: &str) -> anyhow::Result<std::collections::BTree
 pub(crate) async fn completed(addrs: &[&str], before: f64, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut done = 0.0;
+        let mut done = -before;
+        let mut others = Vec::new();
         for addr in addrs {
-            done += finished(addr).await?;
+            for (state, count) in finished_by_state(addr).await? {
+                if state == "completed" {
+                    done += count;
+                } else if count > 0.0 {
+                    others.push(format!("{count} {state} on {addr}"));
+                }
+            }
         }
-        let done = done - before;
         if done >= n as f64 {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let mut others = Vec::new();
-            for addr in addrs {
-                for (state, count) in finished_by_state(addr).await? {
-                    if state != "completed" && count > 0.0 {
-                        others.push(format!("{count} {state} on {addr}"));
-                    }
-                }
-            }
             anyhow::bail!(
                 "{done} of {n} runs completed; since the node started: {}",
                 if others.is_empty() {
