@@ -563,70 +563,39 @@ async fn forms_need_their_csrf_value_and_big_stops_a_second_typing() {
     assert!(!head.to_ascii_lowercase().contains("set-cookie"));
 }
 
-/// A request written whole, and every byte that comes back until the server closes or resets
-/// the connection: a server that refuses a body it has not read may reset once it has
-/// answered.
-async fn exchange(addr: &str, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = Instant::now() + LONG;
-    while Instant::now() < deadline {
-        match tokio::time::timeout(LONG, s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 /// A form that is too large or does not parse gets a page saying so, not a line of plain text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_form_that_cannot_be_read_gets_a_page_that_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
     let addr = &server.addr;
-    let post = |body: &[u8]| {
-        let mut r = format!(
-            "POST /signin HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        r.extend_from_slice(body);
-        r
-    };
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
     for (what, body, status, says) in [
         (
             "a field given twice",
-            b"token=a&token=b".to_vec(),
-            "422",
+            "token=a&token=b".to_owned(),
+            422,
             "The form could not be read: Failed to deserialize form body: duplicate field `token`",
         ),
         (
             "a form of 65 KiB",
-            format!("token={}", "a".repeat(65 * 1024)).into_bytes(),
-            "413",
+            format!("token={}", "a".repeat(65 * 1024)),
+            413,
             "The form is larger than 64 KiB",
         ),
     ] {
-        let answer = exchange(addr, &post(&body)).await;
+        let (code, head, page) = http(addr, "POST", "/signin", &form, &body).await.unwrap();
+        assert_eq!(code, status, "{what}: {}", &page[..page.len().min(300)]);
         assert!(
-            answer.starts_with(&format!("HTTP/1.1 {status}")),
-            "{what}: {}",
-            &answer[..answer.len().min(300)]
+            head.contains("text/html") && page.contains("Something went wrong"),
+            "{what}: not a page: {head}\n{}",
+            &page[..page.len().min(600)]
         );
+        assert!(page.contains(says), "{what}: {page}");
         assert!(
-            answer.contains("text/html") && answer.contains("Something went wrong"),
-            "{what}: not a page: {}",
-            &answer[..answer.len().min(600)]
-        );
-        assert!(answer.contains(says), "{what}: {answer}");
-        assert!(
-            answer.len() < 8192,
+            page.len() < 8192,
             "{what}: the page repeats the form: {} bytes",
-            answer.len()
+            page.len()
         );
     }
     // And it still serves.
