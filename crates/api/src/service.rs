@@ -6,6 +6,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use domain::auth::Call;
+use domain::estop::{EStopState, Target};
 use domain::limits;
 use domain::{RunId, RunState, WorkflowSpec};
 use engine::{Engine, EngineError};
@@ -320,6 +321,50 @@ impl Service {
         Err(ApiError::new(tonic::Code::PermissionDenied, why))
     }
 
+    /// Refuses a caller who may not release (a responder) an entry that would make `target`
+    /// less restrictive than it is: `pause` over a `stop` releases part of it, since queued
+    /// runs then wait instead of being refused. When the list cannot be read, whether it would
+    /// is unknown, and only `stop`, which weakens nothing, is allowed.
+    fn check_not_weakened(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        h: &estop::EStopHandle,
+        target: &Target,
+        state: EStopState,
+    ) -> Result<(), ApiError> {
+        if state == EStopState::Stop
+            || caller.principal.role.allows(&Call::EStopSet {
+                state: EStopState::Go,
+            })
+        {
+            return Ok(());
+        }
+        let why = match &*h.snapshot() {
+            domain::estop::Snapshot::Ok(list) => match list.get(target) {
+                Some(e) if e.state > state => format!(
+                    "{target} is set to {}; setting {state} would release part of it, which \
+                     only an operator or admin may do (role {})",
+                    e.state, caller.principal.role
+                ),
+                _ => return Ok(()),
+            },
+            domain::estop::Snapshot::Unreadable(_) => format!(
+                "the e-stop list cannot be read, so whether {state} would weaken the entry of \
+                 {target} is unknown; set stop, or ask an operator (role {})",
+                caller.principal.role
+            ),
+        };
+        self.auth.log_refusal(
+            caller.name(),
+            &call.to_string(),
+            &target.to_string(),
+            &caller.peer,
+            &why,
+        );
+        Err(ApiError::new(tonic::Code::PermissionDenied, why))
+    }
+
     /// Checks that the caller may make `call` on run `id`, reading the run only when its
     /// scope or its ownership matters.
     async fn authorize_on_run(
@@ -465,6 +510,7 @@ impl Service {
             &format!("target {target}"),
             caller.principal.scope.covers_target(&target),
         )?;
+        self.check_not_weakened(caller, &call, h, &target, state)?;
         let rec = h
             .set_from(target, state, req.reason, caller.name().to_owned(), source)
             .await

@@ -494,6 +494,74 @@ async fn scoped_tokens_are_refused_outside_their_scope() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_cannot_weaken_a_stop_to_pause() {
+    let n = node().await;
+    let pager = n.token("pager", "responder", &[], "").await;
+    let op = n.token("op", "operator", &[], "").await;
+    let set = |token: &str, target: &str, state: &str| {
+        let mut c = n.estop();
+        let r = req(
+            pb::EStopSetRequest {
+                target: target.into(),
+                state: state.into(),
+                reason: "INC-7".into(),
+            },
+            Some(token),
+        );
+        async move { c.set(r).await }
+    };
+    set(&op, "t", "stop").await.unwrap();
+    // Pause over a stop would let queued runs wait instead of being refused: a release.
+    let err = set(&pager, "t", "pause").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("t is set to stop") && err.message().contains("responder"),
+        "{err:?}"
+    );
+    let (status, body) = n
+        .http(
+            "POST",
+            "/v1/estop",
+            Some(&pager),
+            json!({"target": "t", "state": "pause", "reason": "INC-7"}),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let list = n
+        .estop()
+        .list(req(pb::EStopListRequest {}, Some(&pager)))
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = list.entries.iter().find(|e| e.target == "t").unwrap();
+    assert_eq!(entry.state, "stop", "the stop holds");
+    let err = n
+        .steward()
+        .submit(req(
+            pb::SubmitRequest {
+                spec: Some(spec("t", &[])),
+                start: false,
+            },
+            Some(&n.admin),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // What only tightens is the responder's to do: pause where nothing is set, then stop
+    // over its own pause, and stop again over a stop.
+    set(&pager, "site=aap", "pause").await.unwrap();
+    set(&pager, "site=aap", "stop").await.unwrap();
+    set(&pager, "t", "stop").await.unwrap();
+    assert_eq!(
+        set(&pager, "site=aap", "pause").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // An operator may release part of it.
+    set(&op, "t", "pause").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_garbage_expired_and_revoked_tokens_are_refused() {
     let n = node().await;
     let short = n.token("short", "viewer", &[], "1s").await;
