@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod alerts;
 pub mod auth;
+mod browser;
 pub mod convert;
 mod grpc;
 pub mod http;
@@ -326,9 +327,19 @@ impl Api {
             .prepare()
             .into_axum_router();
         let http = http::router(self.state.clone());
+        let loopback_only = matches!(&gate, Gate::Tokens(a) if a.mode() == auth::AuthMode::None);
         axum::Router::new().fallback_service(tower::service_fn(
             move |mut req: axum::extract::Request| {
                 let grpc_call = is_grpc(&req);
+                let refusal = if grpc_call || is_open(&req, false) {
+                    None
+                } else {
+                    let api = req.uri().path().starts_with("/v1/")
+                        || !console
+                            .as_ref()
+                            .is_some_and(|(_, owns)| owns(req.uri().path()));
+                    browser::refusal(&req, api, loopback_only)
+                };
                 let page = match &console {
                     Some((pages, owns))
                         if !grpc_call
@@ -346,6 +357,16 @@ impl Api {
                 };
                 let gate = gate.clone();
                 async move {
+                    if let Some(e) = refusal {
+                        if let Gate::Tokens(a) = &gate {
+                            // The path as far as the access log keeps it.
+                            let path = req.uri().path();
+                            let path = &path[..path.floor_char_boundary(128)];
+                            let call = format!("{} {path}", req.method());
+                            a.log_refusal("-", &call, "", &peer_of(&req), &e.message);
+                        }
+                        return Ok(axum::response::IntoResponse::into_response(e));
+                    }
                     if let Some(pages) = page {
                         return tower::ServiceExt::oneshot(pages, req).await;
                     }

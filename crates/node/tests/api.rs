@@ -1982,6 +1982,133 @@ fn hostile(
     }
 }
 
+/// With `auth = "none"`, a web page of any site could otherwise make the browser of someone
+/// on the server's machine run a job: a cross-site `text/plain` POST needs no permission from
+/// anyone, and a name the page's owner points at 127.0.0.1 makes the page the server's own
+/// origin. Every such request is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_of_another_site_cannot_use_the_api() {
+    let s = server().await;
+    let here = s.addr.to_string();
+    let run = |key: &str| {
+        format!(
+            r#"{{"spec": {{"name": "hello", "idempotency_key": "{key}", "blocks": [{{"jobs": [{{"action": "noop", "args": {{}}}}]}}]}}}}"#
+        )
+    };
+    let plain = ("content-type", "text/plain;charset=UTF-8");
+    let rebound = format!("rebind.evil.example:{}", s.addr.port());
+    let rebound_origin = format!("http://{rebound}");
+    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+        (
+            "a cross-site POST",
+            vec![
+                plain,
+                ("host", &here),
+                ("sec-fetch-site", "cross-site"),
+                ("origin", "http://evil.example"),
+            ],
+            "Sec-Fetch-Site: cross-site",
+        ),
+        (
+            "a same-site POST",
+            vec![plain, ("host", &here), ("sec-fetch-site", "same-site")],
+            "Sec-Fetch-Site: same-site",
+        ),
+        (
+            "a POST from another origin, no Sec-Fetch-Site",
+            vec![plain, ("host", &here), ("origin", "http://evil.example")],
+            r#"a page of \"http://evil.example\""#,
+        ),
+        (
+            "a POST from an opaque origin",
+            vec![plain, ("host", &here), ("origin", "null")],
+            r#"a page of \"null\""#,
+        ),
+        (
+            "a POST through a rebound name",
+            vec![
+                plain,
+                ("host", &rebound),
+                ("sec-fetch-site", "same-origin"),
+                ("origin", &rebound_origin),
+            ],
+            r#"addressed to host \"rebind.evil.example:"#,
+        ),
+    ];
+    for (what, headers, says) in &cases {
+        let (code, _, body) = s
+            .http("POST", "/v1/runs?start=true", headers, run(what))
+            .await;
+        assert_eq!(code, 403, "{what}: {body}");
+        assert!(
+            body.contains(says),
+            "{what}: the answer must say {says:?}: {body}"
+        );
+    }
+    let (code, _, body) = s
+        .http(
+            "POST",
+            "/v1/estop",
+            &[plain, ("host", &here), ("sec-fetch-site", "cross-site")],
+            r#"{"target": "*", "state": "stop", "reason": "x"}"#,
+        )
+        .await;
+    assert_eq!(code, 403, "{body}");
+    // A rebound page cannot read either, and the console is not its way in.
+    for path in ["/v1/runs", "/"] {
+        let (code, _, body) = s.http("GET", path, &[("host", &rebound)], "").await;
+        assert_eq!(code, 403, "GET {path}: {body}");
+    }
+    assert_eq!(s.run_count().await, 0, "nothing was stored");
+    let (_, estop) = s.get("/v1/estop").await;
+    assert_eq!(
+        estop["entries"].as_array().map(Vec::len),
+        Some(1),
+        "the e-stop is unchanged: {estop}"
+    );
+    assert_eq!(estop["entries"][0]["state"], "go", "{estop}");
+
+    // What is not a page of another site goes through: the server's own origin, a link
+    // followed from elsewhere (a cross-site GET), a client that sends none of these headers,
+    // and probes addressed by any name.
+    let own = format!("http://{here}");
+    let (code, _, body) = s
+        .http(
+            "POST",
+            "/v1/runs",
+            &[
+                plain,
+                ("host", &here),
+                ("sec-fetch-site", "same-origin"),
+                ("origin", &own),
+            ],
+            run("own"),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = s
+        .http(
+            "POST",
+            "/v1/runs",
+            &[("host", &format!("localhost:{}", s.addr.port()))],
+            run("client"),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = s
+        .http(
+            "GET",
+            "/v1/runs",
+            &[("host", &here), ("sec-fetch-site", "cross-site")],
+            "",
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = s.http("GET", "/healthz", &[("host", &rebound)], "").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(s.run_count().await, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_http_input_gets_a_clear_error_at_once() {
     let s = server().await;
