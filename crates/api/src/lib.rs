@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 pub mod alerts;
 pub mod auth;
 mod browser;
+pub mod conn;
 pub mod convert;
 mod grpc;
 pub mod http;
@@ -22,12 +23,14 @@ pub mod tls;
 
 pub use service::{ApiError, Service};
 
-/// Serves `router` on `listener` until `shutdown` fires. Sets TCP_NODELAY on every connection:
-/// without it a response written in two segments waits ~40 ms for a delayed ACK.
+/// Serves `router` on `listener` until `shutdown` fires, at most `limits` connections at once
+/// (see [`conn`]). Sets TCP_NODELAY on every connection: without it a response written in two
+/// segments waits ~40 ms for a delayed ACK.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shutdown: CancellationToken,
+    limits: conn::Limits,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
@@ -35,27 +38,18 @@ pub async fn serve(
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    // The peer address reaches the handlers (the access log records it).
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    conn::serve(listener, router, shutdown, limits).await
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` fires.
+/// Serves `router` over TLS on `listener` until `shutdown` fires, at most `limits` connections
+/// at once (TLS handshakes in progress not counted: each has its own deadline).
 pub async fn serve_tls(
     listener: tls::TlsListener,
     router: axum::Router,
     shutdown: CancellationToken,
+    limits: conn::Limits,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<tls::Peer>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    conn::serve(listener, router, shutdown, limits).await
 }
 
 /// Serves `router` (an [`Api::local_router`]) on the break-glass socket until `shutdown`.
@@ -64,12 +58,7 @@ pub async fn serve_local(
     router: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<local::LocalPeer>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    conn::serve(listener, router, shutdown, conn::Limits::local()).await
 }
 
 /// How a router learns who calls.

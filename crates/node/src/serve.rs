@@ -471,6 +471,7 @@ impl Node {
             api.set_console(pages.router(), console::Console::owns);
         }
         let router = api.router();
+        let limits = api::conn::Limits::for_fd_limit(api::conn::raise_fd_limit());
         let server = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => {
                 let cert = api::tls::Certificate::open(cert, key)
@@ -487,11 +488,11 @@ impl Node {
                 });
                 tasks
                     .tracker()
-                    .spawn(api::serve_tls(listener, router, api_token.clone()))
+                    .spawn(api::serve_tls(listener, router, api_token.clone(), limits))
             }
             _ => tasks
                 .tracker()
-                .spawn(api::serve(listener, router, api_token.clone())),
+                .spawn(api::serve(listener, router, api_token.clone(), limits)),
         };
         let local = api::local::LocalListener::bind(&cfg.socket).with_context(|| {
             format!(

@@ -1998,7 +1998,8 @@ async fn a_web_page_of_another_site_cannot_use_the_api() {
     let plain = ("content-type", "text/plain;charset=UTF-8");
     let rebound = format!("rebind.evil.example:{}", s.addr.port());
     let rebound_origin = format!("http://{rebound}");
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    type Headers<'a> = Vec<(&'a str, &'a str)>;
+    let cases: Vec<(&str, Headers<'_>, &str)> = vec![
         (
             "a cross-site POST",
             vec![

@@ -706,3 +706,75 @@ async fn attempts_made_before_a_crash_count_against_the_retry_budget() {
     let job = &run.blocks[0].jobs[0];
     assert!(job.error.contains("(attempt 3 of 3)"), "{job:?}");
 }
+
+/// A client that opens connections and sends nothing must not run the server out of file
+/// descriptors: the listener serves a bounded number at once (the rest wait in the kernel's
+/// backlog), so the e-stop list and the database stay readable, the break-glass socket answers,
+/// jobs get their pipes, and the listener serves again once the flood ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_runs_nothing_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // 128 open files: fewer than the flood below, so that a server accepting every connection
+    // would run out (`Too many open files`). (The kernel queues about 128 connections that are
+    // not accepted yet: the flood is the served ones and those.)
+    let server = Server::start_limited(&data, &[], 128).await;
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(&server.addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => flood.push(c),
+            _ => break,
+        }
+    }
+    assert!(
+        flood.len() >= 128,
+        "only {} connections were made",
+        flood.len()
+    );
+    // Past the e-stop's re-read and staleness periods, with the flood held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let socket = format!("unix:{}", data.join("steward.sock").display());
+    let spec = dir.path().join("during.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: hello\nidempotency_key: during-the-flood\nblocks:\n  - jobs:\n      - {}\n",
+            sh("echo fine")
+        ),
+    )
+    .unwrap();
+    let out = cli_as(None, &socket, &["submit", spec.to_str().unwrap(), "--exec"]);
+    let submitted = String::from_utf8_lossy(&out.stdout).into_owned();
+    cli_as(None, &socket, &["estop", "list"]);
+
+    drop(flood);
+    let mut c = server.client().await;
+    let runs = c
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let id = runs
+        .iter()
+        .find(|r| submitted.contains(&r.id))
+        .unwrap_or_else(|| panic!("the run submitted during the flood: {submitted}"))
+        .id
+        .clone();
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    let log = server.log_text();
+    for bad in ["Too many open files", "cannot be read"] {
+        assert!(!log.contains(bad), "the log says {bad:?}:\n{log}");
+    }
+    assert!(
+        log.contains("the listener serves as many connections as it may"),
+        "the full listener is reported:\n{log}"
+    );
+}

@@ -93,6 +93,26 @@ impl Server {
         log_dir: Option<&Path>,
         env: &[(&str, &str)],
     ) -> Server {
+        Server::start_wrapped(data_dir, log_dir, env, &[]).await
+    }
+
+    /// [`Server::start`], the server allowed at most `nofile` open files (soft and hard limit,
+    /// set by util-linux's `prlimit`, which then becomes the server).
+    pub async fn start_limited(data_dir: &Path, env: &[(&str, &str)], nofile: u64) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(data_dir.join("policies.toml"), TEST_POLICIES).unwrap();
+        let limit = format!("--nofile={nofile}:{nofile}");
+        Server::start_wrapped(data_dir, None, env, &["prlimit", &limit, "--"]).await
+    }
+
+    /// Starts `steward serve` as [`Server::start_logged`] does, through the command `wrap`
+    /// (empty: none), which must exec it.
+    async fn start_wrapped(
+        data_dir: &Path,
+        log_dir: Option<&Path>,
+        env: &[(&str, &str)],
+        wrap: &[&str],
+    ) -> Server {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         // With a log directory of its own, the data directory is left for steward to create.
@@ -102,7 +122,14 @@ impl Server {
         let log = log_dir
             .unwrap_or(data_dir)
             .join(format!("server-{port}.log"));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         // From the workspace root, as an operator would: the examples name their scripts so.
         cmd.current_dir(workspace_root());
         cmd.args(["serve", "--data-dir"])

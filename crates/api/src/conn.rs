@@ -1,0 +1,257 @@
+//! Serving a listener's connections, with the limits a server open to the network needs.
+//!
+//! `axum::serve` takes every connection the kernel hands it and keeps it as long as the client
+//! likes: a client that opens connections and sends nothing, or a request's head a byte at a
+//! time, runs the process out of file descriptors, and then the e-stop list and the database
+//! cannot be opened either (the e-stop fails closed: everything stops). axum offers no way to
+//! configure its connections, so this is its accept loop (hyper-util's server, as axum uses it)
+//! with three limits:
+//!
+//! - at most `max` connections at once per listener ([`Limits`]); more wait in the kernel's
+//!   backlog until one closes, and a warning says so;
+//! - a connection must send its first bytes within [`HEAD_TIMEOUT`] of being accepted, and an
+//!   HTTP/1 request its whole head within [`HEAD_TIMEOUT`] of the connection being ready for
+//!   one (an idle keep-alive connection is closed after as long); a request being answered,
+//!   however long (a Watch), is not limited;
+//! - an HTTP/2 connection is pinged every [`PING_EVERY`], and closed when a ping is not
+//!   answered within [`PING_TIMEOUT`].
+//!
+//! On shutdown it stops accepting, asks every connection to close after the requests it is
+//! serving (HTTP/2: GOAWAY), and returns when all have.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a new connection has to send its first bytes, and an HTTP/1 request its head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an HTTP/2 connection is pinged.
+pub const PING_EVERY: Duration = Duration::from_secs(60);
+/// How long a ping may go unanswered before its connection is closed.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// The most connections the API's listener serves at once, whatever the descriptor limit.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// The most connections the break-glass socket serves at once: its own, so that a flood of
+/// the network listener never closes it.
+pub const MAX_LOCAL_CONNECTIONS: usize = 64;
+/// File descriptors left for everything but the API's connections: the database, the e-stop
+/// list, the policy file, jobs' pipes, outgoing HTTP.
+pub const FD_RESERVE: u64 = 1024;
+/// How often, at most, a warning says that the listener is full.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// How many connections a listener serves at once, and how long each may take to ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// [`HEAD_TIMEOUT`] but in tests.
+    pub head_timeout: Duration,
+}
+
+impl Limits {
+    /// For the API's listener on a process that may open `fd_limit` descriptors: what is left
+    /// after [`FD_RESERVE`], at most [`MAX_CONNECTIONS`], at least 16.
+    pub fn for_fd_limit(fd_limit: u64) -> Limits {
+        let left = fd_limit.saturating_sub(FD_RESERVE);
+        let max = usize::try_from(left).unwrap_or(usize::MAX);
+        Limits {
+            max_connections: max.clamp(16, MAX_CONNECTIONS),
+            head_timeout: HEAD_TIMEOUT,
+        }
+    }
+
+    /// For the break-glass socket.
+    pub fn local() -> Limits {
+        Limits {
+            max_connections: MAX_LOCAL_CONNECTIONS,
+            head_timeout: HEAD_TIMEOUT,
+        }
+    }
+}
+
+/// Raises the process's soft limit on open files to its hard limit, and returns the limit now
+/// in force. Linux's default soft limit (1,024) is set for programs that `select(2)`, which
+/// this one does not.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "could not raise the limit on open files");
+            return before.unwrap_or(u64::MAX);
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
+}
+
+/// Serves `router` on `listener` until `shutdown` fires; see the module's documentation.
+/// Every request carries `ConnectInfo` of its connection's address.
+pub async fn serve<L>(
+    mut listener: L,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) -> io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Io: Unpin,
+    L::Addr: Clone + Send + Sync + 'static,
+{
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT);
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let mut warned: Option<Instant> = None;
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if warned.is_none_or(|w| w.elapsed() >= FULL_WARNING_EVERY) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "the listener serves as many connections as it may; new ones wait \
+                         until one closes"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let (io, addr) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |req: axum::http::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo(addr.clone()));
+                req
+            },
+        );
+        let io = TokioIo::new(FirstBytes::new(io, limits.head_timeout));
+        let builder = builder.clone();
+        let conn = graceful.watch(
+            builder
+                .serve_connection(io, TowerToHyperService::new(service))
+                .into_owned(),
+        );
+        connections.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "a connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    connections.close();
+    graceful.shutdown().await;
+    connections.wait().await;
+    Ok(())
+}
+
+/// A connection that must send its first bytes within a deadline; after that, it is its own.
+struct FirstBytes<I> {
+    io: I,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> FirstBytes<I> {
+    fn new(io: I, within: Duration) -> FirstBytes<I> {
+        FirstBytes {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let late = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if late {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the connection sent nothing in time",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
