@@ -48,6 +48,26 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
 /// JSON; a `'` or `"` inside a plain scalar (`don't`) is literal. Block-style YAML nests by
 /// indentation, which the size limit already bounds; each indentation step counts as one level
 /// here too, measured in columns.
+/// Refuses a parsed document whose mappings and lists nest more than `max` levels deep,
+/// with [`check_depth`]'s message. Walks without recursion.
+pub fn check_value_depth(value: &serde_json::Value, max: usize) -> Result<(), String> {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        if depth + 1 > max {
+            return Err(format!(
+                "nests mappings and lists more than {max} levels deep; the limit is {max}"
+            ));
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    Ok(())
+}
+
 pub fn check_depth(text: &str, max: usize) -> Result<(), String> {
     let mut depth = 0usize;
     let mut at_token_start = true;
@@ -140,6 +160,30 @@ mod tests {
             .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
             .collect();
         assert!(check_depth(&deep_block, 64).is_err());
+    }
+
+    #[test]
+    fn value_depth_counts_every_level_as_the_text_does() {
+        let v: serde_json::Value = serde_json::from_str("{\"a\": [1, {\"b\": 2}]}").unwrap();
+        assert!(check_value_depth(&v, 3).is_ok());
+        assert!(check_value_depth(&v, 2).is_err());
+        assert!(check_value_depth(&serde_json::json!(1), 0).is_ok());
+    }
+
+    #[test]
+    fn yaml_aliases_cannot_nest_past_the_limit() {
+        // Each anchor wraps the one before: 70 levels from 70 short lines.
+        let mut text = String::from("name: x\nblocks: []\nlabels: {}\nx0: &b0 [1]\n");
+        for i in 1..70 {
+            text.push_str(&format!("x{i}: &b{i} [*b{}]\n", i - 1));
+        }
+        assert!(check_depth(&text, 64).is_ok(), "the text alone is shallow");
+        let err = crate::WorkflowSpec::parse_unchecked(&text).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than 64 levels deep; the limit is 64"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -210,6 +210,10 @@ impl WorkflowSpec {
                 format!("not valid YAML or JSON: {e}"),
             )])
         })?;
+        // The text's nesting is checked above; YAML's aliases (`*a`, repeating what `&a`
+        // marks) nest more than the text shows.
+        crate::limits::check_value_depth(&value, crate::limits::MAX_SPEC_DEPTH)
+            .map_err(|e| SpecError(vec![FieldError::new("spec", e)]))?;
         WorkflowSpec::from_value(value)
     }
 
