@@ -215,21 +215,37 @@ impl Service {
 pub(crate) async fn alertmanager(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    crate::http::Text(body): crate::http::Text,
-) -> Result<Json<Outcome>, ApiError> {
-    // Who may not stop is refused before the body is parsed.
-    st.service.authorize(
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    // Who may not stop is refused before the body is read.
+    if let Err(e) = st.service.authorize(
         &who,
         &Call::EStopSet {
             state: EStopState::Stop,
         },
         "alertmanager",
-    )?;
-    let p: Payload = serde_json::from_str(&body).map_err(|e| {
-        ApiError::new(
-            tonic::Code::InvalidArgument,
-            format!("not an Alertmanager webhook payload: {e}"),
-        )
-    })?;
-    st.service.alertmanager(&who, p).await.map(Json)
+    ) {
+        return e.into_response();
+    }
+    let body =
+        match <crate::http::Text as axum::extract::FromRequest<_>>::from_request(req, &st).await {
+            Ok(crate::http::Text(body)) => body,
+            Err(refused) => return refused,
+        };
+    let p: Payload = match serde_json::from_str(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return ApiError::new(
+                tonic::Code::InvalidArgument,
+                format!("not an Alertmanager webhook payload: {e}"),
+            )
+            .into_response();
+        }
+    };
+    st.service
+        .alertmanager(&who, p)
+        .await
+        .map(Json)
+        .into_response()
 }

@@ -170,4 +170,23 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     assert_eq!(code, 403);
     let (code, body) = post_alerts(addr, &alertmanager, &json!({"alerts": "x"})).await;
     assert_eq!(code, 400, "{body}");
+    // Refused before the body is read: a viewer announcing a body it never sends hears 403 at
+    // once, not when the body would have come.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/alerts/alertmanager HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {viewer}\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut head))
+        .await
+        .expect("the refusal comes before the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
