@@ -1,7 +1,8 @@
 //! Live pages: `GET /ui/events` tells an open page that something it may show changed (a run,
 //! the e-stop list), at most every [`COALESCE`]; the page's script then fetches the page again
 //! and swaps in its live part. The events carry nothing but a counter: what a page shows is
-//! always rendered by the page itself, with the caller's rights.
+//! always rendered by the page itself, with the caller's rights. A feed whose session's token
+//! is revoked (or expires) ends: before each event, and every [`RECHECK`] when quiet.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,14 +20,36 @@ use crate::session::Session;
 /// Changes closer together than this make one event.
 pub(crate) const COALESCE: Duration = Duration::from_millis(250);
 
+/// How often, at most, a quiet feed checks that its session is still signed in.
+pub(crate) const RECHECK: Duration = Duration::from_secs(5);
+
 struct Feed {
     runs: tokio::sync::broadcast::Receiver<engine::RunEvent>,
     estop: Option<tokio::sync::watch::Receiver<Arc<domain::estop::Snapshot>>>,
     shutdown: tokio_util::sync::CancellationToken,
     sent: u64,
+    inner: Arc<Inner>,
+    /// Checked again before every event and every [`RECHECK`]: the feed of a session whose
+    /// token was revoked ends.
+    session: Session,
 }
 
 impl Feed {
+    /// Waits for the next change, checking the session every [`RECHECK`]; `false` when the
+    /// feed is over (shutdown, or the session no longer valid).
+    async fn next_change(&mut self) -> bool {
+        loop {
+            tokio::select! {
+                more = self.changed() => return more,
+                () = tokio::time::sleep(RECHECK) => {
+                    if !self.session.still_valid(&self.inner).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Waits for the next change; `false` when the feed is over (shutdown).
     async fn changed(&mut self) -> bool {
         let estop = async {
@@ -49,7 +72,7 @@ impl Feed {
 
 fn stream(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
     futures::stream::unfold(feed, |mut feed| async move {
-        if !feed.changed().await {
+        if !feed.next_change().await {
             return None;
         }
         // Whatever else changes in the next moment is in the same refresh.
@@ -62,13 +85,16 @@ fn stream(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
         })
         .await;
         feed.runs = feed.runs.resubscribe();
+        if !feed.session.still_valid(&feed.inner).await {
+            return None;
+        }
         feed.sent += 1;
         let ev = Event::default().event("change").data(feed.sent.to_string());
         Some((Ok(ev), feed))
     })
 }
 
-pub(crate) async fn events(State(inner): State<Arc<Inner>>, _s: Session) -> Response {
+pub(crate) async fn events(State(inner): State<Arc<Inner>>, session: Session) -> Response {
     let feed = Feed {
         runs: inner.service.engine.subscribe(),
         estop: inner.service.estop.as_ref().map(|h| {
@@ -78,6 +104,8 @@ pub(crate) async fn events(State(inner): State<Arc<Inner>>, _s: Session) -> Resp
         }),
         shutdown: inner.service.shutdown.clone(),
         sent: 0,
+        inner: inner.clone(),
+        session,
     };
     Sse::new(stream(feed))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

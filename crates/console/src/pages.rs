@@ -1013,6 +1013,13 @@ async fn blast_radius(
     Ok((running, paused, queued, w, more))
 }
 
+/// Whether setting `state` on `target`, which matches `matched` unfinished runs (`more`: more
+/// than could be counted), needs the target typed again: the review asks for it exactly when
+/// the set will.
+fn needs_confirm(target: &Target, state: EStopState, matched: u64, more: bool) -> bool {
+    state != EStopState::Go && (matches!(target, Target::All) || matched > CONFIRM_ABOVE || more)
+}
+
 async fn review(inner: &Inner, s: &Session, f: StopForm, error: String) -> Response {
     let (target, state) = match check_stop_form(s, &f) {
         Ok(v) => v,
@@ -1024,8 +1031,7 @@ async fn review(inner: &Inner, s: &Session, f: StopForm, error: String) -> Respo
         Ok(b) => b,
         Err(e) => return api_error(&e),
     };
-    let needs_confirm =
-        state != EStopState::Go && (matches!(target, Target::All) || running > CONFIRM_ABOVE);
+    let needs_confirm = needs_confirm(&target, state, running + paused + queued, more);
     let mut r = Html::render(&EStopReview {
         chrome: chrome(inner, s, "estop", false, "/estop/review".into()),
         target: target.to_string(),
@@ -1077,9 +1083,9 @@ pub(crate) async fn estop_set(
             Ok(b) => (b.0, b.1, b.2, b.4),
             Err(e) => return api_error(&e),
         };
-        let needs =
-            matches!(target, Target::All) || running + paused + queued > CONFIRM_ABOVE || more;
-        if needs && f.confirm.as_deref().map(str::trim) != Some(target.to_string().as_str()) {
+        if needs_confirm(&target, state, running + paused + queued, more)
+            && f.confirm.as_deref().map(str::trim) != Some(target.to_string().as_str())
+        {
             let error = format!(
                 "Type the target ({target}) exactly in \"Type the target to confirm\" to stop this much."
             );

@@ -36,6 +36,10 @@ fn cookie_name(inner: &Inner) -> &'static str {
 pub(crate) struct Session {
     pub(crate) caller: Caller,
     pub(crate) csrf: String,
+    /// What it was authenticated by (the cookie's token, a client certificate's name), to
+    /// check again while a page stays open ([`Session::still_valid`]).
+    credential: Option<String>,
+    cert: Option<String>,
 }
 
 /// The session cookie's token, if the request has exactly one: two cookies of the name mean
@@ -122,7 +126,12 @@ impl FromRequestParts<Arc<Inner>> for Session {
         {
             Ok(caller) => {
                 let csrf = csrf_for(inner, token.as_deref(), caller.name());
-                Ok(Session { caller, csrf })
+                Ok(Session {
+                    caller,
+                    csrf,
+                    credential,
+                    cert,
+                })
             }
             Err(_) if token.is_some() => {
                 // A token that stopped working (revoked, expired): sign in again.
@@ -134,6 +143,21 @@ impl FromRequestParts<Arc<Inner>> for Session {
 }
 
 impl Session {
+    /// Whether what signed this session in still does (a token revoked or expired since does
+    /// not): asked by what outlives a request, the live updates.
+    pub(crate) async fn still_valid(&self, inner: &Inner) -> bool {
+        inner
+            .service
+            .auth
+            .authenticate(
+                self.credential.as_deref().map(str::as_bytes),
+                self.cert.as_deref(),
+                self.caller.peer.clone(),
+            )
+            .await
+            .is_ok()
+    }
+
     /// The refusal of a form that did not come from one of this site's pages; `None`: it did.
     pub(crate) fn refuse_form(&self, headers: &HeaderMap, csrf: &str) -> Option<Response> {
         (!same_site(headers) || !same(csrf, &self.csrf)).then(|| {

@@ -563,6 +563,136 @@ async fn forms_need_their_csrf_value_and_big_stops_a_second_typing() {
     assert!(!head.to_ascii_lowercase().contains("set-cookie"));
 }
 
+/// Past 50 matching runs, running, paused or queued alike, the review asks for the target
+/// typed again, exactly when the set will: a target whose runs are all paused can be stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_stop_of_paused_runs_asks_for_the_typing_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let admin = server.admin_token().unwrap();
+    let operator = server.token("op-cy", "operator");
+    let addr = &server.addr;
+    let token = csrf(addr, &operator).await;
+    let pause = [
+        ("target", "queue"),
+        ("state", "pause"),
+        ("reason", "INC-9"),
+        ("csrf", token.as_str()),
+    ];
+    let (code, head, _) = call(addr, "POST", "/estop/set", &operator, &pause, &[]).await;
+    assert_eq!(code, 303, "{head}");
+    let mut c = proto::v1::steward_client::StewardClient::new(channel_as(addr, Some(&admin)).await);
+    for _ in 0..51 {
+        submit_and_exec(
+            &mut c,
+            "name: queue\nblocks:\n  - jobs: [{action: noop, args: {}}]\n",
+        )
+        .await;
+    }
+    let stop = [
+        ("target", "queue"),
+        ("state", "stop"),
+        ("reason", "INC-9"),
+        ("csrf", token.as_str()),
+    ];
+    let (code, _, page) = call(addr, "POST", "/estop/review", &operator, &stop, &[]).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("<strong>51</strong> paused"), "{page}");
+    assert!(
+        page.contains("name=\"confirm\""),
+        "the review asks for the typing: {page}"
+    );
+    let (code, _, page) = call(addr, "POST", "/estop/set", &operator, &stop, &[]).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("name=\"confirm\""), "{page}");
+    let (code, head, _) = call(
+        addr,
+        "POST",
+        "/estop/set",
+        &operator,
+        &[&stop[..], &[("confirm", "queue")]].concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+}
+
+/// An open page's live updates end when its token is revoked: no change reaches a session
+/// that is no longer signed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_sessions_live_updates_end() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let admin = server.admin_token().unwrap();
+    let viewer = server.token("live-v", "viewer");
+    let addr = &server.addr;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "GET /ui/events HTTP/1.1\r\nHost: {addr}\r\nCookie: steward_session={viewer}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let set = |reason: &'static str| {
+        let body = format!(r#"{{"target": "site=x", "state": "pause", "reason": "{reason}"}}"#);
+        let auth = format!("Bearer {admin}");
+        async move {
+            let (code, _, body) = http(
+                addr,
+                "POST",
+                "/v1/estop",
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                &body,
+            )
+            .await
+            .unwrap();
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    // Signed in, the page hears of a change.
+    let mut seen = Vec::new();
+    set("before").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("event: change") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf))
+            .await
+            .expect("a change event while signed in")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    cli_as(Some(&admin), addr, &["token", "revoke", "live-v"]);
+    // Past the authenticator's cache.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    set("after").await;
+    // The feed ends (the response's last chunk, or the connection closed), with no change
+    // after the revocation.
+    let mut after = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => after.extend_from_slice(&buf[..n]),
+            }
+            if after.ends_with(b"0\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    let after = String::from_utf8_lossy(&after);
+    assert!(ended.is_ok(), "the feed is still open: {after}");
+    assert!(!after.contains("event: change"), "{after}");
+}
+
 /// A form that is too large or does not parse gets a page saying so, not a line of plain text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_form_that_cannot_be_read_gets_a_page_that_says_why() {
