@@ -156,7 +156,10 @@ impl Authenticator {
             ));
         };
         if value.len() > MAX_CREDENTIAL_LEN {
-            return Err(refuse("the authorization value is too long"));
+            return Err(refuse(&format!(
+                "the authorization value is {} bytes; the limit is {MAX_CREDENTIAL_LEN}",
+                value.len()
+            )));
         }
         let Some(secret) = std::str::from_utf8(value)
             .ok()
@@ -284,23 +287,46 @@ impl Authenticator {
             }
             (log, dropped)
         };
-        if dropped > 0 {
-            tracing::warn!(
-                refusals = dropped,
-                "refusals over the access log's limit were not logged"
-            );
-            self.append(
-                "-",
-                "Refusals",
-                "",
-                false,
-                "-",
-                &format!("{dropped} refusals within a second over the limit of {MAX_REFUSALS_LOGGED} were not logged one by one"),
-            );
-        }
+        self.log_dropped(dropped);
         if log {
             self.append(actor, call, target, false, peer, why);
         }
+    }
+
+    /// Writes the count of refusals not logged one by one, once their second has passed: the
+    /// node calls it every second, so that the count is written when a flood ends, not when
+    /// the next refusal comes.
+    pub fn flush_refusals(&self) {
+        let dropped = {
+            let Ok(mut r) = self.refusals.lock() else {
+                return;
+            };
+            if r.2 == 0 || r.0.elapsed() < Duration::from_secs(1) {
+                return;
+            }
+            let dropped = r.2;
+            *r = (Instant::now(), 0, 0);
+            dropped
+        };
+        self.log_dropped(dropped);
+    }
+
+    fn log_dropped(&self, dropped: u64) {
+        if dropped == 0 {
+            return;
+        }
+        tracing::warn!(
+            refusals = dropped,
+            "refusals over the access log's limit were not logged"
+        );
+        self.append(
+            "-",
+            "Refusals",
+            "",
+            false,
+            "-",
+            &format!("{dropped} refusals within a second over the limit of {MAX_REFUSALS_LOGGED} were not logged one by one"),
+        );
     }
 
     fn append(

@@ -452,6 +452,19 @@ impl Node {
             store.auth(),
             Arc::new(SystemClock),
         ));
+        tasks.spawn_component("access log refusal count", {
+            let (auth, token) = (auth.clone(), tasks.token().clone());
+            async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        _ = every.tick() => auth.flush_refusals(),
+                    }
+                }
+            }
+        });
         let mut api =
             api::Api::new(engine.clone(), Some(estop.clone()), auth, api_token.clone()).await;
         api.set_policy_alert(policies.alert.clone());

@@ -592,7 +592,7 @@ async fn missing_garbage_expired_and_revoked_tokens_are_refused() {
     );
     let err = n.steward().list(r).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains("too long"), "{err:?}");
+    assert!(err.message().contains("bytes; the limit is 256"), "{err:?}");
     // A value that is not `Bearer ...`.
     let mut r = tonic::Request::new(pb::ListRequest::default());
     r.metadata_mut()
@@ -902,26 +902,27 @@ async fn a_flood_of_bad_tokens_is_logged_as_a_count() {
         assert_eq!(err.code(), Code::Unauthenticated);
     }
     let took = started.elapsed();
-    // The next second's first refusal writes the count of the last one's.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let _ = n
-        .steward()
-        .list(req(pb::ListRequest::default(), Some("stw_guess")))
-        .await
-        .unwrap_err();
-    let log = n
-        .admin_client()
-        .access_log(req(pb::AccessLogRequest { limit: 1000 }, Some(&n.admin)))
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
-    let one_by_one = log.iter().filter(|a| a.call == "Authenticate").count();
-    let counted: u64 = log
-        .iter()
-        .filter(|a| a.call == "Refusals")
-        .map(|a| a.detail.split(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum();
+    // The count is written once the flood's last second has passed, with no refusal after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (one_by_one, counted) = loop {
+        let log = n
+            .admin_client()
+            .access_log(req(pb::AccessLogRequest { limit: 1000 }, Some(&n.admin)))
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        let one_by_one = log.iter().filter(|a| a.call == "Authenticate").count();
+        let counted: u64 = log
+            .iter()
+            .filter(|a| a.call == "Refusals")
+            .map(|a| a.detail.split(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        if one_by_one as u64 + counted == u64::from(flood) || std::time::Instant::now() > deadline {
+            break (one_by_one, counted);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let seconds = u32::try_from(took.as_secs()).unwrap() + 2;
     assert!(
         one_by_one <= (seconds * api::auth::MAX_REFUSALS_LOGGED) as usize,
@@ -929,7 +930,7 @@ async fn a_flood_of_bad_tokens_is_logged_as_a_count() {
     );
     assert_eq!(
         one_by_one as u64 + counted,
-        u64::from(flood) + 1,
+        u64::from(flood),
         "every refusal is logged or counted"
     );
 }
