@@ -47,6 +47,18 @@ fn whole_numbers(v: serde_json::Value) -> serde_json::Value {
 
 /// A `WorkReq` as a domain spec; durations that do not parse are reported by field path.
 pub fn spec_from_wire(w: pb::WorkReq) -> Result<WorkflowSpec, SpecError> {
+    // The limit on a spec's text, applied to the message: a spec sent as a message (gRPC, or
+    // HTTP's `{"spec": ...}`) is no larger than as a file.
+    let size = prost::Message::encoded_len(&w);
+    if size > domain::spec::MAX_SPEC_BYTES {
+        return Err(SpecError(vec![FieldError::new(
+            "spec",
+            format!(
+                "is {size} bytes (as a protobuf message); the limit is {}",
+                domain::spec::MAX_SPEC_BYTES
+            ),
+        )]));
+    }
     let mut errs = Vec::new();
     let mut blocks = Vec::with_capacity(w.blocks.len());
     for (bi, b) in w.blocks.into_iter().enumerate() {

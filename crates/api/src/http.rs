@@ -246,7 +246,7 @@ async fn submit(
     query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
     Text(body): Text,
 ) -> Result<Json<pb::SubmitResponse>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let Query(q) = query.map_err(query_error)?;
     let (spec, start) = submit_from_body(&body)?;
     st.service
         .submit(&who, spec, q.start || start)
@@ -296,7 +296,7 @@ async fn list(
     Extension(who): Extension<Caller>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::ListResponse>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let Query(q) = query.map_err(query_error)?;
     let mut labels = BTreeMap::new();
     for pair in q
         .label
@@ -307,7 +307,10 @@ async fn list(
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             ApiError::new(
                 tonic::Code::InvalidArgument,
-                format!("label: {pair:?} is not of the form key=value"),
+                format!(
+                    "label: {} is not of the form key=value",
+                    domain::limits::clip(pair)
+                ),
             )
         })?;
         labels.insert(k.to_owned(), v.to_owned());
@@ -428,7 +431,7 @@ async fn estop_audit(
     Extension(who): Extension<Caller>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::EStopAuditResponse>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let Query(q) = query.map_err(query_error)?;
     let limit = match q.limit.as_deref().map(str::trim) {
         None | Some("") => 0,
         Some(l) => l.parse().map_err(|_| {
@@ -482,7 +485,7 @@ async fn access_log(
     Extension(who): Extension<Caller>,
     query: Result<Query<AccessQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<pb::AccessLogResponse>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(tonic::Code::InvalidArgument, e.body_text()))?;
+    let Query(q) = query.map_err(query_error)?;
     let req = pb::AccessLogRequest {
         limit: q.limit.unwrap_or(0),
     };
@@ -602,4 +605,25 @@ pub fn router(state: AppState) -> axum::Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// A query string that does not parse: axum's reason, whose words quote what the client sent
+/// (a parameter's name, its value). Each word is kept to [`MAX_ECHO_LEN`] bytes, so that the
+/// reason stays whole and the echo short.
+///
+/// [`MAX_ECHO_LEN`]: domain::limits::MAX_ECHO_LEN
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let mut out = String::with_capacity(text.len().min(1024));
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let end = word.floor_char_boundary(domain::limits::MAX_ECHO_LEN);
+        out.push_str(&word[..end]);
+        if end < word.len() {
+            out.push('…');
+        }
+    }
+    ApiError::new(tonic::Code::InvalidArgument, out)
 }

@@ -2230,6 +2230,41 @@ async fn hostile_http_input_gets_a_clear_error_at_once() {
             "the limit is 63",
         ),
         hostile(
+            "a spec envelope over the spec's limit",
+            "POST",
+            "/v1/runs",
+            format!(
+                r#"{{"spec": {{"name": "x", "desc": "{}", "blocks": [{{"jobs": [{{"action": "noop"}}]}}]}}}}"#,
+                "d".repeat(8 * 1024 * 1024 + 1000)
+            ),
+            400,
+            "(as a protobuf message); the limit is 8388608",
+        ),
+        hostile(
+            "a 20 KB label filter without =",
+            "GET",
+            format!("/v1/runs?label={}", "x".repeat(20_000)),
+            "",
+            400,
+            "is not of the form key=value",
+        ),
+        hostile(
+            "an unknown query parameter of 20 KB",
+            "GET",
+            format!("/v1/runs?{}=1", "q".repeat(20_000)),
+            "",
+            400,
+            "unknown field",
+        ),
+        hostile(
+            "a page size that is not a number, 20 KB of it",
+            "GET",
+            format!("/v1/runs?page_size={}", "n".repeat(20_000)),
+            "",
+            400,
+            "page_size",
+        ),
+        hostile(
             "a state of 60 KB in a List filter",
             "GET",
             format!("/v1/runs?state={}", "s".repeat(60 * 1024)),
@@ -2272,6 +2307,28 @@ async fn hostile_http_input_gets_a_clear_error_at_once() {
         }
         assert!(took < Duration::from_secs(2), "{}: took {took:?}", c.what);
     }
+    // The same spec as a gRPC message.
+    let mut big = wire("name: x\nblocks:\n  - jobs: [{action: noop}]\n");
+    big.desc = "d".repeat(8 * 1024 * 1024 + 1000);
+    let err = s
+        .grpc()
+        .submit(pb::SubmitRequest {
+            spec: Some(big),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("the limit is 8388608"),
+        "{}",
+        err.message()
+    );
     // And it still serves.
     let (code, _, _) = s.http("GET", "/healthz", &[], "").await;
     assert_eq!(code, 200);
