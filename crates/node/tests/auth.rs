@@ -217,10 +217,11 @@ async fn call(n: &Node, over_http: bool, what: &str, token: &str, fresh_run: &st
                 "/v1/estop".to_owned(),
                 json!({"target": "site=x", "state": "stop", "reason": "t"}),
             ),
+            // Not over the stop above: a responder may not weaken a stop.
             "EStopPause" => (
                 "POST",
                 "/v1/estop".to_owned(),
-                json!({"target": "site=x", "state": "pause", "reason": "t"}),
+                json!({"target": "site=y", "state": "pause", "reason": "t"}),
             ),
             "EStopGo" => (
                 "POST",
@@ -296,11 +297,13 @@ async fn call(n: &Node, over_http: bool, what: &str, token: &str, fresh_run: &st
         ),
         "EStopStop" | "EStopPause" | "EStopGo" => {
             let state = what.trim_start_matches("EStop").to_ascii_lowercase();
+            // Not over the stop: a responder may not weaken a stop.
+            let target = if state == "pause" { "site=y" } else { "site=x" };
             code(
                 n.estop()
                     .set(req(
                         pb::EStopSetRequest {
-                            target: "site=x".into(),
+                            target: target.into(),
                             state,
                             reason: "t".into(),
                         },
