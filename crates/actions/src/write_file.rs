@@ -214,15 +214,38 @@ fn write(
     mode: u32,
     protected: &crate::Protected,
 ) -> io::Result<Written> {
-    // Into the directory as it resolves now, checked: a symlink among its directories (one
-    // an earlier job made, say) cannot lead the write into Steward's own files.
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+    use std::os::fd::AsRawFd as _;
     let parent = target.parent().unwrap_or(Path::new("/"));
-    let dir = crate::guard::resolved(parent);
-    let path = &match target.file_name() {
-        Some(name) => dir.join(name),
-        None => target.to_owned(),
+    let Some(name) = target.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ));
     };
-    if let Some(what) = protected.covering(path) {
+    // The directory is opened once, and everything after is done through that handle: what is
+    // checked is where the write goes, whatever its path names a moment later (a symlink
+    // swapped in among its directories by another job, say).
+    let dir = rustix::fs::openat(
+        CWD,
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        if e == rustix::io::Errno::NOENT {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("directory {} does not exist", parent.display()),
+            )
+        } else {
+            io::Error::from(e)
+        }
+    })?;
+    // The kernel's name for the directory the handle holds, every symlink resolved.
+    let real = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    let path = real.join(name);
+    if let Some(what) = protected.covering(&path) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
@@ -232,65 +255,102 @@ fn write(
         ));
     }
     let digest = sha256_hex(content);
-    if is_unchanged(path, content.len(), &digest, mode)? {
+    if is_unchanged(&dir, name, content.len(), &digest, mode)? {
         return Ok(Written {
-            path: path.clone(),
+            path,
             bytes: None,
             digest,
         });
     }
-    let dir = dir.as_path();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".steward-tmp")
-        .permissions(Permissions::from_mode(0o600))
-        .tempfile_in(dir)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound && !dir.is_dir() {
-                io::Error::new(
-                    e.kind(),
-                    format!("directory {} does not exist", dir.display()),
-                )
-            } else {
-                e
+    let (tmp, fd) = {
+        let mut tries = 0;
+        loop {
+            let tmp = format!(
+                ".{}.{:016x}.steward-tmp",
+                name.to_string_lossy(),
+                random_u64()
+            );
+            match rustix::fs::openat(
+                &dir,
+                &tmp,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => break (tmp, fd),
+                Err(e) if e == rustix::io::Errno::EXIST && tries < 8 => tries += 1,
+                Err(e) => return Err(e.into()),
             }
-        })?;
-    tmp.write_all(content)?;
-    // fchmod is not subject to the umask.
-    tmp.as_file()
-        .set_permissions(Permissions::from_mode(mode))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    File::open(dir)?.sync_all()?;
+        }
+    };
+    let mut file = File::from(fd);
+    let written = (|| -> io::Result<()> {
+        file.write_all(content)?;
+        // fchmod is not subject to the umask.
+        file.set_permissions(Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        rustix::fs::renameat(&dir, &tmp, &dir, name)?;
+        rustix::fs::fsync(&dir)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
+        return Err(e);
+    }
     Ok(Written {
-        path: path.clone(),
+        path,
         bytes: Some(content.len()),
         digest,
     })
 }
 
-/// Whether `path` is a regular file with this length, sha256 and mode. Any other file type is
-/// replaced, except a directory, which is an error.
-fn is_unchanged(path: &Path, len: usize, digest: &str, mode: u32) -> io::Result<bool> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
+/// A random number, for a temporary file's name (std's hasher keys are random per instance).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Whether `name` in `dir` is a regular file with this length, sha256 and mode. Any other file
+/// type is replaced, except a directory, which is an error.
+fn is_unchanged(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    len: usize,
+    digest: &str,
+    mode: u32,
+) -> io::Result<bool> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) if e == rustix::io::Errno::NOENT => return Ok(false),
+        Err(e) => return Err(e.into()),
     };
-    if meta.is_dir() {
+    let same_kind = |st: &rustix::fs::Stat| {
+        FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && u64::try_from(st.st_size).is_ok_and(|n| n == len as u64)
+            && st.st_mode & 0o7777 == mode
+    };
+    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
         return Err(io::Error::new(
             io::ErrorKind::IsADirectory,
             "it is a directory",
         ));
     }
-    if !meta.is_file() || meta.len() != len as u64 || meta.permissions().mode() & 0o7777 != mode {
+    if !same_kind(&st) {
         return Ok(false);
     }
-    let mut file = File::open(path)?;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // What was opened is what was looked at.
+    if !same_kind(&rustix::fs::fstat(&fd)?) {
+        return Ok(false);
+    }
+    let mut file = File::from(fd);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

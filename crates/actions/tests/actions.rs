@@ -1259,6 +1259,89 @@ async fn http_secrets_are_sent_and_scrubbed_from_what_comes_back() {
     assert!(out.output.contains("page=2"), "{}", out.output);
 }
 
+/// A job cannot race `write_file` into Steward's own files: another job swapping a
+/// directory of the path for a symlink to the data directory, as fast as it can, between the
+/// check and the write, never gets a file written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_file_cannot_be_raced_into_a_protected_directory() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut ctx = ctx();
+    ctx.guardrails = std::sync::Arc::new(actions::Guardrails {
+        protected: actions::Protected::new([(data.clone(), "the data directory")]),
+        ..Default::default()
+    });
+    let real = dir.path().join("real");
+    let aside = dir.path().join("real.d");
+    std::fs::create_dir(&real).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = std::thread::spawn({
+        let (real, aside, data, stop) = (real.clone(), aside.clone(), data.clone(), stop.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::fs::rename(&real, &aside);
+                let _ = std::os::unix::fs::symlink(&data, &real);
+                let _ = std::fs::remove_file(&real);
+                let _ = std::fs::rename(&aside, &real);
+            }
+        }
+    });
+    let mut refused = 0;
+    for i in 0..3000 {
+        let target = real.join(format!("f{i}"));
+        let r = call(
+            "write_file",
+            json!({"path": target.to_str().unwrap(), "content": "x"}),
+        )
+        .run(&ctx)
+        .await;
+        if let Err(ActionError::Failed { message, .. }) = &r
+            && message.contains("refused")
+        {
+            refused += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let inside: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        inside.is_empty(),
+        "{} files written into the data directory, such as {:?}",
+        inside.len(),
+        &inside[..inside.len().min(3)]
+    );
+    // The race was run: some writes found the symlink in place and were refused.
+    assert!(refused > 0, "the swap never won a check");
+}
+
+/// A URL that is a secret is secret whole: an error about its host does not name the host.
+#[tokio::test]
+async fn a_secret_urls_host_is_not_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(
+        dir.path(),
+        "url",
+        "http://169.254.169.254/latest/meta-data/?sig=s3cret-sig",
+    );
+    let deny = actions::HttpDeny::parse(&["169.254.0.0/16"]).unwrap();
+    let ctx = ctx_with(dir.path(), deny);
+    let m = match call("http", json!({"url": {"secret": "url"}}))
+        .run(&ctx)
+        .await
+    {
+        Err(ActionError::Fatal { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(m.contains("is denied by http_deny"), "{m}");
+    assert!(!m.contains("169.254.169.254"), "{m}");
+    assert!(!m.contains("s3cret-sig"), "{m}");
+}
+
 #[tokio::test]
 async fn http_deny_refuses_before_connecting_by_address_name_and_redirect() {
     let dir = tempfile::tempdir().unwrap();
