@@ -394,6 +394,11 @@ pub(crate) async fn run(
     if args.url.plain().is_none()
         && let Ok(u) = Url::parse(&url_text)
     {
+        // An error names the host it could not resolve or reach: a secret URL's host is
+        // part of the secret.
+        if let Some(host) = u.host_str() {
+            sensitive.add(host);
+        }
         // A server that echoes what it was asked shows the path and query, not the URL.
         let path_and_query = &u[url::Position::BeforePath..url::Position::AfterQuery];
         if path_and_query != "/" {
