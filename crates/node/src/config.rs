@@ -1014,6 +1014,9 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
     }
 }
 
+/// The largest config file read.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Builds the server configuration from the file, the environment and the flags.
 pub fn load(
     data_dir: &Path,
@@ -1027,7 +1030,14 @@ pub fn load(
         None => (default_file, false),
     };
     let mut read = None;
-    let mut table = match std::fs::read_to_string(&path) {
+    // Hostile until checked: a regular file of at most MAX_CONFIG_FILE_BYTES, UTF-8, opened
+    // without blocking (a FIFO does not hang the start, nor /dev/zero fill the memory).
+    let text = estop::read_capped(&path, MAX_CONFIG_FILE_BYTES).and_then(|bytes| {
+        String::from_utf8(bytes).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8: {e}"))
+        })
+    });
+    let mut table = match text {
         Ok(text) => {
             read = Some(path.clone());
             // Read as the config first: its errors name the key and the line.
@@ -1332,6 +1342,42 @@ mod tests {
         let again = load(dir.path(), Some(&printed), None, &[]).unwrap();
         assert_eq!(again.retention.workflows, c.retention.workflows);
         assert_eq!(again.retention.audit, None);
+    }
+
+    #[test]
+    fn a_config_path_that_is_no_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "# x\n".repeat(300_000)).unwrap();
+        let latin1 = dir.path().join("latin1.toml");
+        std::fs::write(&latin1, b"node_id = \"caf\xe9\"\n").unwrap();
+        let cases = [
+            (fifo.clone(), "not a regular file"),
+            (Path::new("/dev/zero").to_owned(), "not a regular file"),
+            (dir.path().to_owned(), "not a regular file"),
+            (big, "the limit is 1048576"),
+            (latin1, "not UTF-8"),
+        ];
+        for (path, says) in cases {
+            let started = std::time::Instant::now();
+            let err = format!(
+                "{:#}",
+                load(dir.path(), Some(&path), None, &[]).unwrap_err()
+            );
+            assert!(err.contains(says), "{}: {err}", path.display());
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{}",
+                path.display()
+            );
+        }
+        // The same as the data directory's own steward.toml.
+        std::fs::rename(&fifo, dir.path().join("steward.toml")).unwrap();
+        let err = format!("{:#}", load(dir.path(), None, None, &[]).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]
