@@ -168,6 +168,21 @@ impl NodeStore {
     }
 }
 
+/// The file that says the first start of a data directory has not finished: written before
+/// the database is created, removed once the node serves. While it is there, a start is a
+/// first start again, so that what a first start writes (the policy file, the e-stop file or
+/// entry) is written even if the first try failed after the database was made (a port in use,
+/// say). What exists is never overwritten.
+pub const FIRST_START_MARKER: &str = "first-start.unfinished";
+
+fn mark_first_start(marker: &std::path::Path) -> anyhow::Result<()> {
+    estop::write_durably(
+        marker,
+        b"the first start of this data directory has not finished; the next start does it again\n",
+    )
+    .with_context(|| format!("writing {}", marker.display()))
+}
+
 /// Opens the store the config names, and tells what is new: the data directory (its local
 /// files) and the database (the e-stop list when it lives there).
 async fn open_store(
@@ -175,10 +190,23 @@ async fn open_store(
     db_tasks: &TaskTracker,
 ) -> anyhow::Result<(NodeStore, Fresh)> {
     let first_start = !cfg.data_dir.join("node_id").exists();
+    let marker = cfg.data_dir.join(FIRST_START_MARKER);
+    let unfinished = marker.exists();
+    if unfinished {
+        tracing::warn!(
+            path = %marker.display(),
+            "the first start of this data directory did not finish: it is done again (what it \
+             made is kept)"
+        );
+    }
     Ok(match &cfg.database {
         Database::Sqlite(db_path) => {
-            let fresh = !db_path.exists();
-            if fresh {
+            let created = !db_path.exists();
+            if created {
+                mark_first_start(&marker)?;
+            }
+            let fresh = created || unfinished;
+            if created {
                 // Created readable by this user only; SQLite gives its WAL and shared-memory
                 // files the database file's mode.
                 use std::os::unix::fs::OpenOptionsExt as _;
@@ -210,8 +238,11 @@ async fn open_store(
                     })?,
             );
             tracing::info!(database = %store.describe(), created_schema = store.created_schema(), "database connected");
+            if first_start {
+                mark_first_start(&marker)?;
+            }
             let fresh = Fresh {
-                local: first_start,
+                local: first_start || unfinished,
                 db: store.created_schema(),
             };
             (NodeStore::Postgres(store), fresh)
@@ -536,6 +567,13 @@ impl Node {
             node.clone(),
             cfg.sentry_dsn.is_some(),
         );
+        // Everything a first start makes is made.
+        let marker = cfg.data_dir.join(FIRST_START_MARKER);
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %marker.display(), error = %e, "could not remove"),
+        }
         Ok(Node {
             cfg,
             node_id: node,

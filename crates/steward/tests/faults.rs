@@ -778,3 +778,46 @@ async fn a_flood_of_silent_connections_runs_nothing_out_of_descriptors() {
         "the full listener is reported:\n{log}"
     );
 }
+
+/// A first start that fails after the database is made (its port taken, here) is done again
+/// by the next start: the policy file and the e-stop file are written then, and runs run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_that_failed_is_done_again_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &taken.local_addr().unwrap().to_string()])
+        .env("STEWARD_AUTH", "none")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listening on"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(data.join("steward.db").exists(), "the database was made");
+    assert!(data.join("first-start.unfinished").exists());
+    drop(taken);
+
+    let server = Server::start_as_is(&data, &[]).await;
+    assert!(data.join("policies.toml").exists());
+    assert!(data.join("estop.json").exists());
+    assert!(!data.join("first-start.unfinished").exists());
+    let log = server.log_text();
+    assert!(
+        log.contains("the first start of this data directory did not finish"),
+        "{log}"
+    );
+    let mut c = server.client().await;
+    let id = submit_and_exec(
+        &mut c,
+        "name: hello\nblocks:\n  - jobs: [{action: noop, args: {}}]\n",
+    )
+    .await;
+    assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
+}
