@@ -39,6 +39,7 @@ pub fn backup(data_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn restore(file: &Path, data_dir: &Path, replace: bool) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::DirBuilderExt as _;
     if let Some(pid) = node::pidfile::live_pid(data_dir)? {
         bail!(
             "a steward server (pid {pid}) serves {}; stop it first (steward stop --data-dir {})",
@@ -46,7 +47,11 @@ pub fn restore(file: &Path, data_dir: &Path, replace: bool) -> anyhow::Result<Ex
             data_dir.display()
         );
     }
-    std::fs::create_dir_all(data_dir)
+    // Readable by this user only, as `steward serve` makes it: it holds the database.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let db = database(data_dir);
     let info = store_sqlite::backup::restore(file, &db, replace)

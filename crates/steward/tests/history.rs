@@ -193,10 +193,22 @@ async fn a_backup_taken_mid_run_restores_and_its_runs_complete() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // What holds the database is this user's alone, as a server's data directory is.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&backup), 0o600, "the backup");
+    assert_eq!(mode(&c_dir), 0o700, "the restored data directory");
+    assert_eq!(
+        mode(&c_dir.join("steward.db")),
+        0o600,
+        "the restored database"
+    );
     // The e-stop list is not in the database: a restored directory without it stops
     // everything (fail closed) until it is put back, as the docs say to.
     std::fs::copy(a.join("estop.json"), c_dir.join("estop.json")).unwrap();
-    let restored = Server::start(&c_dir, &[("STEWARD_LEASE_TTL", "2s")]).await;
+    let mut restored = Server::start(&c_dir, &[("STEWARD_LEASE_TTL", "2s")]).await;
     let mut c = restored.client().await;
     let runs = c
         .list(pb::ListRequest {
@@ -212,6 +224,62 @@ async fn a_backup_taken_mid_run_restores_and_its_runs_complete() {
         let run = wait_terminal(&mut c, &r.id, LONG).await;
         assert_eq!(run.state, "completed", "{run:?}");
     }
+    restored.stop().await;
+
+    // Undoing a restore: the backup (runs unfinished) over the finished runs, which are kept
+    // as steward.db.replaced, then that file restored back.
+    let c_db = c_dir.join("steward.db");
+    let restore = |file: &std::path::Path| {
+        run_cli(&[
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            c_dir.to_str().unwrap(),
+            "--replace",
+        ])
+    };
+    let out = restore(&backup);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = restore(&c_dir.join("steward.db.replaced"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let finished = "10 runs (0 unfinished";
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(finished),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // What is served now is what was restored.
+    let check = dir.path().join("check.db");
+    let out = run_cli(&[
+        "backup",
+        check.to_str().unwrap(),
+        "--data-dir",
+        c_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(finished),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The database itself is no backup of itself: refused, and nothing moves.
+    let before = std::fs::read(&c_db).unwrap();
+    let out = restore(&c_db);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the database's own file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&c_db).unwrap(), before);
 }
 
 /// Watch of a run of 10,000 jobs: the first message is the whole run, every later one carries

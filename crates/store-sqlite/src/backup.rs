@@ -31,32 +31,9 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupInfo> {
     let src = crate::open_reader(db)?;
     // Written next to the target and renamed at the end: a failed backup leaves no file that
     // looks like one.
-    let partial = to.with_extension("partial");
-    let _ = std::fs::remove_file(&partial);
+    let partial = beside(to, ".partial");
     let result = (|| {
-        let mut dst = Connection::open(&partial).map_err(db_err)?;
-        {
-            use rusqlite::backup::StepResult;
-            let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(db_err)?;
-            // Every page in one step: one read transaction, so one instant. In WAL mode a
-            // reader never waits for the writer; the source's busy timeout covers the rest.
-            loop {
-                match b.step(-1).map_err(db_err)? {
-                    StepResult::Done => break,
-                    StepResult::More => {}
-                    other => {
-                        return Err(Error::Unavailable(format!(
-                            "the database stayed busy ({other:?}); try again"
-                        )));
-                    }
-                }
-            }
-        }
-        // One file, no write-ahead log beside it.
-        dst.execute_batch("PRAGMA journal_mode = DELETE")
-            .map_err(db_err)?;
-        drop(dst);
-        sync(&partial)?;
+        copy_into(&src, &partial)?;
         std::fs::rename(&partial, to)
             .map_err(|e| Error::Unavailable(format!("renaming into {}: {e}", to.display())))?;
         if let Some(dir) = to.parent() {
@@ -68,6 +45,51 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupInfo> {
         let _ = std::fs::remove_file(&partial);
     }
     result
+}
+
+/// `path` with `suffix` appended to its file name (`x.db` → `x.db.partial`).
+fn beside(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    std::path::PathBuf::from(p)
+}
+
+/// Copies the database `src` reads into a new file `to` (mode 0600: it holds what the
+/// database holds), consistent as of one instant, as one file without a write-ahead log, and
+/// synced. A file at `to` (left by a copy that was interrupted: the name is Steward's) is
+/// replaced.
+fn copy_into(src: &Connection, to: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(to);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| Error::Unavailable(format!("creating {}: {e}", to.display())))?;
+    let mut dst = Connection::open(to).map_err(db_err)?;
+    {
+        use rusqlite::backup::StepResult;
+        let b = rusqlite::backup::Backup::new(src, &mut dst).map_err(db_err)?;
+        // Every page in one step: one read transaction, so one instant. In WAL mode a
+        // reader never waits for the writer; the source's busy timeout covers the rest.
+        loop {
+            match b.step(-1).map_err(db_err)? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                other => {
+                    return Err(Error::Unavailable(format!(
+                        "the database stayed busy ({other:?}); try again"
+                    )));
+                }
+            }
+        }
+    }
+    // One file, no write-ahead log beside it.
+    dst.execute_batch("PRAGMA journal_mode = DELETE")
+        .map_err(db_err)?;
+    drop(dst);
+    sync(to)
 }
 
 fn sync(path: &Path) -> Result<()> {
@@ -132,22 +154,47 @@ pub fn check(file: &Path) -> Result<BackupInfo> {
 }
 
 /// Puts the checked backup `file` in place as the database `db` (whose server must not be
-/// running): copied beside it, synced, renamed over it. A database already there is kept as
-/// `DB.replaced` (with its write-ahead log) when `replace` is set, else refused.
+/// running): copied beside it (through SQLite, so that a write-ahead log beside `file` is
+/// part of the copy), synced, renamed over it. A database already there is kept as
+/// `DB.replaced` (with its write-ahead log) when `replace` is set, else refused. The copy is
+/// made before anything is moved: `file` may be that `DB.replaced` (undoing a restore).
 pub fn restore(file: &Path, db: &Path, replace: bool) -> Result<BackupInfo> {
-    let info = check(file)?;
-    let side = |suffix: &str| {
-        let mut p = db.as_os_str().to_owned();
-        p.push(suffix);
-        std::path::PathBuf::from(p)
+    let side = |suffix: &str| beside(db, suffix);
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     };
-    if db.exists() {
-        if !replace {
+    for suffix in ["", "-wal", "-shm", ".restoring"] {
+        if same(file, &side(suffix)) {
             return Err(Error::Unavailable(format!(
-                "{} exists; give --replace to keep it as {} and restore over it",
-                db.display(),
-                side(".replaced").display()
+                "{} is the database's own file; restore a backup of it (steward backup)",
+                file.display()
             )));
+        }
+    }
+    if db.exists() && !replace {
+        return Err(Error::Unavailable(format!(
+            "{} exists; give --replace to keep it as {} and restore over it",
+            db.display(),
+            side(".replaced").display()
+        )));
+    }
+    let info = check(file)?;
+    let partial = side(".restoring");
+    let copied = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)
+    .and_then(|src| copy_into(&src, &partial));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    if db.exists() {
+        // A log left beside an earlier `.replaced` must never be paired with this one.
+        for suffix in [".replaced-wal", ".replaced-shm"] {
+            let _ = std::fs::remove_file(side(suffix));
         }
         for suffix in ["", "-wal", "-shm"] {
             let from = side(suffix);
@@ -163,10 +210,6 @@ pub fn restore(file: &Path, db: &Path, replace: bool) -> Result<BackupInfo> {
             let _ = std::fs::remove_file(side(suffix));
         }
     }
-    let partial = side(".restoring");
-    std::fs::copy(file, &partial)
-        .map_err(|e| Error::Unavailable(format!("copying {}: {e}", file.display())))?;
-    sync(&partial)?;
     std::fs::rename(&partial, db)
         .map_err(|e| Error::Unavailable(format!("renaming into {}: {e}", db.display())))?;
     if let Some(dir) = db.parent() {
