@@ -234,6 +234,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn read_capped(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    // For the test of a read that hangs (a hung network mount).
+    fail::fail_point!("estop::read_capped");
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -259,22 +261,46 @@ pub fn read_capped(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 }
 
 /// [`read_capped`] on the blocking pool, failed after [`READ_TIMEOUT`] (a hung disk or
-/// network file system) instead of stalling its caller.
+/// network file system) instead of stalling its caller. A read of `path` that timed out and
+/// has still not returned fails the next ones at once: a file read every second on a hung
+/// mount would otherwise fill the blocking pool with stuck threads, one a second.
 pub async fn read_capped_async(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    if stuck(|s| s.iter().any(|p| p == path)) {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("an earlier read has not returned after {READ_TIMEOUT:?} or more"),
+        ));
+    }
     let owned = path.to_owned();
-    match tokio::time::timeout(
-        READ_TIMEOUT,
-        tokio::task::spawn_blocking(move || read_capped(&owned, max)),
-    )
-    .await
-    {
+    let mut read = tokio::task::spawn_blocking(move || {
+        let r = read_capped(&owned, max);
+        // Returned at last: the path may be read again.
+        stuck(|s| s.retain(|p| p != &owned));
+        r
+    });
+    match tokio::time::timeout(READ_TIMEOUT, &mut read).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(io::Error::other(join)),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("reading took longer than {READ_TIMEOUT:?}"),
-        )),
+        Err(_) => {
+            stuck(|s| s.push(path.to_owned()));
+            // It may have returned between the timeout and the line above.
+            if read.is_finished() {
+                stuck(|s| s.retain(|p| p != path));
+            }
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("reading took longer than {READ_TIMEOUT:?}"),
+            ))
+        }
     }
+}
+
+/// The paths whose read timed out and has not returned: `f` of them.
+fn stuck<R>(f: impl FnOnce(&mut Vec<std::path::PathBuf>) -> R) -> R {
+    static STUCK: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    f(&mut STUCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 fn too_big(len: u64, max: u64) -> io::Error {

@@ -46,6 +46,15 @@ fn read_text(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
 }
 
+/// [`read_text`] off the runtime, failing after `estop::READ_TIMEOUT` (a hung mount) instead
+/// of stalling a worker thread.
+async fn read_text_async(path: &Path) -> Result<String, String> {
+    let bytes = estop::read_capped_async(path, MAX_POLICY_FILE_BYTES)
+        .await
+        .map_err(|e| format!("policy file {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
+}
+
 /// Parses the file; a `run_as` user this node cannot run jobs as refuses it, like any other
 /// problem in it (the policies in force stay).
 fn parse(path: &Path, text: &str) -> Result<PolicySet, String> {
@@ -137,7 +146,7 @@ struct Reloader {
 
 impl Reloader {
     async fn check(&mut self) {
-        let text = match read_text(&self.path) {
+        let text = match read_text_async(&self.path).await {
             Ok(t) => t,
             Err(e) => {
                 let msg = format!("{e}; the policies loaded before stay in force");
@@ -151,7 +160,7 @@ impl Reloader {
         }
         // A file caught mid-write reads differently a moment later: wait until it holds still.
         tokio::time::sleep(SETTLE).await;
-        if read_text(&self.path).ok().as_ref() != Some(&text) {
+        if read_text_async(&self.path).await.ok().as_ref() != Some(&text) {
             return; // The next wake-up or tick sees the settled file.
         }
         match parse(&self.path, &text) {
