@@ -320,10 +320,14 @@ impl Api {
         axum::Router::new().fallback_service(tower::service_fn(
             move |mut req: axum::extract::Request| {
                 let grpc_call = is_grpc(&req);
-                let refusal = if grpc_call || is_open(&req, false) {
+                // gRPC too: a rebound page is the server's origin, and may send any content
+                // type. (A cross-site one may not: `application/grpc` needs the CORS
+                // permission this server never gives.)
+                let refusal = if is_open(&req, grpc_call) {
                     None
                 } else {
-                    let api = req.uri().path().starts_with("/v1/")
+                    let api = grpc_call
+                        || req.uri().path().starts_with("/v1/")
                         || !console
                             .as_ref()
                             .is_some_and(|(_, owns)| owns(req.uri().path()));
@@ -350,9 +354,12 @@ impl Api {
                         if let Gate::Tokens(a) = &gate {
                             // The path as far as the access log keeps it.
                             let path = req.uri().path();
-                            let path = &path[..path.floor_char_boundary(128)];
+                            let path = &path[..domain::limits::floor_char_boundary(path, 128)];
                             let call = format!("{} {path}", req.method());
                             a.log_refusal("-", &call, "", &peer_of(&req), &e.message);
+                        }
+                        if grpc_call {
+                            return Ok(tonic::Status::from(e).into_http());
                         }
                         return Ok(axum::response::IntoResponse::into_response(e));
                     }
