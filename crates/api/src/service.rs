@@ -347,7 +347,17 @@ impl Service {
                      only an operator or admin may do (role {})",
                     e.state, caller.principal.role
                 ),
-                _ => return Ok(()),
+                Some(_) => return Ok(()),
+                // Without a `*` entry, runs the target matches may match no entry and get
+                // `estop_unlisted`: an entry less strict than that releases them.
+                None if list.get(&Target::All).is_none() && h.unlisted() > state => format!(
+                    "{target} has no entry and no `*` entry covers it, so its runs get \
+                     estop_unlisted ({}); setting {state} would release part of that, which \
+                     only an operator or admin may do (role {})",
+                    h.unlisted(),
+                    caller.principal.role
+                ),
+                None => return Ok(()),
             },
             domain::estop::Snapshot::Unreadable(_) => format!(
                 "the e-stop list cannot be read, so whether {state} would weaken the entry of \

@@ -562,6 +562,23 @@ async fn a_responder_cannot_weaken_a_stop_to_pause() {
     );
     // An operator may release part of it.
     set(&op, "t", "pause").await.unwrap();
+
+    // Without a `*` entry, a target with no entry falls to estop_unlisted (stop): pause would
+    // release it.
+    n.estop()
+        .clear(req(
+            pb::EStopClearRequest {
+                target: "*".into(),
+                reason: "INC-7".into(),
+            },
+            Some(&op),
+        ))
+        .await
+        .unwrap();
+    let err = set(&pager, "deploy", "pause").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("estop_unlisted (stop)"), "{err:?}");
+    set(&pager, "deploy", "stop").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
