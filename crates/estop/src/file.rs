@@ -272,21 +272,29 @@ pub async fn read_capped_async(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         ));
     }
     let owned = path.to_owned();
-    let mut read = tokio::task::spawn_blocking(move || {
-        let r = read_capped(&owned, max);
-        // Returned at last: the path may be read again.
-        stuck(|s| s.retain(|p| p != &owned));
-        r
+    // Set, under the same lock as the list, when the read returns: a read that returns just
+    // as it times out is never listed as stuck after it has returned.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let read = tokio::task::spawn_blocking({
+        let done = done.clone();
+        move || {
+            let r = read_capped(&owned, max);
+            stuck(|s| {
+                done.store(true, Ordering::Relaxed);
+                s.retain(|p| p != &owned);
+            });
+            r
+        }
     });
-    match tokio::time::timeout(READ_TIMEOUT, &mut read).await {
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(io::Error::other(join)),
         Err(_) => {
-            stuck(|s| s.push(path.to_owned()));
-            // It may have returned between the timeout and the line above.
-            if read.is_finished() {
-                stuck(|s| s.retain(|p| p != path));
-            }
+            stuck(|s| {
+                if !done.load(Ordering::Relaxed) {
+                    s.push(path.to_owned());
+                }
+            });
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("reading took longer than {READ_TIMEOUT:?}"),
