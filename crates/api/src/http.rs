@@ -525,7 +525,8 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 /// A request's body as text. Axum refuses a body over [`MAX_BODY_BYTES`], or one that is not
 /// UTF-8, with a line of plain text; through this extractor such a body gets the API's error
-/// body, as every other refusal does.
+/// body, as every other refusal does. A body that takes longer than
+/// [`BODY_TIMEOUT`](crate::conn::BODY_TIMEOUT) to arrive is refused with 408.
 pub(crate) struct Text(pub(crate) String);
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Text {
@@ -533,9 +534,23 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Text {
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
         use axum::extract::rejection::StringRejection;
-        let rejection = match String::from_request(req, state).await {
-            Ok(text) => return Ok(Self(text)),
-            Err(rejection) => rejection,
+        let read =
+            tokio::time::timeout(crate::conn::BODY_TIMEOUT, String::from_request(req, state));
+        let rejection = match read.await {
+            Ok(Ok(text)) => return Ok(Self(text)),
+            Ok(Err(rejection)) => rejection,
+            Err(_) => {
+                let mut r = ApiError::new(
+                    tonic::Code::InvalidArgument,
+                    format!(
+                        "the request body did not arrive within {} s",
+                        crate::conn::BODY_TIMEOUT.as_secs()
+                    ),
+                )
+                .into_response();
+                *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+                return Err(r);
+            }
         };
         let status = rejection.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -613,17 +628,26 @@ pub fn router(state: AppState) -> axum::Router {
 ///
 /// [`MAX_ECHO_LEN`]: domain::limits::MAX_ECHO_LEN
 fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    use domain::limits::{MAX_ECHO_LEN, floor_char_boundary};
     let text = e.body_text();
-    let mut out = String::with_capacity(text.len().min(1024));
+    let mut out = String::with_capacity(text.len().min(MAX_REJECTION_LEN + 4));
     for (i, word) in text.split(' ').enumerate() {
         if i > 0 {
             out.push(' ');
         }
-        let end = word.floor_char_boundary(domain::limits::MAX_ECHO_LEN);
+        let end = floor_char_boundary(word, MAX_ECHO_LEN);
         out.push_str(&word[..end]);
         if end < word.len() {
             out.push('…');
         }
     }
+    // Many short words can still repeat much of the query.
+    if out.len() > MAX_REJECTION_LEN {
+        out.truncate(floor_char_boundary(&out, MAX_REJECTION_LEN));
+        out.push('…');
+    }
     ApiError::new(tonic::Code::InvalidArgument, out)
 }
+
+/// The most of a framework's reason for refusing a query that an error repeats.
+const MAX_REJECTION_LEN: usize = 512;

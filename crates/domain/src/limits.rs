@@ -15,6 +15,15 @@ pub const MAX_SPEC_DEPTH: usize = 64;
 /// Bytes of user input quoted back in an error message.
 pub const MAX_ECHO_LEN: usize = 64;
 
+/// The largest character boundary of `s` at or below `at`: where to cut `s` to at most `at`
+/// bytes.
+pub fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
+}
+
 /// `value` for an error message: as is when short, else its first [`MAX_ECHO_LEN`] bytes (on a
 /// character boundary) and its length, so no error grows with its input.
 pub fn clip(value: &str) -> String {
@@ -40,14 +49,6 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
     }
 }
 
-/// The deepest nesting of `{`/`[` in a YAML or JSON document, stopping as soon as it passes
-/// `max` (so a hostile document costs one partial scan, never a parse).
-///
-/// Brackets inside quoted scalars do not count. A quote opens a scalar only where a token can
-/// start (after a space, a bracket, `,` or `:`, or at the start of a line), as in YAML and
-/// JSON; a `'` or `"` inside a plain scalar (`don't`) is literal. Block-style YAML nests by
-/// indentation, which the size limit already bounds; each indentation step counts as one level
-/// here too, measured in columns.
 /// Refuses a parsed document whose mappings and lists nest more than `max` levels deep,
 /// with [`check_depth`]'s message. Walks without recursion.
 pub fn check_value_depth(value: &serde_json::Value, max: usize) -> Result<(), String> {
@@ -68,6 +69,14 @@ pub fn check_value_depth(value: &serde_json::Value, max: usize) -> Result<(), St
     Ok(())
 }
 
+/// The deepest nesting of `{`/`[` in a YAML or JSON document, stopping as soon as it passes
+/// `max` (so a hostile document costs one partial scan, never a parse).
+///
+/// Brackets inside quoted scalars do not count. A quote opens a scalar only where a token can
+/// start (after a space, a bracket, `,` or `:`, or at the start of a line), as in YAML and
+/// JSON; a `'` or `"` inside a plain scalar (`don't`) is literal. Block-style YAML nests by
+/// indentation, which the size limit already bounds; each indentation step counts as one level
+/// here too, measured in columns.
 pub fn check_depth(text: &str, max: usize) -> Result<(), String> {
     let mut depth = 0usize;
     let mut at_token_start = true;
