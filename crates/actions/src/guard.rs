@@ -5,15 +5,20 @@
 //!
 //! A path is checked as written (`..` folded) and as it resolves: the symlinks among its
 //! existing directories followed. At Submit the check refuses what is plainly protected; the
-//! `write_file` action checks again just before it writes, into the directory the check
-//! resolved, so a symlink an earlier job made does not lead it into a protected place.
+//! `write_file` action checks again just before it writes, on the directory it opened (its
+//! path as the kernel names it, and its identity, so a bind mount of a protected directory is
+//! that directory), so a symlink another job made does not lead it into a protected place.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-/// The protected paths, each with what it is ("the policy file").
+/// The protected paths, each with what it is ("the policy file"), and the device and inode of
+/// each that was a directory when it was listed.
 #[derive(Clone, Debug, Default)]
-pub struct Protected(Arc<[(PathBuf, &'static str)]>);
+pub struct Protected(
+    Arc<[(PathBuf, &'static str)]>,
+    Arc<[(u64, u64, &'static str)]>,
+);
 
 /// `path` with `.` and `..` folded, without touching the disk.
 fn lexical(path: &Path) -> PathBuf {
@@ -57,19 +62,35 @@ impl Protected {
     /// Protects each of `entries` (a file or a directory and everything in it).
     pub fn new(entries: impl IntoIterator<Item = (PathBuf, &'static str)>) -> Protected {
         let mut all = Vec::new();
+        let mut dirs = Vec::new();
         for (p, what) in entries {
             let abs = if p.is_absolute() {
                 p
             } else {
                 std::env::current_dir().unwrap_or_default().join(p)
             };
+            if let Ok(meta) = std::fs::metadata(&abs)
+                && meta.is_dir()
+            {
+                use std::os::unix::fs::MetadataExt as _;
+                dirs.push((meta.dev(), meta.ino(), what));
+            }
             let (lex, real) = (lexical(&abs), resolved(&abs));
             if real != lex {
                 all.push((real, what));
             }
             all.push((lex, what));
         }
-        Protected(all.into())
+        Protected(all.into(), dirs.into())
+    }
+
+    /// What protected directory the directory with this device and inode is, whatever path
+    /// reaches it.
+    pub fn covering_dir(&self, dev: u64, ino: u64) -> Option<&'static str> {
+        self.1
+            .iter()
+            .find(|(d, i, _)| *d == dev && *i == ino)
+            .map(|(_, _, what)| *what)
     }
 
     /// What protected thing `path` is, or lies inside, as written or as it resolves: the

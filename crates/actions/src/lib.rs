@@ -122,7 +122,7 @@ pub use http::{ExpectStatus, HttpArgs, HttpMethod, error_chain, shared_client, t
 pub use identity::check_run_as;
 pub use redact::{redact_args, redact_spec, redact_url};
 pub use secret::{MASK, SecretError, SecretName, Secrets, Text};
-pub use shell::ShellArgs;
+pub use shell::{ShellArgs, raise_fd_limit};
 pub use sleep::SleepArgs;
 pub use token_bucket::TokenBucketArgs;
 pub use write_file::WriteFileArgs;

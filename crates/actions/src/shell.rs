@@ -512,6 +512,29 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
 /// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
 /// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
 /// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
+/// The soft limit on open files the server started with, which jobs get back
+/// ([`raise_fd_limit`]): its soft and hard values.
+static JOB_NOFILE: std::sync::OnceLock<(libc::rlim_t, libc::rlim_t)> = std::sync::OnceLock::new();
+
+/// Raises the process's soft limit on open files to its hard limit, and returns the limit now
+/// in force. Linux's default soft limit (1,024) is set for programs that `select(2)`, which
+/// Steward does not; jobs may, and programs that close every descriptor up to the limit are
+/// slow with a large one, so `shell` jobs start with the soft limit the server started with.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return u64::MAX;
+    };
+    let _ = JOB_NOFILE.set((soft, hard));
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => return hard,
+            Err(e) => tracing::warn!(error = %e, "could not raise the limit on open files"),
+        }
+    }
+    soft
+}
+
 #[allow(unsafe_code)]
 fn prepare_child(
     cmd: &mut Command,
@@ -521,9 +544,13 @@ fn prepare_child(
 ) {
     let parent = nix::unistd::getpid();
     let drop_to = identity.map(|id| (id.uid, id.gid, id.groups));
+    let nofile = JOB_NOFILE.get().map(|&(soft, hard)| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
     // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
-    // setgroups(2), setgid(2), setuid(2), chdir(2), prctl(2), getppid(2) and close_range(2),
-    // which are async-signal-safe, and allocates nothing (the group list and the directory
+    // setrlimit(2), setgroups(2), setgid(2), setuid(2), chdir(2), prctl(2), getppid(2) and
+    // close_range(2), which are async-signal-safe, and allocates nothing (the group list and the directory
     // were built before the fork; errors come from raw errno values). The descriptor stays open in the parent until the
     // spawn returns.
     unsafe {
@@ -533,6 +560,12 @@ fn prepare_child(
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // The soft limit the server started with (it raised its own).
+            if let Some(limit) = &nofile
+                && libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0
+            {
+                return Err(io::Error::last_os_error());
             }
             // After the cgroup write (moving needs the server's rights), before the prctl
             // (a change of identity clears the parent-death signal). Groups first: after

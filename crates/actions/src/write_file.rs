@@ -243,7 +243,27 @@ fn write(
         }
     })?;
     // The kernel's name for the directory the handle holds, every symlink resolved.
-    let real = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    let real = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot tell where {} is (is /proc mounted?): {e}",
+                parent.display()
+            ),
+        )
+    })?;
+    // And by identity: a bind mount of a protected directory has another path, not another
+    // inode.
+    let st = rustix::fs::fstat(&dir)?;
+    if let Some(what) = protected.covering_dir(st.st_dev, st.st_ino) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refused: {} is {what} (the same directory by another path); a job may not write Steward's own files",
+                real.display()
+            ),
+        ));
+    }
     let path = real.join(name);
     if let Some(what) = protected.covering(&path) {
         return Err(io::Error::new(
@@ -303,12 +323,15 @@ fn write(
     })
 }
 
-/// A random number, for a temporary file's name (std's hasher keys are random per instance).
+/// A random number, for a temporary file's name; a clock's nanoseconds if the system has no
+/// randomness to give (the name is also created exclusively, and tried again if taken).
 fn random_u64() -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return u64::from(std::time::Instant::now().elapsed().subsec_nanos())
+            ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
 }
 
 /// Whether `name` in `dir` is a regular file with this length, sha256 and mode. Any other file

@@ -14,7 +14,10 @@
 //!   one (an idle keep-alive connection is closed after as long); a request being answered,
 //!   however long (a Watch), is not limited;
 //! - an HTTP/2 connection is pinged every [`PING_EVERY`], and closed when a ping is not
-//!   answered within [`PING_TIMEOUT`].
+//!   answered within [`PING_TIMEOUT`];
+//! - a connection with no request in progress for [`IDLE_TIMEOUT`] is closed (HTTP/2 pings
+//!   do not count), and a request's body must arrive within [`BODY_TIMEOUT`] (the API's and
+//!   the console's extractors apply it).
 //!
 //! On shutdown it stops accepting, asks every connection to close after the requests it is
 //! serving (HTTP/2: GOAWAY), and returns when all have.
@@ -49,6 +52,12 @@ pub const MAX_LOCAL_CONNECTIONS: usize = 64;
 /// File descriptors left for everything but the API's connections: the database, the e-stop
 /// list, the policy file, jobs' pipes, outgoing HTTP.
 pub const FD_RESERVE: u64 = 1024;
+/// How long a connection may go without a request in progress before it is closed (HTTP/2:
+/// GOAWAY, which clients answer by connecting again when they next need to).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request's body may take to arrive, once its head has (the API's and the
+/// console's forms; gRPC messages are read by their calls).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often, at most, a warning says that the listener is full.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
@@ -58,17 +67,21 @@ pub struct Limits {
     pub max_connections: usize,
     /// [`HEAD_TIMEOUT`] but in tests.
     pub head_timeout: Duration,
+    /// [`IDLE_TIMEOUT`] but in tests.
+    pub idle_timeout: Duration,
 }
 
 impl Limits {
     /// For the API's listener on a process that may open `fd_limit` descriptors: what is left
-    /// after [`FD_RESERVE`], at most [`MAX_CONNECTIONS`], at least 16.
+    /// after [`FD_RESERVE`], or a quarter of the limit when that is more, at most
+    /// [`MAX_CONNECTIONS`], at least 16.
     pub fn for_fd_limit(fd_limit: u64) -> Limits {
-        let left = fd_limit.saturating_sub(FD_RESERVE);
+        let left = fd_limit.saturating_sub(FD_RESERVE).max(fd_limit / 4);
         let max = usize::try_from(left).unwrap_or(usize::MAX);
         Limits {
             max_connections: max.clamp(16, MAX_CONNECTIONS),
             head_timeout: HEAD_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 
@@ -77,25 +90,9 @@ impl Limits {
         Limits {
             max_connections: MAX_LOCAL_CONNECTIONS,
             head_timeout: HEAD_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
-}
-
-/// Raises the process's soft limit on open files to its hard limit, and returns the limit now
-/// in force. Linux's default soft limit (1,024) is set for programs that `select(2)`, which
-/// this one does not.
-pub fn raise_fd_limit() -> u64 {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    let before = limit.current;
-    if limit.current < limit.maximum {
-        limit.current = limit.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, limit) {
-            tracing::warn!(error = %e, "could not raise the limit on open files");
-            return before.unwrap_or(u64::MAX);
-        }
-    }
-    limit.current.unwrap_or(u64::MAX)
 }
 
 /// Serves `router` on `listener` until `shutdown` fires; see the module's documentation.
@@ -123,7 +120,6 @@ where
         .keep_alive_timeout(PING_TIMEOUT);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = TaskTracker::new();
     let mut warned: Option<Instant> = None;
     loop {
@@ -151,6 +147,7 @@ where
             () = shutdown.cancelled() => break,
             c = listener.accept() => c,
         };
+        let activity = Arc::new(Activity::new());
         let service = tower::ServiceExt::map_request(
             router.clone(),
             move |req: axum::http::Request<hyper::body::Incoming>| {
@@ -159,24 +156,111 @@ where
                 req
             },
         );
+        let service = tower::ServiceExt::map_future(service, {
+            let activity = activity.clone();
+            move |answer| {
+                // In progress from the call until its answer's body is sent or dropped.
+                let busy = Busy::new(activity.clone());
+                async move {
+                    let resp: axum::response::Response = answer.await?;
+                    Ok::<_, std::convert::Infallible>(resp.map(move |body| {
+                        axum::body::Body::new(http_body_util::BodyExt::map_frame(
+                            body,
+                            move |frame| {
+                                let _busy = &busy;
+                                frame
+                            },
+                        ))
+                    }))
+                }
+            }
+        });
         let io = TokioIo::new(FirstBytes::new(io, limits.head_timeout));
-        let builder = builder.clone();
-        let conn = graceful.watch(
-            builder
-                .serve_connection(io, TowerToHyperService::new(service))
-                .into_owned(),
-        );
+        let conn = builder
+            .serve_connection(io, TowerToHyperService::new(service))
+            .into_owned();
+        let shutdown = shutdown.clone();
+        let idle_timeout = limits.idle_timeout;
         connections.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(error = %e, "a connection ended with an error");
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            loop {
+                let idle_left = idle_timeout.saturating_sub(activity.idle_for());
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, "a connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = shutdown.cancelled(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = tokio::time::sleep(idle_left.max(Duration::from_millis(100))), if !closing => {
+                        if activity.idle_for() >= idle_timeout {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
             }
             drop(permit);
         });
     }
     connections.close();
-    graceful.shutdown().await;
     connections.wait().await;
     Ok(())
+}
+
+/// What a connection is doing: how many requests are in progress, and since when it has had
+/// none.
+struct Activity {
+    in_progress: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_progress: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// How long the connection has had no request in progress; zero while it has one.
+    fn idle_for(&self) -> Duration {
+        use std::sync::atomic::Ordering;
+        if self.in_progress.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.idle_since
+            .lock()
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+}
+
+/// One request in progress on a connection.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: Arc<Activity>) -> Busy {
+        activity
+            .in_progress
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Ok(mut since) = self.0.idle_since.lock() {
+            *since = Instant::now();
+        }
+        self.0
+            .in_progress
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A connection that must send its first bytes within a deadline; after that, it is its own.

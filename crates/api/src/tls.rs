@@ -25,8 +25,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a client has to finish its handshake.
+/// How long a client has to finish its handshake, and the server to take the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections accepted but not yet served: in their handshake, or waiting for the
+/// server to take them (see [`TlsListener::new`]).
+pub const MAX_PENDING: usize = 256;
 /// How often the certificate files are looked at for a change.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 /// The largest certificate or key file read.
@@ -219,7 +222,11 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Accepts on `tcp` until `cancel`; each connection's handshake runs on a task of its own.
-    /// Both are tracked by `tracker`.
+    /// Both are tracked by `tracker`. At most [`MAX_PENDING`] connections are between the
+    /// accept and the server taking them (in their handshake, or handshaken and waiting), and
+    /// none for longer than [`HANDSHAKE_TIMEOUT`]: more wait in the kernel's queue, so that
+    /// clients cannot take every file descriptor by never finishing a handshake, or by
+    /// finishing more than the server serves.
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
@@ -230,8 +237,16 @@ impl TlsListener {
         let (tx, rx) = mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshakes = tracker.clone();
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
         tracker.spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    p = pending.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 let (stream, peer) = tokio::select! {
                     () = cancel.cancelled() => return,
                     r = tcp.accept() => match r {
@@ -248,8 +263,10 @@ impl TlsListener {
                 }
                 let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), cancel.clone());
                 handshakes.spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    // Held until the server takes the connection, or it is dropped.
+                    let _permit = permit;
+                    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
                     let done = tokio::select! {
                         r = handshake => r,
                         () = stop.cancelled() => return,
@@ -262,7 +279,13 @@ impl TlsListener {
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(common_name);
-                            let _ = tx.send((tls, Peer { addr: peer, client })).await;
+                            let taken = tokio::time::timeout_at(
+                                deadline,
+                                tx.send((tls, Peer { addr: peer, client })),
+                            );
+                            if taken.await.is_err() {
+                                tracing::debug!(%peer, "a handshaken connection was not taken in time");
+                            }
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const HEAD: Duration = Duration::from_millis(400);
+const IDLE: Duration = Duration::from_millis(1000);
 
 async fn server(
     max: usize,
@@ -34,6 +35,23 @@ async fn server(
             }),
         )
         .route(
+            "/stream",
+            get(|| async {
+                // Three parts 600 ms apart: an answer in progress longer than IDLE.
+                let parts = futures::stream::unfold(0, |i| async move {
+                    if i == 3 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    Some((
+                        Ok::<_, std::convert::Infallible>(format!("part{i};")),
+                        i + 1,
+                    ))
+                });
+                axum::body::Body::from_stream(parts)
+            }),
+        )
+        .route(
             "/peer",
             get(
                 |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
@@ -47,6 +65,7 @@ async fn server(
     let limits = Limits {
         max_connections: max,
         head_timeout: HEAD,
+        idle_timeout: IDLE,
     };
     let task = tokio::task::spawn({
         let stop = stop.clone();
@@ -122,11 +141,47 @@ async fn silent_and_slow_clients_are_closed() {
             .as_deref(),
         Some("slow")
     );
+    // Nor one whose body is still being sent.
+    assert_eq!(
+        get_once(addr, "/stream", Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some("6\r\npart0;\r\n6\r\npart1;\r\n6\r\npart2;\r\n0\r\n\r\n")
+    );
     // Every request knows its peer.
     let peer = get_once(addr, "/peer", Duration::from_secs(10))
         .await
         .unwrap();
     assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+}
+
+/// An HTTP/2 connection (prior knowledge, as gRPC clients make them) with no request in
+/// progress is closed after the idle timeout: pings and settings do not keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed() {
+    let (addr, _stop, _task) = server(16).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driven = tokio::task::spawn(conn);
+    // One request, then nothing.
+    let req = axum::http::Request::get(format!("http://{addr}/"))
+        .body(String::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), driven)
+        .await
+        .expect("the idle HTTP/2 connection is still open after 10 s")
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took >= IDLE / 2 && took < IDLE * 3, "closed after {took:?}");
+    drop(send);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

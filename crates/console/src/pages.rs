@@ -73,9 +73,18 @@ where
     type Rejection = Response;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
-        match Form::<T>::from_request(req, state).await {
-            Ok(Form(form)) => Ok(Self(form)),
-            Err(rejection) => {
+        let read =
+            tokio::time::timeout(api::conn::BODY_TIMEOUT, Form::<T>::from_request(req, state));
+        match read.await {
+            Ok(Ok(Form(form))) => Ok(Self(form)),
+            Err(_) => Err(page_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "The form did not arrive within {} s: send it again.",
+                    api::conn::BODY_TIMEOUT.as_secs()
+                ),
+            )),
+            Ok(Err(rejection)) => {
                 let status = rejection.status();
                 let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     format!(

@@ -515,7 +515,13 @@ impl Node {
             api.set_console(pages.router(), console::Console::owns);
         }
         let router = api.router();
-        let limits = api::conn::Limits::for_fd_limit(api::conn::raise_fd_limit());
+        let fd_limit = actions::raise_fd_limit();
+        let limits = api::conn::Limits::for_fd_limit(fd_limit);
+        tracing::info!(
+            open_files = fd_limit,
+            max_connections = limits.max_connections,
+            "connection limit"
+        );
         let server = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => {
                 let cert = api::tls::Certificate::open(cert, key)
