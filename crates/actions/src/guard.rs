@@ -110,6 +110,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_protected_directory_is_known_by_its_identity() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let p = Protected::new([(data.clone(), "the data directory")]);
+        let m = std::fs::metadata(&data).unwrap();
+        assert_eq!(p.covering_dir(m.dev(), m.ino()), Some("the data directory"));
+        let other = std::fs::metadata(dir.path()).unwrap();
+        assert_eq!(p.covering_dir(other.dev(), other.ino()), None);
+    }
+
+    #[test]
     fn paths_inside_protected_ones_are_found_as_written_and_through_symlinks() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");

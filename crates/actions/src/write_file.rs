@@ -252,6 +252,16 @@ fn write(
             ),
         )
     })?;
+    let path = real.join(name);
+    if let Some(what) = protected.covering(&path) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refused: {} is {what} (as it resolves now); a job may not write Steward's own files",
+                path.display()
+            ),
+        ));
+    }
     // And by identity: a bind mount of a protected directory has another path, not another
     // inode.
     let st = rustix::fs::fstat(&dir)?;
@@ -261,16 +271,6 @@ fn write(
             format!(
                 "refused: {} is {what} (the same directory by another path); a job may not write Steward's own files",
                 real.display()
-            ),
-        ));
-    }
-    let path = real.join(name);
-    if let Some(what) = protected.covering(&path) {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refused: {} is {what} (as it resolves now); a job may not write Steward's own files",
-                path.display()
             ),
         ));
     }

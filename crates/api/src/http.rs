@@ -651,3 +651,24 @@ fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
 
 /// The most of a framework's reason for refusing a query that an error repeats.
 const MAX_REJECTION_LEN: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that never finishes arriving is refused with 408 once `BODY_TIMEOUT` has passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_is_refused_in_time() {
+        use axum::extract::FromRequest as _;
+        let never = futures::stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+        let req = axum::http::Request::post("/v1/runs")
+            .body(axum::body::Body::from_stream(never))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let Err(refused) = Text::from_request(req, &()).await else {
+            panic!("a body that never came was read");
+        };
+        assert_eq!(refused.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), crate::conn::BODY_TIMEOUT);
+    }
+}

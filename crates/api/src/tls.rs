@@ -27,8 +27,9 @@ use tokio_util::task::TaskTracker;
 
 /// How long a client has to finish its handshake, and the server to take the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most connections accepted but not yet served: in their handshake, or waiting for the
-/// server to take them (see [`TlsListener::new`]).
+/// The most connections accepted but not yet served, in their handshake or waiting for the
+/// server to take them (see [`TlsListener::new`]): a quarter of the connections served, at
+/// least 16, at most this.
 pub const MAX_PENDING: usize = 256;
 /// How often the certificate files are looked at for a change.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
@@ -222,22 +223,26 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Accepts on `tcp` until `cancel`; each connection's handshake runs on a task of its own.
-    /// Both are tracked by `tracker`. At most [`MAX_PENDING`] connections are between the
-    /// accept and the server taking them (in their handshake, or handshaken and waiting), and
-    /// none for longer than [`HANDSHAKE_TIMEOUT`]: more wait in the kernel's queue, so that
-    /// clients cannot take every file descriptor by never finishing a handshake, or by
-    /// finishing more than the server serves.
+    /// Both are tracked by `tracker`. Of the connections between the accept and the server
+    /// taking them (in their handshake, or handshaken and waiting), at most a quarter of
+    /// `limits`' (see [`MAX_PENDING`]), none for longer than [`HANDSHAKE_TIMEOUT`]: more wait
+    /// in the kernel's queue, so that clients cannot take every file descriptor by never
+    /// finishing a handshake, or by finishing more than the server serves.
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
+        limits: crate::conn::Limits,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
-        let (tx, rx) = mpsc::channel(64);
+        // A connection waiting to be taken holds its handshake's permit: none waits uncounted.
+        let (tx, rx) = mpsc::channel(1);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshakes = tracker.clone();
-        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
+        let pending = Arc::new(tokio::sync::Semaphore::new(
+            (limits.max_connections / 4).clamp(16, MAX_PENDING),
+        ));
         tracker.spawn(async move {
             loop {
                 let permit = tokio::select! {

@@ -531,6 +531,7 @@ impl Node {
                     cert.server_config(cfg.tls_client_ca.as_deref())?,
                     tasks.tracker(),
                     api_token.clone(),
+                    limits,
                 )?;
                 tasks.spawn_component("tls certificate reloader", {
                     let token = tasks.token().clone();

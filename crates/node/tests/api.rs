@@ -2055,6 +2055,21 @@ async fn a_web_page_of_another_site_cannot_use_the_api() {
         )
         .await;
     assert_eq!(code, 403, "{body}");
+    // Nor call gRPC, whose content type a page of the server's own origin may send.
+    let (code, headers, _) = s
+        .http(
+            "POST",
+            "/steward.v1.Steward/Submit",
+            &[("content-type", "application/grpc"), ("host", &rebound)],
+            vec![0u8, 0, 0, 0, 0],
+        )
+        .await;
+    assert_eq!(code, 200, "a gRPC answer");
+    assert_eq!(
+        headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("7"),
+        "PERMISSION_DENIED: {headers:?}"
+    );
     // A rebound page cannot read either, and the console is not its way in.
     for path in ["/v1/runs", "/"] {
         let (code, _, body) = s.http("GET", path, &[("host", &rebound)], "").await;

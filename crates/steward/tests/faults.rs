@@ -718,7 +718,7 @@ async fn a_flood_of_silent_connections_runs_nothing_out_of_descriptors() {
     // 128 open files: fewer than the flood below, so that a server accepting every connection
     // would run out (`Too many open files`). (The kernel queues about 128 connections that are
     // not accepted yet: the flood is the served ones and those.)
-    let server = Server::start_limited(&data, &[], 128).await;
+    let server = Server::start_limited(&data, &[], (128, 128)).await;
     let mut flood = Vec::new();
     for _ in 0..400 {
         match tokio::time::timeout(
@@ -820,4 +820,31 @@ async fn a_first_start_that_failed_is_done_again_by_the_next() {
     )
     .await;
     assert_eq!(wait_terminal(&mut c, &id, LONG).await.state, "completed");
+}
+
+/// The server raises its soft limit on open files to the hard one; its `shell` jobs start
+/// with the soft limit it was started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_the_open_file_limit_the_server_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_limited(&data, &[], (1024, 4096)).await;
+    let mut c = server.client().await;
+    let id = submit_and_exec(
+        &mut c,
+        &format!("name: hello\nblocks:\n  - jobs: [{}]\n", sh("ulimit -n")),
+    )
+    .await;
+    let run = wait_terminal(&mut c, &id, LONG).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    assert_eq!(run.blocks[0].jobs[0].output.trim(), "1024");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files.split_whitespace().nth(3) == Some("4096"),
+        "the server's own: {open_files}"
+    );
 }

@@ -148,3 +148,68 @@ async fn curl_python_grpc_and_the_cli_speak_tls_and_plaintext_is_refused() {
     assert!(text.contains("ok "), "{text}");
     assert!(text.contains("refused UNAUTHENTICATED"), "{text}");
 }
+
+/// Connections that never start their TLS handshake cannot run the server out of file
+/// descriptors either: handshakes in progress are bounded like connections served, so the
+/// e-stop file stays readable and the break-glass socket and jobs keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_tls_connections_runs_nothing_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = Ca::new();
+    let leaf = ca.leaf("steward");
+    let (ca_file, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    std::fs::write(&cert, &leaf.cert_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    // 128 open files: fewer than the flood below.
+    let server = Server::start_limited(
+        &data,
+        &[("STEWARD_TLS_CERT", &cert_s), ("STEWARD_TLS_KEY", &key_s)],
+        (128, 128),
+    )
+    .await;
+    wait_ready_tls(&server, &ca_file).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(&server.addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => flood.push(c),
+            _ => break,
+        }
+    }
+    assert!(
+        flood.len() >= 128,
+        "only {} connections were made",
+        flood.len()
+    );
+    // Past the e-stop's re-read and staleness periods, within the handshakes' 10 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let socket = format!("unix:{}", data.join("steward.sock").display());
+    let spec = dir.path().join("during.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: hello\nidempotency_key: during-the-tls-flood\nblocks:\n  - jobs:\n      - {}\n",
+            sh("echo fine")
+        ),
+    )
+    .unwrap();
+    cli_as(None, &socket, &["submit", spec.to_str().unwrap(), "--exec"]);
+    cli_as(None, &socket, &["estop", "list"]);
+    drop(flood);
+    wait_ready_tls(&server, &ca_file).await;
+    let log = server.log_text();
+    for bad in ["Too many open files", "cannot be read"] {
+        assert!(!log.contains(bad), "the log says {bad:?}:\n{log}");
+    }
+}

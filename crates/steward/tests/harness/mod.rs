@@ -96,12 +96,16 @@ impl Server {
         Server::start_wrapped(data_dir, log_dir, env, &[]).await
     }
 
-    /// [`Server::start`], the server allowed at most `nofile` open files (soft and hard limit,
-    /// set by util-linux's `prlimit`, which then becomes the server).
-    pub async fn start_limited(data_dir: &Path, env: &[(&str, &str)], nofile: u64) -> Server {
+    /// [`Server::start`], the server started with these soft and hard limits on open files
+    /// (set by util-linux's `prlimit`, which then becomes the server).
+    pub async fn start_limited(
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        (soft, hard): (u64, u64),
+    ) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         std::fs::write(data_dir.join("policies.toml"), TEST_POLICIES).unwrap();
-        let limit = format!("--nofile={nofile}:{nofile}");
+        let limit = format!("--nofile={soft}:{hard}");
         Server::start_wrapped(data_dir, None, env, &["prlimit", &limit, "--"]).await
     }
 
