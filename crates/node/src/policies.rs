@@ -41,17 +41,20 @@ const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// Reads the policy file as hostile input: a regular file, at most
 /// [`MAX_POLICY_FILE_BYTES`], never blocking on a FIFO.
 fn read_text(path: &Path) -> Result<String, String> {
-    let bytes = estop::read_capped(path, MAX_POLICY_FILE_BYTES)
-        .map_err(|e| format!("policy file {}: {e}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
+    text_of(path, estop::read_capped(path, MAX_POLICY_FILE_BYTES))
 }
 
 /// [`read_text`] off the runtime, failing after `estop::READ_TIMEOUT` (a hung mount) instead
 /// of stalling a worker thread.
 async fn read_text_async(path: &Path) -> Result<String, String> {
-    let bytes = estop::read_capped_async(path, MAX_POLICY_FILE_BYTES)
-        .await
-        .map_err(|e| format!("policy file {}: {e}", path.display()))?;
+    text_of(
+        path,
+        estop::read_capped_async(path, MAX_POLICY_FILE_BYTES).await,
+    )
+}
+
+fn text_of(path: &Path, read: std::io::Result<Vec<u8>>) -> Result<String, String> {
+    let bytes = read.map_err(|e| format!("policy file {}: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| format!("policy file {}: not UTF-8: {e}", path.display()))
 }
 
