@@ -24,6 +24,9 @@ use domain::limits::clip;
 
 use crate::ApiError;
 
+static SEC_FETCH_SITE: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("sec-fetch-site");
+
 /// Why `req` is refused, if it is: see the module's documentation. `api` says whether it goes
 /// to an API route (the console checks its forms itself, and is navigated to from other sites);
 /// `loopback_only` whether authentication is off.
@@ -41,7 +44,7 @@ pub(crate) fn refusal(req: &Request, api: bool, loopback_only: bool) -> Option<A
         return None;
     }
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+    if let Some(site) = headers.get(&SEC_FETCH_SITE).and_then(|v| v.to_str().ok())
         && matches!(site, "cross-site" | "same-site")
     {
         return Some(refused(format!(
@@ -81,6 +84,13 @@ fn addressed_to(req: &Request) -> Option<&str> {
 /// Whether `host[:port]` names this machine's loopback: `localhost` or an address in
 /// 127.0.0.0/8 or `::1` (bracketed when a port follows).
 fn is_loopback(host: &str) -> bool {
+    // What local clients send, without parsing.
+    if let Some(port) = ["127.0.0.1:", "localhost:", "[::1]:"]
+        .iter()
+        .find_map(|p| host.strip_prefix(p))
+    {
+        return is_port(port);
+    }
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
             Some((v6, "")) => v6,

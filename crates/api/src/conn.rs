@@ -13,11 +13,9 @@
 //!   HTTP/1 request its whole head within [`HEAD_TIMEOUT`] of the connection being ready for
 //!   one (an idle keep-alive connection is closed after as long); a request being answered,
 //!   however long (a Watch), is not limited;
-//! - an HTTP/2 connection is pinged every [`PING_EVERY`], and closed when a ping is not
-//!   answered within [`PING_TIMEOUT`];
-//! - a connection with no request in progress for [`IDLE_TIMEOUT`] is closed (HTTP/2 pings
-//!   do not count), and a request's body must arrive within [`BODY_TIMEOUT`] (the API's and
-//!   the console's extractors apply it).
+//! - a connection that sends nothing for [`IDLE_TIMEOUT`] is closed gracefully, and a
+//!   request's body must arrive within [`BODY_TIMEOUT`] (the API's and the console's
+//!   extractors apply it); TCP keepalive (see [`keepalive`]) finds peers that are gone.
 //!
 //! On shutdown it stops accepting, asks every connection to close after the requests it is
 //! serving (HTTP/2: GOAWAY), and returns when all have.
@@ -25,6 +23,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,10 +39,6 @@ use tokio_util::task::TaskTracker;
 
 /// How long a new connection has to send its first bytes, and an HTTP/1 request its head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often an HTTP/2 connection is pinged.
-pub const PING_EVERY: Duration = Duration::from_secs(60);
-/// How long a ping may go unanswered before its connection is closed.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// The most connections the API's listener serves at once, whatever the descriptor limit.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// The most connections the break-glass socket serves at once: its own, so that a flood of
@@ -52,14 +47,30 @@ pub const MAX_LOCAL_CONNECTIONS: usize = 64;
 /// File descriptors left for everything but the API's connections: the database, the e-stop
 /// list, the policy file, jobs' pipes, outgoing HTTP.
 pub const FD_RESERVE: u64 = 1024;
-/// How long a connection may go without a request in progress before it is closed (HTTP/2:
-/// GOAWAY, which clients answer by connecting again when they next need to).
+/// How long a connection may send nothing before it is closed, gracefully: a request being
+/// answered (a Watch) goes on to its end, and no new one is taken (HTTP/2: GOAWAY, which
+/// clients answer by connecting again when they next call).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a request's body may take to arrive, once its head has (the API's and the
 /// console's forms; gRPC messages are read by their calls).
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often, at most, a warning says that the listener is full.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Turns TCP keepalive on for an accepted connection: after 60 s without traffic the kernel
+/// probes the peer every 10 s, and after 3 probes unanswered the connection is reset, so a
+/// peer that vanished (powered off, cut off) does not hold its connection, nor a Watch it had
+/// open, until TCP gives up on its own (about 15 minutes, and only once something is sent).
+pub fn keepalive(tcp: &tokio::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let set = setsockopt(tcp, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepIdle, &60))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepInterval, &10))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &3));
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "could not turn TCP keepalive on");
+    }
+}
 
 /// How many connections a listener serves at once, and how long each may take to ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,11 +124,6 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(PING_EVERY)
-        .keep_alive_timeout(PING_TIMEOUT);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
@@ -147,7 +153,6 @@ where
             () = shutdown.cancelled() => break,
             c = listener.accept() => c,
         };
-        let activity = Arc::new(Activity::new());
         let service = tower::ServiceExt::map_request(
             router.clone(),
             move |req: axum::http::Request<hyper::body::Incoming>| {
@@ -156,55 +161,36 @@ where
                 req
             },
         );
-        let service = tower::ServiceExt::map_future(service, {
-            let activity = activity.clone();
-            move |answer| {
-                // In progress from the call until its answer's body is sent or dropped.
-                let busy = Busy::new(activity.clone());
-                async move {
-                    let resp: axum::response::Response = answer.await?;
-                    Ok::<_, std::convert::Infallible>(resp.map(move |body| {
-                        axum::body::Body::new(http_body_util::BodyExt::map_frame(
-                            body,
-                            move |frame| {
-                                let _busy = &busy;
-                                frame
-                            },
-                        ))
-                    }))
-                }
-            }
-        });
-        let io = TokioIo::new(FirstBytes::new(io, limits.head_timeout));
+        let io = Watched::new(io, limits.head_timeout);
+        let last_read = io.last_read.clone();
         let conn = builder
-            .serve_connection(io, TowerToHyperService::new(service))
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
-        let shutdown = shutdown.clone();
-        let idle_timeout = limits.idle_timeout;
+        // Closed gracefully on shutdown, or once the client has sent nothing for the idle
+        // timeout (a request being answered, a Watch, goes on to its end).
+        let close = shutdown.child_token();
+        connections.spawn(close_when_idle(
+            last_read,
+            limits.idle_timeout,
+            close.clone(),
+        ));
         connections.spawn(async move {
             let mut conn = std::pin::pin!(conn);
-            let mut closing = false;
-            loop {
-                let idle_left = idle_timeout.saturating_sub(activity.idle_for());
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::trace!(error = %e, "a connection ended with an error");
-                        }
-                        break;
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(error = %e, "a connection ended with an error");
                     }
-                    () = shutdown.cancelled(), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = tokio::time::sleep(idle_left.max(Duration::from_millis(100))), if !closing => {
-                        if activity.idle_for() >= idle_timeout {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
+                }
+                () = close.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::trace!(error = %e, "a connection ended with an error");
                     }
                 }
             }
+            // The idle watch ends with the connection.
+            close.cancel();
             drop(permit);
         });
     }
@@ -213,72 +199,50 @@ where
     Ok(())
 }
 
-/// What a connection is doing: how many requests are in progress, and since when it has had
-/// none.
-struct Activity {
-    in_progress: std::sync::atomic::AtomicUsize,
-    idle_since: std::sync::Mutex<Instant>,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            in_progress: std::sync::atomic::AtomicUsize::new(0),
-            idle_since: std::sync::Mutex::new(Instant::now()),
+/// Cancels `close` once nothing has been read from the connection for `idle` (or when the
+/// connection ends, which cancels it too).
+async fn close_when_idle(last_read: Arc<AtomicU64>, idle: Duration, close: CancellationToken) {
+    loop {
+        let quiet = elapsed_ms().saturating_sub(last_read.load(Ordering::Relaxed));
+        let left = idle.saturating_sub(Duration::from_millis(quiet));
+        if left.is_zero() {
+            close.cancel();
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(left) => {}
+            () = close.cancelled() => return,
         }
     }
-
-    /// How long the connection has had no request in progress; zero while it has one.
-    fn idle_for(&self) -> Duration {
-        use std::sync::atomic::Ordering;
-        if self.in_progress.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        self.idle_since
-            .lock()
-            .map_or(Duration::ZERO, |since| since.elapsed())
-    }
 }
 
-/// One request in progress on a connection.
-struct Busy(Arc<Activity>);
-
-impl Busy {
-    fn new(activity: Arc<Activity>) -> Busy {
-        activity
-            .in_progress
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Busy(activity)
-    }
+/// Milliseconds since the first call: a clock that fits an atomic.
+fn elapsed_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-impl Drop for Busy {
-    fn drop(&mut self) {
-        if let Ok(mut since) = self.0.idle_since.lock() {
-            *since = Instant::now();
-        }
-        self.0
-            .in_progress
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// A connection that must send its first bytes within a deadline; after that, it is its own.
-struct FirstBytes<I> {
+/// A connection that must send its first bytes within a deadline, and whose last read is
+/// known (for the idle timeout); after that, it is its own.
+struct Watched<I> {
     io: I,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// When bytes last came, by [`elapsed_ms`].
+    last_read: Arc<AtomicU64>,
 }
 
-impl<I> FirstBytes<I> {
-    fn new(io: I, within: Duration) -> FirstBytes<I> {
-        FirstBytes {
+impl<I> Watched<I> {
+    fn new(io: I, within: Duration) -> Watched<I> {
+        Watched {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
+            last_read: Arc::new(AtomicU64::new(elapsed_ms())),
         }
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -290,6 +254,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
                     this.deadline = None;
+                    this.last_read.store(elapsed_ms(), Ordering::Relaxed);
                 }
                 Poll::Ready(r)
             }
@@ -310,7 +275,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -37,6 +37,7 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
+        conn::keepalive(tcp);
     });
     conn::serve(listener, router, shutdown, limits).await
 }
@@ -323,7 +324,8 @@ impl Api {
                 // gRPC too: a rebound page is the server's origin, and may send any content
                 // type. (A cross-site one may not: `application/grpc` needs the CORS
                 // permission this server never gives.)
-                let refusal = if is_open(&req, grpc_call) {
+                // gRPC needs only the rebinding check: with tokens on, nothing to check.
+                let refusal = if is_open(&req, grpc_call) || (grpc_call && !loopback_only) {
                     None
                 } else {
                     let api = grpc_call

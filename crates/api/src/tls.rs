@@ -266,6 +266,7 @@ impl TlsListener {
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::warn!(error = %e, "could not set TCP_NODELAY");
                 }
+                crate::conn::keepalive(&stream);
                 let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), cancel.clone());
                 handshakes.spawn(async move {
                     // Held until the server takes the connection, or it is dropped.
