@@ -719,39 +719,10 @@ async fn a_flood_of_silent_connections_runs_nothing_out_of_descriptors() {
     // would run out (`Too many open files`). (The kernel queues about 128 connections that are
     // not accepted yet: the flood is the served ones and those.)
     let server = Server::start_limited(&data, &[], (128, 128)).await;
-    let mut flood = Vec::new();
-    for _ in 0..400 {
-        match tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(&server.addr),
-        )
-        .await
-        {
-            Ok(Ok(c)) => flood.push(c),
-            _ => break,
-        }
-    }
-    assert!(
-        flood.len() >= 128,
-        "only {} connections were made",
-        flood.len()
-    );
+    let flood = silent_connections(&server.addr, 400, 128).await;
     // Past the e-stop's re-read and staleness periods, with the flood held.
     tokio::time::sleep(Duration::from_secs(3)).await;
-
-    let socket = format!("unix:{}", data.join("steward.sock").display());
-    let spec = dir.path().join("during.yaml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name: hello\nidempotency_key: during-the-flood\nblocks:\n  - jobs:\n      - {}\n",
-            sh("echo fine")
-        ),
-    )
-    .unwrap();
-    let out = cli_as(None, &socket, &["submit", spec.to_str().unwrap(), "--exec"]);
-    let submitted = String::from_utf8_lossy(&out.stdout).into_owned();
-    cli_as(None, &socket, &["estop", "list"]);
+    let submitted = break_glass_still_works(&data, dir.path(), "during-the-flood");
 
     drop(flood);
     let mut c = server.client().await;

@@ -31,6 +31,26 @@ async fn wait_ready_tls(server: &Server, ca: &std::path::Path) {
     }
 }
 
+/// A CA of the test's own and a server certificate it signed, written in `dir`: the CA's file,
+/// and the certificate's and key's paths.
+fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, String, String) {
+    let ca = Ca::new();
+    let leaf = ca.leaf("steward");
+    let (ca_file, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    std::fs::write(&cert, &leaf.cert_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    (
+        ca_file,
+        cert.display().to_string(),
+        key.display().to_string(),
+    )
+}
+
 /// The Python client: List through `steward.v1.Steward` with the token, trusting `ca`. The
 /// messages go as bytes (an empty ListRequest is zero bytes), so no generated code is needed.
 const PY_CLIENT: &str = r#"
@@ -54,17 +74,7 @@ async fn curl_python_grpc_and_the_cli_speak_tls_and_plaintext_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let ca = Ca::new();
-    let leaf = ca.leaf("steward");
-    let (ca_file, cert, key) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-    );
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    std::fs::write(&cert, &leaf.cert_pem).unwrap();
-    std::fs::write(&key, &leaf.key_pem).unwrap();
-    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let (ca_file, cert_s, key_s) = certificates(dir.path());
     let server = Server::start(
         &data,
         &[
@@ -156,17 +166,7 @@ async fn curl_python_grpc_and_the_cli_speak_tls_and_plaintext_is_refused() {
 async fn a_flood_of_silent_tls_connections_runs_nothing_out_of_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let ca = Ca::new();
-    let leaf = ca.leaf("steward");
-    let (ca_file, cert, key) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-    );
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    std::fs::write(&cert, &leaf.cert_pem).unwrap();
-    std::fs::write(&key, &leaf.key_pem).unwrap();
-    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let (ca_file, cert_s, key_s) = certificates(dir.path());
     // 128 open files: fewer than the flood below.
     let server = Server::start_limited(
         &data,
@@ -175,37 +175,10 @@ async fn a_flood_of_silent_tls_connections_runs_nothing_out_of_descriptors() {
     )
     .await;
     wait_ready_tls(&server, &ca_file).await;
-    let mut flood = Vec::new();
-    for _ in 0..200 {
-        match tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(&server.addr),
-        )
-        .await
-        {
-            Ok(Ok(c)) => flood.push(c),
-            _ => break,
-        }
-    }
-    assert!(
-        flood.len() >= 128,
-        "only {} connections were made",
-        flood.len()
-    );
+    let flood = silent_connections(&server.addr, 200, 128).await;
     // Past the e-stop's re-read and staleness periods, within the handshakes' 10 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let socket = format!("unix:{}", data.join("steward.sock").display());
-    let spec = dir.path().join("during.yaml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name: hello\nidempotency_key: during-the-tls-flood\nblocks:\n  - jobs:\n      - {}\n",
-            sh("echo fine")
-        ),
-    )
-    .unwrap();
-    cli_as(None, &socket, &["submit", spec.to_str().unwrap(), "--exec"]);
-    cli_as(None, &socket, &["estop", "list"]);
+    break_glass_still_works(&data, dir.path(), "during-the-tls-flood");
     drop(flood);
     wait_ready_tls(&server, &ca_file).await;
     let log = server.log_text();

@@ -555,3 +555,50 @@ pub async fn wait_for(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Up to `n` TCP connections to `addr` that send nothing, stopping at the first the kernel
+/// does not take within 500 ms; at least `at_least` of them, or the test fails.
+pub async fn silent_connections(
+    addr: &str,
+    n: usize,
+    at_least: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let mut flood = Vec::new();
+    for _ in 0..n {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => flood.push(c),
+            _ => break,
+        }
+    }
+    assert!(
+        flood.len() >= at_least,
+        "only {} connections were made",
+        flood.len()
+    );
+    flood
+}
+
+/// What a responder must still be able to do when the listener is flooded, through the
+/// break-glass socket of the server on `data`: submit and execute a run of one `shell` job
+/// (idempotency key `key`, its spec written in `scratch`) and list the e-stop. What `submit`
+/// printed.
+pub fn break_glass_still_works(data: &Path, scratch: &Path, key: &str) -> String {
+    let socket = format!("unix:{}", data.join("steward.sock").display());
+    let spec = scratch.join(format!("{key}.yaml"));
+    std::fs::write(
+        &spec,
+        format!(
+            "name: hello\nidempotency_key: {key}\nblocks:\n  - jobs:\n      - {}\n",
+            sh("echo fine")
+        ),
+    )
+    .unwrap();
+    let out = cli_as(None, &socket, &["submit", spec.to_str().unwrap(), "--exec"]);
+    cli_as(None, &socket, &["estop", "list"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
