@@ -194,11 +194,19 @@ impl ScheduleSpec {
         match (&self.cron, &self.every) {
             (Some(_), Some(_)) => err("every", "give either `cron` or `every`, not both".into()),
             (None, None) => err("cron", "required: a cron expression, or `every`".into()),
-            (Some(c), None) => {
-                if let Err(m) = parse_cron(c) {
-                    err("cron", m);
-                }
-            }
+            (Some(c), None) => match parse_cron(c) {
+                Err(m) => err("cron", m),
+                // Matching is on the wall clock, whatever the zone: from the epoch, a match
+                // is a match.
+                Ok(cron) if next_cron(&cron, chrono_tz::UTC, Timestamp(0)).is_none() => err(
+                    "cron",
+                    format!(
+                        "{} matches no date (such as the 30th of February): the schedule would never fire",
+                        crate::limits::clip(c)
+                    ),
+                ),
+                Ok(_) => {}
+            },
             (None, Some(d)) => {
                 if d.0 < MIN_EVERY || d.0 > MAX_EVERY {
                     err("every", format!("must be between 1s and 366d (is {d})"));

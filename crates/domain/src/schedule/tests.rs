@@ -217,6 +217,11 @@ fn jitter_is_fixed_per_fire_and_below_the_bound() {
 
 #[test]
 fn bad_schedules_name_the_field() {
+    // Rare is not never: the 29th of February on a Monday matches.
+    let rare = ScheduleSpec::parse(
+        "schedule: s\ncron: \"0 0 29 2 1\"\nworkflow: {name: w, blocks: [{jobs: [{action: noop}]}]}",
+    );
+    assert!(rare.is_ok(), "{rare:?}");
     let cases = [
         ("schedule: s\nworkflow: {name: w, blocks: []}", "cron"),
         (
@@ -229,6 +234,10 @@ fn bad_schedules_name_the_field() {
         ),
         (
             "schedule: s\ncron: \"61 * * * *\"\nworkflow: {name: w, blocks: []}",
+            "cron",
+        ),
+        (
+            "schedule: s\ncron: \"0 0 30 2 *\"\nworkflow: {name: w, blocks: []}",
             "cron",
         ),
         (
