@@ -500,18 +500,6 @@ fn spawn_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> ActionError 
     }
 }
 
-/// Prepares the child, between fork and exec: joins the attempt's cgroup (`cgroup_procs`, the
-/// cgroup's `cgroup.procs` opened by the parent) so that everything it starts stays inside,
-/// and sets `PR_SET_PDEATHSIG` to SIGKILL, so that a Steward that dies (kill -9, crash) does
-/// not leave the job's leader running unsupervised while a restarted Steward runs the job
-/// again. Every descriptor above stderr is marked close-on-exec, so the job gets none of the
-/// server's (its sockets, its database, whatever the server itself inherited). The leader's own children are not covered by the death signal: the ledger finds them
-/// at the next start (see `contain`).
-///
-/// Linux sends the death signal when the *thread* that spawned the child exits, not the
-/// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
-/// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
-/// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
 /// The soft limit on open files the server started with, which jobs get back
 /// ([`raise_fd_limit`]): its soft and hard values.
 static JOB_NOFILE: std::sync::OnceLock<(libc::rlim_t, libc::rlim_t)> = std::sync::OnceLock::new();
@@ -535,6 +523,18 @@ pub fn raise_fd_limit() -> u64 {
     soft
 }
 
+/// Prepares the child, between fork and exec: joins the attempt's cgroup (`cgroup_procs`, the
+/// cgroup's `cgroup.procs` opened by the parent) so that everything it starts stays inside,
+/// and sets `PR_SET_PDEATHSIG` to SIGKILL, so that a Steward that dies (kill -9, crash) does
+/// not leave the job's leader running unsupervised while a restarted Steward runs the job
+/// again. Every descriptor above stderr is marked close-on-exec, so the job gets none of the
+/// server's (its sockets, its database, whatever the server itself inherited). The leader's own children are not covered by the death signal: the ledger finds them
+/// at the next start (see `contain`).
+///
+/// Linux sends the death signal when the *thread* that spawned the child exits, not the
+/// process. Jobs are spawned from tokio runtime threads, which live as long as the runtime,
+/// unless `tokio::task::block_in_place` retires one: code in the Steward process must not use
+/// `block_in_place`, or a job spawned from that thread may get SIGKILL when it exits.
 #[allow(unsafe_code)]
 fn prepare_child(
     cmd: &mut Command,
@@ -549,8 +549,8 @@ fn prepare_child(
         rlim_max: hard,
     });
     // SAFETY: the closure runs in the forked child before exec. It calls only write(2),
-    // setrlimit(2), setgroups(2), setgid(2), setuid(2), chdir(2), prctl(2), getppid(2) and
-    // close_range(2), which are async-signal-safe, and allocates nothing (the group list and the directory
+    // getrlimit(2), setrlimit(2), setgroups(2), setgid(2), setuid(2), chdir(2), prctl(2),
+    // getppid(2) and close_range(2), which are async-signal-safe, and allocates nothing (the group list and the directory
     // were built before the fork; errors come from raw errno values). The descriptor stays open in the parent until the
     // spawn returns.
     unsafe {
@@ -561,11 +561,22 @@ fn prepare_child(
                     return Err(io::Error::last_os_error());
                 }
             }
-            // The soft limit the server started with (it raised its own).
-            if let Some(limit) = &nofile
-                && libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0
-            {
-                return Err(io::Error::last_os_error());
+            // The soft limit the server started with (it raised its own), under whatever hard
+            // limit is in force now (an operator may have lowered it since).
+            if let Some(started) = &nofile {
+                let mut now = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) == 0 {
+                    let limit = libc::rlimit {
+                        rlim_cur: started.rlim_cur.min(now.rlim_max),
+                        rlim_max: now.rlim_max,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
             }
             // After the cgroup write (moving needs the server's rights), before the prctl
             // (a change of identity clears the parent-death signal). Groups first: after

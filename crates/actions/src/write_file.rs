@@ -262,14 +262,13 @@ fn write(
             ),
         ));
     }
-    // And by identity: a bind mount of a protected directory has another path, not another
-    // inode.
-    let st = rustix::fs::fstat(&dir)?;
-    if let Some(what) = protected.covering_dir(st.st_dev, st.st_ino) {
+    // And by identity, the directory and each one above it: a bind mount of a protected
+    // directory has another path, not another inode.
+    if let Some(what) = covering_ancestor(&dir, protected)? {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "refused: {} is {what} (the same directory by another path); a job may not write Steward's own files",
+                "refused: {} is inside {what} (the same directory by another path); a job may not write Steward's own files",
                 real.display()
             ),
         ));
@@ -321,6 +320,38 @@ fn write(
         bytes: Some(content.len()),
         digest,
     })
+}
+
+/// What protected directory `dir`, or a directory above it (up to the root, at most 256 levels),
+/// is, by device and inode.
+fn covering_ancestor(
+    dir: &std::os::fd::OwnedFd,
+    protected: &crate::Protected,
+) -> io::Result<Option<&'static str>> {
+    use rustix::fs::{Mode, OFlags};
+    let up = |d: &std::os::fd::OwnedFd| {
+        rustix::fs::openat(
+            d,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let mut st = rustix::fs::fstat(dir)?;
+    let mut cur = up(dir)?;
+    for _ in 0..256 {
+        if let Some(what) = protected.covering_dir(st.st_dev, st.st_ino) {
+            return Ok(Some(what));
+        }
+        let parent = rustix::fs::fstat(&cur)?;
+        if (parent.st_dev, parent.st_ino) == (st.st_dev, st.st_ino) {
+            // The root: its parent is itself.
+            return Ok(None);
+        }
+        st = parent;
+        cur = up(&cur)?;
+    }
+    Ok(None)
 }
 
 /// A random number, for a temporary file's name; a clock's nanoseconds if the system has no

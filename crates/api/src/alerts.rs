@@ -171,6 +171,7 @@ impl Service {
                     continue;
                 }
             };
+            let state = self.not_weaker(&target, state);
             let applied = Applied {
                 alert: alert.name(),
                 fingerprint: alert.fingerprint.clone(),
@@ -199,6 +200,26 @@ impl Service {
             }
         }
         Ok(out)
+    }
+
+    /// `state`, or `estop_unlisted` where that is stricter and would be what the target's runs
+    /// get now (no entry for the target, none for `*`): an alert's `pause` there is recorded
+    /// as `stop`, so that its runs stay stopped, even once a `*` entry is added, rather than
+    /// being refused as a release and lost.
+    fn not_weaker(&self, target: &Target, state: EStopState) -> EStopState {
+        let Some(h) = self.estop.as_ref() else {
+            return state;
+        };
+        match &*h.snapshot() {
+            Snapshot::Ok(list)
+                if state < h.unlisted()
+                    && list.get(target).is_none()
+                    && list.get(&Target::All).is_none() =>
+            {
+                h.unlisted()
+            }
+            _ => state,
+        }
     }
 
     /// Whether the target's entry is already this state or a stricter one: a `pause` alert

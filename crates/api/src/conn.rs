@@ -13,9 +13,10 @@
 //!   HTTP/1 request its whole head within [`HEAD_TIMEOUT`] of the connection being ready for
 //!   one (an idle keep-alive connection is closed after as long); a request being answered,
 //!   however long (a Watch), is not limited;
-//! - a connection that sends nothing for [`IDLE_TIMEOUT`] is closed gracefully, and a
-//!   request's body must arrive within [`BODY_TIMEOUT`] (the API's and the console's
-//!   extractors apply it); TCP keepalive (see [`keepalive`]) finds peers that are gone.
+//! - a connection that asks nothing for [`IDLE_TIMEOUT`] (no request in progress, none
+//!   started; pings and settings do not count) is closed gracefully, and a request's body
+//!   must arrive within [`BODY_TIMEOUT`] (the API's and the console's extractors apply it);
+//!   TCP keepalive and a user timeout (see [`keepalive`]) find peers that are gone.
 //!
 //! On shutdown it stops accepting, asks every connection to close after the requests it is
 //! serving (HTTP/2: GOAWAY), and returns when all have.
@@ -47,26 +48,28 @@ pub const MAX_LOCAL_CONNECTIONS: usize = 64;
 /// File descriptors left for everything but the API's connections: the database, the e-stop
 /// list, the policy file, jobs' pipes, outgoing HTTP.
 pub const FD_RESERVE: u64 = 1024;
-/// How long a connection may send nothing before it is closed, gracefully: a request being
-/// answered (a Watch) goes on to its end, and no new one is taken (HTTP/2: GOAWAY, which
+/// How long a connection may ask nothing before it is closed, gracefully: an answer being
+/// sent (a Watch) goes on to its end, and no new request is taken (HTTP/2: GOAWAY, which
 /// clients answer by connecting again when they next call).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a request's body may take to arrive, once its head has (the API's and the
-/// console's forms; gRPC messages are read by their calls).
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request's whole body may take to arrive, once its head has (the API's and the
+/// console's forms; gRPC messages are read by their calls): 9 MiB at 160 KB/s.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often, at most, a warning says that the listener is full.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
-/// Turns TCP keepalive on for an accepted connection: after 60 s without traffic the kernel
-/// probes the peer every 10 s, and after 3 probes unanswered the connection is reset, so a
-/// peer that vanished (powered off, cut off) does not hold its connection, nor a Watch it had
-/// open, until TCP gives up on its own (about 15 minutes, and only once something is sent).
+/// Finds peers that vanished (powered off, cut off) on an accepted connection: TCP keepalive
+/// probes a quiet one after 60 s, every 10 s, and resets it after 3 probes unanswered; and
+/// data the peer leaves unacknowledged for 90 s (a Watch's keep-alive comments to a peer that
+/// is gone, when keepalive probes are not sent) resets it too, where TCP alone would retry
+/// for about 15 minutes.
 pub fn keepalive(tcp: &tokio::net::TcpStream) {
     use nix::sys::socket::{setsockopt, sockopt};
     let set = setsockopt(tcp, sockopt::KeepAlive, &true)
         .and_then(|()| setsockopt(tcp, sockopt::TcpKeepIdle, &60))
         .and_then(|()| setsockopt(tcp, sockopt::TcpKeepInterval, &10))
-        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &3));
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &3))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpUserTimeout, &90_000));
     if let Err(e) = set {
         tracing::debug!(error = %e, "could not turn TCP keepalive on");
     }
@@ -153,6 +156,7 @@ where
             () = shutdown.cancelled() => break,
             c = listener.accept() => c,
         };
+        let activity = Arc::new(Activity::new());
         let service = tower::ServiceExt::map_request(
             router.clone(),
             move |req: axum::http::Request<hyper::body::Incoming>| {
@@ -161,16 +165,26 @@ where
                 req
             },
         );
-        let io = Watched::new(io, limits.head_timeout);
-        let last_read = io.last_read.clone();
+        let service = tower::ServiceExt::map_future(service, {
+            let activity = activity.clone();
+            move |answer| {
+                let asking = Asking::new(activity.clone());
+                async move {
+                    let r = answer.await;
+                    drop(asking);
+                    r
+                }
+            }
+        });
+        let io = TokioIo::new(FirstBytes::new(io, limits.head_timeout));
         let conn = builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .serve_connection(io, TowerToHyperService::new(service))
             .into_owned();
-        // Closed gracefully on shutdown, or once the client has sent nothing for the idle
-        // timeout (a request being answered, a Watch, goes on to its end).
+        // Closed gracefully on shutdown, or once the client has asked nothing for the idle
+        // timeout (an answer being sent, a Watch, goes on to its end).
         let close = shutdown.child_token();
         connections.spawn(close_when_idle(
-            last_read,
+            activity,
             limits.idle_timeout,
             close.clone(),
         ));
@@ -199,12 +213,12 @@ where
     Ok(())
 }
 
-/// Cancels `close` once nothing has been read from the connection for `idle` (or when the
-/// connection ends, which cancels it too).
-async fn close_when_idle(last_read: Arc<AtomicU64>, idle: Duration, close: CancellationToken) {
+/// Cancels `close` once the connection has had no request in progress, and started none, for
+/// `idle` (or when the connection ends, which cancels it too). Only requests count: a client
+/// that sends pings or settings and never asks anything is idle.
+async fn close_when_idle(activity: Arc<Activity>, idle: Duration, close: CancellationToken) {
     loop {
-        let quiet = elapsed_ms().saturating_sub(last_read.load(Ordering::Relaxed));
-        let left = idle.saturating_sub(Duration::from_millis(quiet));
+        let left = idle.saturating_sub(activity.idle_for());
         if left.is_zero() {
             close.cancel();
             return;
@@ -216,6 +230,48 @@ async fn close_when_idle(last_read: Arc<AtomicU64>, idle: Duration, close: Cance
     }
 }
 
+/// A connection's requests: how many are being answered (until their answer's head is
+/// sent), and when the last one started, by [`elapsed_ms`].
+struct Activity {
+    asking: AtomicU64,
+    last_start: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            asking: AtomicU64::new(0),
+            last_start: AtomicU64::new(elapsed_ms()),
+        }
+    }
+
+    /// How long the connection has had no request in progress nor started; zero while one is.
+    fn idle_for(&self) -> Duration {
+        if self.asking.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let quiet = elapsed_ms().saturating_sub(self.last_start.load(Ordering::Acquire));
+        Duration::from_millis(quiet)
+    }
+}
+
+/// One request being answered.
+struct Asking(Arc<Activity>);
+
+impl Asking {
+    fn new(activity: Arc<Activity>) -> Asking {
+        activity.last_start.store(elapsed_ms(), Ordering::Release);
+        activity.asking.fetch_add(1, Ordering::AcqRel);
+        Asking(activity)
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        self.0.asking.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Milliseconds since the first call: a clock that fits an atomic.
 fn elapsed_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -223,26 +279,22 @@ fn elapsed_ms() -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A connection that must send its first bytes within a deadline, and whose last read is
-/// known (for the idle timeout); after that, it is its own.
-struct Watched<I> {
+/// A connection that must send its first bytes within a deadline; after that, it is its own.
+struct FirstBytes<I> {
     io: I,
     deadline: Option<Pin<Box<Sleep>>>,
-    /// When bytes last came, by [`elapsed_ms`].
-    last_read: Arc<AtomicU64>,
 }
 
-impl<I> Watched<I> {
-    fn new(io: I, within: Duration) -> Watched<I> {
-        Watched {
+impl<I> FirstBytes<I> {
+    fn new(io: I, within: Duration) -> FirstBytes<I> {
+        FirstBytes {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
-            last_read: Arc::new(AtomicU64::new(elapsed_ms())),
         }
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -252,9 +304,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         let this = &mut *self;
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                if buf.filled().len() > before {
+                if this.deadline.is_some() && buf.filled().len() > before {
                     this.deadline = None;
-                    this.last_read.store(elapsed_ms(), Ordering::Relaxed);
                 }
                 Poll::Ready(r)
             }
@@ -275,7 +326,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -42,14 +42,19 @@ pub async fn serve(
     conn::serve(listener, router, shutdown, limits).await
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` fires, at most `limits` connections
-/// at once (TLS handshakes in progress not counted: each has its own deadline).
+/// Serves `router` over TLS on `listener` until `shutdown` fires. The listener holds its
+/// connections to their limit, handshakes in progress included (see
+/// [`tls::TlsListener::new`]); `limits` gives the deadlines.
 pub async fn serve_tls(
     listener: tls::TlsListener,
     router: axum::Router,
     shutdown: CancellationToken,
     limits: conn::Limits,
 ) -> std::io::Result<()> {
+    let limits = conn::Limits {
+        max_connections: tokio::sync::Semaphore::MAX_PERMITS,
+        ..limits
+    };
     conn::serve(listener, router, shutdown, limits).await
 }
 

@@ -27,10 +27,7 @@ use tokio_util::task::TaskTracker;
 
 /// How long a client has to finish its handshake, and the server to take the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most connections accepted but not yet served, in their handshake or waiting for the
-/// server to take them (see [`TlsListener::new`]): a quarter of the connections served, at
-/// least 16, at most this.
-pub const MAX_PENDING: usize = 256;
+
 /// How often the certificate files are looked at for a change.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 /// The largest certificate or key file read.
@@ -215,19 +212,19 @@ fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
-/// TCP connections that finished a TLS handshake, for `axum::serve`.
+/// TCP connections that finished a TLS handshake, for [`crate::conn::serve`].
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
+    rx: mpsc::Receiver<(Held<TlsStream<TcpStream>>, Peer)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
     /// Accepts on `tcp` until `cancel`; each connection's handshake runs on a task of its own.
-    /// Both are tracked by `tracker`. Of the connections between the accept and the server
-    /// taking them (in their handshake, or handshaken and waiting), at most a quarter of
-    /// `limits`' (see [`MAX_PENDING`]), none for longer than [`HANDSHAKE_TIMEOUT`]: more wait
-    /// in the kernel's queue, so that clients cannot take every file descriptor by never
-    /// finishing a handshake, or by finishing more than the server serves.
+    /// Both are tracked by `tracker`. A connection takes one of `limits`' places when it is
+    /// accepted, before its handshake, and holds it until it closes: handshakes in progress
+    /// count against the limit like connections served, none lasts longer than
+    /// [`HANDSHAKE_TIMEOUT`], and when the listener is full new clients wait in the kernel's
+    /// queue, as on plain TCP. (So [`crate::serve_tls`] counts nothing itself.)
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
@@ -236,18 +233,15 @@ impl TlsListener {
         limits: crate::conn::Limits,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
-        // A connection waiting to be taken holds its handshake's permit: none waits uncounted.
         let (tx, rx) = mpsc::channel(1);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshakes = tracker.clone();
-        let pending = Arc::new(tokio::sync::Semaphore::new(
-            (limits.max_connections / 4).clamp(16, MAX_PENDING),
-        ));
+        let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tracker.spawn(async move {
             loop {
-                let permit = tokio::select! {
+                let place = tokio::select! {
                     () = cancel.cancelled() => return,
-                    p = pending.clone().acquire_owned() => match p {
+                    p = places.clone().acquire_owned() => match p {
                         Ok(p) => p,
                         Err(_) => return,
                     },
@@ -269,8 +263,6 @@ impl TlsListener {
                 crate::conn::keepalive(&stream);
                 let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), cancel.clone());
                 handshakes.spawn(async move {
-                    // Held until the server takes the connection, or it is dropped.
-                    let _permit = permit;
                     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
                     let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
                     let done = tokio::select! {
@@ -285,9 +277,10 @@ impl TlsListener {
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(common_name);
+                            let held = Held { io: tls, _place: place };
                             let taken = tokio::time::timeout_at(
                                 deadline,
-                                tx.send((tls, Peer { addr: peer, client })),
+                                tx.send((held, Peer { addr: peer, client })),
                             );
                             if taken.await.is_err() {
                                 tracing::debug!(%peer, "a handshaken connection was not taken in time");
@@ -305,8 +298,60 @@ impl TlsListener {
     }
 }
 
+/// A connection with the place it takes in the listener's limit, given back when it closes.
+pub struct Held<I> {
+    io: I,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Held<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Held<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Held<TlsStream<TcpStream>>;
     type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -161,12 +161,15 @@ async fn silent_and_slow_clients_are_closed() {
 async fn an_idle_http2_connection_is_closed() {
     let (addr, _stop, _task) = server(16).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
+    // A client that pings every 200 ms while it asks nothing: pings do not keep it.
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, String>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     let driven = tokio::task::spawn(conn);
     // One request, then nothing.
     let req = axum::http::Request::get(format!("http://{addr}/"))

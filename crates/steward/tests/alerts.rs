@@ -190,3 +190,43 @@ async fn a_firing_alert_stops_its_target_and_nothing_else_changes_anything() {
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
+
+/// Where a target's runs get `estop_unlisted` (`stop`: no entry for it, none for `*`), an
+/// alert's `pause` is recorded as `stop`: a `pause` entry would release them, and a responder
+/// may not; refusing it would lose the alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_alert_where_unlisted_runs_stop_is_recorded_as_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[("STEWARD_AUTH", "token")]).await;
+    let addr = &server.addr;
+    let admin = server.admin_token().unwrap();
+    let alertmanager = server.token("alertmanager", "responder");
+    let auth = format!("Bearer {admin}");
+    let (code, _, body) = http(
+        addr,
+        "POST",
+        "/v1/estop/clear",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"target": "*", "reason": "no default entry"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let labels =
+        json!({"alertname": "QueueStuck", "steward_estop": "queue", "steward_state": "pause"});
+    let (code, body) = post_alerts(addr, &alertmanager, &payload("firing", labels)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["applied"][0]["state"], "stop", "{body}");
+    let (_, list) = http_get_as(addr, "/v1/estop", Some(&admin)).await.unwrap();
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let entry = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == "queue")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(entry["state"], "stop", "{list}");
+}

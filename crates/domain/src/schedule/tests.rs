@@ -217,9 +217,9 @@ fn jitter_is_fixed_per_fire_and_below_the_bound() {
 
 #[test]
 fn bad_schedules_name_the_field() {
-    // Rare is not never: the 29th of February on a Monday matches.
+    // Rare is not never: the 29th of February, once in four years.
     let rare = ScheduleSpec::parse(
-        "schedule: s\ncron: \"0 0 29 2 1\"\nworkflow: {name: w, blocks: [{jobs: [{action: noop}]}]}",
+        "schedule: s\ncron: \"0 0 29 2 *\"\nworkflow: {name: w, blocks: [{jobs: [{action: noop}]}]}",
     );
     assert!(rare.is_ok(), "{rare:?}");
     let cases = [
