@@ -13,8 +13,8 @@
 //!   HTTP/1 request its whole head within [`HEAD_TIMEOUT`] of the connection being ready for
 //!   one (an idle keep-alive connection is closed after as long); a request being answered,
 //!   however long (a Watch), is not limited;
-//! - a connection that asks nothing for [`IDLE_TIMEOUT`] (no request in progress, none
-//!   started; pings and settings do not count) is closed gracefully, and a request's body
+//! - a connection that starts no request for [`IDLE_TIMEOUT`] (pings and settings do not
+//!   count) is closed gracefully, answers in progress going on to their end, and a request's body
 //!   must arrive within [`BODY_TIMEOUT`] (the API's and the console's extractors apply it);
 //!   TCP keepalive and a user timeout (see [`keepalive`]) find peers that are gone.
 //!
@@ -156,24 +156,14 @@ where
             () = shutdown.cancelled() => break,
             c = listener.accept() => c,
         };
-        let activity = Arc::new(Activity::new());
-        let service = tower::ServiceExt::map_request(
-            router.clone(),
+        let last_request = Arc::new(AtomicU64::new(elapsed_ms()));
+        let service = tower::ServiceExt::map_request(router.clone(), {
+            let last_request = last_request.clone();
             move |req: axum::http::Request<hyper::body::Incoming>| {
+                last_request.store(elapsed_ms(), Ordering::Relaxed);
                 let mut req = req.map(axum::body::Body::new);
                 req.extensions_mut().insert(ConnectInfo(addr.clone()));
                 req
-            },
-        );
-        let service = tower::ServiceExt::map_future(service, {
-            let activity = activity.clone();
-            move |answer| {
-                let asking = Asking::new(activity.clone());
-                async move {
-                    let r = answer.await;
-                    drop(asking);
-                    r
-                }
             }
         });
         let io = TokioIo::new(FirstBytes::new(io, limits.head_timeout));
@@ -184,7 +174,7 @@ where
         // timeout (an answer being sent, a Watch, goes on to its end).
         let close = shutdown.child_token();
         connections.spawn(close_when_idle(
-            activity,
+            last_request,
             limits.idle_timeout,
             close.clone(),
         ));
@@ -213,12 +203,14 @@ where
     Ok(())
 }
 
-/// Cancels `close` once the connection has had no request in progress, and started none, for
-/// `idle` (or when the connection ends, which cancels it too). Only requests count: a client
-/// that sends pings or settings and never asks anything is idle.
-async fn close_when_idle(activity: Arc<Activity>, idle: Duration, close: CancellationToken) {
+/// Cancels `close` once the connection has started no request for `idle` (or when the
+/// connection ends, which cancels it too). Only requests count: a client that sends pings or
+/// settings and never asks anything is idle. Requests still being answered then are not cut:
+/// the close is graceful.
+async fn close_when_idle(last_request: Arc<AtomicU64>, idle: Duration, close: CancellationToken) {
     loop {
-        let left = idle.saturating_sub(activity.idle_for());
+        let quiet = elapsed_ms().saturating_sub(last_request.load(Ordering::Relaxed));
+        let left = idle.saturating_sub(Duration::from_millis(quiet));
         if left.is_zero() {
             close.cancel();
             return;
@@ -227,48 +219,6 @@ async fn close_when_idle(activity: Arc<Activity>, idle: Duration, close: Cancell
             () = tokio::time::sleep(left) => {}
             () = close.cancelled() => return,
         }
-    }
-}
-
-/// A connection's requests: how many are being answered (until their answer's head is
-/// sent), and when the last one started, by [`elapsed_ms`].
-struct Activity {
-    asking: AtomicU64,
-    last_start: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            asking: AtomicU64::new(0),
-            last_start: AtomicU64::new(elapsed_ms()),
-        }
-    }
-
-    /// How long the connection has had no request in progress nor started; zero while one is.
-    fn idle_for(&self) -> Duration {
-        if self.asking.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        let quiet = elapsed_ms().saturating_sub(self.last_start.load(Ordering::Acquire));
-        Duration::from_millis(quiet)
-    }
-}
-
-/// One request being answered.
-struct Asking(Arc<Activity>);
-
-impl Asking {
-    fn new(activity: Arc<Activity>) -> Asking {
-        activity.last_start.store(elapsed_ms(), Ordering::Release);
-        activity.asking.fetch_add(1, Ordering::AcqRel);
-        Asking(activity)
-    }
-}
-
-impl Drop for Asking {
-    fn drop(&mut self) {
-        self.0.asking.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
