@@ -211,14 +211,10 @@ impl Service {
             return state;
         };
         match &*h.snapshot() {
-            Snapshot::Ok(list)
-                if state < h.unlisted()
-                    && list.get(target).is_none()
-                    && list.get(&Target::All).is_none() =>
-            {
-                h.unlisted()
-            }
-            _ => state,
+            Snapshot::Ok(list) => list
+                .unlisted_for(target, h.unlisted())
+                .map_or(state, |unlisted| unlisted.max(state)),
+            Snapshot::Unreadable(_) => state,
         }
     }
 

@@ -5,7 +5,7 @@
 //! time, runs the process out of file descriptors, and then the e-stop list and the database
 //! cannot be opened either (the e-stop fails closed: everything stops). axum offers no way to
 //! configure its connections, so this is its accept loop (hyper-util's server, as axum uses it)
-//! with three limits:
+//! with these limits:
 //!
 //! - at most `max` connections at once per listener ([`Limits`]); more wait in the kernel's
 //!   backlog until one closes, and a warning says so;
@@ -92,17 +92,18 @@ impl Limits {
     pub fn for_fd_limit(fd_limit: u64) -> Limits {
         let left = fd_limit.saturating_sub(FD_RESERVE).max(fd_limit / 4);
         let max = usize::try_from(left).unwrap_or(usize::MAX);
-        Limits {
-            max_connections: max.clamp(16, MAX_CONNECTIONS),
-            head_timeout: HEAD_TIMEOUT,
-            idle_timeout: IDLE_TIMEOUT,
-        }
+        Limits::serving(max.clamp(16, MAX_CONNECTIONS))
     }
 
     /// For the break-glass socket.
     pub fn local() -> Limits {
+        Limits::serving(MAX_LOCAL_CONNECTIONS)
+    }
+
+    /// `max_connections` at once, with the default deadlines.
+    const fn serving(max_connections: usize) -> Limits {
         Limits {
-            max_connections: MAX_LOCAL_CONNECTIONS,
+            max_connections,
             head_timeout: HEAD_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
         }

@@ -326,20 +326,6 @@ impl Api {
         axum::Router::new().fallback_service(tower::service_fn(
             move |mut req: axum::extract::Request| {
                 let grpc_call = is_grpc(&req);
-                // gRPC too: a rebound page is the server's origin, and may send any content
-                // type. (A cross-site one may not: `application/grpc` needs the CORS
-                // permission this server never gives.)
-                // gRPC needs only the rebinding check: with tokens on, nothing to check.
-                let refusal = if is_open(&req, grpc_call) || (grpc_call && !loopback_only) {
-                    None
-                } else {
-                    let api = grpc_call
-                        || req.uri().path().starts_with("/v1/")
-                        || !console
-                            .as_ref()
-                            .is_some_and(|(_, owns)| owns(req.uri().path()));
-                    browser::refusal(&req, api, loopback_only)
-                };
                 let page = match &console {
                     Some((pages, owns))
                         if !grpc_call
@@ -349,6 +335,16 @@ impl Api {
                         Some(pages.clone())
                     }
                     _ => None,
+                };
+                // A console page checks its forms itself (and is navigated to from other
+                // sites); everything else is the API. gRPC needs only the rebinding check (a
+                // rebound page is the server's origin and may send any content type; a
+                // cross-site one may not send `application/grpc` without the CORS permission
+                // this server never gives): with tokens on, nothing to check.
+                let refusal = if is_open(&req, grpc_call) || (grpc_call && !loopback_only) {
+                    None
+                } else {
+                    browser::refusal(&req, page.is_none(), loopback_only)
                 };
                 let to = if grpc_call {
                     grpc.clone()

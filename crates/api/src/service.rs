@@ -348,16 +348,15 @@ impl Service {
                     e.state, caller.principal.role
                 ),
                 Some(_) => return Ok(()),
-                // Without a `*` entry, runs the target matches may match no entry and get
-                // `estop_unlisted`: an entry less strict than that releases them.
-                None if list.get(&Target::All).is_none() && h.unlisted() > state => format!(
-                    "{target} has no entry and no `*` entry covers it, so its runs get \
-                     estop_unlisted ({}); setting {state} would release part of that, which \
-                     only an operator or admin may do (role {})",
-                    h.unlisted(),
-                    caller.principal.role
-                ),
-                None => return Ok(()),
+                None => match list.unlisted_for(target, h.unlisted()) {
+                    Some(unlisted) if unlisted > state => format!(
+                        "{target} has no entry and no `*` entry covers it, so its runs get \
+                         estop_unlisted ({unlisted}); setting {state} would release part of \
+                         that, which only an operator or admin may do (role {})",
+                        caller.principal.role
+                    ),
+                    _ => return Ok(()),
+                },
             },
             domain::estop::Snapshot::Unreadable(_) => format!(
                 "the e-stop list cannot be read, so whether {state} would weaken the entry of \

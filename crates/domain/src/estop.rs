@@ -312,6 +312,13 @@ impl EStopList {
         self.entries.iter().find(|e| &e.target == target)
     }
 
+    /// `unlisted`, when it is what some of `target`'s runs get now: the target has no entry and
+    /// no `*` entry covers everything, so its runs that match no other entry fall to it. An
+    /// entry for `target` less strict than that would release them.
+    pub fn unlisted_for(&self, target: &Target, unlisted: EStopState) -> Option<EStopState> {
+        (self.get(target).is_none() && self.get(&Target::All).is_none()).then_some(unlisted)
+    }
+
     /// Sets (or replaces) the entry for `entry.target`; returns the entry it replaced.
     pub fn set(&mut self, entry: Entry) -> Option<Entry> {
         match self.entries.iter_mut().find(|e| e.target == entry.target) {

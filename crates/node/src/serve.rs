@@ -202,11 +202,9 @@ async fn open_store(
     Ok(match &cfg.database {
         Database::Sqlite(db_path) => {
             let created = !db_path.exists();
-            if created {
-                mark_first_start(&marker)?;
-            }
             let fresh = created || unfinished;
             if created {
+                mark_first_start(&marker)?;
                 // Created readable by this user only; SQLite gives its WAL and shared-memory
                 // files the database file's mode.
                 use std::os::unix::fs::OpenOptionsExt as _;
